@@ -1,0 +1,398 @@
+//! Run configuration: the TOML schema, `--set key=value` overrides, and validation.
+//!
+//! Field names follow TRL's `DPOConfig` where one exists (`beta`, `loss_type`, `learning_rate`,
+//! `max_length`, …). Every table rejects unknown keys, and every error names the file and the
+//! dotted key, so a typo never silently falls back to a default.
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Where metrics, checkpoints and the final model go.
+    pub output_dir: PathBuf,
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+    /// `cpu`, `cuda` or `cuda:N`.
+    #[serde(default = "default_device")]
+    pub device: String,
+    pub model: ModelConfig,
+    pub data: DataConfig,
+    pub training: TrainingConfig,
+    #[serde(default)]
+    pub sam: SamConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// `builtin:tiny-gpt2`, a local Hugging Face model directory, or a Hub repo id.
+    pub name_or_path: String,
+    /// The frozen reference model; defaults to `name_or_path` (TRL's behaviour when `ref_model` is None).
+    #[serde(default)]
+    pub ref_name_or_path: Option<String>,
+    /// Training dtype: `f32`, `bf16` or `f16`.
+    #[serde(default = "default_dtype")]
+    pub dtype: String,
+    /// Shape of the built-in GPT-2 (used only with `builtin:tiny-gpt2`).
+    #[serde(default)]
+    pub builtin: BuiltinModel,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BuiltinModel {
+    pub n_layer: usize,
+    pub n_head: usize,
+    pub n_embd: usize,
+    pub n_positions: usize,
+}
+
+impl Default for BuiltinModel {
+    fn default() -> Self {
+        Self { n_layer: 2, n_head: 4, n_embd: 64, n_positions: 128 }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    /// Training data: `builtin:arith`, or one or more local files.
+    pub train: Sources,
+    /// Held-out pairs evaluated every `eval_steps`; `builtin:arith` takes a disjoint split.
+    #[serde(default)]
+    pub eval: Option<Sources>,
+    /// Pairs generated for built-in data (train; eval gets a quarter of this).
+    #[serde(default = "default_builtin_pairs")]
+    pub builtin_pairs: usize,
+    /// Maximum tokens of prompt + response (TRL `max_length`).
+    #[serde(default = "default_max_length")]
+    pub max_length: usize,
+    /// Maximum prompt tokens; longer prompts are cut first (TRL `max_prompt_length`).
+    #[serde(default)]
+    pub max_prompt_length: Option<usize>,
+    /// `keep_end` cuts prompts from the left (default), `keep_start` from the right.
+    #[serde(default = "default_truncation_mode")]
+    pub truncation_mode: String,
+}
+
+/// One path or a list of paths.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(untagged)]
+pub enum Sources {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl Sources {
+    pub fn paths(&self) -> Vec<&str> {
+        match self {
+            Sources::One(s) => vec![s.as_str()],
+            Sources::Many(v) => v.iter().map(String::as_str).collect(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TrainingConfig {
+    /// `sigmoid` (DPO).
+    #[serde(default = "default_loss_type")]
+    pub loss_type: String,
+    #[serde(default = "default_beta")]
+    pub beta: f64,
+    pub learning_rate: f64,
+    /// Pairs per optimizer step (global batch).
+    pub batch_size: usize,
+    /// Pairs per forward/backward; `batch_size / micro_batch_size` micro-batches are accumulated.
+    #[serde(default)]
+    pub micro_batch_size: Option<usize>,
+    /// Stop after this many optimizer steps (takes precedence over `num_train_epochs`).
+    #[serde(default)]
+    pub max_steps: Option<usize>,
+    #[serde(default = "default_epochs")]
+    pub num_train_epochs: f64,
+    /// `adamw` or `sgd`.
+    #[serde(default = "default_optimizer")]
+    pub optimizer: String,
+    #[serde(default)]
+    pub weight_decay: f64,
+    #[serde(default = "default_beta1")]
+    pub adam_beta1: f64,
+    #[serde(default = "default_beta2")]
+    pub adam_beta2: f64,
+    #[serde(default = "default_eps")]
+    pub adam_epsilon: f64,
+    /// `constant`, `linear` or `cosine` (after warmup).
+    #[serde(default = "default_scheduler")]
+    pub lr_scheduler_type: String,
+    #[serde(default)]
+    pub warmup_steps: usize,
+    #[serde(default)]
+    pub warmup_ratio: f64,
+    /// Global gradient-norm clip; 0 disables.
+    #[serde(default = "default_max_grad_norm")]
+    pub max_grad_norm: f64,
+    #[serde(default = "default_one")]
+    pub logging_steps: usize,
+    /// Evaluate on `data.eval` every this many steps (0 = only at the end).
+    #[serde(default)]
+    pub eval_steps: usize,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SamConfig {
+    /// `none` or `logits`.
+    #[serde(default = "default_sam_kind")]
+    pub kind: String,
+    /// Perturbation radius ρ (paper's Table 6: 1e-4 for Pythia-2.8B, 1e-5 for Mistral-7B).
+    #[serde(default)]
+    pub rho: f64,
+}
+
+impl Default for SamConfig {
+    fn default() -> Self {
+        Self { kind: default_sam_kind(), rho: 0.0 }
+    }
+}
+
+fn default_seed() -> u64 {
+    42
+}
+fn default_device() -> String {
+    "cpu".into()
+}
+fn default_dtype() -> String {
+    "f32".into()
+}
+fn default_builtin_pairs() -> usize {
+    1024
+}
+fn default_max_length() -> usize {
+    512
+}
+fn default_truncation_mode() -> String {
+    "keep_end".into()
+}
+fn default_loss_type() -> String {
+    "sigmoid".into()
+}
+fn default_beta() -> f64 {
+    0.1
+}
+fn default_epochs() -> f64 {
+    1.0
+}
+fn default_optimizer() -> String {
+    "adamw".into()
+}
+fn default_beta1() -> f64 {
+    0.9
+}
+fn default_beta2() -> f64 {
+    0.999
+}
+fn default_eps() -> f64 {
+    1e-8
+}
+fn default_scheduler() -> String {
+    "linear".into()
+}
+fn default_max_grad_norm() -> f64 {
+    1.0
+}
+fn default_one() -> usize {
+    1
+}
+fn default_sam_kind() -> String {
+    "none".into()
+}
+
+impl Config {
+    /// Reads a TOML file, applies `key=value` overrides (values in TOML syntax; bare words are
+    /// strings), deserialises and validates. Nothing else happens before this succeeds.
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config file {}", path.display()))?;
+        Self::parse(&text, &path.display().to_string(), overrides)
+    }
+
+    /// As [`Config::load`], from text; `origin` names the source in errors.
+    pub fn parse(text: &str, origin: &str, overrides: &[String]) -> Result<Config> {
+        let mut value: toml::Table =
+            toml::from_str(text).map_err(|e| anyhow!("{origin}: {}", e.to_string().trim_end()))?;
+        for ov in overrides {
+            apply_override(&mut value, ov).with_context(|| format!("--set {ov}"))?;
+        }
+        let cfg: Config = Config::deserialize(value)
+            .map_err(|e| anyhow!("{origin}: {}", e.to_string().trim_end()))?;
+        cfg.validate().map_err(|e| anyhow!("{origin}: {e}"))?;
+        Ok(cfg)
+    }
+
+    /// Rejects impossible values, naming the key.
+    pub fn validate(&self) -> Result<()> {
+        let t = &self.training;
+        let d = &self.data;
+        check(t.beta > 0.0 && t.beta.is_finite(), "training.beta", "must be > 0", t.beta)?;
+        check(t.learning_rate >= 0.0, "training.learning_rate", "must be >= 0", t.learning_rate)?;
+        check(t.batch_size > 0, "training.batch_size", "must be > 0", t.batch_size)?;
+        if let Some(m) = t.micro_batch_size {
+            check(m > 0, "training.micro_batch_size", "must be > 0", m)?;
+            if t.batch_size % m != 0 {
+                bail!(
+                    "training.micro_batch_size: batch_size {} is not divisible by micro_batch_size {m}",
+                    t.batch_size
+                );
+            }
+        }
+        if let Some(s) = t.max_steps {
+            check(s > 0, "training.max_steps", "must be > 0", s)?;
+        }
+        check(t.num_train_epochs > 0.0, "training.num_train_epochs", "must be > 0", t.num_train_epochs)?;
+        one_of("training.loss_type", &t.loss_type, &["sigmoid"])?;
+        one_of("training.optimizer", &t.optimizer, &["adamw", "sgd"])?;
+        one_of("training.lr_scheduler_type", &t.lr_scheduler_type, &["constant", "linear", "cosine"])?;
+        check(t.weight_decay >= 0.0, "training.weight_decay", "must be >= 0", t.weight_decay)?;
+        check((0.0..1.0).contains(&t.adam_beta1), "training.adam_beta1", "must be in [0, 1)", t.adam_beta1)?;
+        check((0.0..1.0).contains(&t.adam_beta2), "training.adam_beta2", "must be in [0, 1)", t.adam_beta2)?;
+        check(t.adam_epsilon > 0.0, "training.adam_epsilon", "must be > 0", t.adam_epsilon)?;
+        check((0.0..1.0).contains(&t.warmup_ratio), "training.warmup_ratio", "must be in [0, 1)", t.warmup_ratio)?;
+        check(t.max_grad_norm >= 0.0, "training.max_grad_norm", "must be >= 0 (0 disables)", t.max_grad_norm)?;
+        check(t.logging_steps > 0, "training.logging_steps", "must be > 0", t.logging_steps)?;
+        check(d.max_length >= 2, "data.max_length", "must be >= 2", d.max_length)?;
+        if let Some(p) = d.max_prompt_length {
+            check(p >= 1 && p < d.max_length, "data.max_prompt_length", "must be in [1, max_length)", p)?;
+        }
+        one_of("data.truncation_mode", &d.truncation_mode, &["keep_end", "keep_start"])?;
+        check(d.builtin_pairs >= 8, "data.builtin_pairs", "must be >= 8", d.builtin_pairs)?;
+        if d.train.paths().is_empty() {
+            bail!("data.train: expected at least one source");
+        }
+        one_of("model.dtype", &self.model.dtype, &["f32", "bf16", "f16"])?;
+        let b = &self.model.builtin;
+        check(b.n_layer > 0, "model.builtin.n_layer", "must be > 0", b.n_layer)?;
+        check(b.n_head > 0, "model.builtin.n_head", "must be > 0", b.n_head)?;
+        if b.n_embd == 0 || b.n_embd % b.n_head != 0 {
+            bail!("model.builtin.n_embd: must be a positive multiple of n_head ({}), got {}", b.n_head, b.n_embd);
+        }
+        check(b.n_positions >= 2, "model.builtin.n_positions", "must be >= 2", b.n_positions)?;
+        one_of("sam.kind", &self.sam.kind, &["none", "logits"])?;
+        check(self.sam.rho >= 0.0 && self.sam.rho.is_finite(), "sam.rho", "must be >= 0", self.sam.rho)?;
+        crate::device::parse_name(&self.device).map_err(|e| anyhow!("device: {e}"))?;
+        Ok(())
+    }
+
+    /// Pairs per forward/backward pass.
+    pub fn micro_batch_size(&self) -> usize {
+        self.training.micro_batch_size.unwrap_or(self.training.batch_size)
+    }
+
+    /// The reference model's source (the policy's when not set).
+    pub fn ref_name_or_path(&self) -> &str {
+        self.model.ref_name_or_path.as_deref().unwrap_or(&self.model.name_or_path)
+    }
+}
+
+fn check<T: std::fmt::Display>(ok: bool, key: &str, what: &str, got: T) -> Result<()> {
+    if ok {
+        Ok(())
+    } else {
+        bail!("{key}: {what}, got {got}")
+    }
+}
+
+fn one_of(key: &str, got: &str, allowed: &[&str]) -> Result<()> {
+    if allowed.contains(&got) {
+        Ok(())
+    } else {
+        bail!("{key}: expected one of {}, got `{got}`", allowed.join(", "))
+    }
+}
+
+/// `a.b.c=value`: sets a nested key, creating tables as needed.
+fn apply_override(root: &mut toml::Table, ov: &str) -> Result<()> {
+    let (key, raw) = ov.split_once('=').ok_or_else(|| anyhow!("expected KEY=VALUE"))?;
+    let value = parse_value(raw.trim());
+    let parts: Vec<&str> = key.trim().split('.').collect();
+    let (last, tables) = parts.split_last().ok_or_else(|| anyhow!("empty key"))?;
+    let mut table = root;
+    for part in tables {
+        let entry = table
+            .entry(part.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        table = entry
+            .as_table_mut()
+            .ok_or_else(|| anyhow!("`{part}` is not a table"))?;
+    }
+    table.insert(last.to_string(), value);
+    Ok(())
+}
+
+fn parse_value(raw: &str) -> toml::Value {
+    let doc = format!("v = {raw}");
+    match toml::from_str::<toml::Table>(&doc) {
+        Ok(mut t) => t.remove("v").expect("key v was just written"),
+        Err(_) => toml::Value::String(raw.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+output_dir = "runs/x"
+[model]
+name_or_path = "builtin:tiny-gpt2"
+[data]
+train = "builtin:arith"
+[training]
+learning_rate = 1e-3
+batch_size = 8
+"#;
+
+    fn err(text: &str, overrides: &[&str]) -> String {
+        let ov: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
+        format!("{:#}", Config::parse(text, "cfg.toml", &ov).unwrap_err())
+    }
+
+    #[test]
+    fn minimal_config_gets_trl_defaults() {
+        let cfg = Config::parse(MINIMAL, "cfg.toml", &[]).unwrap();
+        assert_eq!(cfg.training.beta, 0.1);
+        assert_eq!(cfg.training.loss_type, "sigmoid");
+        assert_eq!(cfg.sam.kind, "none");
+        assert_eq!(cfg.micro_batch_size(), 8);
+        assert_eq!(cfg.ref_name_or_path(), "builtin:tiny-gpt2");
+    }
+
+    #[test]
+    fn overrides_apply_with_toml_types() {
+        let ov = vec!["training.beta=0.5".to_string(), "sam.kind=logits".to_string()];
+        let cfg = Config::parse(MINIMAL, "cfg.toml", &ov).unwrap();
+        assert_eq!(cfg.training.beta, 0.5);
+        assert_eq!(cfg.sam.kind, "logits");
+    }
+
+    #[test]
+    fn errors_name_file_and_key() {
+        let e = err(MINIMAL, &["training.betta=0.5"]);
+        assert!(e.contains("cfg.toml") && e.contains("betta"), "{e}");
+        let e = err(MINIMAL, &["training.beta=-1"]);
+        assert!(e.contains("cfg.toml: training.beta: must be > 0"), "{e}");
+        let e = err(MINIMAL, &["training.micro_batch_size=3"]);
+        assert!(e.contains("training.micro_batch_size") && e.contains("not divisible"), "{e}");
+        let e = err(MINIMAL, &["training.batch_size=\"eight\""]);
+        assert!(e.contains("cfg.toml") && e.contains("batch_size"), "{e}");
+        let e = err(&MINIMAL.replace("learning_rate = 1e-3\n", ""), &[]);
+        assert!(e.contains("learning_rate"), "{e}");
+        let e = err(MINIMAL, &["sam.kind=full-ish"]);
+        assert!(e.contains("sam.kind: expected one of"), "{e}");
+        let e = err("output_dir = [", &[]);
+        assert!(e.starts_with("cfg.toml: "), "{e}");
+    }
+}

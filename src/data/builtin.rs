@@ -1,0 +1,89 @@
+//! The built-in preference task of the embedded default run: small additions and string
+//! reversals, where the chosen answer is correct and the rejected one is a plausible mistake
+//! (off by one or ten, a swapped digit, a half-reversed string). Deterministic for a seed.
+
+use super::PreferencePair;
+use rand::{Rng, SeedableRng};
+use std::collections::HashSet;
+
+/// `n_train` training pairs and `n_eval` held-out pairs with prompts disjoint from training.
+pub fn arith(seed: u64, n_train: usize, n_eval: usize) -> (Vec<PreferencePair>, Vec<PreferencePair>) {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let mut seen = HashSet::new();
+    let mut pairs = Vec::with_capacity(n_train + n_eval);
+    while pairs.len() < n_train + n_eval {
+        let pair = if rng.random_bool(0.6) { addition(&mut rng) } else { reversal(&mut rng) };
+        if seen.insert(pair.prompt.clone()) {
+            pairs.push(pair);
+        }
+    }
+    let eval = pairs.split_off(n_train);
+    (pairs, eval)
+}
+
+fn addition(rng: &mut impl Rng) -> PreferencePair {
+    let a: u32 = rng.random_range(0..100);
+    let b: u32 = rng.random_range(0..100);
+    let sum = a + b;
+    let wrong = match rng.random_range(0..4) {
+        0 => sum + 1,
+        1 => sum.saturating_sub(1).max(if sum == 0 { 1 } else { 0 }),
+        2 => sum + 10,
+        _ => {
+            // swap the last two digits, or nudge single-digit sums
+            let s = sum.to_string();
+            if s.len() >= 2 && s.as_bytes()[s.len() - 1] != s.as_bytes()[s.len() - 2] {
+                let mut b = s.into_bytes();
+                let n = b.len();
+                b.swap(n - 1, n - 2);
+                String::from_utf8(b).expect("ascii digits").parse().expect("digits")
+            } else {
+                sum + 2
+            }
+        }
+    };
+    PreferencePair { prompt: format!("{a}+{b}="), chosen: sum.to_string(), rejected: wrong.to_string() }
+}
+
+fn reversal(rng: &mut impl Rng) -> PreferencePair {
+    let len = rng.random_range(3..7);
+    let word: String = (0..len).map(|_| (b'a' + rng.random_range(0..26u8)) as char).collect();
+    let reversed: String = word.chars().rev().collect();
+    // the typical mistake: the word copied instead of reversed (or half-reversed)
+    let mut rejected = if rng.random_bool(0.5) {
+        word.clone()
+    } else {
+        let half = len / 2;
+        format!("{}{}", &reversed[..half], &word[half..])
+    };
+    if rejected == reversed {
+        rejected = format!("{reversed}{}", &reversed[..1]);
+    }
+    PreferencePair { prompt: format!("rev {word}="), chosen: reversed, rejected }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pairs_are_deterministic_disjoint_and_correct() {
+        let (train, eval) = arith(7, 300, 50);
+        assert_eq!((train.len(), eval.len()), (300, 50));
+        assert_eq!(arith(7, 300, 50).0, train);
+        assert_ne!(arith(8, 300, 50).0, train);
+        let prompts: HashSet<_> = train.iter().map(|p| &p.prompt).collect();
+        assert!(eval.iter().all(|p| !prompts.contains(&p.prompt)));
+        for p in train.iter().chain(&eval) {
+            assert_ne!(p.chosen, p.rejected, "{p:?}");
+            if let Some(expr) = p.prompt.strip_suffix('=').filter(|e| e.contains('+')) {
+                let (a, b) = expr.split_once('+').unwrap();
+                let sum: u32 = a.parse::<u32>().unwrap() + b.parse::<u32>().unwrap();
+                assert_eq!(p.chosen, sum.to_string());
+            } else {
+                let word = p.prompt.strip_prefix("rev ").unwrap().strip_suffix('=').unwrap();
+                assert_eq!(p.chosen, word.chars().rev().collect::<String>());
+            }
+        }
+    }
+}

@@ -1,0 +1,55 @@
+//! Device selection: `--device cpu|cuda[:N]`, shared by every subcommand.
+
+use anyhow::{bail, Result};
+use candle_core::Device;
+
+/// Checks a device name (`cpu`, `cuda`, `cuda:N`) without opening the device; returns the CUDA
+/// ordinal, if any.
+pub fn parse_name(name: &str) -> Result<Option<usize>> {
+    let name = name.trim();
+    if name == "cpu" {
+        return Ok(None);
+    }
+    match name.strip_prefix("cuda") {
+        Some("") => Ok(Some(0)),
+        Some(rest) => match rest.strip_prefix(':').map(str::parse::<usize>) {
+            Some(Ok(n)) => Ok(Some(n)),
+            _ => bail!("device `{name}`: expected `cpu`, `cuda` or `cuda:N`"),
+        },
+        None => bail!("device `{name}`: expected `cpu`, `cuda` or `cuda:N`"),
+    }
+}
+
+/// Opens the named device.
+pub fn parse(name: &str) -> Result<Device> {
+    match parse_name(name)? {
+        None => Ok(Device::Cpu),
+        Some(ordinal) => {
+            if !candle_core::utils::cuda_is_available() {
+                bail!(
+                    "device `{name}`: this binary was built without CUDA; rebuild with \
+                     `cargo build --release --features cuda` (see scripts/build-cuda.sh)"
+                );
+            }
+            Ok(Device::new_cuda(ordinal)?)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_cpu_and_rejects_junk() {
+        assert!(parse("cpu").unwrap().is_cpu());
+        assert_eq!(parse_name("cuda:3").unwrap(), Some(3));
+        let err = parse("tpu").unwrap_err().to_string();
+        assert!(err.contains("expected `cpu`"), "{err}");
+        assert!(parse_name("cuda:x").is_err());
+        if !candle_core::utils::cuda_is_available() {
+            let err = parse("cuda:0").unwrap_err().to_string();
+            assert!(err.contains("without CUDA"), "{err}");
+        }
+    }
+}

@@ -1,0 +1,19 @@
+//! dpo-sam: preference optimisation (DPO and its relatives) with logits-SAM, on candle.
+//!
+//! One module per concern; `main.rs` maps each subcommand onto one of them.
+
+pub mod checkpoint;
+pub mod config;
+pub mod data;
+pub mod device;
+pub mod hub;
+pub mod losses;
+pub mod models;
+pub mod optim;
+pub mod output;
+pub mod sam;
+pub mod tokenizer;
+pub mod train;
+pub mod eval;
+pub mod toy;
+pub mod plot;

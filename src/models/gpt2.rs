@@ -1,0 +1,240 @@
+//! GPT-2 (`model_type = "gpt2"`, `GPT2LMHeadModel`), trainable.
+//!
+//! Mirrors `transformers`' modeling_gpt2: learned positions, pre-LayerNorm blocks, Conv1D
+//! projections stored `[in, out]` (so y = x W + b, no transpose), and `lm_head` tied to `wte`.
+
+use super::ops::{attention, causal_mask, layer_norm};
+use super::CausalLm;
+use crate::output::OutputLayer;
+use candle_core::{Module, Result, Tensor};
+use candle_nn::{Init, VarBuilder};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct Config {
+    #[serde(default = "model_type")]
+    pub model_type: String,
+    #[serde(default = "architectures")]
+    pub architectures: Vec<String>,
+    pub vocab_size: usize,
+    pub n_positions: usize,
+    pub n_embd: usize,
+    pub n_layer: usize,
+    pub n_head: usize,
+    #[serde(default)]
+    pub n_inner: Option<usize>,
+    #[serde(default = "activation")]
+    pub activation_function: String,
+    #[serde(default = "eps")]
+    pub layer_norm_epsilon: f64,
+    #[serde(default)]
+    pub scale_attn_by_inverse_layer_idx: bool,
+    #[serde(default)]
+    pub bos_token_id: Option<u32>,
+    #[serde(default)]
+    pub eos_token_id: Option<u32>,
+    #[serde(default = "std_init")]
+    pub initializer_range: f64,
+}
+
+fn model_type() -> String {
+    "gpt2".into()
+}
+fn architectures() -> Vec<String> {
+    vec!["GPT2LMHeadModel".into()]
+}
+fn activation() -> String {
+    "gelu_new".into()
+}
+fn eps() -> f64 {
+    1e-5
+}
+fn std_init() -> f64 {
+    0.02
+}
+
+impl Config {
+    /// The built-in tiny model's config for a tokenizer of `vocab` tokens (id 0 is EOS/BOS).
+    pub fn tiny(shape: &crate::config::BuiltinModel, vocab: usize) -> Self {
+        Config {
+            model_type: model_type(),
+            architectures: architectures(),
+            vocab_size: vocab,
+            n_positions: shape.n_positions,
+            n_embd: shape.n_embd,
+            n_layer: shape.n_layer,
+            n_head: shape.n_head,
+            n_inner: None,
+            activation_function: activation(),
+            layer_norm_epsilon: eps(),
+            scale_attn_by_inverse_layer_idx: false,
+            bos_token_id: Some(0),
+            eos_token_id: Some(0),
+            initializer_range: std_init(),
+        }
+    }
+}
+
+struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    fn new(n: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get_with_hints(n, "weight", Init::Const(1.0))?,
+            bias: vb.get_with_hints(n, "bias", Init::Const(0.0))?,
+            eps,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        layer_norm(x, &self.weight, &self.bias, self.eps)
+    }
+}
+
+/// HF's Conv1D: weight `[in, out]`.
+struct Conv1D {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl Conv1D {
+    fn new(n_in: usize, n_out: usize, std: f64, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get_with_hints((n_in, n_out), "weight", Init::Randn { mean: 0.0, stdev: std })?,
+            bias: vb.get_with_hints(n_out, "bias", Init::Const(0.0))?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, t, n_in) = x.dims3()?;
+        let y = x.reshape((b * t, n_in))?.matmul(&self.weight)?.broadcast_add(&self.bias)?;
+        y.reshape((b, t, ()))
+    }
+}
+
+struct Block {
+    ln_1: LayerNorm,
+    c_attn: Conv1D,
+    attn_proj: Conv1D,
+    ln_2: LayerNorm,
+    c_fc: Conv1D,
+    mlp_proj: Conv1D,
+    n_head: usize,
+    act: Activation,
+}
+
+#[derive(Clone, Copy)]
+enum Activation {
+    GeluTanh,
+    GeluErf,
+    Relu,
+}
+
+impl Activation {
+    fn parse(name: &str) -> Result<Self> {
+        match name {
+            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Ok(Self::GeluTanh),
+            "gelu" => Ok(Self::GeluErf),
+            "relu" => Ok(Self::Relu),
+            other => candle_core::bail!("unsupported activation_function `{other}`"),
+        }
+    }
+
+    fn apply(self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::GeluTanh => x.gelu(),
+            Self::GeluErf => x.gelu_erf(),
+            Self::Relu => x.relu(),
+        }
+    }
+}
+
+impl Block {
+    fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+        let n = cfg.n_embd;
+        let inner = cfg.n_inner.unwrap_or(4 * n);
+        let std = cfg.initializer_range;
+        // GPT-2 scales residual projections by 1/sqrt(2·n_layer) at init.
+        let proj_std = std / (2.0 * cfg.n_layer as f64).sqrt();
+        Ok(Self {
+            ln_1: LayerNorm::new(n, cfg.layer_norm_epsilon, vb.pp("ln_1"))?,
+            c_attn: Conv1D::new(n, 3 * n, std, vb.pp("attn.c_attn"))?,
+            attn_proj: Conv1D::new(n, n, proj_std, vb.pp("attn.c_proj"))?,
+            ln_2: LayerNorm::new(n, cfg.layer_norm_epsilon, vb.pp("ln_2"))?,
+            c_fc: Conv1D::new(n, inner, std, vb.pp("mlp.c_fc"))?,
+            mlp_proj: Conv1D::new(inner, n, proj_std, vb.pp("mlp.c_proj"))?,
+            n_head: cfg.n_head,
+            act: Activation::parse(&cfg.activation_function)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let (b, t, n) = x.dims3()?;
+        let hd = n / self.n_head;
+        let qkv = self.c_attn.forward(&self.ln_1.forward(x)?)?;
+        let heads = |i: usize| -> Result<Tensor> {
+            qkv.narrow(2, i * n, n)?.reshape((b, t, self.n_head, hd))?.transpose(1, 2)?.contiguous()
+        };
+        let y = attention(&heads(0)?, &heads(1)?, &heads(2)?, mask)?;
+        let y = y.transpose(1, 2)?.reshape((b, t, n))?;
+        let x = (x + self.attn_proj.forward(&y)?)?;
+        let h = self.act.apply(&self.c_fc.forward(&self.ln_2.forward(&x)?)?)?;
+        x + self.mlp_proj.forward(&h)?
+    }
+}
+
+pub struct Gpt2 {
+    wte: Tensor,
+    wpe: Tensor,
+    blocks: Vec<Block>,
+    ln_f: LayerNorm,
+}
+
+impl Gpt2 {
+    pub fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+        if cfg.n_embd % cfg.n_head != 0 {
+            candle_core::bail!("n_embd {} is not divisible by n_head {}", cfg.n_embd, cfg.n_head);
+        }
+        if cfg.scale_attn_by_inverse_layer_idx {
+            candle_core::bail!("scale_attn_by_inverse_layer_idx = true is not supported");
+        }
+        // Checkpoints saved by `transformers` sometimes drop the `transformer.` prefix.
+        let vb = if vb.contains_tensor("transformer.wte.weight") || !vb.contains_tensor("wte.weight") {
+            vb.pp("transformer")
+        } else {
+            vb
+        };
+        let std = cfg.initializer_range;
+        let wte = vb.get_with_hints((cfg.vocab_size, cfg.n_embd), "wte.weight", Init::Randn { mean: 0.0, stdev: std })?;
+        let wpe = vb.get_with_hints((cfg.n_positions, cfg.n_embd), "wpe.weight", Init::Randn { mean: 0.0, stdev: 0.01 })?;
+        let blocks = (0..cfg.n_layer).map(|i| Block::new(cfg, vb.pp(format!("h.{i}")))).collect::<Result<_>>()?;
+        let ln_f = LayerNorm::new(cfg.n_embd, cfg.layer_norm_epsilon, vb.pp("ln_f"))?;
+        Ok(Self { wte, wpe, blocks, ln_f })
+    }
+}
+
+impl CausalLm for Gpt2 {
+    fn forward_hidden(&self, input_ids: &Tensor) -> Result<Tensor> {
+        let (_b, t) = input_ids.dims2()?;
+        let max_pos = self.wpe.dim(0)?;
+        if t > max_pos {
+            candle_core::bail!("sequence of {t} tokens exceeds n_positions {max_pos}");
+        }
+        let tok = candle_nn::Embedding::new(self.wte.clone(), self.wte.dim(1)?).forward(input_ids)?;
+        let pos = self.wpe.narrow(0, 0, t)?;
+        let mut x = tok.broadcast_add(&pos)?;
+        let mask = causal_mask(t, None, x.dtype(), x.device())?;
+        for block in &self.blocks {
+            x = block.forward(&x, &mask)?;
+        }
+        self.ln_f.forward(&x)
+    }
+
+    fn output_layer(&self) -> OutputLayer {
+        OutputLayer { weight: self.wte.clone(), bias: None }
+    }
+}

@@ -1,0 +1,213 @@
+//! Optimisers (AdamW, SGD) whose state is ours to save, the learning-rate schedule, global
+//! gradient-norm clipping, and gradient accumulation across micro-batches.
+//!
+//! candle-nn's AdamW keeps its moments private and decays every tensor; this one follows
+//! `transformers`' Trainer: no weight decay on biases and norm weights (rank-1 tensors).
+
+use crate::models::Param;
+use anyhow::{bail, Result};
+use candle_core::{backprop::GradStore, DType, Tensor};
+
+/// Sum of per-micro-batch gradients, one slot per parameter.
+pub struct GradAccumulator {
+    grads: Vec<Option<Tensor>>,
+}
+
+impl GradAccumulator {
+    pub fn new(n: usize) -> Self {
+        Self { grads: vec![None; n] }
+    }
+
+    /// Adds this micro-batch's gradients (already scaled by the caller's loss weighting).
+    pub fn add(&mut self, params: &[Param], store: &GradStore) -> Result<()> {
+        for (slot, p) in self.grads.iter_mut().zip(params) {
+            if let Some(g) = store.get(p.var.as_tensor()) {
+                let g = g.to_dtype(DType::F32)?;
+                *slot = Some(match slot.take() {
+                    Some(acc) => (acc + g)?,
+                    None => g,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Global L2 norm of the accumulated gradients.
+    pub fn norm(&self) -> Result<f64> {
+        let mut total = 0f64;
+        for g in self.grads.iter().flatten() {
+            total += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+        }
+        Ok(total.sqrt())
+    }
+
+    /// Scales gradients so their global norm is at most `max_norm` (0 disables); returns the
+    /// norm before clipping.
+    pub fn clip(&mut self, max_norm: f64) -> Result<f64> {
+        let norm = self.norm()?;
+        if max_norm > 0.0 && norm > max_norm {
+            let scale = max_norm / (norm + 1e-6);
+            for g in self.grads.iter_mut().flatten() {
+                *g = (&*g * scale)?;
+            }
+        }
+        Ok(norm)
+    }
+
+    pub fn grads(&self) -> &[Option<Tensor>] {
+        &self.grads
+    }
+}
+
+/// Optimiser hyper-parameters.
+#[derive(Debug, Clone)]
+pub enum OptimizerKind {
+    AdamW { beta1: f64, beta2: f64, eps: f64, weight_decay: f64 },
+    Sgd { weight_decay: f64 },
+}
+
+/// An optimiser with explicit, saveable state.
+pub struct Optimizer {
+    pub kind: OptimizerKind,
+    /// Steps taken (Adam's bias correction uses it).
+    pub step: usize,
+    /// Adam's first and second moments, per parameter (f32).
+    pub m: Vec<Tensor>,
+    pub v: Vec<Tensor>,
+}
+
+impl Optimizer {
+    pub fn new(kind: OptimizerKind, params: &[Param]) -> Result<Self> {
+        let zeros = |p: &Param| p.var.as_tensor().zeros_like()?.to_dtype(DType::F32);
+        let (m, v) = match kind {
+            OptimizerKind::AdamW { .. } => (
+                params.iter().map(zeros).collect::<candle_core::Result<Vec<_>>>()?,
+                params.iter().map(zeros).collect::<candle_core::Result<Vec<_>>>()?,
+            ),
+            OptimizerKind::Sgd { .. } => (Vec::new(), Vec::new()),
+        };
+        Ok(Self { kind, step: 0, m, v })
+    }
+
+    pub fn from_config(t: &crate::config::TrainingConfig, params: &[Param]) -> Result<Self> {
+        let kind = match t.optimizer.as_str() {
+            "adamw" => OptimizerKind::AdamW {
+                beta1: t.adam_beta1,
+                beta2: t.adam_beta2,
+                eps: t.adam_epsilon,
+                weight_decay: t.weight_decay,
+            },
+            "sgd" => OptimizerKind::Sgd { weight_decay: t.weight_decay },
+            other => bail!("training.optimizer: unknown optimizer `{other}`"),
+        };
+        Self::new(kind, params)
+    }
+
+    /// One update with learning rate `lr`. Parameters without a gradient are left alone.
+    pub fn apply(&mut self, params: &[Param], grads: &[Option<Tensor>], lr: f64) -> Result<()> {
+        self.step += 1;
+        for (i, (p, g)) in params.iter().zip(grads).enumerate() {
+            let Some(g) = g else { continue };
+            let w = p.var.as_tensor().to_dtype(DType::F32)?;
+            // Decoupled decay, skipped for biases and norm weights.
+            let decay = if p.var.rank() >= 2 {
+                match self.kind {
+                    OptimizerKind::AdamW { weight_decay, .. } | OptimizerKind::Sgd { weight_decay } => weight_decay,
+                }
+            } else {
+                0.0
+            };
+            let w = if decay > 0.0 { (&w * (1.0 - lr * decay))? } else { w };
+            let new = match self.kind {
+                OptimizerKind::AdamW { beta1, beta2, eps, .. } => {
+                    self.m[i] = ((&self.m[i] * beta1)? + (g * (1.0 - beta1))?)?;
+                    self.v[i] = ((&self.v[i] * beta2)? + (g.sqr()? * (1.0 - beta2))?)?;
+                    let bc1 = 1.0 - beta1.powi(self.step as i32);
+                    let bc2 = 1.0 - beta2.powi(self.step as i32);
+                    let m_hat = (&self.m[i] / bc1)?;
+                    let v_hat = (&self.v[i] / bc2)?;
+                    (w - (m_hat / (v_hat.sqrt()? + eps)?)?.affine(lr, 0.0)?)?
+                }
+                OptimizerKind::Sgd { .. } => (w - (g * lr)?)?,
+            };
+            p.var.set(&new.to_dtype(p.var.dtype())?)?;
+        }
+        Ok(())
+    }
+}
+
+/// Learning rate at an optimiser step: linear warmup from 0, then constant, linear decay to 0, or
+/// cosine decay to 0 over the remaining steps (as `transformers`' schedulers).
+#[derive(Debug, Clone)]
+pub struct Schedule {
+    pub peak: f64,
+    pub warmup: usize,
+    pub total: usize,
+    pub kind: String,
+}
+
+impl Schedule {
+    pub fn lr(&self, step: usize) -> f64 {
+        if step < self.warmup {
+            return self.peak * step as f64 / self.warmup.max(1) as f64;
+        }
+        let span = self.total.saturating_sub(self.warmup).max(1) as f64;
+        let progress = ((step - self.warmup) as f64 / span).min(1.0);
+        match self.kind.as_str() {
+            "linear" => self.peak * (1.0 - progress),
+            "cosine" => self.peak * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()),
+            _ => self.peak,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn schedule_warms_up_then_decays() {
+        let s = Schedule { peak: 1.0, warmup: 10, total: 110, kind: "linear".into() };
+        assert_eq!(s.lr(0), 0.0);
+        assert!((s.lr(5) - 0.5).abs() < 1e-12);
+        assert!((s.lr(10) - 1.0).abs() < 1e-12);
+        assert!((s.lr(60) - 0.5).abs() < 1e-12);
+        let c = Schedule { kind: "cosine".into(), ..s.clone() };
+        assert!((c.lr(60) - 0.5).abs() < 1e-12);
+        assert!(c.lr(110).abs() < 1e-12);
+        let k = Schedule { kind: "constant".into(), ..s };
+        assert_eq!(k.lr(100), 1.0);
+    }
+
+    #[test]
+    fn adamw_first_step_moves_by_lr_and_skips_decay_on_vectors() -> Result<()> {
+        let dev = Device::Cpu;
+        let w = Param { name: "w".into(), var: Var::from_tensor(&Tensor::ones((2, 2), DType::F32, &dev)?)? };
+        let b = Param { name: "b".into(), var: Var::from_tensor(&Tensor::ones(2, DType::F32, &dev)?)? };
+        let params = vec![w, b];
+        let kind = OptimizerKind::AdamW { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1 };
+        let mut opt = Optimizer::new(kind, &params)?;
+        let grads = vec![
+            Some(Tensor::new(&[[2f32, -3.0], [0.5, 1.0]], &dev)?),
+            Some(Tensor::new(&[4f32, -1.0], &dev)?),
+        ];
+        opt.apply(&params, &grads, 0.01)?;
+        // step 1: m̂ = g, v̂ = g², update = lr·sign(g); decay: w·(1 − lr·wd) for the matrix only
+        let w = params[0].var.as_tensor().to_vec2::<f32>()?;
+        assert!((w[0][0] - (0.999 - 0.01)).abs() < 1e-6, "{w:?}");
+        assert!((w[0][1] - (0.999 + 0.01)).abs() < 1e-6, "{w:?}");
+        let b = params[1].var.as_tensor().to_vec1::<f32>()?;
+        assert!((b[0] - 0.99).abs() < 1e-6 && (b[1] - 1.01).abs() < 1e-6, "{b:?}");
+        Ok(())
+    }
+
+    #[test]
+    fn clipping_bounds_the_global_norm() -> Result<()> {
+        let dev = Device::Cpu;
+        let mut acc = GradAccumulator { grads: vec![Some(Tensor::new(&[3f32, 4.0], &dev)?), None] };
+        assert!((acc.clip(1.0)? - 5.0).abs() < 1e-6);
+        assert!((acc.norm()? - 1.0).abs() < 1e-5);
+        Ok(())
+    }
+}

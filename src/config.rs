@@ -33,7 +33,7 @@ pub struct ModelConfig {
     /// The frozen reference model; defaults to `name_or_path` (TRL's behaviour when `ref_model` is None).
     #[serde(default)]
     pub ref_name_or_path: Option<String>,
-    /// Training dtype: `f32`, `bf16` or `f16`.
+    /// Training dtype: `f32`, `bf16` or `f16` (`f64` for gradient checks).
     #[serde(default = "default_dtype")]
     pub dtype: String,
     /// Shape of the built-in GPT-2 (used only with `builtin:tiny-gpt2`).
@@ -76,9 +76,39 @@ pub struct DataConfig {
     /// `keep_end` cuts prompts from the left (default), `keep_start` from the right.
     #[serde(default = "default_truncation_mode")]
     pub truncation_mode: String,
+    /// Record format: `auto` (detected per record), `hh`, `explicit`, `implicit`,
+    /// `conversational` or `tldr` (see `dpo-sam data inspect --help`).
+    #[serde(default = "default_format")]
+    pub format: String,
+    /// Without `eval`, hold out this fraction of the training rows (by a seeded hash of each
+    /// row's file and line) as the eval split; 0 holds out nothing.
+    #[serde(default)]
+    pub eval_fraction: f64,
+    /// Records in the streaming shuffle buffer (`dpo-sam data inspect`; 0 keeps file order).
+    #[serde(default = "default_shuffle_buffer")]
+    pub shuffle_buffer: usize,
+    /// Stop at the first bad row (with its file and line) instead of skipping and counting it.
+    #[serde(default)]
+    pub strict: bool,
+    /// Group pairs of similar length into micro-batches within windows of this many pairs,
+    /// to cut padding; 0 (or at most the micro-batch size) disables.
+    #[serde(default)]
+    pub group_by_length: usize,
+    /// Split read from Hub dataset sources (`hub:ORG/NAME`) in `train`, e.g. `train_prefs`;
+    /// a `:SPLIT` suffix on the source overrides it.
+    #[serde(default = "default_split")]
+    pub split: String,
+    /// Split read from Hub dataset sources in `eval`, e.g. `test_prefs`.
+    #[serde(default = "default_eval_split")]
+    pub eval_split: String,
+    /// Chat template for conversational records: a Jinja file or a tokenizer_config.json
+    /// (default: the model's tokenizer_config.json).
+    #[serde(default)]
+    pub chat_template: Option<PathBuf>,
 }
 
-/// One path or a list of paths.
+/// One source or a list: a file (`.jsonl`, `.jsonl.gz`, `.json`, `.parquet`), a glob, or a Hub
+/// dataset `hub:ORG/NAME[@REV][:SPLIT]` (plain `ORG/NAME` too when no such path exists).
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(untagged)]
 pub enum Sources {
@@ -98,9 +128,34 @@ impl Sources {
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct TrainingConfig {
-    /// `sigmoid` (DPO).
+    /// One loss name or a list (combined with `loss_weights`): sigmoid, robust, ipo, hinge,
+    /// dpop, slic, cpo, simpo, sft (see `src/losses.rs`).
     #[serde(default = "default_loss_type")]
-    pub loss_type: String,
+    pub loss_type: LossTypes,
+    /// Weights of the `loss_type` list (default: all 1), as TRL's `loss_weights`.
+    #[serde(default)]
+    pub loss_weights: Option<Vec<f64>>,
+    /// Adds `rpo_alpha` × the chosen responses' NLL (TRL's RPO term).
+    #[serde(default)]
+    pub rpo_alpha: Option<f64>,
+    /// Conservative DPO's ε (TRL `label_smoothing`), also used by `robust`.
+    #[serde(default)]
+    pub label_smoothing: f64,
+    /// SimPO's target margin γ (TRL `simpo_gamma`).
+    #[serde(default = "default_simpo_gamma")]
+    pub simpo_gamma: f64,
+    /// CPO's λ on the chosen NLL (TRL `cpo_alpha`).
+    #[serde(default = "default_one_f")]
+    pub cpo_alpha: f64,
+    /// SLiC-HF's margin δ (paper Table 5).
+    #[serde(default = "default_one_f")]
+    pub slic_delta: f64,
+    /// SLiC-HF's λ on the chosen NLL (paper Table 5).
+    #[serde(default = "default_one_f")]
+    pub slic_lambda: f64,
+    /// DPO-Positive's λ (Pal et al. 2024).
+    #[serde(default = "default_dpop_lambda")]
+    pub dpop_lambda: f64,
     #[serde(default = "default_beta")]
     pub beta: f64,
     pub learning_rate: f64,
@@ -177,8 +232,46 @@ fn default_max_length() -> usize {
 fn default_truncation_mode() -> String {
     "keep_end".into()
 }
-fn default_loss_type() -> String {
-    "sigmoid".into()
+fn default_format() -> String {
+    "auto".into()
+}
+fn default_shuffle_buffer() -> usize {
+    10_000
+}
+fn default_split() -> String {
+    "train".into()
+}
+fn default_eval_split() -> String {
+    "test".into()
+}
+fn default_loss_type() -> LossTypes {
+    LossTypes::One("sigmoid".into())
+}
+fn default_simpo_gamma() -> f64 {
+    0.5
+}
+fn default_one_f() -> f64 {
+    1.0
+}
+fn default_dpop_lambda() -> f64 {
+    50.0
+}
+
+/// `loss_type = "sigmoid"` or `loss_type = ["sigmoid", "sft"]`.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(untagged)]
+pub enum LossTypes {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl LossTypes {
+    pub fn names(&self) -> Vec<&str> {
+        match self {
+            LossTypes::One(s) => vec![s.as_str()],
+            LossTypes::Many(v) => v.iter().map(String::as_str).collect(),
+        }
+    }
 }
 fn default_beta() -> f64 {
     0.1
@@ -253,7 +346,7 @@ impl Config {
             check(s > 0, "training.max_steps", "must be > 0", s)?;
         }
         check(t.num_train_epochs > 0.0, "training.num_train_epochs", "must be > 0", t.num_train_epochs)?;
-        one_of("training.loss_type", &t.loss_type, &["sigmoid"])?;
+        crate::losses::Loss::from_config(t)?;
         one_of("training.optimizer", &t.optimizer, &["adamw", "sgd"])?;
         one_of("training.lr_scheduler_type", &t.lr_scheduler_type, &["constant", "linear", "cosine"])?;
         check(t.weight_decay >= 0.0, "training.weight_decay", "must be >= 0", t.weight_decay)?;
@@ -272,7 +365,14 @@ impl Config {
         if d.train.paths().is_empty() {
             bail!("data.train: expected at least one source");
         }
-        one_of("model.dtype", &self.model.dtype, &["f32", "bf16", "f16"])?;
+        one_of("data.format", &d.format, crate::data::format::Format::NAMES)?;
+        check((0.0..1.0).contains(&d.eval_fraction), "data.eval_fraction", "must be in [0, 1)", d.eval_fraction)?;
+        if d.eval_fraction > 0.0 && d.eval.is_some() {
+            bail!("data.eval_fraction: holds out part of data.train, so it cannot be combined with data.eval");
+        }
+        check(!d.split.is_empty(), "data.split", "must not be empty", "\"\"")?;
+        check(!d.eval_split.is_empty(), "data.eval_split", "must not be empty", "\"\"")?;
+        one_of("model.dtype", &self.model.dtype, &["f32", "bf16", "f16", "f64"])?;
         let b = &self.model.builtin;
         check(b.n_layer > 0, "model.builtin.n_layer", "must be > 0", b.n_layer)?;
         check(b.n_head > 0, "model.builtin.n_head", "must be > 0", b.n_head)?;
@@ -364,10 +464,12 @@ batch_size = 8
     fn minimal_config_gets_trl_defaults() {
         let cfg = Config::parse(MINIMAL, "cfg.toml", &[]).unwrap();
         assert_eq!(cfg.training.beta, 0.1);
-        assert_eq!(cfg.training.loss_type, "sigmoid");
+        assert_eq!(cfg.training.loss_type.names(), vec!["sigmoid"]);
         assert_eq!(cfg.sam.kind, "none");
         assert_eq!(cfg.micro_batch_size(), 8);
         assert_eq!(cfg.ref_name_or_path(), "builtin:tiny-gpt2");
+        assert_eq!((cfg.data.format.as_str(), cfg.data.eval_fraction, cfg.data.strict), ("auto", 0.0, false));
+        assert_eq!((cfg.data.split.as_str(), cfg.data.group_by_length), ("train", 0));
     }
 
     #[test]
@@ -392,6 +494,12 @@ batch_size = 8
         assert!(e.contains("learning_rate"), "{e}");
         let e = err(MINIMAL, &["sam.kind=full-ish"]);
         assert!(e.contains("sam.kind: expected one of"), "{e}");
+        let e = err(MINIMAL, &["data.format=jsonish"]);
+        assert!(e.contains("data.format: expected one of auto, hh"), "{e}");
+        let e = err(MINIMAL, &["data.eval_fraction=1.5"]);
+        assert!(e.contains("data.eval_fraction: must be in [0, 1)"), "{e}");
+        let e = err(MINIMAL, &["data.eval_fraction=0.1", "data.eval=\"x.jsonl\""]);
+        assert!(e.contains("data.eval_fraction") && e.contains("data.eval"), "{e}");
         let e = err("output_dir = [", &[]);
         assert!(e.starts_with("cfg.toml: "), "{e}");
     }

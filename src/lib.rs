@@ -2,6 +2,7 @@
 //!
 //! One module per concern; `main.rs` maps each subcommand onto one of them.
 
+pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod data;

@@ -1,15 +1,32 @@
-//! Preference losses. Each loss is a function of per-pair sequence log-probs (policy and, where
-//! needed, reference) returning per-pair losses and the implicit rewards that TRL logs.
+//! Preference losses: one registry of per-pair objectives, selected by `training.loss_type` and
+//! mixed by `training.loss_weights` as TRL's `DPOTrainer` does.
+//!
+//! Every loss is a function of [`PairLogps`] (policy sequence log-probs, and where it needs them
+//! the reference log-probs and response lengths) returning per-pair losses and the implicit
+//! rewards that TRL logs. The trainer only ever calls [`Loss::compute`], so logits-SAM's
+//! perturbation is shaped by whatever mix is configured.
 
 use anyhow::{bail, Result};
 use candle_core::Tensor;
 
-/// Per-pair sequence log-probs, each `[b]` f32.
+/// Per-pair quantities, each `[b]` in the logps' dtype (f32, or f64 for gradient checks).
 pub struct PairLogps {
+    /// log π(y_w|x): summed over the chosen response's tokens.
     pub chosen: Tensor,
+    /// log π(y_l|x).
     pub rejected: Tensor,
     pub ref_chosen: Option<Tensor>,
     pub ref_rejected: Option<Tensor>,
+    /// Response tokens scored per pair (the EOS included), for the length-averaged losses.
+    pub chosen_tokens: Tensor,
+    pub rejected_tokens: Tensor,
+}
+
+impl PairLogps {
+    /// Mean negative log-likelihood per chosen-response token (TRL's `nll_loss`, per pair).
+    pub fn chosen_nll(&self) -> candle_core::Result<Tensor> {
+        (&self.chosen / &self.chosen_tokens)?.neg()
+    }
 }
 
 /// Per-pair losses `[b]` and (detached) implicit rewards `[b]`.
@@ -19,66 +36,290 @@ pub struct LossOutput {
     pub rejected_rewards: Tensor,
 }
 
-/// A configured loss.
-#[derive(Debug, Clone)]
-pub struct Loss {
-    pub kind: LossKind,
-    pub beta: f64,
-}
-
+/// The losses this crate implements; `loss_type` names as in TRL where TRL has them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LossKind {
+    /// [`sigmoid`]: DPO, conservative with `label_smoothing`.
     Sigmoid,
+    /// [`robust`]: robust DPO.
+    Robust,
+    /// [`hinge`]: DPO's hinge variant.
+    Hinge,
+    /// [`ipo`]: IPO on length-averaged log-ratios.
+    Ipo,
+    /// [`slic`]: SLiC-HF (reference-free).
+    Slic,
+    /// [`cpo`]: CPO (reference-free).
+    Cpo,
+    /// [`simpo`]: SimPO (reference-free).
+    Simpo,
+    /// [`dpop`]: DPO-Positive.
+    Dpop,
+    /// [`sft`]: NLL of the chosen response (reference-free).
+    Sft,
+}
+
+impl LossKind {
+    /// Every accepted `loss_type` name.
+    pub const NAMES: &'static [&'static str] = &["sigmoid", "robust", "hinge", "ipo", "slic", "cpo", "simpo", "dpop", "sft"];
+
+    pub fn parse(name: &str) -> Result<LossKind> {
+        Ok(match name {
+            "sigmoid" => LossKind::Sigmoid,
+            "robust" => LossKind::Robust,
+            "hinge" => LossKind::Hinge,
+            "ipo" => LossKind::Ipo,
+            "slic" => LossKind::Slic,
+            "cpo" => LossKind::Cpo,
+            "simpo" => LossKind::Simpo,
+            "dpop" => LossKind::Dpop,
+            "sft" => LossKind::Sft,
+            other => bail!("training.loss_type: unknown loss `{other}`; expected one of {}", Self::NAMES.join(", ")),
+        })
+    }
+
+    pub fn needs_reference(self) -> bool {
+        !matches!(self, LossKind::Slic | LossKind::Cpo | LossKind::Simpo | LossKind::Sft)
+    }
+
+    pub fn compute(self, lp: &PairLogps, p: &LossParams) -> Result<LossOutput> {
+        match self {
+            LossKind::Sigmoid => sigmoid(lp, p),
+            LossKind::Robust => robust(lp, p),
+            LossKind::Hinge => hinge(lp, p),
+            LossKind::Ipo => ipo(lp, p),
+            LossKind::Slic => slic(lp, p),
+            LossKind::Cpo => cpo(lp, p),
+            LossKind::Simpo => simpo(lp, p),
+            LossKind::Dpop => dpop(lp, p),
+            LossKind::Sft => sft(lp, p),
+        }
+    }
+}
+
+/// Hyper-parameters shared by the registry; each loss reads only its own (see its doc).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LossParams {
+    /// β (τ for IPO).
+    pub beta: f64,
+    /// ε of conservative / robust DPO (also smooths cpo, simpo and dpop as TRL does).
+    pub label_smoothing: f64,
+    /// SimPO's target margin γ.
+    pub simpo_gamma: f64,
+    /// λ of CPO's NLL term.
+    pub cpo_alpha: f64,
+    /// SLiC-HF's margin δ.
+    pub slic_delta: f64,
+    /// λ of SLiC-HF's NLL term.
+    pub slic_lambda: f64,
+    /// DPO-Positive's λ.
+    pub dpop_lambda: f64,
+}
+
+impl Default for LossParams {
+    /// TRL's defaults (`DPOConfig`, `CPOConfig`); SLiC-HF's λ = δ = 1 from the paper's grid;
+    /// DPOP's λ = 50 from Pal et al.
+    fn default() -> Self {
+        Self { beta: 0.1, label_smoothing: 0.0, simpo_gamma: 0.5, cpo_alpha: 1.0, slic_delta: 1.0, slic_lambda: 1.0, dpop_lambda: 50.0 }
+    }
+}
+
+/// A configured loss: a weighted sum of registry terms.
+#[derive(Debug, Clone)]
+pub struct Loss {
+    pub terms: Vec<(LossKind, f64)>,
+    pub params: LossParams,
 }
 
 impl Loss {
+    /// One unweighted term.
+    pub fn single(kind: LossKind, params: LossParams) -> Loss {
+        Loss { terms: vec![(kind, 1.0)], params }
+    }
+
+    /// `loss_type` (one name or a list) × `loss_weights` (default all 1), plus `rpo_alpha` × sft
+    /// when set, as in TRL.
     pub fn from_config(t: &crate::config::TrainingConfig) -> Result<Loss> {
-        let kind = match t.loss_type.as_str() {
-            "sigmoid" => LossKind::Sigmoid,
-            other => bail!("training.loss_type: unknown loss `{other}`"),
+        let names = t.loss_type.names();
+        let weights = match &t.loss_weights {
+            Some(w) if w.len() != names.len() => {
+                bail!("training.loss_weights: {} weights for {} loss types", w.len(), names.len())
+            }
+            Some(w) => w.clone(),
+            None => vec![1.0; names.len()],
         };
-        Ok(Loss { kind, beta: t.beta })
+        let mut terms = names.iter().zip(weights).map(|(n, w)| Ok((LossKind::parse(n)?, w))).collect::<Result<Vec<_>>>()?;
+        if let Some(alpha) = t.rpo_alpha {
+            terms.push((LossKind::Sft, alpha));
+        }
+        let params = LossParams {
+            beta: t.beta,
+            label_smoothing: t.label_smoothing,
+            simpo_gamma: t.simpo_gamma,
+            cpo_alpha: t.cpo_alpha,
+            slic_delta: t.slic_delta,
+            slic_lambda: t.slic_lambda,
+            dpop_lambda: t.dpop_lambda,
+        };
+        Ok(Loss { terms, params })
     }
 
-    /// Whether the loss needs reference-model log-probs.
+    /// Whether any term needs reference-model log-probs (if not, no reference is loaded).
     pub fn needs_reference(&self) -> bool {
-        match self.kind {
-            LossKind::Sigmoid => true,
-        }
+        self.terms.iter().any(|(k, _)| k.needs_reference())
     }
 
+    /// Σ wᵢ · lossᵢ per pair. The rewards are those of the first term that uses the reference
+    /// (TRL's β·log-ratio whenever a reference is in play), else of the first term.
     pub fn compute(&self, lp: &PairLogps) -> Result<LossOutput> {
-        match self.kind {
-            LossKind::Sigmoid => sigmoid(lp, self.beta),
+        let primary = self.terms.iter().position(|(k, _)| k.needs_reference()).unwrap_or(0);
+        let mut total: Option<Tensor> = None;
+        let mut rewards = None;
+        for (i, (kind, weight)) in self.terms.iter().enumerate() {
+            let out = kind.compute(lp, &self.params)?;
+            let weighted = (out.losses * *weight)?;
+            total = Some(match total {
+                Some(t) => (t + weighted)?,
+                None => weighted,
+            });
+            if i == primary {
+                rewards = Some((out.chosen_rewards, out.rejected_rewards));
+            }
+        }
+        match (total, rewards) {
+            (Some(losses), Some((chosen_rewards, rejected_rewards))) => Ok(LossOutput { losses, chosen_rewards, rejected_rewards }),
+            _ => bail!("training.loss_type: no loss configured"),
         }
     }
 }
 
-/// −log σ(x), computed as softplus(−x) = max(−x, 0) + log(1 + e^{−|x|}) so that large margins
-/// neither overflow nor lose their gradient.
+/// −log σ(x) = log(1 + e^{−x}), computed as m + log(e^{−m} + e^{−x−m}) with m = max(−x, 0)
+/// held constant: no exponent is positive, so large margins neither overflow nor lose their
+/// gradient, and the gradient is exactly −σ(−x) everywhere — including x = 0, where every DPO run
+/// starts (policy = reference) and where the max(−x, 0) + log(1 + e^{−|x|}) form picks up
+/// candle's one-sided derivatives of relu and abs and triples the gradient.
 pub fn neg_log_sigmoid(x: &Tensor) -> candle_core::Result<Tensor> {
-    let relu = x.neg()?.relu()?;
-    let tail = (x.abs()?.neg()?.exp()? + 1.0)?.log()?;
-    relu + tail
+    let m = x.neg()?.relu()?.detach();
+    let sum = (m.neg()?.exp()? + (x.neg()? - &m)?.exp()?)?;
+    m + sum.log()?
 }
 
-fn ref_logratios(lp: &PairLogps) -> Result<(Tensor, Tensor)> {
+/// (1 − ε)·(−log σ(z)) + ε·(−log σ(−z)): the label-smoothed logistic loss of Mitchell's cDPO.
+fn smoothed(z: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    let loss = neg_log_sigmoid(z)?;
+    if eps == 0.0 {
+        return Ok(loss);
+    }
+    (loss * (1.0 - eps))? + (neg_log_sigmoid(&z.neg()?)? * eps)?
+}
+
+fn ref_logps(lp: &PairLogps) -> Result<(&Tensor, &Tensor)> {
     match (&lp.ref_chosen, &lp.ref_rejected) {
-        (Some(rc), Some(rr)) => Ok(((&lp.chosen - rc)?, (&lp.rejected - rr)?)),
-        _ => bail!("this loss needs reference log-probs"),
+        (Some(rc), Some(rr)) => Ok((rc, rr)),
+        _ => bail!("this loss needs reference log-probs, but none were computed"),
     }
 }
 
-/// DPO (Rafailov et al. 2023, eq. 7; the paper's eq. 2):
-/// −log σ(β[(log π(y_w|x) − log π_ref(y_w|x)) − (log π(y_l|x) − log π_ref(y_l|x))]).
-fn sigmoid(lp: &PairLogps, beta: f64) -> Result<LossOutput> {
-    let (chosen_ratio, rejected_ratio) = ref_logratios(lp)?;
-    let logits = ((&chosen_ratio - &rejected_ratio)? * beta)?;
-    Ok(LossOutput {
-        losses: neg_log_sigmoid(&logits)?,
-        chosen_rewards: (chosen_ratio * beta)?.detach(),
-        rejected_rewards: (rejected_ratio * beta)?.detach(),
-    })
+/// (log π(y_w|x) − log π_ref(y_w|x), log π(y_l|x) − log π_ref(y_l|x)).
+fn ref_logratios(lp: &PairLogps) -> Result<(Tensor, Tensor)> {
+    let (rc, rr) = ref_logps(lp)?;
+    Ok(((&lp.chosen - rc)?, (&lp.rejected - rr)?))
+}
+
+/// Rewards r = β·x, detached (they are logged, never differentiated).
+fn rewards(chosen: &Tensor, rejected: &Tensor, beta: f64) -> Result<(Tensor, Tensor)> {
+    Ok(((chosen * beta)?.detach(), (rejected * beta)?.detach()))
+}
+
+fn output(losses: Tensor, (chosen_rewards, rejected_rewards): (Tensor, Tensor)) -> Result<LossOutput> {
+    Ok(LossOutput { losses, chosen_rewards, rejected_rewards })
+}
+
+/// `sigmoid` — DPO (Rafailov et al. 2023, eq. 7; the paper's eq. 2), with cDPO's label
+/// smoothing ε (`label_smoothing`, Mitchell 2023):
+/// z = β[(log π(y_w|x) − log π_ref(y_w|x)) − (log π(y_l|x) − log π_ref(y_l|x))],
+/// loss = −(1 − ε) log σ(z) − ε log σ(−z). Rewards β·log-ratio.
+pub fn sigmoid(lp: &PairLogps, p: &LossParams) -> Result<LossOutput> {
+    let (cr, rr) = ref_logratios(lp)?;
+    let z = ((&cr - &rr)? * p.beta)?;
+    output(smoothed(&z, p.label_smoothing)?, rewards(&cr, &rr, p.beta)?)
+}
+
+/// `robust` — robust DPO for noisy preferences (Chowdhury et al. 2024, eq. 6), TRL's form:
+/// loss = [−(1 − ε) log σ(z) + ε log σ(−z)] / (1 − 2ε), z as in [`sigmoid`], ε = `label_smoothing`
+/// (the assumed label-flip rate, < 0.5).
+pub fn robust(lp: &PairLogps, p: &LossParams) -> Result<LossOutput> {
+    let eps = p.label_smoothing;
+    let (cr, rr) = ref_logratios(lp)?;
+    let z = ((&cr - &rr)? * p.beta)?;
+    let num = ((neg_log_sigmoid(&z)? * (1.0 - eps))? - (neg_log_sigmoid(&z.neg()?)? * eps)?)?;
+    output((num / (1.0 - 2.0 * eps))?, rewards(&cr, &rr, p.beta)?)
+}
+
+/// `hinge` — the hinge loss of RSO / SLiC on DPO's log-ratios (Liu et al. 2024; TRL "hinge"):
+/// loss = max(0, 1 − z), z as in [`sigmoid`].
+pub fn hinge(lp: &PairLogps, p: &LossParams) -> Result<LossOutput> {
+    let (cr, rr) = ref_logratios(lp)?;
+    let z = ((&cr - &rr)? * p.beta)?;
+    output(z.neg()?.affine(1.0, 1.0)?.relu()?, rewards(&cr, &rr, p.beta)?)
+}
+
+/// `ipo` — IPO (Azar et al. 2024, eq. 17) on length-averaged log-probs as TRL computes it, with
+/// τ = `beta`: h = (l̄π(y_w) − l̄_ref(y_w)) − (l̄π(y_l) − l̄_ref(y_l)), l̄ = log π / tokens;
+/// loss = (h − 1/(2τ))². Rewards β·averaged log-ratio.
+pub fn ipo(lp: &PairLogps, p: &LossParams) -> Result<LossOutput> {
+    let (rc, rr) = ref_logps(lp)?;
+    let cr = ((&lp.chosen - rc)? / &lp.chosen_tokens)?;
+    let rrat = ((&lp.rejected - rr)? / &lp.rejected_tokens)?;
+    let h = (&cr - &rrat)?;
+    output((h - 1.0 / (2.0 * p.beta))?.sqr()?, rewards(&cr, &rrat, p.beta)?)
+}
+
+/// `slic` — SLiC-HF (Zhao et al. 2023) as in the paper's Table 5, reference-free:
+/// loss = max(0, δ − log π(y_w|x) + log π(y_l|x)) − λ log π(y_w|x), δ = `slic_delta`,
+/// λ = `slic_lambda`; log-probs are sequence sums. Rewards β·log π.
+pub fn slic(lp: &PairLogps, p: &LossParams) -> Result<LossOutput> {
+    let margin = (&lp.rejected - &lp.chosen)?.affine(1.0, p.slic_delta)?.relu()?;
+    let losses = (margin - (&lp.chosen * p.slic_lambda)?)?;
+    output(losses, rewards(&lp.chosen, &lp.rejected, p.beta)?)
+}
+
+/// `cpo` — CPO (Xu et al. 2024) as in the paper's Table 5, reference-free:
+/// loss = −log σ(β log π(y_w|x) − β log π(y_l|x)) − λ log π(y_w|x), λ = `cpo_alpha` (TRL's
+/// name), sequence sums; `label_smoothing` smooths the first term as in TRL's CPOTrainer. TRL's
+/// CPOTrainer takes the NLL term per token instead of per sequence. Rewards β·log π.
+pub fn cpo(lp: &PairLogps, p: &LossParams) -> Result<LossOutput> {
+    let z = ((&lp.chosen - &lp.rejected)? * p.beta)?;
+    let losses = (smoothed(&z, p.label_smoothing)? - (&lp.chosen * p.cpo_alpha)?)?;
+    output(losses, rewards(&lp.chosen, &lp.rejected, p.beta)?)
+}
+
+/// `simpo` — SimPO (Meng et al. 2024, eq. 6), reference-free on length-averaged log-probs:
+/// loss = −log σ(β l̄π(y_w) − β l̄π(y_l) − γ), γ = `simpo_gamma`, with `label_smoothing` as in
+/// TRL's CPOTrainer. Rewards β·l̄π.
+pub fn simpo(lp: &PairLogps, p: &LossParams) -> Result<LossOutput> {
+    let c = (&lp.chosen / &lp.chosen_tokens)?;
+    let r = (&lp.rejected / &lp.rejected_tokens)?;
+    let z = (((&c - &r)? * p.beta)? - p.simpo_gamma)?;
+    output(smoothed(&z, p.label_smoothing)?, rewards(&c, &r, p.beta)?)
+}
+
+/// `dpop` — DPO-Positive (Pal et al. 2024, eq. 3): DPO with a penalty when the chosen
+/// log-prob falls below the reference's:
+/// z = β[(log π(y_w) − log π_ref(y_w)) − (log π(y_l) − log π_ref(y_l)) − λ max(0, log π_ref(y_w) − log π(y_w))],
+/// loss = −log σ(z) (label-smoothed as [`sigmoid`]), λ = `dpop_lambda`. Rewards β·log-ratio.
+pub fn dpop(lp: &PairLogps, p: &LossParams) -> Result<LossOutput> {
+    let (cr, rr) = ref_logratios(lp)?;
+    let penalty = (cr.neg()?.relu()? * p.dpop_lambda)?;
+    let z = (((&cr - &rr)? - penalty)? * p.beta)?;
+    output(smoothed(&z, p.label_smoothing)?, rewards(&cr, &rr, p.beta)?)
+}
+
+/// `sft` — supervised NLL of the chosen response, −log π(y_w|x) / |y_w| (per-token mean, per
+/// pair; TRL's `nll_loss`, added with weight `rpo_alpha` for RPO, Pang et al. 2024). TRL
+/// averages over all chosen tokens of the batch instead of per pair. Rewards β·log π.
+pub fn sft(lp: &PairLogps, p: &LossParams) -> Result<LossOutput> {
+    output(lp.chosen_nll()?, rewards(&lp.chosen, &lp.rejected, p.beta)?)
 }
 
 #[cfg(test)]
@@ -99,14 +340,27 @@ mod tests {
             rejected: t(&[-15.0, -3.0]),
             ref_chosen: Some(t(&[-12.0, -3.0])),
             ref_rejected: Some(t(&[-14.0, -3.0])),
+            chosen_tokens: t(&[4.0, 2.0]),
+            rejected_tokens: t(&[5.0, 2.0]),
         };
-        let out = Loss { kind: LossKind::Sigmoid, beta: 0.5 }.compute(&lp)?;
+        let out = Loss::single(LossKind::Sigmoid, LossParams { beta: 0.5, ..Default::default() }).compute(&lp)?;
         let losses = out.losses.to_vec1::<f32>()?;
         assert!((losses[0] - 0.201_413).abs() < 1e-5, "{losses:?}");
         // equal log-probs: loss = log 2
         assert!((losses[1] - std::f32::consts::LN_2).abs() < 1e-6);
         assert_eq!(out.chosen_rewards.to_vec1::<f32>()?, vec![1.0, 0.0]);
         assert_eq!(out.rejected_rewards.to_vec1::<f32>()?, vec![-0.5, 0.0]);
+        Ok(())
+    }
+
+    #[test]
+    fn neg_log_sigmoid_gradient_is_minus_sigmoid_including_at_zero() -> Result<()> {
+        let x = candle_core::Var::from_tensor(&t(&[0.0, 2.0, -3.0, 800.0, -800.0]))?;
+        let g = neg_log_sigmoid(x.as_tensor())?.sum_all()?.backward()?.get(&x).unwrap().to_vec1::<f32>()?;
+        let expected = [-0.5f32, -0.119_202_92, -0.952_574_1, 0.0, -1.0];
+        for (a, e) in g.iter().zip(expected) {
+            assert!((a - e).abs() < 1e-6, "{g:?}");
+        }
         Ok(())
     }
 

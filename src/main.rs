@@ -18,6 +18,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Time plain, logits-SAM and full-SAM training steps side by side.
+    Bench(dpo_sam::bench::BenchArgs),
     /// Train a policy with DPO (or another preference loss), optionally with logits-SAM.
     Train(dpo_sam::train::TrainArgs),
     /// Pairwise LLM-judge win rate against a baseline: build judge prompts, send them, score.
@@ -27,15 +29,20 @@ enum Command {
     Toy(dpo_sam::toy::ToyArgs),
     /// Chart metrics.jsonl files of one or more runs: one PNG per metric, one line per run.
     Plot(dpo_sam::plot::PlotArgs),
+    /// Look at preference data before training: `data inspect` counts records and skipped rows
+    /// by reason, token-length percentiles, padding, and shows which tokens are scored.
+    Data(dpo_sam::data::inspect::DataArgs),
 }
 
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Bench(args) => dpo_sam::bench::run(args),
         Command::Train(args) => dpo_sam::train::run(args),
         Command::Eval(args) => dpo_sam::eval::run(args),
         Command::Toy(args) => dpo_sam::toy::run(args),
         Command::Plot(args) => dpo_sam::plot::run(args),
+        Command::Data(args) => dpo_sam::data::inspect::run(args),
     };
     if let Err(err) = result {
         eprintln!("error: {err:#}");

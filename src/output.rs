@@ -4,8 +4,8 @@
 //! The losses only ever see per-token log-probs, so this is the one place that touches the N×V
 //! logits; a fused, vocabulary-chunked version can replace it without touching the losses.
 
-use crate::models::ops::log_softmax_last_dim;
-use candle_core::{DType, Result, Tensor, D};
+use crate::models::ops::{accum_dtype, log_softmax_last_dim};
+use candle_core::{Result, Tensor, D};
 
 /// `lm_head`: logits = H Wᵀ (+ b). `weight` is `[vocab, hidden]` (HF's layout).
 #[derive(Clone)]
@@ -15,7 +15,7 @@ pub struct OutputLayer {
 }
 
 impl OutputLayer {
-    /// Logits `[n, vocab]` in f32 for hidden states `[n, hidden]`; `perturbation` (the SAM e, a
+    /// Logits `[n, vocab]` (f32 for half-precision weights) for hidden states `[n, hidden]`; `perturbation` (the SAM e, a
     /// constant) is added to the weight only, never to the bias.
     pub fn logits(&self, h: &Tensor, perturbation: Option<&Tensor>) -> Result<Tensor> {
         let w = match perturbation {
@@ -26,7 +26,7 @@ impl OutputLayer {
         if let Some(b) = &self.bias {
             logits = logits.broadcast_add(b)?;
         }
-        logits.to_dtype(DType::F32)
+        logits.to_dtype(accum_dtype(logits.dtype()))
     }
 
     /// log π(target_i | h_i) for each row: `[n, hidden]`, `[n]` u32 → `[n]` f32.
@@ -46,13 +46,14 @@ impl OutputLayer {
     /// dlogp ⊙ (onehot(target) − softmax), then g = Gᵀ H (Algorithm 1, line 3).
     pub fn weight_grad(&self, h: &Tensor, targets: &Tensor, probs: &Tensor, dlogp: &Tensor) -> Result<Tensor> {
         let (n, vocab) = probs.dims2()?;
-        let onehot = Tensor::zeros((n, vocab), DType::F32, probs.device())?.scatter_add(
+        let dt = probs.dtype();
+        let onehot = Tensor::zeros((n, vocab), dt, probs.device())?.scatter_add(
             &targets.unsqueeze(1)?,
-            &Tensor::ones((n, 1), DType::F32, probs.device())?,
+            &Tensor::ones((n, 1), dt, probs.device())?,
             1,
         )?;
-        let g_logits = (onehot - probs)?.broadcast_mul(&dlogp.to_dtype(DType::F32)?.unsqueeze(1)?)?;
-        g_logits.t()?.matmul(&h.detach().to_dtype(DType::F32)?)
+        let g_logits = (onehot - probs)?.broadcast_mul(&dlogp.to_dtype(dt)?.unsqueeze(1)?)?;
+        g_logits.t()?.matmul(&h.detach().to_dtype(dt)?)
     }
 
     pub fn vocab_size(&self) -> Result<usize> {

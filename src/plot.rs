@@ -11,6 +11,7 @@ use std::sync::OnceLock;
 use anyhow::{bail, Context, Result};
 use plotters::coord::Shift;
 use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
 use plotters::style::{register_font, FontStyle, RGBColor};
 
 /// Plot training curves from one or more runs.
@@ -182,20 +183,27 @@ fn register_embedded_font() -> Result<()> {
     }
 }
 
-/// Draws `panels` side by side into the PNG at `path`, with an optional overall title.
+/// Draws `panels` side by side into the PNG at `path`, under an optional title (one text line
+/// per line of `title`).
 pub fn write_chart(path: &Path, title: Option<&str>, panels: &[Panel]) -> Result<()> {
     register_embedded_font()?;
     let n = panels.len().max(1) as u32;
-    let title_h = if title.is_some() { 50 } else { 0 };
+    let title_lines: Vec<&str> = title.map(|t| t.lines().collect()).unwrap_or_default();
+    let title_h = if title_lines.is_empty() {
+        0
+    } else {
+        16 + 34 * title_lines.len() as u32
+    };
     let size = (PANEL_SIZE.0 * n, PANEL_SIZE.1 + title_h);
     let draw = || -> Result<()> {
         let root = BitMapBackend::new(path, size).into_drawing_area();
         root.fill(&WHITE)?;
-        let root = match title {
-            Some(t) => root.titled(t, (FONT, 30))?,
-            None => root,
-        };
-        for (area, panel) in root.split_evenly((1, n as usize)).iter().zip(panels) {
+        let (top, body) = root.split_vertically(title_h);
+        let style = TextStyle::from((FONT, 26).into_font()).pos(Pos::new(HPos::Center, VPos::Top));
+        for (i, line) in title_lines.iter().enumerate() {
+            top.draw_text(line, &style, (size.0 as i32 / 2, 10 + 34 * i as i32))?;
+        }
+        for (area, panel) in body.split_evenly((1, n as usize)).iter().zip(panels) {
             draw_panel(area, panel)?;
         }
         root.present()?;
@@ -224,6 +232,8 @@ fn draw_panel(area: &DrawingArea<BitMapBackend<'_>, Shift>, panel: &Panel) -> Re
         .configure_mesh()
         .x_desc(&panel.x_label)
         .y_desc(&panel.y_label)
+        .x_label_formatter(&|x| tick(*x))
+        .y_label_formatter(&|y| tick(*y))
         .label_style((FONT, 16))
         .axis_desc_style((FONT, 18))
         .light_line_style(WHITE.mix(0.0))
@@ -247,7 +257,23 @@ fn draw_panel(area: &DrawingArea<BitMapBackend<'_>, Shift>, panel: &Panel) -> Re
     Ok(())
 }
 
-/// The range of `values` widened by `pad` of its span; a degenerate range is widened by 1.
+/// Axis tick text: whole numbers without a decimal point, others to 4 significant digits.
+fn tick(v: f64) -> String {
+    if v.fract() == 0.0 && v.abs() < 1e9 {
+        format!("{v:.0}")
+    } else if v != 0.0 && (v.abs() < 1e-3 || v.abs() >= 1e5) {
+        let s = format!("{v:.3e}");
+        let (mantissa, exp) = s.split_once('e').unwrap_or((&s, ""));
+        let mantissa = mantissa.trim_end_matches('0').trim_end_matches('.');
+        format!("{mantissa}e{exp}")
+    } else {
+        let decimals = (3 - v.abs().log10().floor() as i32).max(0) as usize;
+        let s = format!("{v:.decimals$}");
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
+    }
+}
+
+/// The range of `values` widened by `pad` of its span.
 fn padded_range(values: impl Iterator<Item = f64>, pad: f64) -> (f64, f64) {
     let (lo, hi) = values.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
         (lo.min(v), hi.max(v))
@@ -255,8 +281,10 @@ fn padded_range(values: impl Iterator<Item = f64>, pad: f64) -> (f64, f64) {
     if !lo.is_finite() {
         return (0.0, 1.0);
     }
-    if hi - lo <= f64::EPSILON * lo.abs().max(1.0) {
-        return (lo - 1.0, hi + 1.0);
+    if hi - lo <= 1e-12 * lo.abs() || hi == lo {
+        // A constant (e.g. a learning rate of 5e-7): centre it, scaled to its own size.
+        let half = if lo == 0.0 { 1.0 } else { 0.1 * lo.abs() };
+        return (lo - half, hi + half);
     }
     let pad = pad * (hi - lo);
     (lo - pad, hi + pad)
@@ -345,7 +373,8 @@ mod tests {
             "{\"step\":0,\"loss\":1.0}\n\n{\"step\":1,\"loss\":\n",
         )
         .unwrap();
-        let err = plot_metrics(&[file.clone()], &[], &dir.path().join("out")).unwrap_err();
+        let err =
+            plot_metrics(std::slice::from_ref(&file), &[], &dir.path().join("out")).unwrap_err();
         let msg = format!("{err:#}");
         assert!(
             msg.contains(&format!("{}:3", file.display())),

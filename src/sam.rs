@@ -44,8 +44,9 @@ pub fn logits_perturbation(
         None => token_logps.zeros_like()?,
     };
     let g = frozen.weight_grad(&h, targets, &probs, &dlogp)?;
-    let grad_norm = g.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt() as f64;
+    let grad_norm = g.sqr()?.sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?.sqrt();
     // Clamped so that a zero gradient gives a zero perturbation rather than NaN.
     let e = (g * (rho / grad_norm.max(1e-12)))?;
-    Ok(Perturbation { e, loss_pre: loss_pre.to_scalar::<f32>()? as f64, grad_norm })
+    let loss_pre = loss_pre.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+    Ok(Perturbation { e, loss_pre, grad_norm })
 }

@@ -36,20 +36,20 @@ pub struct ToyArgs {
     #[arg(long, default_value_t = 3)]
     pub classes: usize,
     /// Learning rate of the SFT phase (GD on label 0).
-    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = 0.2, allow_negative_numbers = true)]
     pub sft_lr: f64,
     /// Number of GD steps of the SFT phase.
     #[arg(long, default_value_t = 10)]
     pub sft_steps: usize,
     /// Learning rate η of phase 2 (training on label 1); negative, as for DPO's rejected
     /// response.
-    #[arg(long, default_value_t = -0.5, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = -0.1, allow_negative_numbers = true)]
     pub lr: f64,
     /// SAM radius |ρ|: phase 2 is run with +ρ and with −ρ (and with plain GD).
-    #[arg(long, default_value_t = 0.5)]
+    #[arg(long, default_value_t = 1.0)]
     pub rho: f64,
     /// Number of phase-2 steps.
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = 20)]
     pub steps: usize,
     /// Seed of the random features φ.
     #[arg(long, default_value_t = 0)]
@@ -377,9 +377,9 @@ fn draw(sim: &[Trajectory], args: &ToyArgs) -> Result<Vec<PathBuf>> {
     let panels = |what: &str, count: usize, first: usize, pick: &dyn Fn(&Record, usize) -> f64| {
         (0..count)
             .map(|k| Panel {
-                title: format!("{what} {}", k + first),
-                x_label: "step (label 1)".into(),
-                y_label: format!("{what} {}", k + first),
+                title: format!("{what}_{}", k + first),
+                x_label: "step of phase 2 (training on label 1)".into(),
+                y_label: format!("{what}_{}", k + first),
                 series: phase2
                     .iter()
                     .map(|t| Series {
@@ -397,8 +397,8 @@ fn draw(sim: &[Trajectory], args: &ToyArgs) -> Result<Vec<PathBuf>> {
     };
     let v = args.classes;
     let setting = format!(
-        "d = {}, V = {v}, η = {}, |ρ| = {}, after {} SFT steps on label 0",
-        args.dim, args.lr, args.rho, args.sft_steps
+        "d = {}, V = {v}, η = {}, |ρ| = {}, after {} SFT steps (lr {}) on label 0",
+        args.dim, args.lr, args.rho, args.sft_steps, args.sft_lr
     );
     let charts = [
         (
@@ -420,7 +420,7 @@ fn draw(sim: &[Trajectory], args: &ToyArgs) -> Result<Vec<PathBuf>> {
     let mut written = Vec::new();
     for (file, title, panels) in charts {
         let path = args.out_dir.join(file);
-        write_chart(&path, Some(&format!("{title}; {setting}")), &panels)?;
+        write_chart(&path, Some(&format!("{title}\n{setting}")), &panels)?;
         written.push(path);
     }
     Ok(written)
@@ -701,11 +701,11 @@ mod tests {
         ToyArgs {
             dim: 1000,
             classes: 3,
-            sft_lr: 1.0,
+            sft_lr: 0.2,
             sft_steps: 10,
-            lr: -0.5,
-            rho: 0.5,
-            steps: 30,
+            lr: -0.1,
+            rho: 1.0,
+            steps: 20,
             seed: 0,
             out_dir,
         }
@@ -736,7 +736,7 @@ mod tests {
             "p_1: {pos:?} {gd:?} {neg:?}"
         );
         for t in &sim {
-            let n = if t.method == "sft" { 11 } else { 31 };
+            let n = if t.method == "sft" { 11 } else { 21 };
             assert_eq!(t.records.len(), n, "{}", t.method);
         }
     }

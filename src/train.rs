@@ -4,15 +4,13 @@
 //! single backward pass; then clipping, the learning-rate schedule and the update.
 
 use crate::config::Config;
-use crate::data::batch::{tokenize_pair, PreferenceBatch, SkipReason, TokenizedPair, Truncation};
-use crate::data::Dataset;
+use crate::data::batch::{PreferenceBatch, TokenizedPair};
 use crate::losses::{Loss, PairLogps};
 use crate::models::{parse_dtype, Model, ModelSource};
 use crate::optim::{GradAccumulator, Optimizer, Schedule};
 use crate::tokenizer::Tok;
 use anyhow::{Context, Result};
 use candle_core::{backprop::GradStore, DType, Device, Tensor};
-use rand::{seq::SliceRandom, SeedableRng};
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -108,10 +106,7 @@ impl Trainer {
         let loss = Loss::from_config(&cfg.training)?;
 
         let policy_src = resolve_source(&cfg, &cfg.model.name_or_path)?;
-        let tok = match &policy_src {
-            ModelSource::Builtin { .. } => Tok::builtin()?,
-            ModelSource::Dir(dir) => Tok::from_dir(dir)?,
-        };
+        let tok = policy_src.tokenizer()?;
         let policy = Model::load(&policy_src, true, dtype, &device)?;
         let vocab = policy.net.output_layer().vocab_size()?;
         tok.check_fits(vocab, &cfg.model.name_or_path)?;
@@ -124,21 +119,9 @@ impl Trainer {
             Some(Model::load(&ref_src, false, dtype, &device)?)
         };
 
-        let data = Dataset::load(&cfg.data, cfg.seed)?;
-        let trunc = Truncation::from_config(&cfg.data);
-        let mut skipped = BTreeMap::new();
-        let mut tokenize = |pairs: &[crate::data::PreferencePair]| -> Result<Vec<TokenizedPair>> {
-            let mut out = Vec::with_capacity(pairs.len());
-            for p in pairs {
-                match tokenize_pair(&tok, p, &trunc)? {
-                    Ok(tp) => out.push(tp),
-                    Err(reason) => *skipped.entry(SkipReason::name(reason)).or_insert(0) += 1,
-                }
-            }
-            Ok(out)
-        };
-        let train_pairs = tokenize(&data.train)?;
-        let eval_pairs = tokenize(&data.eval)?;
+        let model_dir = policy_src.dir();
+        let data = crate::data::load_tokenized(&cfg.data, &tok, cfg.seed, model_dir)?;
+        let (train_pairs, eval_pairs, skipped) = (data.train, data.eval, data.skipped);
         if train_pairs.is_empty() {
             anyhow::bail!("no usable training pairs (skipped: {skipped:?})");
         }
@@ -168,18 +151,22 @@ impl Trainer {
     /// Per-row sequence log-probs `[2b]` of the response tokens (prompt and padding excluded).
     fn sequence_logps(batch: &PreferenceBatch, token_logps: &Tensor) -> candle_core::Result<Tensor> {
         let rows = 2 * batch.num_pairs;
-        Tensor::zeros(rows, DType::F32, token_logps.device())?.index_add(&batch.rows, token_logps, 0)
+        Tensor::zeros(rows, token_logps.dtype(), token_logps.device())?.index_add(&batch.rows, token_logps, 0)
     }
 
     /// The configured loss, averaged over pairs, as a function of per-token log-probs.
     fn batch_loss(&self, batch: &PreferenceBatch, token_logps: &Tensor, reference: Option<&(Tensor, Tensor)>) -> Result<(Tensor, crate::losses::LossOutput, PairLogps)> {
         let seq = Self::sequence_logps(batch, token_logps)?;
         let b = batch.num_pairs;
+        let lens: Vec<f32> = batch.response_lens.iter().map(|&n| n.max(1) as f32).collect();
+        let lens = Tensor::new(lens.as_slice(), token_logps.device())?.to_dtype(token_logps.dtype())?;
         let lp = PairLogps {
             chosen: seq.narrow(0, 0, b)?,
             rejected: seq.narrow(0, b, b)?,
             ref_chosen: reference.map(|r| r.0.clone()),
             ref_rejected: reference.map(|r| r.1.clone()),
+            chosen_tokens: lens.narrow(0, 0, b)?,
+            rejected_tokens: lens.narrow(0, b, b)?,
         };
         let out = self.loss.compute(&lp)?;
         Ok((out.losses.mean_all()?, out, lp))
@@ -225,13 +212,13 @@ impl Trainer {
         };
         Ok(MicroStep {
             grads,
-            loss: loss.to_scalar::<f32>()? as f64,
+            loss: scalar(&loss)?,
             loss_pre: perturbation.as_ref().map(|p| p.loss_pre),
             sam_grad_norm: perturbation.as_ref().map(|p| p.grad_norm),
-            chosen_rewards: out.chosen_rewards.to_vec1()?,
-            rejected_rewards: out.rejected_rewards.to_vec1()?,
-            chosen_logps: lp.chosen.to_vec1()?,
-            rejected_logps: lp.rejected.to_vec1()?,
+            chosen_rewards: to_f32s(&out.chosen_rewards)?,
+            rejected_rewards: to_f32s(&out.rejected_rewards)?,
+            chosen_logps: to_f32s(&lp.chosen)?,
+            rejected_logps: to_f32s(&lp.rejected)?,
         })
     }
 
@@ -242,11 +229,15 @@ impl Trainer {
         let metrics_path = out_dir.join("metrics.jsonl");
         let mut metrics = std::fs::File::create(&metrics_path)
             .with_context(|| format!("cannot write {}", metrics_path.display()))?;
+        // No `step`: a record of the data, not a point on the charts.
+        let data_line = json!({"data/train_pairs": self.train_pairs.len(), "data/eval_pairs": self.eval_pairs.len(), "data/skipped": self.skipped});
+        writeln!(metrics, "{data_line}")?;
 
         let t = self.cfg.training.clone();
         let micro = self.cfg.micro_batch_size();
         let total = self.schedule.total;
         let n = self.train_pairs.len();
+        let lengths: Vec<usize> = self.train_pairs.iter().map(crate::data::stream::pair_len).collect();
         let mut order: Vec<usize> = Vec::new();
         let mut cursor = 0usize;
         let mut epoch = 0usize;
@@ -275,7 +266,7 @@ impl Trainer {
                         if !order.is_empty() {
                             epoch += 1;
                         }
-                        order = epoch_order(n, self.cfg.seed, epoch);
+                        order = crate::data::stream::epoch_order(&lengths, micro, self.cfg.data.group_by_length, self.cfg.seed, epoch);
                         cursor = 0;
                     }
                     idx.push(order[cursor]);
@@ -385,18 +376,18 @@ impl Tally {
     }
 }
 
+fn scalar(t: &Tensor) -> candle_core::Result<f64> {
+    t.to_dtype(DType::F64)?.to_scalar::<f64>()
+}
+
+fn to_f32s(t: &Tensor) -> candle_core::Result<Vec<f32>> {
+    t.to_dtype(DType::F32)?.to_vec1()
+}
+
 /// Hidden states `[rows, t, d]` → `[n, d]` at the flat positions that predict response tokens.
 pub fn response_hidden(h: Tensor, positions: &Tensor) -> candle_core::Result<Tensor> {
     let (rows, t, d) = h.dims3()?;
     h.reshape((rows * t, d))?.index_select(positions, 0)
-}
-
-/// A seeded permutation of the training pairs for one epoch.
-fn epoch_order(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
-    let mut order: Vec<usize> = (0..n).collect();
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed.wrapping_add(0x9e37_79b9_7f4a_7c15u64.wrapping_mul(epoch as u64 + 1)));
-    order.shuffle(&mut rng);
-    order
 }
 
 fn resolve_source(cfg: &Config, spec: &str) -> Result<ModelSource> {

@@ -72,6 +72,11 @@ pub fn tokenize_pair(tok: &Tok, pair: &PreferencePair, trunc: &Truncation) -> Re
     if pair.chosen == pair.rejected {
         return Ok(Err(SkipReason::IdenticalResponses));
     }
+    Ok(truncate(tokenize_full(tok, pair)?, trunc))
+}
+
+/// The pair's token sequences before truncation (for length statistics).
+pub fn tokenize_full(tok: &Tok, pair: &PreferencePair) -> Result<TokenizedPair> {
     let prompt_ids = tok.encode(&pair.prompt)?;
     let split = |response: &str| -> Result<Sequence> {
         let mut ids = tok.encode(&format!("{}{}", pair.prompt, response))?;
@@ -79,8 +84,12 @@ pub fn tokenize_pair(tok: &Tok, pair: &PreferencePair, trunc: &Truncation) -> Re
         let prompt_len = prompt_ids.iter().zip(&ids).take_while(|(a, b)| a == b).count();
         Ok(Sequence { ids, prompt_len })
     };
-    let mut chosen = split(&pair.chosen)?;
-    let mut rejected = split(&pair.rejected)?;
+    Ok(TokenizedPair { chosen: split(&pair.chosen)?, rejected: split(&pair.rejected)? })
+}
+
+/// Applies `trunc` to a pair from [`tokenize_full`].
+pub fn truncate(pair: TokenizedPair, trunc: &Truncation) -> Result<TokenizedPair, SkipReason> {
+    let TokenizedPair { mut chosen, mut rejected } = pair;
     let longest = chosen.ids.len().max(rejected.ids.len());
     if longest > trunc.max_length {
         if let Some(max_prompt) = trunc.max_prompt_length {
@@ -89,13 +98,13 @@ pub fn tokenize_pair(tok: &Tok, pair: &PreferencePair, trunc: &Truncation) -> Re
             }
         }
         if chosen.prompt_len.max(rejected.prompt_len) >= trunc.max_length {
-            return Ok(Err(SkipReason::PromptTooLong));
+            return Err(SkipReason::PromptTooLong);
         }
         for seq in [&mut chosen, &mut rejected] {
             seq.ids.truncate(trunc.max_length);
         }
     }
-    Ok(Ok(TokenizedPair { chosen, rejected }))
+    Ok(TokenizedPair { chosen, rejected })
 }
 
 fn cut_prompt(seq: &mut Sequence, max_prompt: usize, keep_start: bool) {

@@ -1,6 +1,8 @@
-//! The built-in preference task of the embedded default run: small additions and string
-//! reversals, where the chosen answer is correct and the rejected one is a plausible mistake
-//! (off by one or ten, a swapped digit, a half-reversed string). Deterministic for a seed.
+//! The built-in preference task of the embedded default run: sorting letters, reversing words
+//! and small additions, where the chosen answer is correct and the rejected one a plausible
+//! mistake (letters left unsorted or one pair swapped, a word copied instead of reversed, a sum
+//! off by one or ten). Sorting is learnable from local order alone, so held-out reward accuracy
+//! rises within a minute of training; the others need more. Deterministic for a seed.
 
 use super::PreferencePair;
 use rand::{Rng, SeedableRng};
@@ -12,7 +14,11 @@ pub fn arith(seed: u64, n_train: usize, n_eval: usize) -> (Vec<PreferencePair>, 
     let mut seen = HashSet::new();
     let mut pairs = Vec::with_capacity(n_train + n_eval);
     while pairs.len() < n_train + n_eval {
-        let pair = if rng.random_bool(0.6) { addition(&mut rng) } else { reversal(&mut rng) };
+        let pair = match rng.random_range(0..4) {
+            0 | 1 => sorting(&mut rng),
+            2 => reversal(&mut rng),
+            _ => addition(&mut rng),
+        };
         if seen.insert(pair.prompt.clone()) {
             pairs.push(pair);
         }
@@ -45,9 +51,37 @@ fn addition(rng: &mut impl Rng) -> PreferencePair {
     PreferencePair { prompt: format!("{a}+{b}="), chosen: sum.to_string(), rejected: wrong.to_string() }
 }
 
-fn reversal(rng: &mut impl Rng) -> PreferencePair {
+fn random_word(rng: &mut impl Rng) -> String {
     let len = rng.random_range(3..7);
-    let word: String = (0..len).map(|_| (b'a' + rng.random_range(0..26u8)) as char).collect();
+    (0..len).map(|_| (b'a' + rng.random_range(0..26u8)) as char).collect()
+}
+
+fn sorting(rng: &mut impl Rng) -> PreferencePair {
+    let word = random_word(rng);
+    let mut sorted: Vec<char> = word.chars().collect();
+    sorted.sort_unstable();
+    let sorted: String = sorted.into_iter().collect();
+    // the typical mistakes: the letters left as given, or one neighbouring pair out of order
+    let mut rejected = if rng.random_bool(0.5) {
+        word.clone()
+    } else {
+        let mut v: Vec<char> = sorted.chars().collect();
+        let i = rng.random_range(0..v.len() - 1);
+        v.swap(i, i + 1);
+        v.into_iter().collect()
+    };
+    if rejected == sorted {
+        rejected = sorted.chars().rev().collect();
+    }
+    if rejected == sorted {
+        rejected = format!("{sorted}{}", &sorted[..1]);
+    }
+    PreferencePair { prompt: format!("sort {word}="), chosen: sorted, rejected }
+}
+
+fn reversal(rng: &mut impl Rng) -> PreferencePair {
+    let word = random_word(rng);
+    let len = word.len();
     let reversed: String = word.chars().rev().collect();
     // the typical mistake: the word copied instead of reversed (or half-reversed)
     let mut rejected = if rng.random_bool(0.5) {
@@ -80,9 +114,14 @@ mod tests {
                 let (a, b) = expr.split_once('+').unwrap();
                 let sum: u32 = a.parse::<u32>().unwrap() + b.parse::<u32>().unwrap();
                 assert_eq!(p.chosen, sum.to_string());
-            } else {
-                let word = p.prompt.strip_prefix("rev ").unwrap().strip_suffix('=').unwrap();
+            } else if let Some(word) = p.prompt.strip_prefix("rev ") {
+                let word = word.strip_suffix('=').unwrap();
                 assert_eq!(p.chosen, word.chars().rev().collect::<String>());
+            } else {
+                let word = p.prompt.strip_prefix("sort ").unwrap().strip_suffix('=').unwrap();
+                let mut v: Vec<char> = word.chars().collect();
+                v.sort_unstable();
+                assert_eq!(p.chosen, v.into_iter().collect::<String>());
             }
         }
     }

@@ -1,12 +1,25 @@
-//! Preference data: records (prompt, chosen, rejected) from the built-in task or from files,
-//! and their tokenisation into DPO batches ([`batch`]).
+//! Preference data: records (prompt, chosen, rejected) from the built-in task, local files or
+//! Hub datasets ([`source`]), in several record formats ([`format`], [`chat`]), streamed with
+//! a shuffle buffer and an eval holdout ([`stream`]), and tokenised into DPO batches
+//! ([`batch`]). Bad rows are skipped and counted by reason, or stop the run with `strict`.
 
 pub mod batch;
 pub mod builtin;
+pub mod chat;
+pub mod format;
+pub mod inspect;
+pub mod source;
+pub mod stream;
 
-use anyhow::{anyhow, bail, Context, Result};
+use crate::config::DataConfig;
+use crate::tokenizer::Tok;
+use anyhow::{Context, Result};
+use batch::{TokenizedPair, Truncation};
 use serde::{Deserialize, Serialize};
-use std::io::BufRead;
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use stream::{Holdout, Input, PairStream, Skips};
 
 /// One preference pair as text: the prompt and two responses that continue it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -16,62 +29,144 @@ pub struct PreferencePair {
     pub rejected: String,
 }
 
-/// Training and held-out pairs.
-pub struct Dataset {
-    pub train: Vec<PreferencePair>,
-    pub eval: Vec<PreferencePair>,
+/// Which side of the data a stream reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Split {
+    Train,
+    Eval,
 }
 
-impl Dataset {
-    /// Loads the sources named in `[data]`.
-    pub fn load(cfg: &crate::config::DataConfig, seed: u64) -> Result<Dataset> {
-        let train_specs = cfg.train.paths();
-        if train_specs == ["builtin:arith"] {
-            let (train, held_out) = builtin::arith(seed, cfg.builtin_pairs, cfg.builtin_pairs / 4);
-            let eval = match &cfg.eval {
-                Some(e) if e.paths() == ["builtin:arith"] => held_out,
-                Some(e) => load_files(&e.paths())?,
-                None => Vec::new(),
-            };
-            return Ok(Dataset { train, eval });
-        }
-        let train = load_files(&train_specs)?;
-        let eval = match &cfg.eval {
-            Some(e) => load_files(&e.paths())?,
-            None => Vec::new(),
-        };
-        Ok(Dataset { train, eval })
-    }
-}
-
-fn load_files(specs: &[&str]) -> Result<Vec<PreferencePair>> {
-    let mut out = Vec::new();
-    for spec in specs {
-        if spec.starts_with("builtin:") {
-            bail!("data source `{spec}`: built-in data cannot be mixed with files");
-        }
-        out.extend(read_jsonl(std::path::Path::new(spec))?);
-    }
-    Ok(out)
-}
-
-/// Reads `{"prompt", "chosen", "rejected"}` lines (plain or gzipped JSONL).
-pub fn read_jsonl(path: &std::path::Path) -> Result<Vec<PreferencePair>> {
-    let file = std::fs::File::open(path).with_context(|| format!("cannot open data file {}", path.display()))?;
-    let reader: Box<dyn BufRead> = if path.extension().is_some_and(|e| e == "gz") {
-        Box::new(std::io::BufReader::new(flate2::read::MultiGzDecoder::new(file)))
-    } else {
-        Box::new(std::io::BufReader::new(file))
+/// The record converter for `[data]`: its format, and the chat template from
+/// `data.chat_template` or else the model directory's tokenizer_config.json (if it has one).
+pub fn converter(
+    cfg: &DataConfig,
+    tok: &Tok,
+    model_dir: Option<&Path>,
+) -> Result<Arc<format::Converter>> {
+    let format = format::Format::parse(&cfg.format).context("data.format")?;
+    let template_file = match (&cfg.chat_template, model_dir) {
+        (Some(p), _) => Some(p.clone()),
+        (None, Some(dir)) => Some(dir.join("tokenizer_config.json")).filter(|p| p.is_file()),
+        (None, None) => None,
     };
-    let mut out = Vec::new();
-    for (i, line) in reader.lines().enumerate() {
-        let line = line.with_context(|| format!("{}:{}: cannot read line", path.display(), i + 1))?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let pair: PreferencePair = serde_json::from_str(&line)
-            .map_err(|e| anyhow!("{}:{}: expected an object with string fields prompt, chosen, rejected: {e}", path.display(), i + 1))?;
-        out.push(pair);
+    let mut chat = match template_file {
+        Some(p) => chat::ChatTemplate::load(&p).context("data.chat_template")?,
+        None => None,
+    };
+    if let Some(chat) = &mut chat {
+        chat.strip_bos = tok.bos_id.is_some() && tok.encode("")?.first() == tok.bos_id.as_ref();
     }
-    Ok(out)
+    Ok(Arc::new(format::Converter { format, chat }))
+}
+
+/// The inputs and holdout of one split: `eval` sources if given, else the `eval_fraction`
+/// held out of `train`. The built-in task's eval split is its disjoint held-out set.
+pub fn inputs(cfg: &DataConfig, split: Split, seed: u64) -> Result<(Vec<Input>, Holdout)> {
+    let builtin = |eval: bool| {
+        let (train, held_out) = builtin::arith(seed, cfg.builtin_pairs, cfg.builtin_pairs / 4);
+        let (name, pairs) = if eval {
+            ("builtin:arith:eval", held_out)
+        } else {
+            ("builtin:arith", train)
+        };
+        vec![Input::Pairs(name.into(), pairs)]
+    };
+    let files = |specs: Vec<&str>, default_split: &str| -> Result<Vec<Input>> {
+        Ok(source::expand(&specs, default_split)?
+            .into_iter()
+            .map(Input::File)
+            .collect())
+    };
+    let fraction = cfg.eval_fraction;
+    let train_specs = cfg.train.paths();
+    let is_builtin = |specs: &[&str]| specs == ["builtin:arith"];
+    Ok(match split {
+        Split::Train if is_builtin(&train_specs) => (builtin(false), Holdout::All),
+        Split::Train => {
+            let holdout = if fraction > 0.0 {
+                Holdout::Train(fraction)
+            } else {
+                Holdout::All
+            };
+            (
+                files(train_specs, &cfg.split).context("data.train")?,
+                holdout,
+            )
+        }
+        Split::Eval => match &cfg.eval {
+            Some(e) if is_builtin(&e.paths()) => (builtin(true), Holdout::All),
+            Some(e) => (
+                files(e.paths(), &cfg.eval_split).context("data.eval")?,
+                Holdout::All,
+            ),
+            None if fraction > 0.0 && is_builtin(&train_specs) => (builtin(true), Holdout::All),
+            None if fraction > 0.0 => (
+                files(train_specs, &cfg.split).context("data.train")?,
+                Holdout::Eval(fraction),
+            ),
+            None => (Vec::new(), Holdout::All),
+        },
+    })
+}
+
+/// A lazy stream of one split's pairs; `shuffle` uses `data.shuffle_buffer`, else file order.
+pub fn pair_stream(
+    cfg: &DataConfig,
+    split: Split,
+    converter: Arc<format::Converter>,
+    seed: u64,
+    epoch: usize,
+    shuffle: bool,
+) -> Result<PairStream> {
+    let (inputs, holdout) = inputs(cfg, split, seed)?;
+    let buffer = if shuffle { cfg.shuffle_buffer } else { 0 };
+    Ok(PairStream::new(
+        inputs, converter, holdout, buffer, seed, epoch,
+    ))
+}
+
+/// Tokenised pairs of both splits, with every skipped row counted by reason.
+pub struct TokenizedData {
+    pub train: Vec<TokenizedPair>,
+    pub eval: Vec<TokenizedPair>,
+    /// Rows read (train + eval), good and bad.
+    pub records: usize,
+    pub skipped: BTreeMap<&'static str, usize>,
+}
+
+/// Reads and tokenises both splits in file order (the trainer shuffles per epoch). Bad rows
+/// are counted, or with `data.strict` the first is an error naming its file and line.
+pub fn load_tokenized(
+    cfg: &DataConfig,
+    tok: &Tok,
+    seed: u64,
+    model_dir: Option<&Path>,
+) -> Result<TokenizedData> {
+    let conv = converter(cfg, tok, model_dir)?;
+    let trunc = Truncation::from_config(cfg);
+    let mut skips = Skips::new(cfg.strict);
+    let mut records = 0;
+    let mut read = |split: Split| -> Result<Vec<TokenizedPair>> {
+        let mut stream = pair_stream(cfg, split, conv.clone(), seed, 0, false)?;
+        let mut out = Vec::new();
+        for row in stream.by_ref() {
+            match row? {
+                Err(e) => skips.record(&e)?,
+                Ok((origin, pair)) => match stream::tokenize_row(tok, &trunc, &origin, &pair)? {
+                    Ok(tp) => out.push(tp),
+                    Err(e) => skips.record(&e)?,
+                },
+            }
+        }
+        records += stream.records;
+        Ok(out)
+    };
+    let train = read(Split::Train)?;
+    let eval = read(Split::Eval)?;
+    Ok(TokenizedData {
+        train,
+        eval,
+        records,
+        skipped: skips.counts,
+    })
 }

@@ -5,6 +5,8 @@
 //! apart ([`crate::output::OutputLayer`]), so that the logits-SAM step can perturb it alone.
 
 pub mod gpt2;
+pub mod gpt_neox;
+pub mod mistral;
 pub mod ops;
 
 use crate::output::OutputLayer;
@@ -33,14 +35,15 @@ pub struct Param {
 
 /// Where a model comes from.
 pub enum ModelSource {
-    /// The built-in tiny GPT-2, initialised from `seed`.
-    Builtin { config: gpt2::Config, seed: u64 },
+    /// Random weights from `seed` for a `config.json`: the built-in tiny GPT-2, or
+    /// `random:PATH` (a config.json or a directory holding one), e.g. for benchmarks.
+    Random { config: serde_json::Value, seed: u64, dir: Option<PathBuf> },
     /// A Hugging Face-format directory: `config.json` plus safetensors weights.
     Dir(PathBuf),
 }
 
 impl ModelSource {
-    /// Resolves a `name_or_path`: `builtin:tiny-gpt2`, a local directory, or a Hub repo id
+    /// Resolves a `name_or_path`: `builtin:tiny-gpt2`, `random:PATH`, a local directory, or a Hub repo id
     /// (downloaded into the Hugging Face cache).
     pub fn resolve(spec: &str, builtin: &crate::config::BuiltinModel, seed: u64) -> Result<Self> {
         if let Some(name) = spec.strip_prefix("builtin:") {
@@ -48,7 +51,15 @@ impl ModelSource {
                 bail!("unknown built-in model `{spec}`; the only one is `builtin:tiny-gpt2`");
             }
             let vocab = crate::tokenizer::Tok::builtin()?.vocab_size();
-            return Ok(ModelSource::Builtin { config: gpt2::Config::tiny(builtin, vocab), seed });
+            let config = serde_json::to_value(gpt2::Config::tiny(builtin, vocab))?;
+            return Ok(ModelSource::Random { config, seed, dir: None });
+        }
+        if let Some(path) = spec.strip_prefix("random:") {
+            let path = Path::new(path);
+            let (file, dir) = if path.is_dir() { (path.join("config.json"), Some(path.to_path_buf())) } else { (path.to_path_buf(), None) };
+            let text = std::fs::read_to_string(&file).with_context(|| format!("cannot read {}", file.display()))?;
+            let config = serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", file.display()))?;
+            return Ok(ModelSource::Random { config, seed, dir });
         }
         let path = Path::new(spec);
         if path.is_dir() {
@@ -69,10 +80,26 @@ impl ModelSource {
         bail!("model `{spec}`: not `builtin:tiny-gpt2`, not a directory, and not a Hub repo id (`org/name`)")
     }
 
+    /// The directory holding the model's files, if any.
+    pub fn dir(&self) -> Option<&Path> {
+        match self {
+            ModelSource::Dir(dir) => Some(dir),
+            ModelSource::Random { dir, .. } => dir.as_deref(),
+        }
+    }
+
+    /// The model's tokenizer: its directory's `tokenizer.json`, else the built-in one.
+    pub fn tokenizer(&self) -> Result<crate::tokenizer::Tok> {
+        match self.dir() {
+            Some(dir) if dir.join("tokenizer.json").is_file() => crate::tokenizer::Tok::from_dir(dir),
+            _ => crate::tokenizer::Tok::builtin(),
+        }
+    }
+
     /// The model's `config.json` as a JSON value (generated for the built-in model).
     pub fn config_json(&self) -> Result<serde_json::Value> {
         match self {
-            ModelSource::Builtin { config, .. } => Ok(serde_json::to_value(config)?),
+            ModelSource::Random { config, .. } => Ok(config.clone()),
             ModelSource::Dir(dir) => {
                 let path = dir.join("config.json");
                 let text = std::fs::read_to_string(&path)
@@ -134,7 +161,7 @@ impl Model {
     pub fn load(source: &ModelSource, trainable: bool, dtype: DType, device: &Device) -> Result<Model> {
         let config_json = source.config_json()?;
         let (weights, origin) = match source {
-            ModelSource::Builtin { seed, .. } => (Weights::Seeded(*seed), "built-in initialisation".to_string()),
+            ModelSource::Random { seed, .. } => (Weights::Seeded(*seed), "random initialisation".to_string()),
             ModelSource::Dir(dir) => {
                 let files = weight_files(dir)?;
                 for f in &files {
@@ -189,12 +216,22 @@ fn build_net(config_json: &serde_json::Value, vb: VarBuilder) -> Result<Box<dyn 
                 serde_json::from_value(config_json.clone()).context("config.json does not describe a GPT-2 model")?;
             Box::new(gpt2::Gpt2::new(&cfg, vb)?)
         }
+        "gpt_neox" => {
+            let cfg: gpt_neox::Config = serde_json::from_value(config_json.clone())
+                .context("config.json does not describe a GPT-NeoX model")?;
+            Box::new(gpt_neox::GptNeox::new(&cfg, vb)?)
+        }
+        "mistral" | "llama" => {
+            let cfg: mistral::Config = serde_json::from_value(config_json.clone())
+                .with_context(|| format!("config.json does not describe a {model_type} model"))?;
+            Box::new(mistral::Mistral::new(&cfg, vb)?)
+        }
         other => bail!("unsupported model_type `{other}` in config.json; supported: {}", SUPPORTED.join(", ")),
     })
 }
 
 /// `model_type` values this project can build.
-pub const SUPPORTED: &[&str] = &["gpt2"];
+pub const SUPPORTED: &[&str] = &["gpt2", "gpt_neox", "llama", "mistral"];
 
 enum Weights {
     Seeded(u64),
@@ -296,6 +333,7 @@ pub fn parse_dtype(name: &str) -> Result<DType> {
         "f32" | "float32" => Ok(DType::F32),
         "bf16" | "bfloat16" => Ok(DType::BF16),
         "f16" | "float16" => Ok(DType::F16),
-        other => bail!("dtype `{other}`: expected f32, bf16 or f16"),
+        "f64" | "float64" => Ok(DType::F64),
+        other => bail!("dtype `{other}`: expected f32, bf16, f16 or f64"),
     }
 }

@@ -5,6 +5,15 @@
 
 use candle_core::{DType, Result, Tensor, D};
 
+/// The dtype to do reductions in: f32 for half-precision inputs (as PyTorch upcasts), else the
+/// input's own (so f64 gradient checks stay f64).
+pub fn accum_dtype(dtype: DType) -> DType {
+    match dtype {
+        DType::BF16 | DType::F16 => DType::F32,
+        other => other,
+    }
+}
+
 /// Softmax over the last dimension. The max is detached: softmax is shift-invariant, so the
 /// gradient through it is exactly zero and not worth computing.
 pub fn softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
@@ -22,10 +31,10 @@ pub fn log_softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
     diff.broadcast_sub(&lse)
 }
 
-/// LayerNorm over the last dimension, computed in f32 as PyTorch does for half inputs.
+/// LayerNorm over the last dimension (statistics in [`accum_dtype`]).
 pub fn layer_norm(xs: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
     let dtype = xs.dtype();
-    let xs = xs.to_dtype(DType::F32)?;
+    let xs = xs.to_dtype(accum_dtype(dtype))?;
     let mean = xs.mean_keepdim(D::Minus1)?;
     let centered = xs.broadcast_sub(&mean)?;
     let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
@@ -36,7 +45,7 @@ pub fn layer_norm(xs: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resu
 /// RMSNorm over the last dimension (Llama/Mistral): x / sqrt(mean(x²) + eps) · weight.
 pub fn rms_norm(xs: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     let dtype = xs.dtype();
-    let xs = xs.to_dtype(DType::F32)?;
+    let xs = xs.to_dtype(accum_dtype(dtype))?;
     let ms = xs.sqr()?.mean_keepdim(D::Minus1)?;
     let normed = xs.broadcast_div(&(ms + eps)?.sqrt()?)?.to_dtype(dtype)?;
     normed.broadcast_mul(weight)
@@ -68,7 +77,7 @@ pub fn causal_mask(
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Tensor> {
     let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
     let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(mask)?;
-    let probs = softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?;
+    let probs = softmax_last_dim(&scores.to_dtype(accum_dtype(scores.dtype()))?)?.to_dtype(v.dtype())?;
     probs.matmul(v)
 }
 
@@ -123,6 +132,97 @@ pub fn rotary_tables(
     let cos = Tensor::from_vec(cos, (t, rot_dim), device)?.to_dtype(dtype)?;
     let sin = Tensor::from_vec(sin, (t, rot_dim), device)?.to_dtype(dtype)?;
     Ok((cos, sin))
+}
+
+/// Grouped-query attention: repeats each of the `n_kv` heads of `[b, n_kv, t, d]` `n_rep` times
+/// in place (kv head h serves query heads h·n_rep .. (h+1)·n_rep, as `transformers`' repeat_kv).
+pub fn repeat_kv(xs: Tensor, n_rep: usize) -> Result<Tensor> {
+    if n_rep == 1 {
+        return Ok(xs);
+    }
+    let (b, n_kv, t, d) = xs.dims4()?;
+    // cat along the time axis then reshape gives the interleaving above, without a strided copy.
+    Tensor::cat(&vec![&xs; n_rep], 2)?.reshape((b, n_kv * n_rep, t, d))
+}
+
+/// A dense layer in Hugging Face's `nn.Linear` layout (weight `[out, in]`), built from plain
+/// tensors so that it stays differentiable when they are Vars.
+pub fn linear(
+    n_in: usize,
+    n_out: usize,
+    bias: bool,
+    std: f64,
+    vb: candle_nn::VarBuilder,
+) -> Result<candle_nn::Linear> {
+    let init = candle_nn::Init::Randn { mean: 0.0, stdev: std };
+    let weight = vb.get_with_hints((n_out, n_in), "weight", init)?;
+    let bias = match bias {
+        true => Some(vb.get_with_hints(n_out, "bias", candle_nn::Init::Const(0.0))?),
+        false => None,
+    };
+    Ok(candle_nn::Linear::new(weight, bias))
+}
+
+/// RoPE settings as `config.json` nests them: `rope_parameters` (transformers ≥ 5) or the older
+/// `rope_scaling` (which spells the type `type` in some checkpoints).
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+pub struct RopeParameters {
+    #[serde(default, alias = "type")]
+    pub rope_type: Option<String>,
+    #[serde(default)]
+    pub rope_theta: Option<f64>,
+    #[serde(default)]
+    pub partial_rotary_factor: Option<f64>,
+}
+
+/// (theta, partial rotary factor) of a config: `rope_parameters` wins over the older top-level
+/// keys (`theta`, `partial`), as in `transformers`. Scaled variants (linear, dynamic, yarn,
+/// llama3, …) are refused rather than silently computed as plain RoPE.
+pub fn rope_settings(
+    parameters: Option<&RopeParameters>,
+    scaling: Option<&RopeParameters>,
+    theta: Option<f64>,
+    partial: Option<f64>,
+) -> Result<(Option<f64>, Option<f64>)> {
+    for p in [parameters, scaling].into_iter().flatten() {
+        if let Some(kind) = p.rope_type.as_deref().filter(|k| *k != "default") {
+            candle_core::bail!("rope_type `{kind}` is not supported (only the default RoPE is)");
+        }
+    }
+    Ok((
+        parameters.and_then(|p| p.rope_theta).or(theta),
+        parameters.and_then(|p| p.partial_rotary_factor).or(partial),
+    ))
+}
+
+/// The MLP activations of `transformers`' ACT2FN that the models accept (`hidden_act`).
+#[derive(Clone, Copy, Debug)]
+pub enum Activation {
+    GeluTanh,
+    GeluErf,
+    Relu,
+    Silu,
+}
+
+impl Activation {
+    pub fn parse(name: &str) -> Result<Self> {
+        match name {
+            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Ok(Self::GeluTanh),
+            "gelu" => Ok(Self::GeluErf),
+            "relu" => Ok(Self::Relu),
+            "silu" | "swish" => Ok(Self::Silu),
+            other => candle_core::bail!("unsupported hidden_act `{other}` (supported: gelu, gelu_new, gelu_pytorch_tanh, gelu_fast, relu, silu)"),
+        }
+    }
+
+    pub fn apply(self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::GeluTanh => x.gelu(),
+            Self::GeluErf => x.gelu_erf(),
+            Self::Relu => x.relu(),
+            Self::Silu => x.silu(),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,223 @@
+//! `dpo-sam bench`: times training steps — plain DPO, logits-SAM and full SAM — interleaved in one
+//! process on one fixed batch with random weights, and prints medians, ratios to plain, the
+//! logits-SAM FLOP bound 1 + ⅔ × (lm_head's share of the linear-layer work), achieved GFLOP/s and
+//! the share of a matmul peak measured on the spot.
+
+use crate::config::Config;
+use crate::data::batch::{PreferenceBatch, Sequence, TokenizedPair};
+use crate::train::Trainer;
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor};
+use rand::{Rng, SeedableRng};
+use serde_json::json;
+use std::time::Instant;
+
+#[derive(clap::Args, Debug)]
+#[command(after_help = "Examples:\n  dpo-sam bench --shape tiny\n  dpo-sam bench --shape pythia-70m --pairs 2 --seq-len 256 --steps 5 --json")]
+pub struct BenchArgs {
+    /// `tiny`, `pythia-70m`, `pythia-160m`, or a path to a `config.json`.
+    #[arg(long, default_value = "tiny")]
+    pub shape: String,
+    /// Preference pairs per step (each pair is two sequences).
+    #[arg(long, default_value_t = 2)]
+    pub pairs: usize,
+    /// Tokens per sequence; the first is prompt, the rest are scored.
+    #[arg(long, default_value_t = 256)]
+    pub seq_len: usize,
+    /// Timed steps per variant (after one untimed warm-up step each).
+    #[arg(long, default_value_t = 5)]
+    pub steps: usize,
+    /// Comma-separated variants: none, logits, full.
+    #[arg(long, default_value = "none,logits,full")]
+    pub variants: String,
+    /// cpu, cuda, cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+const PYTHIA_70M: &str = r#"{"model_type":"gpt_neox","vocab_size":50304,"hidden_size":512,"num_hidden_layers":6,
+"num_attention_heads":8,"intermediate_size":2048,"rotary_pct":0.25,"rotary_emb_base":10000,
+"max_position_embeddings":2048,"layer_norm_eps":1e-5,"use_parallel_residual":true,"hidden_act":"gelu",
+"tie_word_embeddings":false,"bos_token_id":0,"eos_token_id":0}"#;
+const PYTHIA_160M: &str = r#"{"model_type":"gpt_neox","vocab_size":50304,"hidden_size":768,"num_hidden_layers":12,
+"num_attention_heads":12,"intermediate_size":3072,"rotary_pct":0.25,"rotary_emb_base":10000,
+"max_position_embeddings":2048,"layer_norm_eps":1e-5,"use_parallel_residual":true,"hidden_act":"gelu",
+"tie_word_embeddings":false,"bos_token_id":0,"eos_token_id":0}"#;
+
+pub fn run(args: BenchArgs) -> Result<()> {
+    let report = bench(&args)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    println!(
+        "shape {}  ({} pairs × {} tokens, {} params, lm_head share {:.1}%, device {})",
+        args.shape,
+        args.pairs,
+        args.seq_len,
+        report["params"],
+        100.0 * report["lm_head_share"].as_f64().unwrap_or(0.0),
+        args.device
+    );
+    println!("matmul peak measured: {:.1} GFLOP/s", report["matmul_peak_gflops"].as_f64().unwrap_or(0.0));
+    println!("{:<8} {:>12} {:>10} {:>10} {:>12} {:>8}", "variant", "median s", "ratio", "bound", "GFLOP/s", "% peak");
+    for v in report["variants"].as_array().into_iter().flatten() {
+        println!(
+            "{:<8} {:>12.4} {:>10.3} {:>10} {:>12.1} {:>7.1}%",
+            v["variant"].as_str().unwrap_or(""),
+            v["median_s"].as_f64().unwrap_or(f64::NAN),
+            v["ratio_to_plain"].as_f64().unwrap_or(f64::NAN),
+            v["flop_bound"].as_f64().map(|b| format!("{b:.3}")).unwrap_or_else(|| "-".into()),
+            v["gflops"].as_f64().unwrap_or(f64::NAN),
+            100.0 * v["peak_share"].as_f64().unwrap_or(f64::NAN),
+        );
+    }
+    println!("peak resident memory: {} MiB", report["peak_rss_mib"]);
+    Ok(())
+}
+
+/// Runs the benchmark and returns the report as JSON.
+pub fn bench(args: &BenchArgs) -> Result<serde_json::Value> {
+    let variants: Vec<String> = args.variants.split(',').map(|s| s.trim().to_string()).collect();
+    for v in &variants {
+        if !["none", "logits", "full"].contains(&v.as_str()) {
+            bail!("--variants: unknown variant `{v}` (expected none, logits, full)");
+        }
+    }
+    if args.pairs == 0 || args.seq_len < 2 || args.steps == 0 {
+        bail!("--pairs, --steps must be > 0 and --seq-len >= 2");
+    }
+    let config_json = match args.shape.as_str() {
+        "tiny" => None,
+        "pythia-70m" => Some(PYTHIA_70M.to_string()),
+        "pythia-160m" => Some(PYTHIA_160M.to_string()),
+        path => Some(std::fs::read_to_string(path).with_context(|| format!("--shape {path}: not a named shape and not a readable config.json"))?),
+    };
+    let scratch = tempfile::tempdir().context("cannot create a scratch directory")?;
+    let model = match &config_json {
+        None => "builtin:tiny-gpt2".to_string(),
+        Some(text) => {
+            let path = scratch.path().join("config.json");
+            std::fs::write(&path, text)?;
+            format!("random:{}", path.display())
+        }
+    };
+    let toml = format!(
+        "output_dir = {out:?}\ndevice = {dev:?}\n[model]\nname_or_path = {model:?}\n[model.builtin]\nn_layer = 2\nn_head = 4\nn_embd = 64\nn_positions = {pos}\n\
+         [data]\ntrain = \"builtin:arith\"\nbuiltin_pairs = 8\n[training]\nlearning_rate = 1e-6\nbatch_size = {pairs}\n[sam]\nkind = \"logits\"\nrho = 0.05\n",
+        out = scratch.path().display().to_string(),
+        dev = args.device,
+        pos = args.seq_len.max(64),
+        pairs = args.pairs,
+    );
+    let cfg = Config::parse(&toml, "bench", &[])?;
+    let mut trainer = Trainer::new(cfg)?;
+    let head = trainer.policy.net.output_layer();
+    let (vocab, hidden) = (head.vocab_size()?, head.hidden_size()?);
+    let batch = random_batch(args.pairs, args.seq_len, vocab, trainer.tok.pad_id, &trainer.device)?;
+
+    // lm_head's share of the linear-layer work; embeddings are lookups, not matmuls.
+    let is_embedding = |n: &str| ["wte", "wpe", "embed_in", "embed_tokens", "embed_out", "lm_head"].iter().any(|e| n.contains(e));
+    let body: usize = trainer.policy.params.iter().filter(|p| p.var.rank() == 2 && !is_embedding(&p.name)).map(|p| p.var.elem_count()).sum();
+    let total_params: usize = trainer.policy.params.iter().map(|p| p.var.elem_count()).sum();
+    let head_params = vocab * hidden;
+    let share = head_params as f64 / (head_params + body) as f64;
+    let tokens = (2 * args.pairs * args.seq_len) as f64;
+    let scored = (2 * args.pairs * (args.seq_len - 1)) as f64;
+    let forward = 2.0 * body as f64 * tokens + 2.0 * head_params as f64 * scored;
+    // policy forward + backward (≈ 3 forwards) and the reference forward
+    let plain_flops = 4.0 * forward;
+    let extra_logits_sam = 2.0 * 2.0 * head_params as f64 * scored;
+
+    let mut times: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
+    for round in 0..=args.steps {
+        for (i, v) in variants.iter().enumerate() {
+            trainer.cfg.sam.kind = v.clone();
+            let started = Instant::now();
+            let ms = trainer.micro_step(&batch, Some(1.0))?;
+            let mut acc = crate::optim::GradAccumulator::new(trainer.policy.params.len());
+            acc.add(&trainer.policy.params, ms.grads.as_ref().expect("backward requested"))?;
+            acc.clip(1.0)?;
+            trainer.optimizer.apply(&trainer.policy.params, acc.grads(), 1e-6)?;
+            trainer.device.synchronize()?;
+            if round > 0 {
+                times[i].push(started.elapsed().as_secs_f64());
+            }
+        }
+    }
+    let peak = matmul_peak_gflops(&trainer.device)?;
+    let median = |v: &[f64]| {
+        let mut s = v.to_vec();
+        s.sort_by(f64::total_cmp);
+        s[s.len() / 2]
+    };
+    let plain = variants.iter().position(|v| v == "none").map(|i| median(&times[i]));
+    let rows: Vec<serde_json::Value> = variants
+        .iter()
+        .zip(&times)
+        .map(|(v, t)| {
+            let m = median(t);
+            let flops = match v.as_str() {
+                "logits" => plain_flops + extra_logits_sam,
+                "full" => 2.0 * plain_flops - forward,
+                _ => plain_flops,
+            };
+            json!({
+                "variant": v,
+                "median_s": m,
+                "ratio_to_plain": plain.map(|p| m / p),
+                "flop_bound": (v == "logits").then_some(1.0 + 2.0 / 3.0 * share),
+                "gflops": flops / m / 1e9,
+                "peak_share": flops / m / 1e9 / peak,
+                "tokens_per_second": tokens / m,
+            })
+        })
+        .collect();
+    Ok(json!({
+        "shape": args.shape,
+        "pairs": args.pairs,
+        "seq_len": args.seq_len,
+        "steps": args.steps,
+        "device": args.device,
+        "params": total_params,
+        "lm_head_share": share,
+        "matmul_peak_gflops": peak,
+        "variants": rows,
+        "peak_rss_mib": peak_rss_mib(),
+    }))
+}
+
+/// A fixed batch of random tokens: one prompt token, the rest scored.
+fn random_batch(pairs: usize, len: usize, vocab: usize, pad: u32, device: &Device) -> Result<PreferenceBatch> {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+    let mut seq = || Sequence { ids: (0..len).map(|_| rng.random_range(0..vocab as u32)).collect(), prompt_len: 1 };
+    let tp: Vec<TokenizedPair> = (0..pairs).map(|_| TokenizedPair { chosen: seq(), rejected: seq() }).collect();
+    PreferenceBatch::new(&tp, pad, device)
+}
+
+/// GFLOP/s of a 1024³ f32 matmul on the device, best of five.
+fn matmul_peak_gflops(device: &Device) -> Result<f64> {
+    let n = 1024;
+    let a = Tensor::randn(0f32, 1.0, (n, n), device)?;
+    let b = Tensor::randn(0f32, 1.0, (n, n), device)?;
+    let mut best = f64::MAX;
+    for _ in 0..5 {
+        let started = Instant::now();
+        let c = a.matmul(&b)?;
+        device.synchronize()?;
+        best = best.min(started.elapsed().as_secs_f64());
+        drop(c);
+    }
+    Ok(2.0 * (n * n * n) as f64 / best / 1e9)
+}
+
+/// Peak resident set size of this process (Linux), in MiB.
+pub fn peak_rss_mib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024)
+}

@@ -1,0 +1,464 @@
+//! `dpo-sam data inspect`: what a data configuration yields before any training — records
+//! read, pairs kept, skipped rows by reason, token-length percentiles, the padding of micro-
+//! batches with and without length grouping, examples showing exactly which tokens are masked
+//! prompt and which are scored, and (with `--bench`) the throughput of each data stage.
+
+use super::batch::{self, PreferenceBatch, TokenizedPair, Truncation};
+use super::stream::{self, Skips};
+use super::Split;
+use crate::config::{Config, DataConfig};
+use crate::tokenizer::Tok;
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::{json, Value};
+use std::path::PathBuf;
+use std::time::Instant;
+
+const FORMATS_HELP: &str = "\
+Sources (data.train, data.eval, --data): local .jsonl, .jsonl.gz, .json (array or lines) and
+.parquet files, globs (\"data/*.jsonl.gz\"), or Hub datasets hub:ORG/NAME[@REV][:SPLIT]
+(plain ORG/NAME too when no such path exists); the split defaults to data.split / data.eval_split.
+Hub files go through the Hugging Face cache; HF_HUB_OFFLINE=1 reads the cache only.
+
+Formats (data.format, --format; auto detects per record):
+  hh              chosen/rejected full dialogues; prompt = up to the last \"\\n\\nAssistant:\"
+  explicit        prompt, chosen, rejected strings
+  implicit        chosen, rejected strings; prompt = their longest common prefix (TRL)
+  conversational  lists of {role, content} messages rendered with the chat template
+  tldr            subreddit/title/post (or info.*) -> \"SUBREDDIT: r/… TITLE: … POST: … TL;DR:\"
+
+Examples:
+  dpo-sam data inspect --config configs/hh.toml
+  dpo-sam data inspect --data '../shared/data/hh-rlhf/*.jsonl.gz' --tokenizer models/pythia --json
+  dpo-sam data inspect --data train.parquet --tokenizer tok/ --bench";
+
+#[derive(clap::Args, Debug)]
+pub struct DataArgs {
+    #[command(subcommand)]
+    pub command: DataCommand,
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum DataCommand {
+    /// Summarise a dataset: records, skipped rows by reason, token lengths, padding, examples.
+    #[command(after_help = FORMATS_HELP)]
+    Inspect(InspectArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct InspectArgs {
+    /// Take `[data]`, the seed and the tokenizer from this run configuration.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Override a config key, e.g. `--set data.max_length=1024` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE", requires = "config")]
+    pub overrides: Vec<String>,
+    /// Data sources instead of the config's `data.train` (repeatable).
+    #[arg(long, required_unless_present = "config")]
+    pub data: Vec<String>,
+    /// Tokenizer: a model directory or a tokenizer.json beside its tokenizer_config.json
+    /// (default: the config's model).
+    #[arg(long, required_unless_present = "config")]
+    pub tokenizer: Option<PathBuf>,
+    /// Record format (auto, hh, explicit, implicit, conversational, tldr).
+    #[arg(long)]
+    pub format: Option<String>,
+    #[arg(long)]
+    pub max_length: Option<usize>,
+    #[arg(long)]
+    pub max_prompt_length: Option<usize>,
+    /// keep_end or keep_start.
+    #[arg(long)]
+    pub truncation_mode: Option<String>,
+    /// Chat template file (Jinja or tokenizer_config.json) for conversational records.
+    #[arg(long)]
+    pub chat_template: Option<PathBuf>,
+    /// Stop at the first bad row.
+    #[arg(long)]
+    pub strict: bool,
+    /// Inspect the eval split instead of the training split.
+    #[arg(long)]
+    pub eval: bool,
+    /// Pairs per micro-batch for the padding estimate (default: the config's micro-batch, or 8).
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Length-grouping window in pairs for the grouped padding estimate (default:
+    /// data.group_by_length, or 64 micro-batches when that is off).
+    #[arg(long)]
+    pub group_by_length: Option<usize>,
+    /// Rendered examples to show.
+    #[arg(long, default_value_t = 2)]
+    pub examples: usize,
+    /// Print the summary as one JSON object.
+    #[arg(long)]
+    pub json: bool,
+    /// Time each stage (read+parse, tokenize, batch) and print records per second.
+    #[arg(long)]
+    pub bench: bool,
+}
+
+impl DataArgs {
+    /// The `inspect` arguments (its only subcommand).
+    pub fn into_inspect(self) -> InspectArgs {
+        let DataCommand::Inspect(args) = self.command;
+        args
+    }
+}
+
+pub fn run(args: DataArgs) -> Result<()> {
+    let args = args.into_inspect();
+    let summary = inspect(&args)?;
+    if args.json {
+        println!("{}", serde_json::to_string(&summary)?);
+    } else {
+        print!("{}", render(&summary));
+    }
+    Ok(())
+}
+
+/// The `[data]` section, seed, micro-batch size, tokenizer and model directory to inspect.
+fn setup(args: &InspectArgs) -> Result<(DataConfig, u64, usize, Tok, Option<PathBuf>)> {
+    let (mut data, seed, micro, model) = match &args.config {
+        Some(path) => {
+            let cfg = Config::load(path, &args.overrides)?;
+            let micro = cfg.micro_batch_size();
+            (
+                cfg.data,
+                cfg.seed,
+                micro,
+                Some((cfg.model.name_or_path, cfg.model.builtin)),
+            )
+        }
+        None => {
+            let table: toml::Table = [("train".to_string(), toml::Value::from(args.data.clone()))]
+                .into_iter()
+                .collect();
+            (
+                table
+                    .try_into::<DataConfig>()
+                    .map_err(|e| anyhow!("--data: {e}"))?,
+                42,
+                8,
+                None,
+            )
+        }
+    };
+    if !args.data.is_empty() {
+        data.train = crate::config::Sources::Many(args.data.clone());
+    }
+    if let Some(f) = &args.format {
+        data.format = f.clone();
+    }
+    if let Some(m) = args.max_length {
+        data.max_length = m;
+    }
+    if args.max_prompt_length.is_some() {
+        data.max_prompt_length = args.max_prompt_length;
+    }
+    if let Some(t) = &args.truncation_mode {
+        if !["keep_end", "keep_start"].contains(&t.as_str()) {
+            bail!("--truncation-mode: expected keep_end or keep_start, got `{t}`");
+        }
+        data.truncation_mode = t.clone();
+    }
+    if args.chat_template.is_some() {
+        data.chat_template = args.chat_template.clone();
+    }
+    data.strict |= args.strict;
+    let (tok, dir) = match (&args.tokenizer, model) {
+        (Some(p), _) => {
+            let dir = if p.is_file() {
+                p.parent().map(PathBuf::from).unwrap_or_default()
+            } else {
+                p.clone()
+            };
+            (
+                Tok::from_dir(&dir).with_context(|| format!("--tokenizer {}", p.display()))?,
+                Some(dir),
+            )
+        }
+        (None, Some((name, builtin))) => {
+            let source = crate::models::ModelSource::resolve(&name, &builtin, seed)?;
+            (source.tokenizer()?, source.dir().map(PathBuf::from))
+        }
+        (None, None) => bail!("--tokenizer is required without --config"),
+    };
+    Ok((
+        data,
+        seed,
+        args.batch_size.unwrap_or(micro).max(1),
+        tok,
+        dir,
+    ))
+}
+
+/// Lengths of one kept pair, before and after truncation.
+struct Lengths {
+    prompt: usize,
+    chosen: usize,
+    rejected: usize,
+}
+
+/// Builds the summary (the `--json` object).
+pub fn inspect(args: &InspectArgs) -> Result<Value> {
+    let (data, seed, micro, tok, dir) = setup(args)?;
+    let split = if args.eval { Split::Eval } else { Split::Train };
+    let trunc = Truncation::from_config(&data);
+    let conv = super::converter(&data, &tok, dir.as_deref())?;
+    let started = Instant::now();
+    let mut stream = super::pair_stream(&data, split, conv.clone(), seed, 0, false)?;
+    let mut skips = Skips::new(data.strict);
+    let (mut raw, mut kept_lens, mut examples) = (Vec::new(), Vec::new(), Vec::new());
+    let mut truncated = 0usize;
+    let mut kept_pairs = Vec::new();
+    for row in stream.by_ref() {
+        let (origin, pair) = match row? {
+            Ok(p) => p,
+            Err(e) => {
+                skips.record(&e)?;
+                continue;
+            }
+        };
+        let full = batch::tokenize_full(&tok, &pair)?;
+        let lens = |p: &TokenizedPair| Lengths {
+            prompt: p.chosen.prompt_len,
+            chosen: p.chosen.response_len(),
+            rejected: p.rejected.response_len(),
+        };
+        raw.push(lens(&full));
+        let before = stream::pair_len(&full);
+        match batch::truncate(full, &trunc) {
+            Err(reason) => {
+                let e = super::source::RowError {
+                    origin,
+                    reason: reason.name(),
+                    detail: "skipped: prompt too long".into(),
+                };
+                skips.record(&e)?;
+            }
+            Ok(tp) => {
+                truncated += usize::from(stream::pair_len(&tp) < before);
+                kept_lens.push((tp.chosen.ids.len(), tp.rejected.ids.len()));
+                if examples.len() < args.examples {
+                    examples.push(example(&tok, &origin.to_string(), &tp)?);
+                }
+                if args.bench {
+                    kept_pairs.push(tp);
+                }
+            }
+        }
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let records = stream.records;
+    let window = match args.group_by_length.unwrap_or(data.group_by_length) {
+        w if w > micro => w,
+        _ => 64 * micro,
+    };
+    let pair_lens: Vec<usize> = kept_lens.iter().map(|&(c, r)| c.max(r)).collect();
+    let padding = |w: usize| {
+        padding_fraction(
+            &kept_lens,
+            &stream::epoch_order(&pair_lens, micro, w, seed, 0),
+            micro,
+        )
+    };
+    let pct = |f: fn(&Lengths) -> usize| percentiles(raw.iter().map(f).collect());
+    let mut summary = json!({
+        "split": if args.eval { "eval" } else { "train" },
+        "records": records,
+        "kept": kept_lens.len(),
+        "skipped": skips.counts,
+        "skipped_total": skips.total(),
+        "truncated": truncated,
+        "max_length": data.max_length,
+        "lengths": {"prompt": pct(|l| l.prompt), "chosen": pct(|l| l.chosen), "rejected": pct(|l| l.rejected)},
+        "micro_batch_size": micro,
+        "padding_fraction": padding(data.group_by_length),
+        "padding_fraction_grouped": padding(window),
+        "group_by_length_window": window,
+        "seconds": seconds,
+        "records_per_second": records as f64 / seconds.max(1e-9),
+        "examples": examples,
+    });
+    if args.bench {
+        summary["bench"] = bench(
+            &data, split, conv, &tok, &trunc, seed, micro, window, kept_pairs,
+        )?;
+    }
+    Ok(summary)
+}
+
+/// Times each stage separately over the same split.
+#[allow(clippy::too_many_arguments)]
+fn bench(
+    data: &DataConfig,
+    split: Split,
+    conv: std::sync::Arc<super::format::Converter>,
+    tok: &Tok,
+    trunc: &Truncation,
+    seed: u64,
+    micro: usize,
+    window: usize,
+    pairs: Vec<TokenizedPair>,
+) -> Result<Value> {
+    let t = Instant::now();
+    let mut stream = super::pair_stream(data, split, conv.clone(), seed, 0, true)?;
+    let mut good = Vec::new();
+    for row in stream.by_ref() {
+        if let Ok((_, p)) = row? {
+            good.push(p);
+        }
+    }
+    let read_s = t.elapsed().as_secs_f64();
+    let records = stream.records;
+    let t = Instant::now();
+    let mut tokenized = 0usize;
+    for p in &good {
+        tokenized += usize::from(batch::tokenize_pair(tok, p, trunc)?.is_ok());
+    }
+    let tok_s = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let lens: Vec<usize> = pairs.iter().map(stream::pair_len).collect();
+    let order = stream::epoch_order(&lens, micro, window, seed, 0);
+    let mut batches = 0usize;
+    for chunk in order.chunks(micro) {
+        let b: Vec<TokenizedPair> = chunk.iter().map(|&i| pairs[i].clone()).collect();
+        PreferenceBatch::new(&b, tok.pad_id, &candle_core::Device::Cpu)?;
+        batches += 1;
+    }
+    let batch_s = t.elapsed().as_secs_f64();
+    let rate = |n: usize, s: f64| n as f64 / s.max(1e-9);
+    Ok(json!({
+        "read_records_per_second": rate(records, read_s),
+        "tokenize_pairs_per_second": rate(good.len(), tok_s),
+        "tokenized_pairs": tokenized,
+        "batch_pairs_per_second": rate(pairs.len(), batch_s),
+        "batches": batches,
+        "pipeline_records_per_second": rate(records, read_s + tok_s + batch_s),
+    }))
+}
+
+/// Mean padding share over micro-batches taken in `order` (what train.rs logs).
+fn padding_fraction(lens: &[(usize, usize)], order: &[usize], micro: usize) -> f64 {
+    let fractions: Vec<f64> = order
+        .chunks(micro)
+        .map(|c| {
+            let t = c
+                .iter()
+                .map(|&i| lens[i].0.max(lens[i].1))
+                .max()
+                .unwrap_or(0);
+            let tokens: usize = c.iter().map(|&i| lens[i].0 + lens[i].1).sum();
+            if t == 0 {
+                0.0
+            } else {
+                1.0 - tokens as f64 / (2 * c.len() * t) as f64
+            }
+        })
+        .collect();
+    fractions.iter().sum::<f64>() / fractions.len().max(1) as f64
+}
+
+/// Nearest-rank percentiles.
+fn percentiles(mut v: Vec<usize>) -> Value {
+    if v.is_empty() {
+        return json!({});
+    }
+    v.sort_unstable();
+    let at = |p: f64| v[((p / 100.0 * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1];
+    json!({
+        "min": v[0], "p50": at(50.0), "p90": at(90.0), "p95": at(95.0), "p99": at(99.0), "max": v[v.len() - 1],
+        "mean": v.iter().sum::<usize>() as f64 / v.len() as f64,
+    })
+}
+
+/// One pair as tokens: the masked prompt, and each scored token of both responses.
+fn example(tok: &Tok, origin: &str, tp: &TokenizedPair) -> Result<Value> {
+    // Vocabulary pieces (`▁the`, `Ġthe`), not decoded text: they show token boundaries exactly.
+    let pieces = |ids: &[u32]| -> Result<Vec<String>> {
+        ids.iter()
+            .map(|&i| {
+                tok.inner
+                    .id_to_token(i)
+                    .map_or_else(|| tok.decode(&[i]), Ok)
+            })
+            .collect()
+    };
+    Ok(json!({
+        "origin": origin,
+        "prompt": tok.decode(&tp.chosen.ids[..tp.chosen.prompt_len])?,
+        "prompt_tokens": tp.chosen.prompt_len,
+        "chosen": pieces(&tp.chosen.ids[tp.chosen.prompt_len..])?,
+        "rejected": pieces(&tp.rejected.ids[tp.rejected.prompt_len..])?,
+    }))
+}
+
+/// The human-readable summary.
+fn render(s: &Value) -> String {
+    let mut out = format!(
+        "{} split: {} records, {} kept, {} skipped, {} truncated to max_length {}\n",
+        s["split"].as_str().unwrap_or(""),
+        s["records"],
+        s["kept"],
+        s["skipped_total"],
+        s["truncated"],
+        s["max_length"]
+    );
+    if let Some(map) = s["skipped"].as_object().filter(|m| !m.is_empty()) {
+        out += "skipped by reason:\n";
+        for (k, v) in map {
+            out += &format!("  {k:<24} {v}\n");
+        }
+    }
+    out += "token lengths (before truncation)   min    p50    p90    p95    p99    max\n";
+    for part in ["prompt", "chosen", "rejected"] {
+        let l = &s["lengths"][part];
+        out += &format!("  {part:<33}");
+        for k in ["min", "p50", "p90", "p95", "p99", "max"] {
+            out += &format!("{:>7}", l[k].as_u64().map_or("-".into(), |v| v.to_string()));
+        }
+        out += "\n";
+    }
+    out += &format!(
+        "padding fraction (micro-batch {}): {:.3} as configured, {:.3} grouped by length (window {})\n",
+        s["micro_batch_size"],
+        s["padding_fraction"].as_f64().unwrap_or(0.0),
+        s["padding_fraction_grouped"].as_f64().unwrap_or(0.0),
+        s["group_by_length_window"]
+    );
+    out += &format!(
+        "read + tokenized {:.0} records/s\n",
+        s["records_per_second"].as_f64().unwrap_or(0.0)
+    );
+    if let Some(b) = s["bench"].as_object() {
+        out += "bench (records or pairs per second):\n";
+        for (k, v) in b {
+            out += &format!("  {k:<32} {:.0}\n", v.as_f64().unwrap_or(0.0));
+        }
+    }
+    for (i, ex) in s["examples"].as_array().into_iter().flatten().enumerate() {
+        out += &format!(
+            "\n── example {} ({})\n",
+            i + 1,
+            ex["origin"].as_str().unwrap_or("")
+        );
+        out += &format!(
+            "prompt (masked, {} tokens):\n{}\n",
+            ex["prompt_tokens"],
+            ex["prompt"].as_str().unwrap_or("")
+        );
+        for side in ["chosen", "rejected"] {
+            let pieces: Vec<String> = ex[side]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|p| format!("{:?}", p.as_str().unwrap_or("")))
+                .collect();
+            out += &format!(
+                "{side} (scored, {} tokens): {}\n",
+                pieces.len(),
+                pieces.join(" ")
+            );
+        }
+    }
+    out
+}

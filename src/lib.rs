@@ -7,6 +7,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod device;
+pub mod diagnostics;
 pub mod hub;
 pub mod losses;
 pub mod models;

@@ -20,6 +20,8 @@ pub struct Perturbation {
     pub e: Tensor,
     pub loss_pre: f64,
     pub grad_norm: f64,
+    /// Per-token log-probs at the unperturbed W (no graph), for metrics of the actual model.
+    pub token_logps: Tensor,
 }
 
 /// Lines 1–4 of Algorithm 1. `objective` maps per-token log-probs `[n]` to the scalar loss; it is
@@ -48,5 +50,5 @@ pub fn logits_perturbation(
     // Clamped so that a zero gradient gives a zero perturbation rather than NaN.
     let e = (g * (rho / grad_norm.max(1e-12)))?;
     let loss_pre = loss_pre.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
-    Ok(Perturbation { e, loss_pre, grad_norm })
+    Ok(Perturbation { e, loss_pre, grad_norm, token_logps: token_logps.as_tensor().detach() })
 }

@@ -68,6 +68,9 @@ pub struct Trainer {
     pub eval_pairs: Vec<TokenizedPair>,
     pub skipped: BTreeMap<&'static str, usize>,
     pub progress: bool,
+    /// Compute squeeze diagnostics in [`Trainer::micro_step`] (the loop turns this on for
+    /// logging steps; it costs one more output-layer matmul).
+    pub diagnostics: bool,
 }
 
 /// Sums of per-pair quantities over the micro-batches of one step.
@@ -82,6 +85,10 @@ struct Tally {
     rejected_logps: f64,
     loss_pre: f64,
     sam_grad_norm: f64,
+    /// Σ(policy − reference) log-probs; `None` without a reference.
+    chosen_delta: Option<f64>,
+    rejected_delta: Option<f64>,
+    squeeze: Option<crate::diagnostics::Squeeze>,
     tokens: usize,
     padding: f64,
     micro_batches: f64,
@@ -97,6 +104,11 @@ pub struct MicroStep {
     pub rejected_rewards: Vec<f32>,
     pub chosen_logps: Vec<f32>,
     pub rejected_logps: Vec<f32>,
+    /// Reference log-probs, when the loss uses a reference.
+    pub ref_chosen_logps: Option<Vec<f32>>,
+    pub ref_rejected_logps: Option<Vec<f32>>,
+    /// Squeeze diagnostics, when [`Trainer::diagnostics`] is on.
+    pub squeeze: Option<crate::diagnostics::Squeeze>,
 }
 
 impl Trainer {
@@ -145,6 +157,7 @@ impl Trainer {
             eval_pairs,
             skipped,
             progress: false,
+            diagnostics: false,
         })
     }
 
@@ -203,7 +216,22 @@ impl Trainer {
 
         // Lines 5–6: logits from H (W + e)ᵀ, e constant, bias unperturbed; loss_post.
         let token_logps = head.token_logps(&h, &batch.targets, perturbation.as_ref().map(|p| &p.e))?;
-        let (loss, out, lp) = self.batch_loss(batch, &token_logps, reference.as_ref())?;
+        let (loss, post, post_lp) = self.batch_loss(batch, &token_logps, reference.as_ref())?;
+        // Rewards and log-probs describe the model itself (W), not the perturbed point W + e.
+        let (out, lp) = match &perturbation {
+            Some(p) => {
+                let (_, out, lp) = self.batch_loss(batch, &p.token_logps, reference.as_ref())?;
+                (out, lp)
+            }
+            None => (post, post_lp),
+        };
+
+        let squeeze = if self.diagnostics {
+            let chosen_tokens = batch.response_lens[..batch.num_pairs].iter().sum();
+            Some(crate::diagnostics::squeeze(&head, &h, &batch.targets, chosen_tokens)?)
+        } else {
+            None
+        };
 
         // Line 7: the single backward pass.
         let grads = match backward_weight {
@@ -219,6 +247,9 @@ impl Trainer {
             rejected_rewards: to_f32s(&out.rejected_rewards)?,
             chosen_logps: to_f32s(&lp.chosen)?,
             rejected_logps: to_f32s(&lp.rejected)?,
+            ref_chosen_logps: lp.ref_chosen.as_ref().map(to_f32s).transpose()?,
+            ref_rejected_logps: lp.ref_rejected.as_ref().map(to_f32s).transpose()?,
+            squeeze,
         })
     }
 
@@ -255,6 +286,7 @@ impl Trainer {
         };
         let mut last = json!({});
         for step in 1..=total {
+            self.diagnostics = step % t.logging_steps == 0 || step == total;
             let started = Instant::now();
             let lr = self.schedule.lr(step - 1);
             let mut acc = GradAccumulator::new(self.policy.params.len());
@@ -353,6 +385,13 @@ impl Tally {
         self.sam_grad_norm += ms.sam_grad_norm.unwrap_or(0.0);
         self.tokens += batch.num_tokens;
         self.padding += batch.padding_fraction;
+        if let (Some(rc), Some(rr)) = (&ms.ref_chosen_logps, &ms.ref_rejected_logps) {
+            *self.chosen_delta.get_or_insert(0.0) += sum(&ms.chosen_logps) - sum(rc);
+            *self.rejected_delta.get_or_insert(0.0) += sum(&ms.rejected_logps) - sum(rr);
+        }
+        if let Some(s) = &ms.squeeze {
+            self.squeeze.get_or_insert_with(Default::default).add(s);
+        }
     }
 
     fn metrics(&self, sam: bool) -> serde_json::Value {
@@ -371,6 +410,16 @@ impl Tally {
             m["sam/loss_pre"] = json!(self.loss_pre / p);
             m["sam/loss_post"] = json!(self.loss / p);
             m["sam/grad_norm"] = json!(self.sam_grad_norm / self.micro_batches.max(1.0));
+        }
+        // Squeeze diagnostics (README: "Metrics"): how far chosen and rejected log-probs moved
+        // from the reference, y*'s probability along chosen responses, and tr(H_z).
+        if let (Some(c), Some(r)) = (self.chosen_delta, self.rejected_delta) {
+            m["squeeze/chosen_logps_delta"] = json!(c / p);
+            m["squeeze/rejected_logps_delta"] = json!(r / p);
+        }
+        if let Some(s) = &self.squeeze {
+            m["squeeze/top_nontarget_prob"] = json!(s.top_nontarget_prob / s.chosen_tokens.max(1) as f64);
+            m["squeeze/hessian_trace"] = json!(s.hessian_trace / s.tokens.max(1) as f64);
         }
         m
     }

@@ -35,6 +35,9 @@ pub struct TrainArgs {
     /// No progress bar (metrics still go to metrics.jsonl).
     #[arg(long)]
     pub quiet: bool,
+    /// Validate the config and print the plan (parameters, memory, steps) without training.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 pub fn run(args: TrainArgs) -> Result<()> {
@@ -46,6 +49,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
         overrides.push(format!("device={}", toml::Value::String(dev.clone())));
     }
     let cfg = Config::load(&args.config, &overrides)?;
+    if args.dry_run {
+        return crate::plan::print(&cfg);
+    }
     let mut trainer = Trainer::new(cfg)?;
     trainer.progress = !args.quiet;
     let summary = trainer.train()?;

@@ -4,6 +4,7 @@
 //! Every model returns the final hidden states for every position and keeps its output layer
 //! apart ([`crate::output::OutputLayer`]), so that the logits-SAM step can perturb it alone.
 
+pub mod cache;
 pub mod gpt2;
 pub mod gpt_neox;
 pub mod mistral;
@@ -24,6 +25,19 @@ pub trait CausalLm: Send + Sync {
     fn forward_hidden(&self, input_ids: &Tensor) -> candle_core::Result<Tensor>;
     /// The output layer (`lm_head`), which maps hidden states to vocabulary logits.
     fn output_layer(&self) -> OutputLayer;
+    /// Incremental decoding: hidden states `[b, t, hidden]` of `input_ids` `[b, t]` that follow
+    /// the tokens already in `cache` (whose keys and values this appends). `attention_mask` is
+    /// `[b, past + t]`, 1 for real tokens and 0 for left padding; positions count real tokens
+    /// only, so each row of a padded batch gives what it gives alone.
+    fn forward_cached(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        cache: &mut cache::KvCache,
+    ) -> candle_core::Result<Tensor> {
+        let _ = (input_ids, attention_mask, cache);
+        candle_core::bail!("incremental decoding is not implemented for this architecture yet")
+    }
 }
 
 /// A named trainable tensor.
@@ -207,6 +221,23 @@ impl Model {
     }
 }
 
+/// The weights a `config.json` implies, by name and shape, without allocating them (tied
+/// weights appear once): what `--dry-run` counts.
+pub fn param_shapes(config_json: &serde_json::Value) -> Result<Vec<(String, Vec<usize>)>> {
+    let loader = Loader {
+        weights: Weights::Shapes,
+        trainable: false,
+        origin: "config.json".into(),
+        params: Mutex::new(Vec::new()),
+        seen: Mutex::new(HashMap::new()),
+    };
+    build_net(config_json, VarBuilder::from_backend(Box::new(&loader), DType::F32, Device::Cpu))?;
+    let seen = loader.seen.into_inner().expect("loader lock poisoned");
+    let mut shapes: Vec<(String, Vec<usize>)> = seen.into_iter().map(|(n, t)| (n, t.dims().to_vec())).collect();
+    shapes.sort();
+    Ok(shapes)
+}
+
 /// Builds the architecture that `config.json`'s `model_type` names.
 fn build_net(config_json: &serde_json::Value, vb: VarBuilder) -> Result<Box<dyn CausalLm>> {
     let model_type = config_json.get("model_type").and_then(|v| v.as_str()).unwrap_or("");
@@ -234,6 +265,8 @@ fn build_net(config_json: &serde_json::Value, vb: VarBuilder) -> Result<Box<dyn 
 pub const SUPPORTED: &[&str] = &["gpt2", "gpt_neox", "llama", "mistral"];
 
 enum Weights {
+    /// No data: zero-stride placeholders of the right shape, for counting parameters.
+    Shapes,
     Seeded(u64),
     Files(MmapedSafetensors),
     Tensors(HashMap<String, Tensor>),
@@ -255,6 +288,10 @@ impl Loader {
             return Ok(t.clone());
         }
         let raw = match &self.weights {
+            Weights::Shapes => {
+                let shape = shape.ok_or_else(|| candle_core::Error::Msg(format!("no shape for `{name}`")))?;
+                Tensor::zeros((), DType::F32, dev)?.broadcast_as(shape.clone())?
+            }
             Weights::Seeded(seed) => {
                 let shape = shape.ok_or_else(|| candle_core::Error::Msg(format!("no shape for `{name}`")))?;
                 seeded_init(*seed, name, shape, init, dev)?
@@ -298,7 +335,7 @@ impl SimpleBackend for &Loader {
 
     fn contains_tensor(&self, name: &str) -> bool {
         match &self.weights {
-            Weights::Seeded(_) => true,
+            Weights::Seeded(_) | Weights::Shapes => true,
             Weights::Files(st) => st.get(name).is_ok(),
             Weights::Tensors(map) => map.contains_key(name),
         }

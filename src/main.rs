@@ -32,6 +32,9 @@ enum Command {
     /// Look at preference data before training: `data inspect` counts records and skipped rows
     /// by reason, token-length percentiles, padding, and shows which tokens are scored.
     Data(dpo_sam::data::inspect::DataArgs),
+    /// Generate completions for a data file's prompts (greedy or sampled, batched, KV cache)
+    /// as JSONL for `eval`; `--preset hh|tldr` uses the paper's decoding settings.
+    Generate(dpo_sam::generate::GenerateArgs),
 }
 
 fn main() {
@@ -43,6 +46,7 @@ fn main() {
         Command::Toy(args) => dpo_sam::toy::run(args),
         Command::Plot(args) => dpo_sam::plot::run(args),
         Command::Data(args) => dpo_sam::data::inspect::run(args),
+        Command::Generate(args) => dpo_sam::generate::run(args),
     };
     if let Err(err) = result {
         eprintln!("error: {err:#}");

@@ -55,7 +55,9 @@ impl Tok {
         Ok(Tok { inner, eos_id: 0, bos_id: Some(0), pad_id: 0, config })
     }
 
-    /// Loads `tokenizer.json` from a model directory and resolves EOS/BOS/PAD.
+    /// Loads `tokenizer.json` from a model directory and resolves EOS/BOS/PAD. When no file names
+    /// an EOS, `<|endoftext|>` is taken if the vocabulary has it; PAD falls back to EOS; BOS stays
+    /// `None` unless named (whether `encode` adds one is the tokenizer's own post-processor's call).
     pub fn from_dir(dir: &Path) -> Result<Tok> {
         let path = dir.join("tokenizer.json");
         let inner = tokenizers::Tokenizer::from_file(&path)
@@ -80,10 +82,19 @@ impl Tok {
                     return Some(id);
                 }
             }
-            model_cfg.get(&format!("{key}_id")).and_then(|v| v.as_u64()).map(|v| v as u32)
+            // Some configs (Llama 3) list several EOS ids; the first is the one a tokenizer names.
+            let id = model_cfg.get(format!("{key}_id"));
+            let id = id.and_then(|v| v.as_array().and_then(|a| a.first()).unwrap_or(v).as_u64());
+            id.map(|v| v as u32)
         };
-        let eos_id = token_id("eos_token")
-            .ok_or_else(|| anyhow!("{}: no EOS token found in tokenizer_config.json, special_tokens_map.json or config.json", dir.display()))?;
+        // A bare tokenizer.json of the GPT-2 family (e.g. Pythia's) names no special tokens, but
+        // its `<|endoftext|>` is what every config of that family calls EOS.
+        let eos_id = token_id("eos_token").or_else(|| inner.token_to_id(BUILTIN_EOS)).ok_or_else(|| {
+            anyhow!(
+                "{}: no EOS token: none named in tokenizer_config.json, special_tokens_map.json or config.json, and no `{BUILTIN_EOS}` token",
+                dir.display()
+            )
+        })?;
         let bos_id = token_id("bos_token");
         let pad_id = token_id("pad_token").unwrap_or(eos_id);
         Ok(Tok { inner, eos_id, bos_id, pad_id, config: tok_cfg })
@@ -152,6 +163,84 @@ mod tests {
         let again = Tok::from_dir(dir.path())?;
         assert_eq!(again.encode("abc xyz")?, tok.encode("abc xyz")?);
         assert_eq!(again.eos_id, 0);
+        Ok(())
+    }
+
+    /// The real tokenizer `name` from ../shared/tokenizers, or `None` (reason printed) if absent.
+    fn shared(name: &str) -> Option<Tok> {
+        let dir =
+            Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/tokenizers")).join(name);
+        if !dir.is_dir() {
+            eprintln!("skipping: {} not found", dir.display());
+            return None;
+        }
+        Some(Tok::from_dir(&dir).expect("shared tokenizer loads"))
+    }
+
+    #[test]
+    fn pythia_bare_tokenizer_json_gets_endoftext_as_eos_and_pad() -> Result<()> {
+        let Some(tok) = shared("pythia") else {
+            return Ok(());
+        };
+        let eot = tok
+            .inner
+            .token_to_id(BUILTIN_EOS)
+            .expect("pythia has <|endoftext|>");
+        assert_eq!(tok.eos_id, eot);
+        // `<|padding|>` exists but nothing names it the pad token, so TRL would pad with EOS.
+        assert_eq!(tok.pad_id, tok.eos_id);
+        assert_eq!(tok.bos_id, None);
+        let ids = tok.encode("Hello world")?;
+        assert!(
+            !ids.is_empty() && !ids.contains(&eot),
+            "no special tokens added: {ids:?}"
+        );
+        assert_eq!(tok.decode(&ids)?, "Hello world");
+        Ok(())
+    }
+
+    #[test]
+    fn gpt2_bare_tokenizer_json_gets_endoftext_as_eos_and_pad() -> Result<()> {
+        let Some(tok) = shared("gpt2") else {
+            return Ok(());
+        };
+        assert_eq!(tok.eos_id, 50256);
+        assert_eq!(tok.pad_id, 50256);
+        let ids = tok.encode("Hello world")?;
+        assert_eq!(ids, [15496, 995]);
+        Ok(())
+    }
+
+    #[test]
+    fn mistral_adds_bos_not_eos_and_pads_with_eos() -> Result<()> {
+        let Some(tok) = shared("mistral-7b") else {
+            return Ok(());
+        };
+        assert_eq!(tok.inner.id_to_token(tok.eos_id).as_deref(), Some("</s>"));
+        assert_eq!(tok.bos_id, tok.inner.token_to_id("<s>"));
+        assert_eq!(
+            tok.pad_id, tok.eos_id,
+            "pad_token is null in tokenizer_config.json"
+        );
+        let ids = tok.encode("Hello world")?;
+        assert_eq!(ids.first().copied(), tok.bos_id);
+        assert_ne!(ids.last().copied(), Some(tok.eos_id));
+        Ok(())
+    }
+
+    #[test]
+    fn eos_id_list_in_config_json_takes_the_first() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        Tok::builtin()?
+            .inner
+            .save(dir.path().join("tokenizer.json"), false)
+            .map_err(|e| anyhow!("{e}"))?;
+        std::fs::write(
+            dir.path().join("config.json"),
+            r#"{"eos_token_id": [5, 0], "bos_token_id": 3}"#,
+        )?;
+        let tok = Tok::from_dir(dir.path())?;
+        assert_eq!((tok.eos_id, tok.bos_id, tok.pad_id), (5, Some(3), 5));
         Ok(())
     }
 }

@@ -3,6 +3,7 @@
 //! Mirrors `transformers`' modeling_gpt2: learned positions, pre-LayerNorm blocks, Conv1D
 //! projections stored `[in, out]` (so y = x W + b, no transpose), and `lm_head` tied to `wte`.
 
+use super::cache::{KvCache, Step};
 use super::ops::{attention, causal_mask, layer_norm};
 use super::CausalLm;
 use crate::output::OutputLayer;
@@ -172,14 +173,20 @@ impl Block {
         })
     }
 
-    fn forward(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    /// With `cache` (the cache and this block's index), keys and values of earlier steps join
+    /// this step's.
+    fn forward(&self, x: &Tensor, mask: &Tensor, cache: Option<(&mut KvCache, usize)>) -> Result<Tensor> {
         let (b, t, n) = x.dims3()?;
         let hd = n / self.n_head;
         let qkv = self.c_attn.forward(&self.ln_1.forward(x)?)?;
         let heads = |i: usize| -> Result<Tensor> {
             qkv.narrow(2, i * n, n)?.reshape((b, t, self.n_head, hd))?.transpose(1, 2)?.contiguous()
         };
-        let y = attention(&heads(0)?, &heads(1)?, &heads(2)?, mask)?;
+        let (k, v) = match cache {
+            Some((cache, layer)) => cache.append(layer, &heads(1)?, &heads(2)?)?,
+            None => (heads(1)?, heads(2)?),
+        };
+        let y = attention(&heads(0)?, &k, &v, mask)?;
         let y = y.transpose(1, 2)?.reshape((b, t, n))?;
         let x = (x + self.attn_proj.forward(&y)?)?;
         let h = self.act.apply(&self.c_fc.forward(&self.ln_2.forward(&x)?)?)?;
@@ -229,7 +236,24 @@ impl CausalLm for Gpt2 {
         let mut x = tok.broadcast_add(&pos)?;
         let mask = causal_mask(t, None, x.dtype(), x.device())?;
         for block in &self.blocks {
-            x = block.forward(&x, &mask)?;
+            x = block.forward(&x, &mask, None)?;
+        }
+        self.ln_f.forward(&x)
+    }
+
+    fn forward_cached(&self, input_ids: &Tensor, attention_mask: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let (_b, t) = input_ids.dims2()?;
+        let step = Step::new(attention_mask, t, cache.len(), None, self.wte.dtype(), self.wte.device())?;
+        let max_pos = self.wpe.dim(0)?;
+        if step.max_position >= max_pos {
+            candle_core::bail!("position {} exceeds n_positions {max_pos}", step.max_position);
+        }
+        let n = self.wte.dim(1)?;
+        let tok = candle_nn::Embedding::new(self.wte.clone(), n).forward(input_ids)?;
+        let pos = candle_nn::Embedding::new(self.wpe.clone(), n).forward(&step.positions)?;
+        let mut x = (tok + pos)?;
+        for (i, block) in self.blocks.iter().enumerate() {
+            x = block.forward(&x, &step.mask, Some((&mut *cache, i)))?;
         }
         self.ln_f.forward(&x)
     }

@@ -9,6 +9,7 @@ use super::ops::{
     attention, causal_mask, layer_norm, linear, rope_settings, rotary, rotary_tables,
 };
 use super::ops::{Activation, RopeParameters};
+use super::cache::{KvCache, Step};
 use super::CausalLm;
 use crate::output::OutputLayer;
 use candle_core::{Module, Result, Tensor};
@@ -122,11 +123,14 @@ impl Layer {
         })
     }
 
+    /// With `cache` (the cache and this layer's index), keys and values of earlier steps join
+    /// this step's.
     fn attention(
         &self,
         x: &Tensor,
         rope: Option<&(Tensor, Tensor)>,
         mask: &Tensor,
+        cache: Option<(&mut KvCache, usize)>,
     ) -> Result<Tensor> {
         let (b, t, n) = x.dims3()?;
         let hd = n / self.n_head;
@@ -142,7 +146,11 @@ impl Layer {
                 _ => Ok(p),
             }
         };
-        let y = attention(&part(0)?, &part(1)?, &part(2)?, mask)?;
+        let (k, v) = match cache {
+            Some((cache, layer)) => cache.append(layer, &part(1)?, &part(2)?)?,
+            None => (part(1)?, part(2)?),
+        };
+        let y = attention(&part(0)?, &k, &v, mask)?;
         self.dense.forward(&y.transpose(1, 2)?.reshape((b, t, n))?)
     }
 
@@ -156,8 +164,9 @@ impl Layer {
         x: &Tensor,
         rope: Option<&(Tensor, Tensor)>,
         mask: &Tensor,
+        cache: Option<(&mut KvCache, usize)>,
     ) -> Result<Tensor> {
-        let attn = self.attention(&self.input_layernorm.forward(x)?, rope, mask)?;
+        let attn = self.attention(&self.input_layernorm.forward(x)?, rope, mask, cache)?;
         if self.parallel {
             // Both branches read the same input: x + attn(ln1(x)) + mlp(ln2(x)).
             let mlp = self.mlp(&self.post_attention_layernorm.forward(x)?)?;
@@ -245,7 +254,27 @@ impl CausalLm for GptNeox {
         };
         let mask = causal_mask(t, None, x.dtype(), x.device())?;
         for layer in &self.layers {
-            x = layer.forward(&x, rope.as_ref(), &mask)?;
+            x = layer.forward(&x, rope.as_ref(), &mask, None)?;
+        }
+        self.final_layer_norm.forward(&x)
+    }
+
+    fn forward_cached(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        let (_b, t) = input_ids.dims2()?;
+        let mut x = candle_nn::Embedding::new(self.embed_in.clone(), self.embed_in.dim(1)?)
+            .forward(input_ids)?;
+        let step = Step::new(attention_mask, t, cache.len(), None, x.dtype(), x.device())?;
+        let rope = match self.rotary_dim {
+            0 => None,
+            d => Some(step.rotary(d, self.rope_base, x.dtype())?),
+        };
+        for (i, layer) in self.layers.iter().enumerate() {
+            x = layer.forward(&x, rope.as_ref(), &step.mask, Some((&mut *cache, i)))?;
         }
         self.final_layer_norm.forward(&x)
     }

@@ -12,6 +12,7 @@ use super::ops::{
     attention, causal_mask, linear, repeat_kv, rms_norm, rope_settings, rotary, rotary_tables,
 };
 use super::ops::{Activation, RopeParameters};
+use super::cache::{KvCache, Step};
 use super::CausalLm;
 use crate::output::OutputLayer;
 use candle_core::{Module, Result, Tensor};
@@ -139,7 +140,16 @@ impl Layer {
         })
     }
 
-    fn attention(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    /// With `cache` (the cache and this layer's index), keys and values of earlier steps join
+    /// this step's; the cache keeps the `n_kv_head` heads, before they are repeated.
+    fn attention(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &Tensor,
+        cache: Option<(&mut KvCache, usize)>,
+    ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let heads = |proj: &Linear, n: usize| -> Result<Tensor> {
             proj.forward(x)?
@@ -150,6 +160,10 @@ impl Layer {
         let q = rotary(&heads(&self.q_proj, self.n_head)?, cos, sin)?;
         let k = rotary(&heads(&self.k_proj, self.n_kv_head)?, cos, sin)?;
         let v = heads(&self.v_proj, self.n_kv_head)?;
+        let (k, v) = match cache {
+            Some((cache, layer)) => cache.append(layer, &k, &v)?,
+            None => (k, v),
+        };
         let rep = self.n_head / self.n_kv_head;
         let y = attention(&q, &repeat_kv(k, rep)?, &repeat_kv(v, rep)?, mask)?;
         self.o_proj.forward(
@@ -158,8 +172,15 @@ impl Layer {
         )
     }
 
-    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor) -> Result<Tensor> {
-        let x = (x + self.attention(&self.input_layernorm.forward(x)?, cos, sin, mask)?)?;
+    fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &Tensor,
+        cache: Option<(&mut KvCache, usize)>,
+    ) -> Result<Tensor> {
+        let x = (x + self.attention(&self.input_layernorm.forward(x)?, cos, sin, mask, cache)?)?;
         let h = self.post_attention_layernorm.forward(&x)?;
         let gated = (self.act.apply(&self.gate_proj.forward(&h)?)? * self.up_proj.forward(&h)?)?;
         x + self.down_proj.forward(&gated)?
@@ -264,7 +285,31 @@ impl CausalLm for Mistral {
         let (cos, sin) = rotary_tables(t, self.rotary_dim, self.rope_base, x.dtype(), x.device())?;
         let mask = causal_mask(t, self.sliding_window, x.dtype(), x.device())?;
         for layer in &self.layers {
-            x = layer.forward(&x, &cos, &sin, &mask)?;
+            x = layer.forward(&x, &cos, &sin, &mask, None)?;
+        }
+        self.norm.forward(&x)
+    }
+
+    fn forward_cached(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        let (_b, t) = input_ids.dims2()?;
+        let mut x = candle_nn::Embedding::new(self.embed_tokens.clone(), self.embed_tokens.dim(1)?)
+            .forward(input_ids)?;
+        let step = Step::new(
+            attention_mask,
+            t,
+            cache.len(),
+            self.sliding_window,
+            x.dtype(),
+            x.device(),
+        )?;
+        let (cos, sin) = step.rotary(self.rotary_dim, self.rope_base, x.dtype())?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            x = layer.forward(&x, &cos, &sin, &step.mask, Some((&mut *cache, i)))?;
         }
         self.norm.forward(&x)
     }

@@ -34,10 +34,7 @@ pub trait CausalLm: Send + Sync {
         input_ids: &Tensor,
         attention_mask: &Tensor,
         cache: &mut cache::KvCache,
-    ) -> candle_core::Result<Tensor> {
-        let _ = (input_ids, attention_mask, cache);
-        candle_core::bail!("incremental decoding is not implemented for this architecture yet")
-    }
+    ) -> candle_core::Result<Tensor>;
 }
 
 /// A named trainable tensor.

@@ -154,7 +154,10 @@ pub fn linear(
     std: f64,
     vb: candle_nn::VarBuilder,
 ) -> Result<candle_nn::Linear> {
-    let init = candle_nn::Init::Randn { mean: 0.0, stdev: std };
+    let init = candle_nn::Init::Randn {
+        mean: 0.0,
+        stdev: std,
+    };
     let weight = vb.get_with_hints((n_out, n_in), "weight", init)?;
     let bias = match bias {
         true => Some(vb.get_with_hints(n_out, "bias", candle_nn::Init::Const(0.0))?),

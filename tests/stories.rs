@@ -1,0 +1,106 @@
+//! A real pretrained model end to end: Karpathy's stories260K (Llama architecture in Mistral
+//! format, from ../shared/models) trains with DPO + logits-SAM through the ordinary `Trainer`,
+//! and what it saves loads back. Its logits are checked against `transformers` in parity.rs.
+//! Skipped, with the reason printed, where ../shared is absent.
+
+use dpo_sam::config::Config;
+use dpo_sam::models::{Model, ModelSource};
+use dpo_sam::train::Trainer;
+use std::path::Path;
+
+const PAIRS: &[(&str, &str, &str)] = &[
+    (
+        "Once upon a time, there was a little",
+        " girl named Lily.",
+        " the the the the.",
+    ),
+    (
+        "One day, Tom went to the",
+        " park to play.",
+        " park park park park.",
+    ),
+    ("The cat was very", " happy and sleepy.", " a a a a."),
+    (
+        "Lily saw a big",
+        " red ball in the garden.",
+        " big big big big.",
+    ),
+];
+
+#[test]
+fn stories260k_dpo_with_logits_sam_lowers_the_loss() {
+    let model = Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../shared/models/stories260K"
+    ));
+    if !model.is_dir() {
+        eprintln!("skipping: {} not found", model.display());
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("pairs.jsonl");
+    let lines: Vec<String> = PAIRS
+        .iter()
+        .map(|(p, c, r)| serde_json::json!({"prompt": p, "chosen": c, "rejected": r}).to_string())
+        .collect();
+    std::fs::write(&data, lines.join("\n") + "\n").unwrap();
+    let out = tmp.path().join("run");
+    let config = format!(
+        r#"
+output_dir = {out:?}
+seed = 1
+device = "cpu"
+
+[model]
+name_or_path = {model:?}
+dtype = "f32"
+
+[data]
+train = {data:?}
+eval = {data:?}
+max_length = 64
+
+[training]
+beta = 0.1
+learning_rate = 1e-3
+batch_size = 4
+max_steps = 10
+lr_scheduler_type = "constant"
+logging_steps = 1
+
+[sam]
+kind = "logits"
+rho = 0.05
+"#
+    );
+    let mut trainer = Trainer::new(Config::parse(&config, "stories.toml", &[]).unwrap()).unwrap();
+    assert_eq!(
+        trainer.train_pairs.len(),
+        PAIRS.len(),
+        "every pair tokenizes"
+    );
+    // The policy starts as its own reference, so the DPO loss starts at ln 2.
+    let before = trainer.evaluate().unwrap()["eval_loss"].as_f64().unwrap();
+    assert!(
+        (before - std::f64::consts::LN_2).abs() < 1e-5,
+        "initial eval_loss {before}"
+    );
+    let summary = trainer.train().unwrap();
+    let after = summary["eval"]["eval_loss"].as_f64().unwrap();
+    let accuracy = summary["eval"]["eval_rewards/accuracies"].as_f64().unwrap();
+    eprintln!("stories260K: eval_loss {before:.4} -> {after:.4}, reward accuracy {accuracy}");
+    assert!(
+        after < before - 0.1,
+        "eval_loss did not fall: {before} -> {after}"
+    );
+    assert_eq!(accuracy, 1.0);
+
+    // The saved model (tied embeddings, so no lm_head tensor) loads back.
+    let saved = Model::load(
+        &ModelSource::Dir(out.clone()),
+        false,
+        candle_core::DType::F32,
+        &candle_core::Device::Cpu,
+    );
+    assert!(saved.is_ok(), "{:#}", saved.err().unwrap());
+}

@@ -15,7 +15,7 @@ use std::time::Instant;
 #[derive(clap::Args, Debug)]
 #[command(after_help = "Examples:\n  dpo-sam bench --shape tiny\n  dpo-sam bench --shape pythia-70m --pairs 2 --seq-len 256 --steps 5 --json")]
 pub struct BenchArgs {
-    /// `tiny`, `pythia-70m`, `pythia-160m`, or a path to a `config.json`.
+    /// `tiny`, `pythia-70m`, `-160m`, `-410m`, `-1.4b`, `-2.8b`, or a path to a `config.json`.
     #[arg(long, default_value = "tiny")]
     pub shape: String,
     /// Preference pairs per step (each pair is two sequences).
@@ -33,19 +33,26 @@ pub struct BenchArgs {
     /// cpu, cuda, cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// `no` or `bf16`: as `training.mixed_precision` (f32 weights otherwise).
+    #[arg(long, default_value = "no")]
+    pub mixed_precision: String,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
 }
 
-const PYTHIA_70M: &str = r#"{"model_type":"gpt_neox","vocab_size":50304,"hidden_size":512,"num_hidden_layers":6,
-"num_attention_heads":8,"intermediate_size":2048,"rotary_pct":0.25,"rotary_emb_base":10000,
-"max_position_embeddings":2048,"layer_norm_eps":1e-5,"use_parallel_residual":true,"hidden_act":"gelu",
-"tie_word_embeddings":false,"bos_token_id":0,"eos_token_id":0}"#;
-const PYTHIA_160M: &str = r#"{"model_type":"gpt_neox","vocab_size":50304,"hidden_size":768,"num_hidden_layers":12,
-"num_attention_heads":12,"intermediate_size":3072,"rotary_pct":0.25,"rotary_emb_base":10000,
-"max_position_embeddings":2048,"layer_norm_eps":1e-5,"use_parallel_residual":true,"hidden_act":"gelu",
-"tie_word_embeddings":false,"bos_token_id":0,"eos_token_id":0}"#;
+/// A Pythia suite shape (GPT-NeoX, parallel residual, rotary on a quarter of each head): the
+/// suite differs only in width, depth and head count.
+fn pythia(hidden: usize, layers: usize, heads: usize) -> String {
+    json!({
+        "model_type": "gpt_neox", "vocab_size": 50304, "hidden_size": hidden, "num_hidden_layers": layers,
+        "num_attention_heads": heads, "intermediate_size": 4 * hidden, "rotary_pct": 0.25,
+        "rotary_emb_base": 10000, "max_position_embeddings": 2048, "layer_norm_eps": 1e-5,
+        "use_parallel_residual": true, "hidden_act": "gelu", "tie_word_embeddings": false,
+        "bos_token_id": 0, "eos_token_id": 0
+    })
+    .to_string()
+}
 
 pub fn run(args: BenchArgs) -> Result<()> {
     let report = bench(&args)?;
@@ -92,8 +99,11 @@ pub fn bench(args: &BenchArgs) -> Result<serde_json::Value> {
     }
     let config_json = match args.shape.as_str() {
         "tiny" => None,
-        "pythia-70m" => Some(PYTHIA_70M.to_string()),
-        "pythia-160m" => Some(PYTHIA_160M.to_string()),
+        "pythia-70m" => Some(pythia(512, 6, 8)),
+        "pythia-160m" => Some(pythia(768, 12, 12)),
+        "pythia-410m" => Some(pythia(1024, 24, 16)),
+        "pythia-1.4b" => Some(pythia(2048, 24, 16)),
+        "pythia-2.8b" => Some(pythia(2560, 32, 32)),
         path => Some(std::fs::read_to_string(path).with_context(|| format!("--shape {path}: not a named shape and not a readable config.json"))?),
     };
     let scratch = tempfile::tempdir().context("cannot create a scratch directory")?;
@@ -107,11 +117,12 @@ pub fn bench(args: &BenchArgs) -> Result<serde_json::Value> {
     };
     let toml = format!(
         "output_dir = {out:?}\ndevice = {dev:?}\n[model]\nname_or_path = {model:?}\n[model.builtin]\nn_layer = 2\nn_head = 4\nn_embd = 64\nn_positions = {pos}\n\
-         [data]\ntrain = \"builtin:arith\"\nbuiltin_pairs = 8\n[training]\nlearning_rate = 1e-6\nbatch_size = {pairs}\n[sam]\nkind = \"logits\"\nrho = 0.05\n",
+         [data]\ntrain = \"builtin:arith\"\nbuiltin_pairs = 8\n[training]\nlearning_rate = 1e-6\nbatch_size = {pairs}\nmixed_precision = {mp:?}\n[sam]\nkind = \"logits\"\nrho = 0.05\n",
         out = scratch.path().display().to_string(),
         dev = args.device,
         pos = args.seq_len.max(64),
         pairs = args.pairs,
+        mp = args.mixed_precision,
     );
     let cfg = Config::parse(&toml, "bench", &[])?;
     let mut trainer = Trainer::new(cfg)?;
@@ -182,6 +193,7 @@ pub fn bench(args: &BenchArgs) -> Result<serde_json::Value> {
         "seq_len": args.seq_len,
         "steps": args.steps,
         "device": args.device,
+        "mixed_precision": args.mixed_precision,
         "params": total_params,
         "lm_head_share": share,
         "matmul_peak_gflops": peak,
@@ -191,7 +203,7 @@ pub fn bench(args: &BenchArgs) -> Result<serde_json::Value> {
 }
 
 /// A fixed batch of random tokens: one prompt token, the rest scored.
-fn random_batch(pairs: usize, len: usize, vocab: usize, pad: u32, device: &Device) -> Result<PreferenceBatch> {
+pub(crate) fn random_batch(pairs: usize, len: usize, vocab: usize, pad: u32, device: &Device) -> Result<PreferenceBatch> {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
     let mut seq = || Sequence { ids: (0..len).map(|_| rng.random_range(0..vocab as u32)).collect(), prompt_len: 1 };
     let tp: Vec<TokenizedPair> = (0..pairs).map(|_| TokenizedPair { chosen: seq(), rejected: seq() }).collect();

@@ -1,10 +1,26 @@
 //! Saving models in Hugging Face format (`config.json`, `model.safetensors`, tokenizer files),
-//! so that `transformers` and candle-transformers load what `dpo-sam` writes.
+//! so that `transformers` and candle-transformers load what `dpo-sam` writes; and training
+//! checkpoints that a run resumes from bit for bit.
+//!
+//! A checkpoint is `output_dir/checkpoint-<step>/` with the model, `optimizer.safetensors`
+//! (AdamW's moments by parameter name, and the step), `trainer_state.json` (step, data
+//! position, metrics lines, schedule, skip counts) and `config.toml` (the resolved config).
+//! Everything is written into `checkpoint-<step>.tmp/`, synced, then `manifest.json` (sizes
+//! and SHA-256 of every other file) is written last and the directory renamed into place: a
+//! directory whose manifest is missing or does not match its files is incomplete and is
+//! never resumed from, so a crash or a full disk at any point leaves the previous checkpoint
+//! as the newest good one.
 
+use crate::config::Config;
 use crate::models::Model;
 use crate::tokenizer::Tok;
-use anyhow::{Context, Result};
-use std::path::Path;
+use crate::train::{DataCursor, Trainer};
+use anyhow::{anyhow, bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::path::{Path, PathBuf};
 
 /// Writes the model's current weights (HF tensor names, tied weights once), its `config.json`
 /// and the tokenizer into `dir`. Each file goes to a temporary name first and is renamed into
@@ -18,4 +34,319 @@ pub fn save_model(model: &Model, tok: &Tok, dir: &Path) -> Result<()> {
     let config = serde_json::to_string_pretty(&model.config_json)?;
     std::fs::write(dir.join("config.json"), config).with_context(|| format!("cannot write config.json in {}", dir.display()))?;
     tok.save(dir)
+}
+
+/// `trainer_state.json`: everything besides tensors that the loop needs to continue.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TrainerState {
+    /// Optimiser steps completed (skipped non-finite steps included).
+    pub step: usize,
+    /// Epoch and position in that epoch's permutation. The permutation is a pure function of
+    /// (seed, epoch), and nothing else in the loop draws random numbers, so this is the whole
+    /// RNG state.
+    pub data: DataCursor,
+    /// Lines of `metrics.jsonl` written up to this step; a resumed run cuts the file here.
+    pub metrics_lines: usize,
+    /// Steps skipped for a non-finite loss or gradient norm (`training.skip_nonfinite`).
+    pub nonfinite_skipped: usize,
+    /// The learning-rate schedule in force (recomputed from the config on resume; recorded so
+    /// that a reader of the checkpoint sees it).
+    pub schedule: ScheduleState,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ScheduleState {
+    pub peak: f64,
+    pub warmup: usize,
+    pub total: usize,
+    pub kind: String,
+}
+
+/// `manifest.json`: written last, so its presence and agreement with the files is what makes a
+/// checkpoint complete.
+#[derive(Debug, Serialize, Deserialize)]
+struct Manifest {
+    step: usize,
+    files: BTreeMap<String, FileEntry>,
+}
+
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+struct FileEntry {
+    size: u64,
+    sha256: String,
+}
+
+const MANIFEST: &str = "manifest.json";
+const STATE: &str = "trainer_state.json";
+const OPTIMIZER: &str = "optimizer.safetensors";
+const CONFIG: &str = "config.toml";
+const MODEL: &str = "model.safetensors";
+
+/// The directory name of the checkpoint after `step` optimiser steps.
+pub fn dir_name(step: usize) -> String {
+    format!("checkpoint-{step}")
+}
+
+/// Saves a checkpoint of `trainer` at its current step under `out_dir`, then deletes the oldest
+/// complete checkpoints beyond `training.save_total_limit`. Returns the checkpoint directory.
+pub fn save(trainer: &Trainer, out_dir: &Path) -> Result<PathBuf> {
+    let step = trainer.step;
+    let final_dir = out_dir.join(dir_name(step));
+    let tmp = out_dir.join(format!("{}.tmp", dir_name(step)));
+    let written = write_tmp(trainer, &tmp).and_then(|()| {
+        // A complete checkpoint of the same step exists when a run resumed from an earlier one
+        // reaches this step again; it is replaced only once the new one is whole.
+        let old = out_dir.join(format!("{}.old", dir_name(step)));
+        if final_dir.exists() {
+            remove_path(&old)?;
+            std::fs::rename(&final_dir, &old).with_context(|| format!("cannot move aside {}", final_dir.display()))?;
+        }
+        std::fs::rename(&tmp, &final_dir)
+            .with_context(|| format!("cannot rename {} to {}", tmp.display(), final_dir.display()))?;
+        sync_dir(out_dir)?;
+        remove_path(&old)
+    });
+    if let Err(e) = written {
+        // Best effort: the error that matters is the one being returned.
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e.context(format!(
+            "saving checkpoint at step {step} in {} failed; earlier checkpoints are untouched",
+            out_dir.display()
+        )));
+    }
+    if let Some(limit) = trainer.cfg.training.save_total_limit {
+        let (complete, _) = list(out_dir)?;
+        for (_, old) in complete.iter().rev().skip(limit) {
+            std::fs::remove_dir_all(old).with_context(|| format!("cannot delete old checkpoint {}", old.display()))?;
+        }
+    }
+    Ok(final_dir)
+}
+
+fn write_tmp(trainer: &Trainer, tmp: &Path) -> Result<()> {
+    remove_path(tmp)?;
+    std::fs::create_dir_all(tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    save_model(&trainer.policy, &trainer.tok, tmp)?;
+    let opt = tmp.join(OPTIMIZER);
+    candle_core::safetensors::save(&trainer.optimizer.state_tensors(&trainer.policy.params)?, &opt)
+        .with_context(|| format!("cannot write {}", opt.display()))?;
+    let s = &trainer.schedule;
+    let state = TrainerState {
+        step: trainer.step,
+        data: trainer.data_pos,
+        metrics_lines: trainer.metrics_lines,
+        nonfinite_skipped: trainer.nonfinite_skipped,
+        schedule: ScheduleState { peak: s.peak, warmup: s.warmup, total: s.total, kind: s.kind.clone() },
+    };
+    write_file(&tmp.join(STATE), serde_json::to_string_pretty(&state)?.as_bytes())?;
+    let config = toml::to_string(&trainer.cfg).context("cannot serialise the config")?;
+    write_file(&tmp.join(CONFIG), config.as_bytes())?;
+
+    let mut files = BTreeMap::new();
+    let mut names: Vec<String> = std::fs::read_dir(tmp)
+        .with_context(|| format!("cannot list {}", tmp.display()))?
+        .map(|e| Ok(e?.file_name().to_string_lossy().into_owned()))
+        .collect::<std::io::Result<_>>()?;
+    names.sort();
+    for name in names {
+        let path = tmp.join(&name);
+        std::fs::File::open(&path)
+            .and_then(|f| f.sync_all())
+            .with_context(|| format!("cannot sync {}", path.display()))?;
+        files.insert(name, hash_file(&path)?);
+    }
+    let manifest = Manifest { step: trainer.step, files };
+    write_file(&tmp.join(MANIFEST), serde_json::to_string_pretty(&manifest)?.as_bytes())?;
+    sync_dir(tmp)
+}
+
+/// Writes and fsyncs one file.
+fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut f = std::fs::File::create(path).with_context(|| format!("cannot write {}", path.display()))?;
+    f.write_all(bytes).and_then(|()| f.sync_all()).with_context(|| format!("cannot write {}", path.display()))
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    std::fs::File::open(dir)
+        .and_then(|f| f.sync_all())
+        .with_context(|| format!("cannot sync directory {}", dir.display()))
+}
+
+fn remove_path(path: &Path) -> Result<()> {
+    let result = if path.is_dir() {
+        std::fs::remove_dir_all(path)
+    } else if path.exists() {
+        std::fs::remove_file(path)
+    } else {
+        return Ok(());
+    };
+    result.with_context(|| format!("cannot remove {}", path.display()))
+}
+
+fn hash_file(path: &Path) -> Result<FileEntry> {
+    let mut f = std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut hasher = Sha256::new();
+    let size = std::io::copy(&mut f, &mut hasher).with_context(|| format!("cannot read {}", path.display()))?;
+    let sha256 = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    Ok(FileEntry { size, sha256 })
+}
+
+/// Checks a checkpoint directory against its manifest: every listed file present with the
+/// recorded size and checksum. The error says what is missing or wrong.
+pub fn verify(dir: &Path) -> Result<()> {
+    let path = dir.join(MANIFEST);
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("{}: no manifest.json (the save did not finish)", dir.display()))?;
+    let manifest: Manifest =
+        serde_json::from_str(&text).with_context(|| format!("{}: manifest is not valid JSON", path.display()))?;
+    for required in [MODEL, OPTIMIZER, STATE, CONFIG] {
+        if !manifest.files.contains_key(required) {
+            bail!("{}: manifest does not list {required}", path.display());
+        }
+    }
+    for (name, want) in &manifest.files {
+        let file = dir.join(name);
+        let size = std::fs::metadata(&file).map(|m| m.len()).map_err(|_| anyhow!("{}: missing", file.display()))?;
+        if size != want.size {
+            bail!("{}: {size} bytes, manifest says {}", file.display(), want.size);
+        }
+        if hash_file(&file)?.sha256 != want.sha256 {
+            bail!("{}: checksum does not match the manifest", file.display());
+        }
+    }
+    Ok(())
+}
+
+/// Checkpoints under `out_dir` by step, oldest first: the complete ones (manifest present;
+/// checksums are checked by [`latest`]), and the paths of incomplete ones (`.tmp` leftovers,
+/// directories without a manifest).
+pub fn list(out_dir: &Path) -> Result<(Vec<(usize, PathBuf)>, Vec<PathBuf>)> {
+    let mut complete = Vec::new();
+    let mut incomplete = Vec::new();
+    let entries = std::fs::read_dir(out_dir).with_context(|| format!("cannot list {}", out_dir.display()))?;
+    for entry in entries {
+        let path = entry?.path();
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else { continue };
+        let Some(rest) = name.strip_prefix("checkpoint-") else { continue };
+        match rest.parse::<usize>() {
+            Ok(step) if path.join(MANIFEST).is_file() => complete.push((step, path)),
+            _ if path.is_dir() => incomplete.push(path),
+            _ => {}
+        }
+    }
+    complete.sort();
+    incomplete.sort();
+    Ok((complete, incomplete))
+}
+
+/// The newest checkpoint under `out_dir` that passes [`verify`]; every incomplete or corrupt
+/// one newer than it is named in a warning on stderr.
+pub fn latest(out_dir: &Path) -> Result<PathBuf> {
+    if !out_dir.is_dir() {
+        bail!("--resume: {} is not a directory", out_dir.display());
+    }
+    let (complete, incomplete) = list(out_dir)?;
+    for path in &incomplete {
+        eprintln!("warning: ignoring incomplete checkpoint {} (no manifest; an interrupted save)", path.display());
+    }
+    for (_, path) in complete.iter().rev() {
+        match verify(path) {
+            Ok(()) => return Ok(path.clone()),
+            Err(e) => eprintln!("warning: ignoring checkpoint {}: {e:#}", path.display()),
+        }
+    }
+    bail!("--resume: no complete checkpoint (checkpoint-<step>/ with a valid manifest.json) in {}", out_dir.display())
+}
+
+/// The resolved config a checkpoint was saved with.
+pub fn load_config(dir: &Path) -> Result<Config> {
+    let path = dir.join(CONFIG);
+    Config::load(&path, &[])
+}
+
+pub fn load_state(dir: &Path) -> Result<TrainerState> {
+    let path = dir.join(STATE);
+    let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{}: not a trainer state", path.display()))
+}
+
+/// Config keys that may change between a run and its resumption: where output goes, what is
+/// logged, evaluated and saved, the device, and the non-finite guard. Every other key changes
+/// the sequence of updates (data, model, loss, optimiser, schedule via `max_steps`, seed).
+pub const DRIFT_ALLOWED: &[&str] = &[
+    "output_dir",
+    "device",
+    "training.logging_steps",
+    "training.eval_steps",
+    "training.save_steps",
+    "training.save_total_limit",
+    "training.skip_nonfinite",
+];
+
+/// Keys whose values differ between the saved and the current config and that affect the
+/// trajectory, as `key: saved -> now` lines.
+pub fn config_drift(saved: &Config, now: &Config) -> Result<Vec<String>> {
+    let (a, b) = (flatten(saved)?, flatten(now)?);
+    let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+    let show = |v: Option<&toml::Value>| v.map_or("(unset)".to_string(), |v| v.to_string());
+    Ok(keys
+        .into_iter()
+        .filter(|k| !DRIFT_ALLOWED.contains(&k.as_str()) && a.get(*k) != b.get(*k))
+        .map(|k| format!("{k}: {} -> {}", show(a.get(k)), show(b.get(k))))
+        .collect())
+}
+
+fn flatten(cfg: &Config) -> Result<BTreeMap<String, toml::Value>> {
+    fn walk(prefix: &str, v: toml::Value, out: &mut BTreeMap<String, toml::Value>) {
+        match v {
+            toml::Value::Table(t) => {
+                for (k, v) in t {
+                    let key = if prefix.is_empty() { k } else { format!("{prefix}.{k}") };
+                    walk(&key, v, out);
+                }
+            }
+            other => {
+                out.insert(prefix.to_string(), other);
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk("", toml::Value::try_from(cfg).context("cannot serialise the config")?, &mut out);
+    Ok(out)
+}
+
+/// Loads a verified checkpoint into a freshly built trainer: weights (and f32 masters),
+/// optimiser moments and step, data position and counters.
+pub fn restore(trainer: &mut Trainer, dir: &Path) -> Result<TrainerState> {
+    let state = load_state(dir)?;
+    let model_path = dir.join(MODEL);
+    let weights = candle_core::safetensors::load(&model_path, &trainer.device)
+        .with_context(|| format!("cannot read {}", model_path.display()))?;
+    for p in &trainer.policy.params {
+        let t = weights
+            .get(&p.name)
+            .ok_or_else(|| anyhow!("{}: tensor `{}` is missing", model_path.display(), p.name))?;
+        if t.dims() != p.var.dims() {
+            bail!("{}: tensor `{}` has shape {:?}, the model expects {:?}", model_path.display(), p.name, t.dims(), p.var.dims());
+        }
+        if !t.dtype().is_float() {
+            bail!("{}: tensor `{}` has dtype {:?}, expected a float dtype", model_path.display(), p.name, t.dtype());
+        }
+        p.var.set(&t.to_dtype(p.var.dtype())?)?;
+        if let Some(master) = &p.master {
+            master.set(&t.to_dtype(master.dtype())?)?;
+        }
+    }
+    let opt_path = dir.join(OPTIMIZER);
+    let tensors: HashMap<String, candle_core::Tensor> = candle_core::safetensors::load(&opt_path, &trainer.device)
+        .with_context(|| format!("cannot read {}", opt_path.display()))?;
+    trainer
+        .optimizer
+        .load_state(&trainer.policy.params, &tensors)
+        .with_context(|| format!("{}", opt_path.display()))?;
+    trainer.step = state.step;
+    trainer.data_pos = state.data;
+    trainer.metrics_lines = state.metrics_lines;
+    trainer.nonfinite_skipped = state.nonfinite_skipped;
+    Ok(state)
 }

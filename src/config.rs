@@ -158,6 +158,11 @@ pub struct TrainingConfig {
     pub dpop_lambda: f64,
     #[serde(default = "default_beta")]
     pub beta: f64,
+    /// Compute the reference log-probs once over train + eval before training, cache them in
+    /// `output_dir/ref_logps-<fingerprint>.safetensors` and free the reference model (TRL's
+    /// `precompute_ref_log_probs`).
+    #[serde(default)]
+    pub precompute_ref_log_probs: bool,
     pub learning_rate: f64,
     /// Pairs per optimizer step (global batch).
     pub batch_size: usize,
@@ -195,22 +200,41 @@ pub struct TrainingConfig {
     /// Evaluate on `data.eval` every this many steps (0 = only at the end).
     #[serde(default)]
     pub eval_steps: usize,
+    /// `no` or `bf16` (accelerate's name): bf16 weights and matmuls, with f32 master weights,
+    /// optimiser state, log-softmax and loss. Needs `model.dtype = "f32"` (the masters' dtype).
+    #[serde(default = "default_mixed_precision")]
+    pub mixed_precision: String,
+    /// Save a resumable checkpoint (`output_dir/checkpoint-<step>/`) every this many steps, and
+    /// always at the end; 0 saves only at the end (TRL's `save_steps`).
+    #[serde(default)]
+    pub save_steps: usize,
+    /// Keep only the newest this many checkpoints (TRL's `save_total_limit`); unset keeps all.
+    #[serde(default)]
+    pub save_total_limit: Option<usize>,
+    /// A non-finite loss or gradient norm skips that step's update and counts it
+    /// (`nonfinite_skipped` in metrics) instead of stopping the run with an error.
+    #[serde(default)]
+    pub skip_nonfinite: bool,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct SamConfig {
-    /// `none` or `logits`.
+    /// `none`, `logits` (the paper's logits-SAM: output layer only, one backward) or `full`
+    /// (SAM over every trainable parameter: two forward/backward passes per micro-batch).
     #[serde(default = "default_sam_kind")]
     pub kind: String,
     /// Perturbation radius ρ (paper's Table 6: 1e-4 for Pythia-2.8B, 1e-5 for Mistral-7B).
     #[serde(default)]
     pub rho: f64,
+    /// Adaptive SAM (ASAM, Kwon et al. 2021): e = ρ |W|² ⊙ g / ‖|W| ⊙ g‖, for either kind.
+    #[serde(default)]
+    pub adaptive: bool,
 }
 
 impl Default for SamConfig {
     fn default() -> Self {
-        Self { kind: default_sam_kind(), rho: 0.0 }
+        Self { kind: default_sam_kind(), rho: 0.0, adaptive: false }
     }
 }
 
@@ -291,6 +315,9 @@ fn default_beta2() -> f64 {
 fn default_eps() -> f64 {
     1e-8
 }
+fn default_mixed_precision() -> String {
+    "no".into()
+}
 fn default_scheduler() -> String {
     "linear".into()
 }
@@ -347,8 +374,27 @@ impl Config {
         }
         check(t.num_train_epochs > 0.0, "training.num_train_epochs", "must be > 0", t.num_train_epochs)?;
         crate::losses::Loss::from_config(t)?;
+        if let Some(w) = t.loss_weights.iter().flatten().find(|w| !w.is_finite()) {
+            bail!("training.loss_weights: must be finite, got {w}");
+        }
+        if let Some(a) = t.rpo_alpha {
+            check(a >= 0.0 && a.is_finite(), "training.rpo_alpha", "must be >= 0", a)?;
+        }
+        check((0.0..0.5).contains(&t.label_smoothing), "training.label_smoothing", "must be in [0, 0.5)", t.label_smoothing)?;
+        check(t.simpo_gamma.is_finite(), "training.simpo_gamma", "must be finite", t.simpo_gamma)?;
+        check(t.cpo_alpha >= 0.0 && t.cpo_alpha.is_finite(), "training.cpo_alpha", "must be >= 0", t.cpo_alpha)?;
+        check(t.slic_delta >= 0.0 && t.slic_delta.is_finite(), "training.slic_delta", "must be >= 0", t.slic_delta)?;
+        check(t.slic_lambda >= 0.0 && t.slic_lambda.is_finite(), "training.slic_lambda", "must be >= 0", t.slic_lambda)?;
+        check(t.dpop_lambda >= 0.0 && t.dpop_lambda.is_finite(), "training.dpop_lambda", "must be >= 0", t.dpop_lambda)?;
         one_of("training.optimizer", &t.optimizer, &["adamw", "sgd"])?;
         one_of("training.lr_scheduler_type", &t.lr_scheduler_type, &["constant", "linear", "cosine"])?;
+        one_of("training.mixed_precision", &t.mixed_precision, &["no", "bf16"])?;
+        if t.mixed_precision == "bf16" && self.model.dtype != "f32" {
+            bail!(
+                "training.mixed_precision = \"bf16\" keeps f32 master weights, so model.dtype must be \"f32\" (got \"{}\")",
+                self.model.dtype
+            );
+        }
         check(t.weight_decay >= 0.0, "training.weight_decay", "must be >= 0", t.weight_decay)?;
         check((0.0..1.0).contains(&t.adam_beta1), "training.adam_beta1", "must be in [0, 1)", t.adam_beta1)?;
         check((0.0..1.0).contains(&t.adam_beta2), "training.adam_beta2", "must be in [0, 1)", t.adam_beta2)?;
@@ -356,6 +402,9 @@ impl Config {
         check((0.0..1.0).contains(&t.warmup_ratio), "training.warmup_ratio", "must be in [0, 1)", t.warmup_ratio)?;
         check(t.max_grad_norm >= 0.0, "training.max_grad_norm", "must be >= 0 (0 disables)", t.max_grad_norm)?;
         check(t.logging_steps > 0, "training.logging_steps", "must be > 0", t.logging_steps)?;
+        if let Some(n) = t.save_total_limit {
+            check(n > 0, "training.save_total_limit", "must be > 0 (leave it unset to keep every checkpoint)", n)?;
+        }
         check(d.max_length >= 2, "data.max_length", "must be >= 2", d.max_length)?;
         if let Some(p) = d.max_prompt_length {
             check(p >= 1 && p < d.max_length, "data.max_prompt_length", "must be in [1, max_length)", p)?;
@@ -380,7 +429,7 @@ impl Config {
             bail!("model.builtin.n_embd: must be a positive multiple of n_head ({}), got {}", b.n_head, b.n_embd);
         }
         check(b.n_positions >= 2, "model.builtin.n_positions", "must be >= 2", b.n_positions)?;
-        one_of("sam.kind", &self.sam.kind, &["none", "logits"])?;
+        one_of("sam.kind", &self.sam.kind, &["none", "logits", "full"])?;
         check(self.sam.rho >= 0.0 && self.sam.rho.is_finite(), "sam.rho", "must be >= 0", self.sam.rho)?;
         crate::device::parse_name(&self.device).map_err(|e| anyhow!("device: {e}"))?;
         Ok(())
@@ -470,6 +519,7 @@ batch_size = 8
         assert_eq!(cfg.ref_name_or_path(), "builtin:tiny-gpt2");
         assert_eq!((cfg.data.format.as_str(), cfg.data.eval_fraction, cfg.data.strict), ("auto", 0.0, false));
         assert_eq!((cfg.data.split.as_str(), cfg.data.group_by_length), ("train", 0));
+        assert_eq!((cfg.training.save_steps, cfg.training.save_total_limit, cfg.training.skip_nonfinite), (0, None, false));
     }
 
     #[test]
@@ -478,6 +528,25 @@ batch_size = 8
         let cfg = Config::parse(MINIMAL, "cfg.toml", &ov).unwrap();
         assert_eq!(cfg.training.beta, 0.5);
         assert_eq!(cfg.sam.kind, "logits");
+    }
+
+    #[test]
+    fn loss_lists_and_sam_options_parse() {
+        let ov: Vec<String> = [
+            "training.loss_type=[\"sigmoid\", \"sft\"]",
+            "training.loss_weights=[1.0, 0.5]",
+            "training.precompute_ref_log_probs=true",
+            "sam.kind=full",
+            "sam.adaptive=true",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let cfg = Config::parse(MINIMAL, "cfg.toml", &ov).unwrap();
+        assert_eq!(cfg.training.loss_type.names(), vec!["sigmoid", "sft"]);
+        assert_eq!(cfg.training.loss_weights, Some(vec![1.0, 0.5]));
+        assert!(cfg.training.precompute_ref_log_probs && cfg.sam.adaptive);
+        assert_eq!(cfg.sam.kind, "full");
     }
 
     #[test]
@@ -494,12 +563,22 @@ batch_size = 8
         assert!(e.contains("learning_rate"), "{e}");
         let e = err(MINIMAL, &["sam.kind=full-ish"]);
         assert!(e.contains("sam.kind: expected one of"), "{e}");
+        let e = err(MINIMAL, &["training.loss_type=[\"sigmoid\", \"dpo2\"]"]);
+        assert!(e.contains("training.loss_type: unknown loss `dpo2`"), "{e}");
+        let e = err(MINIMAL, &["training.loss_type=[\"sigmoid\", \"sft\"]", "training.loss_weights=[1.0]"]);
+        assert!(e.contains("training.loss_weights: 1 weights for 2 loss types"), "{e}");
+        let e = err(MINIMAL, &["training.label_smoothing=0.5"]);
+        assert!(e.contains("training.label_smoothing: must be in [0, 0.5)"), "{e}");
+        let e = err(MINIMAL, &["training.slic_delta=-1"]);
+        assert!(e.contains("training.slic_delta: must be >= 0"), "{e}");
         let e = err(MINIMAL, &["data.format=jsonish"]);
         assert!(e.contains("data.format: expected one of auto, hh"), "{e}");
         let e = err(MINIMAL, &["data.eval_fraction=1.5"]);
         assert!(e.contains("data.eval_fraction: must be in [0, 1)"), "{e}");
         let e = err(MINIMAL, &["data.eval_fraction=0.1", "data.eval=\"x.jsonl\""]);
         assert!(e.contains("data.eval_fraction") && e.contains("data.eval"), "{e}");
+        let e = err(MINIMAL, &["training.save_total_limit=0"]);
+        assert!(e.contains("training.save_total_limit: must be > 0"), "{e}");
         let e = err("output_dir = [", &[]);
         assert!(e.starts_with("cfg.toml: "), "{e}");
     }

@@ -22,6 +22,9 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+/// Batches per length-sorted window of prompts.
+const SORT_WINDOW_BATCHES: usize = 16;
+
 const GUIDE: &str = "\
 Prompts come from --data (any file or Hub dataset `dpo-sam train` reads; each record's prompt is
 found as training finds it: the `prompt` field, the dialogue up to the last `\\n\\nAssistant:` for
@@ -217,23 +220,28 @@ pub struct Completion {
 }
 
 /// Decodes continuations of `prompts` (token ids, none empty) as one left-padded batch with a KV
-/// cache. Row `i` samples from stream `first_stream + i` of `sampling.seed`; `eos` ends a row;
-/// `pad` fills the left padding and the steps of rows that have ended.
+/// cache. Row `i` samples from stream `streams[i]` of `sampling.seed` (its prompt's index, so
+/// that batching does not change the draws); `eos` ends a row; `pad` fills the left padding and
+/// the steps of rows that have ended.
 pub fn generate_batch(
     model: &dyn CausalLm,
     prompts: &[Vec<u32>],
-    first_stream: u64,
+    streams: &[u64],
     eos: Option<u32>,
     pad: u32,
     sampling: &Sampling,
     device: &Device,
 ) -> Result<Vec<Completion>> {
     sampling.check()?;
-    if let Some(i) = prompts.iter().position(Vec::is_empty) {
+    if streams.len() != prompts.len() {
         bail!(
-            "prompt {} of the batch has no tokens",
-            first_stream + i as u64
+            "{} prompts but {} sampling streams",
+            prompts.len(),
+            streams.len()
         );
+    }
+    if let Some(i) = prompts.iter().position(Vec::is_empty) {
+        bail!("prompt {} has no tokens", streams[i]);
     }
     let b = prompts.len();
     if b == 0 {
@@ -255,7 +263,7 @@ pub fn generate_batch(
     let mut rngs: Vec<ChaCha8Rng> = (0..b)
         .map(|i| {
             let mut rng = ChaCha8Rng::seed_from_u64(sampling.seed);
-            rng.set_stream(first_stream + i as u64);
+            rng.set_stream(streams[i]);
             rng
         })
         .collect();
@@ -274,9 +282,8 @@ pub fn generate_batch(
                 next.push(pad);
                 continue;
             }
-            let token = sample(row, sampling, &mut rngs[r]).with_context(|| {
-                format!("prompt {} at new token {step}", first_stream + r as u64)
-            })?;
+            let token = sample(row, sampling, &mut rngs[r])
+                .with_context(|| format!("prompt {} at new token {step}", streams[r]))?;
             next.push(token);
             if Some(token) == eos {
                 out[r] = Some(Completion {
@@ -323,9 +330,16 @@ pub fn sample(logits: &[f32], sampling: &Sampling, rng: &mut ChaCha8Rng) -> Resu
             .fold(0, |best, (i, &l)| if l > logits[best] { i } else { best });
         return Ok(best as u32);
     }
+    // Most likely first, ties by id, so the draw is a function of the logits alone.
+    let by_logit = |a: &usize, b: &usize| logits[*b].total_cmp(&logits[*a]).then(a.cmp(b));
     let mut order: Vec<usize> = (0..logits.len()).collect();
-    order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
-    order.truncate(sampling.top_k.unwrap_or(order.len()).max(1));
+    let k = sampling.top_k.unwrap_or(order.len()).clamp(1, order.len());
+    if k < order.len() {
+        // Only the k kept need sorting, not the whole vocabulary.
+        order.select_nth_unstable_by(k - 1, by_logit);
+        order.truncate(k);
+    }
+    order.sort_unstable_by(by_logit);
     let t = sampling.temperature;
     let top = logits[order[0]] as f64 / t;
     let weights: Vec<f64> = order
@@ -556,24 +570,39 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         .map_or("stdout".to_string(), |p| p.display().to_string());
 
     let started = Instant::now();
-    let (mut new_tokens, mut prompt_tokens) = (0usize, 0usize);
-    for (n, chunk) in prompts.chunks(args.batch_size).enumerate() {
-        let first = n * args.batch_size;
-        let ids = chunk
+    let (mut new_tokens, mut prompt_tokens, mut done) = (0usize, 0usize, 0usize);
+    // Prompts of similar length share a batch (less padding to attend over), within windows
+    // that are written in input order as each finishes.
+    for window in prompts.chunks(args.batch_size * SORT_WINDOW_BATCHES) {
+        let ids = window
             .iter()
             .map(|p| prompt_ids(&tok, &p.text, args.max_prompt_length))
             .collect::<Result<Vec<_>>>()?;
-        let completions = generate_batch(
-            model.net.as_ref(),
-            &ids,
-            first as u64,
-            Some(tok.eos_id),
-            tok.pad_id,
-            &sampling,
-            &device,
-        )
-        .with_context(|| format!("generating for prompts {}..{}", first, first + chunk.len()))?;
-        for ((p, ids), c) in chunk.iter().zip(&ids).zip(&completions) {
+        let mut order: Vec<usize> = (0..window.len()).collect();
+        order.sort_by_key(|&i| ids[i].len());
+        let mut completions: Vec<Option<Completion>> = vec![None; window.len()];
+        for batch in order.chunks(args.batch_size) {
+            let rows: Vec<Vec<u32>> = batch.iter().map(|&i| ids[i].clone()).collect();
+            let streams: Vec<u64> = batch.iter().map(|&i| (done + i) as u64).collect();
+            let out = generate_batch(
+                model.net.as_ref(),
+                &rows,
+                &streams,
+                Some(tok.eos_id),
+                tok.pad_id,
+                &sampling,
+                &device,
+            )
+            .with_context(|| format!("generating for prompts {streams:?}"))?;
+            for (&i, c) in batch.iter().zip(out) {
+                completions[i] = Some(c);
+            }
+        }
+        for ((p, ids), c) in window
+            .iter()
+            .zip(&ids)
+            .zip(completions.into_iter().flatten())
+        {
             prompt_tokens += ids.len();
             new_tokens += c.tokens.len() + (c.finish == Finish::Eos) as usize;
             let line = json!({
@@ -589,8 +618,9 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         }
         sink.flush()
             .with_context(|| format!("cannot write {out_name}"))?;
+        done += window.len();
         if args.out.is_some() {
-            eprintln!("{}/{} prompts done", first + chunk.len(), prompts.len());
+            eprintln!("{done}/{} prompts done", prompts.len());
         }
     }
     let secs = started.elapsed().as_secs_f64();

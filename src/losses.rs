@@ -23,6 +23,23 @@ pub struct PairLogps {
 }
 
 impl PairLogps {
+    /// From per-row sequence log-probs `[2b]` (chosen rows first, as in `PreferenceBatch`), the
+    /// optional reference (chosen, rejected) and the batch's per-row response lengths.
+    pub fn from_rows(seq: &Tensor, reference: Option<&(Tensor, Tensor)>, response_lens: &[usize]) -> Result<PairLogps> {
+        let b = response_lens.len() / 2;
+        // An empty response cannot be tokenised, but a zero length must never divide.
+        let lens: Vec<f64> = response_lens.iter().map(|&n| n.max(1) as f64).collect();
+        let lens = Tensor::new(lens.as_slice(), seq.device())?.to_dtype(seq.dtype())?;
+        Ok(PairLogps {
+            chosen: seq.narrow(0, 0, b)?,
+            rejected: seq.narrow(0, b, b)?,
+            ref_chosen: reference.map(|r| r.0.clone()),
+            ref_rejected: reference.map(|r| r.1.clone()),
+            chosen_tokens: lens.narrow(0, 0, b)?,
+            rejected_tokens: lens.narrow(0, b, b)?,
+        })
+    }
+
     /// Mean negative log-likelihood per chosen-response token (TRL's `nll_loss`, per pair).
     pub fn chosen_nll(&self) -> candle_core::Result<Tensor> {
         (&self.chosen / &self.chosen_tokens)?.neg()

@@ -22,6 +22,9 @@ enum Command {
     Bench(dpo_sam::bench::BenchArgs),
     /// Train a policy with DPO (or another preference loss), optionally with logits-SAM.
     Train(dpo_sam::train::TrainArgs),
+    /// Per-pair log-probs, rewards and loss of a model (and reference) on a preference file, as
+    /// JSONL, with a summary (mean loss, reward accuracy, mean margin).
+    Score(dpo_sam::score::ScoreArgs),
     /// Pairwise LLM-judge win rate against a baseline: build judge prompts, send them, score.
     Eval(dpo_sam::eval::EvalArgs),
     /// Simulate the paper's §3.2 toy (fixed-feature softmax regression): the squeezing effect of
@@ -35,6 +38,10 @@ enum Command {
     /// Generate completions for a data file's prompts (greedy or sampled, batched, KV cache)
     /// as JSONL for `eval`; `--preset hh|tldr` uses the paper's decoding settings.
     Generate(dpo_sam::generate::GenerateArgs),
+    /// CUDA-vs-CPU parity of logits, log-probs and one step's gradients on tiny GPT-2,
+    /// GPT-NeoX and Mistral models, as JSON (see docs/gpu.md).
+    #[command(name = "gpu-check", hide = true)]
+    GpuCheck(dpo_sam::gpucheck::GpuCheckArgs),
 }
 
 fn main() {
@@ -42,11 +49,13 @@ fn main() {
     let result = match cli.command {
         Command::Bench(args) => dpo_sam::bench::run(args),
         Command::Train(args) => dpo_sam::train::run(args),
+        Command::Score(args) => dpo_sam::score::run(args),
         Command::Eval(args) => dpo_sam::eval::run(args),
         Command::Toy(args) => dpo_sam::toy::run(args),
         Command::Plot(args) => dpo_sam::plot::run(args),
         Command::Data(args) => dpo_sam::data::inspect::run(args),
         Command::Generate(args) => dpo_sam::generate::run(args),
+        Command::GpuCheck(args) => dpo_sam::gpucheck::run(args),
     };
     if let Err(err) = result {
         eprintln!("error: {err:#}");

@@ -5,7 +5,8 @@
 //! `transformers`' Trainer: no weight decay on biases and norm weights (rank-1 tensors).
 
 use crate::models::Param;
-use anyhow::{bail, Result};
+use anyhow::{anyhow, bail, Result};
+use std::collections::HashMap;
 use candle_core::{backprop::GradStore, DType, Tensor};
 
 /// Sum of per-micro-batch gradients, one slot per parameter.
@@ -103,12 +104,53 @@ impl Optimizer {
         Self::new(kind, params)
     }
 
+    /// The state to save: `m.<param>` and `v.<param>` (AdamW) and `step`.
+    pub fn state_tensors(&self, params: &[Param]) -> Result<HashMap<String, Tensor>> {
+        let mut out = HashMap::new();
+        for (i, p) in params.iter().enumerate() {
+            if let (Some(m), Some(v)) = (self.m.get(i), self.v.get(i)) {
+                out.insert(format!("m.{}", p.name), m.clone());
+                out.insert(format!("v.{}", p.name), v.clone());
+            }
+        }
+        out.insert("step".into(), Tensor::new(self.step as i64, &candle_core::Device::Cpu)?);
+        Ok(out)
+    }
+
+    /// Restores what [`Optimizer::state_tensors`] saved; every moment must be present with its
+    /// parameter's shape.
+    pub fn load_state(&mut self, params: &[Param], tensors: &HashMap<String, Tensor>) -> Result<()> {
+        let step = tensors.get("step").ok_or_else(|| anyhow!("tensor `step` is missing"))?;
+        self.step = usize::try_from(step.to_dtype(DType::I64)?.to_scalar::<i64>()?)
+            .map_err(|_| anyhow!("tensor `step` is negative"))?;
+        for (i, p) in params.iter().enumerate() {
+            if i >= self.m.len() {
+                break;
+            }
+            for (prefix, slot) in [("m", &mut self.m[i]), ("v", &mut self.v[i])] {
+                let name = format!("{prefix}.{}", p.name);
+                let t = tensors.get(&name).ok_or_else(|| anyhow!("tensor `{name}` is missing"))?;
+                if t.dims() != slot.dims() {
+                    bail!("tensor `{name}` has shape {:?}, the parameter has {:?}", t.dims(), slot.dims());
+                }
+                if t.dtype() != DType::F32 {
+                    bail!("tensor `{name}` has dtype {:?}, expected F32", t.dtype());
+                }
+                *slot = t.to_dtype(DType::F32)?.to_device(slot.device())?;
+            }
+        }
+        Ok(())
+    }
+
     /// One update with learning rate `lr`. Parameters without a gradient are left alone.
     pub fn apply(&mut self, params: &[Param], grads: &[Option<Tensor>], lr: f64) -> Result<()> {
         self.step += 1;
         for (i, (p, g)) in params.iter().zip(grads).enumerate() {
             let Some(g) = g else { continue };
-            let w = p.var.as_tensor().to_dtype(DType::F32)?;
+            let w = match &p.master {
+                Some(master) => master.as_tensor().clone(),
+                None => p.var.as_tensor().to_dtype(DType::F32)?,
+            };
             // Decoupled decay, skipped for biases and norm weights.
             let decay = if p.var.rank() >= 2 {
                 match self.kind {
@@ -131,6 +173,9 @@ impl Optimizer {
                 OptimizerKind::Sgd { .. } => (w - (g * lr)?)?,
             };
             p.var.set(&new.to_dtype(p.var.dtype())?)?;
+            if let Some(master) = &p.master {
+                master.set(&new)?;
+            }
         }
         Ok(())
     }
@@ -183,8 +228,8 @@ mod tests {
     #[test]
     fn adamw_first_step_moves_by_lr_and_skips_decay_on_vectors() -> Result<()> {
         let dev = Device::Cpu;
-        let w = Param { name: "w".into(), var: Var::from_tensor(&Tensor::ones((2, 2), DType::F32, &dev)?)? };
-        let b = Param { name: "b".into(), var: Var::from_tensor(&Tensor::ones(2, DType::F32, &dev)?)? };
+        let w = Param { name: "w".into(), var: Var::from_tensor(&Tensor::ones((2, 2), DType::F32, &dev)?)?, master: None };
+        let b = Param { name: "b".into(), var: Var::from_tensor(&Tensor::ones(2, DType::F32, &dev)?)?, master: None };
         let params = vec![w, b];
         let kind = OptimizerKind::AdamW { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1 };
         let mut opt = Optimizer::new(kind, &params)?;

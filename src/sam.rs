@@ -5,14 +5,18 @@
 //! |-----------------------------------------------|----------------------------------------------|
 //! | 1: W ← lm_head.weight                         | `head.weight` (detached)                     |
 //! | 2: forward → loss_pre, hidden states H        | `h` from the step's forward; `loss_pre`      |
-//! | 3: g ← grad(loss_pre, W)                      | G = ∂loss_pre/∂logits, g = Gᵀ H              |
+//! | 3: g ← grad(loss_pre, W)                      | g = Gᵀ H, `OutputLayer::sam_gradient`        |
 //! | 4: e ← ρ g / ‖g‖₂                             | [`Perturbation::e`]                          |
 //! | 5: logits_perturbed ← linear(H, W + e)        | `OutputLayer::token_logps(h, _, Some(e))`    |
 //! | 6–7: loss_post, backward                      | in `train::step`                             |
+//!
+//! Also full SAM (`sam.kind = "full"`, [`perturb_params`]), the two-pass baseline the paper
+//! compares against, and the adaptive (ASAM) variant of both (`sam.adaptive`).
 
 use crate::output::OutputLayer;
 use anyhow::Result;
-use candle_core::{Tensor, Var};
+use crate::models::Param;
+use candle_core::{backprop::GradStore, DType, Tensor, Var};
 
 /// The perturbation e and the loss before it was applied.
 pub struct Perturbation {
@@ -33,22 +37,92 @@ pub fn logits_perturbation(
     rho: f64,
     objective: &dyn Fn(&Tensor) -> Result<Tensor>,
 ) -> Result<Perturbation> {
+    logits_perturbation_with(head, h, targets, rho, false, objective)
+}
+
+/// [`logits_perturbation`], optionally adaptive (`sam.adaptive`, see [`ascent_step`]).
+pub fn logits_perturbation_with(
+    head: &OutputLayer,
+    h: &Tensor,
+    targets: &Tensor,
+    rho: f64,
+    adaptive: bool,
+    objective: &dyn Fn(&Tensor) -> Result<Tensor>,
+) -> Result<Perturbation> {
     // W and H detached: this pass only measures the gradient, it must not enter the backward.
     let frozen = OutputLayer { weight: head.weight.detach(), bias: head.bias.as_ref().map(Tensor::detach) };
     let h = h.detach();
-    let (token_logps, probs) = frozen.token_logps_and_probs(&h, targets)?;
+    let token_logps = Var::from_tensor(&frozen.token_logps(&h, targets, None)?)?;
     // ∂loss/∂(token log-probs) is cheap (n values); G and g follow in closed form.
-    let token_logps = Var::from_tensor(&token_logps)?;
     let loss_pre = objective(token_logps.as_tensor())?;
     let grads = loss_pre.backward()?;
     let dlogp = match grads.get(&token_logps) {
         Some(g) => g.clone(),
         None => token_logps.zeros_like()?,
     };
-    let g = frozen.weight_grad(&h, targets, &probs, &dlogp)?;
-    let grad_norm = g.sqr()?.sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?.sqrt();
-    // Clamped so that a zero gradient gives a zero perturbation rather than NaN.
-    let e = (g * (rho / grad_norm.max(1e-12)))?;
+    let g = frozen.sam_gradient(&h, targets, &dlogp)?;
+    let grad_norm = sq_norm(&scaled_grad(&g, &frozen.weight, adaptive)?)?.sqrt();
+    let e = ascent_step(&g, &frozen.weight, rho, grad_norm, adaptive)?;
     let loss_pre = loss_pre.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
     Ok(Perturbation { e, loss_pre, grad_norm, token_logps: token_logps.as_tensor().detach() })
+}
+
+/// T ⊙ g with T = |W| when adaptive (ASAM's normalisation operator), else g.
+fn scaled_grad(g: &Tensor, w: &Tensor, adaptive: bool) -> Result<Tensor> {
+    Ok(if adaptive { (g * w.to_dtype(g.dtype())?.abs()?)? } else { g.clone() })
+}
+
+fn sq_norm(t: &Tensor) -> Result<f64> {
+    Ok(t.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?)
+}
+
+/// e = ρ T² g / ‖T g‖ with `norm` = ‖T g‖ taken over every perturbed tensor together: T = 1
+/// gives SAM's ρ g/‖g‖; T = |W| gives ASAM (Kwon et al. 2021), as in the reference SAM code.
+/// The official logits-SAM code's `sam_adaptive` uses ρ T g / ‖T g‖ (one factor of |W| fewer).
+fn ascent_step(g: &Tensor, w: &Tensor, rho: f64, norm: f64, adaptive: bool) -> Result<Tensor> {
+    // Clamped so that a zero gradient gives a zero perturbation rather than NaN.
+    let scale = rho / norm.max(1e-12);
+    let direction = if adaptive { scaled_grad(&scaled_grad(g, w, true)?, w, true)? } else { g.clone() };
+    Ok((direction * scale)?)
+}
+
+/// Full SAM's ascent (Foret et al. 2021), applied in place to every parameter with a gradient:
+/// W ← W + e. Holds copies of the original values so that [`FullPerturbation::restore`] puts
+/// back exactly the same bits rather than subtracting e (which rounds).
+pub struct FullPerturbation {
+    originals: Vec<(Var, Tensor)>,
+    /// ‖T g‖ over all parameters (T as in `ascent_step`).
+    pub grad_norm: f64,
+}
+
+/// Moves every parameter that has a gradient in `grads` to W + e, e = ρ T² g/‖T g‖ with one
+/// global norm over all of them.
+pub fn perturb_params(params: &[Param], grads: &GradStore, rho: f64, adaptive: bool) -> Result<FullPerturbation> {
+    let with_grad: Vec<(&Var, Tensor)> = params
+        .iter()
+        .filter_map(|p| grads.get(p.var.as_tensor()).map(|g| (&p.var, g.clone())))
+        .collect();
+    let mut total = 0f64;
+    for (var, g) in &with_grad {
+        total += sq_norm(&scaled_grad(g, var.as_tensor(), adaptive)?)?;
+    }
+    let grad_norm = total.sqrt();
+    let mut originals = Vec::with_capacity(with_grad.len());
+    for (var, g) in with_grad {
+        let w = var.as_tensor();
+        let e = ascent_step(&g, w, rho, grad_norm, adaptive)?;
+        originals.push((var.clone(), w.detach().copy()?));
+        var.set(&(w.detach() + e.to_dtype(w.dtype())?)?)?;
+    }
+    Ok(FullPerturbation { originals, grad_norm })
+}
+
+impl FullPerturbation {
+    /// Puts the original weights back, bit for bit.
+    pub fn restore(self) -> Result<()> {
+        for (var, original) in self.originals {
+            var.set(&original)?;
+        }
+        Ok(())
+    }
 }

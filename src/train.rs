@@ -8,13 +8,16 @@ use crate::data::batch::{PreferenceBatch, TokenizedPair};
 use crate::losses::{Loss, PairLogps};
 use crate::models::{parse_dtype, Model, ModelSource};
 use crate::optim::{GradAccumulator, Optimizer, Schedule};
+use crate::refcache::{RefLogps, Split};
 use crate::tokenizer::Tok;
 use anyhow::{Context, Result};
 use candle_core::{backprop::GradStore, DType, Device, Tensor};
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 #[derive(clap::Args, Debug)]
@@ -38,6 +41,13 @@ pub struct TrainArgs {
     /// Validate the config and print the plan (parameters, memory, steps) without training.
     #[arg(long)]
     pub dry_run: bool,
+    /// Continue from the newest complete checkpoint in DIR (default: the config's output_dir).
+    #[arg(long, value_name = "DIR", num_args = 0..=1)]
+    pub resume: Option<Option<PathBuf>>,
+    /// Resume even though the config differs from the checkpoint's in keys that change the
+    /// training trajectory.
+    #[arg(long)]
+    pub allow_config_drift: bool,
 }
 
 pub fn run(args: TrainArgs) -> Result<()> {
@@ -52,10 +62,62 @@ pub fn run(args: TrainArgs) -> Result<()> {
     if args.dry_run {
         return crate::plan::print(&cfg);
     }
+    let resume_from = match &args.resume {
+        Some(dir) => Some(resume_checkpoint(&cfg, dir.as_deref(), args.allow_config_drift)?),
+        None => None,
+    };
     let mut trainer = Trainer::new(cfg)?;
+    if let Some(ckpt) = &resume_from {
+        let state = crate::checkpoint::restore(&mut trainer, ckpt)?;
+        eprintln!("resuming from {} (step {})", ckpt.display(), state.step);
+    }
     trainer.progress = !args.quiet;
+    watch_signals(&trainer.stop)?;
     let summary = trainer.train()?;
     eprintln!("{}", serde_json::to_string_pretty(&summary)?);
+    if let Some(step) = summary.get("interrupted_at_step") {
+        let mut cmd = format!("dpo-sam train --config {}", args.config.display());
+        for ov in &args.overrides {
+            cmd.push_str(&format!(" --set '{ov}'"));
+        }
+        eprintln!(
+            "interrupted after step {step}; checkpoint saved. Resume with:\n  {cmd} --output-dir {dir} --resume {dir}",
+            dir = trainer.cfg.output_dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// The newest complete checkpoint in `dir` (default: `output_dir`), refusing one saved with a
+/// config that differs in a key that changes the trajectory unless `allow_drift`.
+fn resume_checkpoint(cfg: &Config, dir: Option<&Path>, allow_drift: bool) -> Result<PathBuf> {
+    let ckpt = crate::checkpoint::latest(dir.unwrap_or(&cfg.output_dir))?;
+    let saved = crate::checkpoint::load_config(&ckpt)?;
+    let drift = crate::checkpoint::config_drift(&saved, cfg)?;
+    if !drift.is_empty() {
+        let list = drift.iter().map(|d| format!("  {d}")).collect::<Vec<_>>().join("\n");
+        if !allow_drift {
+            anyhow::bail!(
+                "--resume: the config differs from the one {} was saved with (saved -> now):\n{list}\n\
+                 these keys change the training trajectory; pass --allow-config-drift to resume anyway",
+                ckpt.display()
+            );
+        }
+        eprintln!("warning: resuming with config changes (--allow-config-drift):\n{list}");
+    }
+    Ok(ckpt)
+}
+
+/// SIGINT/SIGTERM set `stop`, which the loop checks after each step (then saves and returns);
+/// a second signal while `stop` is already set exits at once with status 130, before any
+/// further write, so the last complete checkpoint stays as it was.
+pub fn watch_signals(stop: &Arc<AtomicBool>) -> Result<()> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    for sig in [SIGINT, SIGTERM] {
+        // Registered first so that it sees the flag as it was before this signal set it.
+        signal_hook::flag::register_conditional_shutdown(sig, 130, Arc::clone(stop))?;
+        signal_hook::flag::register(sig, Arc::clone(stop))?;
+    }
     Ok(())
 }
 
@@ -67,6 +129,9 @@ pub struct Trainer {
     pub policy: Model,
     /// The frozen reference; `None` for reference-free losses.
     pub reference: Option<Model>,
+    /// Reference log-probs computed once before training (`precompute_ref_log_probs`); when
+    /// set, `reference` has been freed.
+    pub ref_cache: Option<RefLogps>,
     pub loss: Loss,
     pub optimizer: Optimizer,
     pub schedule: Schedule,
@@ -77,6 +142,24 @@ pub struct Trainer {
     /// Compute squeeze diagnostics in [`Trainer::micro_step`] (the loop turns this on for
     /// logging steps; it costs one more output-layer matmul).
     pub diagnostics: bool,
+    /// Optimiser steps completed (restored on resume).
+    pub step: usize,
+    /// Where the next micro-batch comes from.
+    pub data_pos: DataCursor,
+    /// Lines in metrics.jsonl so far (a checkpoint records it; resuming cuts the file there).
+    pub metrics_lines: usize,
+    /// Steps whose update was skipped for a non-finite loss or gradient norm.
+    pub nonfinite_skipped: usize,
+    /// Set (by a signal) to stop after the current step with a checkpoint.
+    pub stop: Arc<AtomicBool>,
+}
+
+/// The loop's position in the data: the epoch, whose permutation is
+/// [`crate::data::stream::epoch_order`] of (seed, epoch), and the next index into it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct DataCursor {
+    pub epoch: usize,
+    pub cursor: usize,
 }
 
 /// Sums of per-pair quantities over the micro-batches of one step.
@@ -125,16 +208,20 @@ impl Trainer {
 
         let policy_src = resolve_source(&cfg, &cfg.model.name_or_path)?;
         let tok = policy_src.tokenizer()?;
-        let policy = Model::load(&policy_src, true, dtype, &device)?;
+        let mut policy = Model::load(&policy_src, true, dtype, &device)?;
+        let compute_dtype = if cfg.training.mixed_precision == "bf16" { DType::BF16 } else { dtype };
+        if compute_dtype != dtype {
+            policy = policy.with_master_weights(compute_dtype, &device)?;
+        }
         let vocab = policy.net.output_layer().vocab_size()?;
         tok.check_fits(vocab, &cfg.model.name_or_path)?;
-        let reference = if !loss.needs_reference() {
+        let mut reference = if !loss.needs_reference() {
             None
         } else if cfg.ref_name_or_path() == cfg.model.name_or_path {
             Some(policy.frozen_copy(&device)?)
         } else {
             let ref_src = resolve_source(&cfg, cfg.ref_name_or_path())?;
-            Some(Model::load(&ref_src, false, dtype, &device)?)
+            Some(Model::load(&ref_src, false, compute_dtype, &device)?)
         };
 
         let model_dir = policy_src.dir();
@@ -143,6 +230,21 @@ impl Trainer {
         if train_pairs.is_empty() {
             anyhow::bail!("no usable training pairs (skipped: {skipped:?})");
         }
+        // Precomputing frees the reference model: `take` drops it at the end of this block.
+        let ref_cache = match reference.take() {
+            Some(model) if cfg.training.precompute_ref_log_probs => {
+                let ref_src = resolve_source(&cfg, cfg.ref_name_or_path())?;
+                let inputs = crate::refcache::FingerprintInputs { reference: &ref_src, dtype, tok: &tok, data: &cfg.data, train: &train_pairs, eval: &eval_pairs };
+                let fingerprint = crate::refcache::fingerprint(&inputs)?;
+                let pairs = (train_pairs.as_slice(), eval_pairs.as_slice());
+                let (cache, _) = crate::refcache::load_or_compute(&cfg.output_dir, &fingerprint, &model, pairs, cfg.micro_batch_size(), tok.pad_id, &device)?;
+                Some(cache)
+            }
+            other => {
+                reference = other;
+                None
+            }
+        };
 
         let t = &cfg.training;
         let steps_per_epoch = train_pairs.len().div_ceil(t.batch_size);
@@ -156,6 +258,7 @@ impl Trainer {
             tok,
             policy,
             reference,
+            ref_cache,
             loss,
             optimizer,
             schedule,
@@ -164,6 +267,11 @@ impl Trainer {
             skipped,
             progress: false,
             diagnostics: false,
+            step: 0,
+            data_pos: DataCursor::default(),
+            metrics_lines: 0,
+            nonfinite_skipped: 0,
+            stop: Arc::new(AtomicBool::new(false)),
         })
     }
 
@@ -176,35 +284,62 @@ impl Trainer {
     /// The configured loss, averaged over pairs, as a function of per-token log-probs.
     fn batch_loss(&self, batch: &PreferenceBatch, token_logps: &Tensor, reference: Option<&(Tensor, Tensor)>) -> Result<(Tensor, crate::losses::LossOutput, PairLogps)> {
         let seq = Self::sequence_logps(batch, token_logps)?;
-        let b = batch.num_pairs;
-        let lens: Vec<f32> = batch.response_lens.iter().map(|&n| n.max(1) as f32).collect();
-        let lens = Tensor::new(lens.as_slice(), token_logps.device())?.to_dtype(token_logps.dtype())?;
-        let lp = PairLogps {
-            chosen: seq.narrow(0, 0, b)?,
-            rejected: seq.narrow(0, b, b)?,
-            ref_chosen: reference.map(|r| r.0.clone()),
-            ref_rejected: reference.map(|r| r.1.clone()),
-            chosen_tokens: lens.narrow(0, 0, b)?,
-            rejected_tokens: lens.narrow(0, b, b)?,
-        };
+        let lp = PairLogps::from_rows(&seq, reference, &batch.response_lens)?;
         let out = self.loss.compute(&lp)?;
         Ok((out.losses.mean_all()?, out, lp))
     }
 
-    /// Reference sequence log-probs (chosen, rejected), computed without a graph.
-    fn reference_logps(&self, batch: &PreferenceBatch) -> Result<Option<(Tensor, Tensor)>> {
-        let Some(reference) = &self.reference else { return Ok(None) };
-        let h = response_hidden(reference.net.forward_hidden(&batch.input_ids)?, &batch.positions)?;
-        let token_logps = reference.net.output_layer().token_logps(&h, &batch.targets, None)?;
-        let seq = Self::sequence_logps(batch, &token_logps)?.detach();
-        let b = batch.num_pairs;
-        Ok(Some((seq.narrow(0, 0, b)?, seq.narrow(0, b, b)?)))
+    /// Reference sequence log-probs (chosen, rejected) of a batch: from the precomputed cache
+    /// when `pairs` names the batch's pairs, else from the reference model; `None` for
+    /// reference-free losses.
+    pub fn reference_for(&self, batch: &PreferenceBatch, pairs: Option<(Split, &[usize])>) -> Result<Option<(Tensor, Tensor)>> {
+        match (&self.ref_cache, pairs, &self.reference) {
+            (Some(cache), Some((split, idx)), _) => {
+                let dtype = crate::models::ops::accum_dtype(parse_dtype(&self.cfg.model.dtype)?);
+                Ok(Some(cache.get(split, idx, dtype, &self.device)?))
+            }
+            (_, _, Some(reference)) => Ok(Some(crate::refcache::pair_logps(reference, batch)?)),
+            (Some(_), None, None) => {
+                anyhow::bail!("reference log-probs were precomputed (training.precompute_ref_log_probs): pass the batch's pair indices")
+            }
+            (None, _, None) => Ok(None),
+        }
     }
 
-    /// One micro-batch. With `backward_weight`, runs the single backward pass of
-    /// `backward_weight × loss` (logits-SAM's loss_post when SAM is on); without, evaluates only.
+    /// One micro-batch, with reference log-probs from the reference model. With
+    /// `backward_weight`, backpropagates `backward_weight × loss` (logits-SAM's loss_post, or
+    /// full SAM's loss at W + e); without, evaluates only.
     pub fn micro_step(&self, batch: &PreferenceBatch, backward_weight: Option<f64>) -> Result<MicroStep> {
-        let reference = self.reference_logps(batch)?;
+        let reference = self.reference_for(batch, None)?;
+        self.micro_step_with(batch, reference, backward_weight)
+    }
+
+    /// [`Trainer::micro_step`] with the reference log-probs given (see [`Trainer::reference_for`]).
+    pub fn micro_step_with(&self, batch: &PreferenceBatch, reference: Option<(Tensor, Tensor)>, backward_weight: Option<f64>) -> Result<MicroStep> {
+        match backward_weight {
+            Some(w) if self.cfg.sam.kind == "full" => self.full_sam_step(batch, reference, w),
+            _ => self.single_pass(batch, reference, backward_weight),
+        }
+    }
+
+    /// Full SAM (`sam.kind = "full"`), the paper's expensive baseline: a forward/backward at W
+    /// for g, every parameter moved to W + e, the ordinary pass there (whose gradients are
+    /// returned), then W restored bit for bit. Rewards and log-probs are those at W.
+    fn full_sam_step(&self, batch: &PreferenceBatch, reference: Option<(Tensor, Tensor)>, weight: f64) -> Result<MicroStep> {
+        let at_w = self.single_pass(batch, reference.clone(), Some(1.0))?;
+        let grads = at_w.grads.as_ref().expect("backward was requested");
+        let sam = &self.cfg.sam;
+        let e = crate::sam::perturb_params(&self.policy.params, grads, sam.rho, sam.adaptive)?;
+        let grad_norm = e.grad_norm;
+        // Restored before the result is looked at, so that an error never leaves W + e behind.
+        let at_perturbed = self.single_pass(batch, reference, Some(weight));
+        e.restore()?;
+        let at_perturbed = at_perturbed?;
+        Ok(MicroStep { grads: at_perturbed.grads, loss: at_perturbed.loss, loss_pre: Some(at_w.loss), sam_grad_norm: Some(grad_norm), ..at_w })
+    }
+
+    /// One forward pass, logits-SAM when configured, the loss, and the backward pass.
+    fn single_pass(&self, batch: &PreferenceBatch, reference: Option<(Tensor, Tensor)>, backward_weight: Option<f64>) -> Result<MicroStep> {
         let head = self.policy.net.output_layer();
         // The one forward pass, to the final hidden states H at positions that predict response tokens.
         let h = response_hidden(self.policy.net.forward_hidden(&batch.input_ids)?, &batch.positions)?;
@@ -215,7 +350,7 @@ impl Trainer {
             let objective = |token_logps: &Tensor| -> Result<Tensor> {
                 Ok(self.batch_loss(batch, token_logps, reference.as_ref())?.0)
             };
-            Some(crate::sam::logits_perturbation(&head, &h, &batch.targets, rho, &objective)?)
+            Some(crate::sam::logits_perturbation_with(&head, &h, &batch.targets, rho, self.cfg.sam.adaptive, &objective)?)
         } else {
             None
         };
@@ -259,25 +394,22 @@ impl Trainer {
         })
     }
 
-    /// Trains to the configured number of steps; writes metrics.jsonl and the final model.
+    /// Trains from [`Trainer::step`] (0, or a restored checkpoint's) to the configured number
+    /// of steps; writes metrics.jsonl, checkpoints every `save_steps` and at the end, and the
+    /// final model. Stops early, with a checkpoint, when [`Trainer::stop`] is set.
     pub fn train(&mut self) -> Result<serde_json::Value> {
         let out_dir = self.cfg.output_dir.clone();
         std::fs::create_dir_all(&out_dir).with_context(|| format!("cannot create output_dir {}", out_dir.display()))?;
-        let metrics_path = out_dir.join("metrics.jsonl");
-        let mut metrics = std::fs::File::create(&metrics_path)
-            .with_context(|| format!("cannot write {}", metrics_path.display()))?;
-        // No `step`: a record of the data, not a point on the charts.
-        let data_line = json!({"data/train_pairs": self.train_pairs.len(), "data/eval_pairs": self.eval_pairs.len(), "data/skipped": self.skipped});
-        writeln!(metrics, "{data_line}")?;
+        let mut metrics = self.open_metrics(&out_dir.join("metrics.jsonl"))?;
 
         let t = self.cfg.training.clone();
         let micro = self.cfg.micro_batch_size();
         let total = self.schedule.total;
         let n = self.train_pairs.len();
         let lengths: Vec<usize> = self.train_pairs.iter().map(crate::data::stream::pair_len).collect();
-        let mut order: Vec<usize> = Vec::new();
-        let mut cursor = 0usize;
-        let mut epoch = 0usize;
+        let (window, seed) = (self.cfg.data.group_by_length, self.cfg.seed);
+        let order_of = |epoch| crate::data::stream::epoch_order(&lengths, micro, window, seed, epoch);
+        let mut order = order_of(self.data_pos.epoch);
 
         let bar = if self.progress {
             let bar = indicatif::ProgressBar::new(total as u64);
@@ -290,45 +422,77 @@ impl Trainer {
         } else {
             indicatif::ProgressBar::hidden()
         };
+        bar.set_position(self.step as u64);
         let mut last = json!({});
-        for step in 1..=total {
+        while self.step < total {
+            let step = self.step + 1;
             self.diagnostics = step % t.logging_steps == 0 || step == total;
             let started = Instant::now();
             let lr = self.schedule.lr(step - 1);
             let mut acc = GradAccumulator::new(self.policy.params.len());
             let mut tally = Tally::default();
-            for _ in 0..t.batch_size / micro {
+            // Set by a non-finite loss under `skip_nonfinite`: the rest of the step's batch is
+            // still drawn, so that later steps see the same data as without the skip.
+            let mut nonfinite: Option<String> = None;
+            let micro_batches = t.batch_size / micro;
+            for mb in 0..micro_batches {
                 let mut idx = Vec::with_capacity(micro);
                 while idx.len() < micro {
-                    if cursor >= order.len() {
-                        if !order.is_empty() {
-                            epoch += 1;
-                        }
-                        order = crate::data::stream::epoch_order(&lengths, micro, self.cfg.data.group_by_length, self.cfg.seed, epoch);
-                        cursor = 0;
+                    if self.data_pos.cursor >= order.len() {
+                        self.data_pos = DataCursor { epoch: self.data_pos.epoch + 1, cursor: 0 };
+                        order = order_of(self.data_pos.epoch);
                     }
-                    idx.push(order[cursor]);
-                    cursor += 1;
+                    idx.push(order[self.data_pos.cursor]);
+                    self.data_pos.cursor += 1;
+                }
+                if nonfinite.is_some() {
+                    continue;
                 }
                 let pairs: Vec<TokenizedPair> = idx.iter().map(|&i| self.train_pairs[i].clone()).collect();
                 let batch = PreferenceBatch::new(&pairs, self.tok.pad_id, &self.device)?;
                 let weight = micro as f64 / t.batch_size as f64;
-                let ms = self.micro_step(&batch, Some(weight))?;
+                let reference = self.reference_for(&batch, Some((Split::Train, &idx)))?;
+                let ms = self.micro_step_with(&batch, reference, Some(weight))?;
+                if !ms.loss.is_finite() {
+                    nonfinite = Some(format!(
+                        "non-finite loss ({}) at step {step}, micro-batch {mb} of {micro_batches} (train pairs {idx:?})",
+                        ms.loss
+                    ));
+                    continue;
+                }
                 acc.add(&self.policy.params, ms.grads.as_ref().expect("backward was requested"))?;
                 tally.add(&ms, &batch);
             }
-            let grad_norm = acc.clip(t.max_grad_norm)?;
-            self.optimizer.apply(&self.policy.params, acc.grads(), lr)?;
+            let grad_norm = if nonfinite.is_some() { f64::NAN } else { acc.clip(t.max_grad_norm)? };
+            if nonfinite.is_none() && !grad_norm.is_finite() {
+                nonfinite = Some(format!("non-finite gradient norm ({grad_norm}) at step {step} (micro-batches 0..{micro_batches})"));
+            }
+            match &nonfinite {
+                Some(what) if !t.skip_nonfinite => anyhow::bail!(
+                    "{what}; stopped without updating, so the last checkpoint in {} is the last good state \
+                     (training.skip_nonfinite = true skips such steps instead)",
+                    out_dir.display()
+                ),
+                Some(what) => {
+                    self.nonfinite_skipped += 1;
+                    bar.suspend(|| eprintln!("warning: {what}: update skipped"));
+                }
+                None => self.optimizer.apply(&self.policy.params, acc.grads(), lr)?,
+            }
+            self.step = step;
             let elapsed = started.elapsed().as_secs_f64();
             if step % t.logging_steps == 0 || step == total {
                 let epoch_f = (step * t.batch_size) as f64 / n as f64;
-                let mut line = tally.metrics(self.cfg.sam.kind == "logits");
+                let mut line = tally.metrics(self.cfg.sam.kind != "none");
                 line["grad_norm"] = json!(grad_norm);
                 line["learning_rate"] = json!(lr);
                 line["tokens_per_second"] = json!(tally.tokens as f64 / elapsed);
                 line["step"] = json!(step);
                 line["epoch"] = json!(epoch_f);
-                writeln!(metrics, "{line}")?;
+                if t.skip_nonfinite {
+                    line["nonfinite_skipped"] = json!(self.nonfinite_skipped);
+                }
+                self.write_metrics(&mut metrics, &line)?;
                 bar.set_message(format!(
                     "loss {:.4} acc {:.2} margin {:.3}",
                     line["loss"].as_f64().unwrap_or(f64::NAN),
@@ -341,28 +505,69 @@ impl Trainer {
             if eval_due && !self.eval_pairs.is_empty() {
                 let mut line = self.evaluate()?;
                 line["step"] = json!(step);
-                writeln!(metrics, "{line}")?;
+                self.write_metrics(&mut metrics, &line)?;
             }
             bar.inc(1);
+            let stop = self.stop.load(Ordering::SeqCst);
+            if (t.save_steps > 0 && step % t.save_steps == 0) || step == total || stop {
+                let dir = crate::checkpoint::save(self, &out_dir)?;
+                if stop {
+                    bar.abandon();
+                    return Ok(json!({ "train": last, "interrupted_at_step": step, "checkpoint": dir }));
+                }
+            }
         }
         bar.finish();
         let mut summary = json!({ "train": last, "skipped": self.skipped, "output_dir": out_dir });
+        if t.skip_nonfinite {
+            summary["nonfinite_skipped"] = json!(self.nonfinite_skipped);
+        }
         if !self.eval_pairs.is_empty() {
             let mut line = self.evaluate()?;
             line["step"] = json!(total);
-            writeln!(metrics, "{line}")?;
+            self.write_metrics(&mut metrics, &line)?;
             summary["eval"] = line;
         }
         crate::checkpoint::save_model(&self.policy, &self.tok, &out_dir)?;
         Ok(summary)
     }
 
+    /// metrics.jsonl for appending: a fresh file starting with the data line, or, resumed, the
+    /// file cut to the lines the checkpoint had seen (so there is one line per step).
+    fn open_metrics(&mut self, path: &Path) -> Result<std::fs::File> {
+        let cannot = || format!("cannot write {}", path.display());
+        if self.step == 0 {
+            let mut f = std::fs::File::create(path).with_context(cannot)?;
+            // No `step`: a record of the data, not a point on the charts.
+            let data_line = json!({"data/train_pairs": self.train_pairs.len(), "data/eval_pairs": self.eval_pairs.len(), "data/skipped": self.skipped});
+            self.metrics_lines = 0;
+            self.write_metrics(&mut f, &data_line)?;
+            return Ok(f);
+        }
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let kept: Vec<&str> = text.lines().take(self.metrics_lines).collect();
+        self.metrics_lines = kept.len();
+        let tmp = path.with_extension("jsonl.tmp");
+        std::fs::write(&tmp, kept.iter().map(|l| format!("{l}\n")).collect::<String>()).with_context(cannot)?;
+        std::fs::rename(&tmp, path).with_context(cannot)?;
+        std::fs::OpenOptions::new().append(true).open(path).with_context(cannot)
+    }
+
+    fn write_metrics(&mut self, f: &mut std::fs::File, line: &serde_json::Value) -> Result<()> {
+        writeln!(f, "{line}").context("cannot write metrics.jsonl")?;
+        self.metrics_lines += 1;
+        Ok(())
+    }
+
     /// Loss and reward metrics over the held-out pairs, named as TRL does (`eval_loss`, …).
     pub fn evaluate(&self) -> Result<serde_json::Value> {
         let mut tally = Tally::default();
-        for chunk in self.eval_pairs.chunks(self.cfg.micro_batch_size()) {
+        let micro = self.cfg.micro_batch_size();
+        for (c, chunk) in self.eval_pairs.chunks(micro).enumerate() {
             let batch = PreferenceBatch::new(chunk, self.tok.pad_id, &self.device)?;
-            tally.add(&self.micro_step(&batch, None)?, &batch);
+            let idx: Vec<usize> = (c * micro..c * micro + chunk.len()).collect();
+            let reference = self.reference_for(&batch, Some((Split::Eval, &idx)))?;
+            tally.add(&self.micro_step_with(&batch, reference, None)?, &batch);
         }
         let m = tally.metrics(false);
         let mut out = serde_json::Map::new();

@@ -171,10 +171,19 @@ fn batched_greedy_generation_equals_one_prompt_at_a_time() {
         ];
         let greedy = Sampling::greedy(12);
         // No EOS, so every row runs the full length and the batch keeps decoding finished rows.
-        let batched = generate_batch(net, &prompts, 0, None, 0, &greedy, &Device::Cpu).unwrap();
+        let batched =
+            generate_batch(net, &prompts, &[0, 1, 2, 3], None, 0, &greedy, &Device::Cpu).unwrap();
         for (i, p) in prompts.iter().enumerate() {
-            let alone = generate_batch(net, &[p.clone()], i as u64, None, 0, &greedy, &Device::Cpu)
-                .unwrap();
+            let alone = generate_batch(
+                net,
+                &[p.clone()],
+                &[i as u64],
+                None,
+                0,
+                &greedy,
+                &Device::Cpu,
+            )
+            .unwrap();
             assert_eq!(batched[i], alone[0], "{spec}: prompt {i}");
             assert_eq!(alone[0].tokens.len(), 12);
             assert_eq!(alone[0].finish, Finish::Length);
@@ -190,7 +199,7 @@ fn generation_stops_each_row_at_eos() {
     let free = generate_batch(
         net,
         &prompts,
-        0,
+        &[0, 1],
         None,
         0,
         &Sampling::greedy(6),
@@ -203,7 +212,7 @@ fn generation_stops_each_row_at_eos() {
     let stopped = generate_batch(
         net,
         &prompts,
-        0,
+        &[0, 1],
         Some(eos),
         0,
         &Sampling::greedy(6),
@@ -232,16 +241,26 @@ fn sampling_is_reproducible_from_its_seed() {
             seed,
             max_new_tokens: 24,
         };
-        generate_batch(net, &prompts, 0, None, 0, &s, &Device::Cpu).unwrap()
+        generate_batch(net, &prompts, &[0, 1], None, 0, &s, &Device::Cpu).unwrap()
     };
     assert_eq!(run(1, None, None), run(1, None, None));
     assert_ne!(run(1, None, None), run(2, None, None));
     assert_eq!(run(3, Some(5), Some(0.9)), run(3, Some(5), Some(0.9)));
+    // A row draws from its own stream: the same alone as in the batch.
+    let s = Sampling {
+        temperature: 1.5,
+        top_k: None,
+        top_p: None,
+        seed: 1,
+        max_new_tokens: 24,
+    };
+    let alone = generate_batch(net, &prompts[1..], &[1], None, 0, &s, &Device::Cpu).unwrap();
+    assert_eq!(alone[0], run(1, None, None)[1]);
     // top-k 1 is greedy whatever the seed.
     let greedy = generate_batch(
         net,
         &prompts,
-        0,
+        &[0, 1],
         None,
         0,
         &Sampling::greedy(24),
@@ -305,7 +324,7 @@ fn stories260k_greedy_decoding_reproduces_the_published_text() {
     let out = generate_batch(
         model.net.as_ref(),
         &[prompt.clone()],
-        0,
+        &[0],
         Some(tok.eos_id),
         0,
         &Sampling::greedy(60),

@@ -6,6 +6,7 @@
 
 pub mod cache;
 pub mod gpt2;
+pub mod fast_ops;
 pub mod gpt_neox;
 pub mod mistral;
 pub mod ops;
@@ -42,6 +43,9 @@ pub trait CausalLm: Send + Sync {
 pub struct Param {
     pub name: String,
     pub var: Var,
+    /// f32 master weights under bf16 mixed precision: the optimiser updates these, because
+    /// small updates vanish when added to bf16 weights, and copies them into `var`.
+    pub master: Option<Var>,
 }
 
 /// Where a model comes from.
@@ -193,9 +197,33 @@ impl Model {
         Ok(Model { net, params, config_json })
     }
 
-    /// The current weights by Hugging Face name (tied weights appear once).
+    /// The current weights by Hugging Face name (tied weights appear once); the f32 masters
+    /// under mixed precision.
     pub fn named_tensors(&self) -> HashMap<String, Tensor> {
-        self.params.iter().map(|p| (p.name.clone(), p.var.as_tensor().clone())).collect()
+        self.params.iter().map(|p| (p.name.clone(), p.master.as_ref().unwrap_or(&p.var).as_tensor().clone())).collect()
+    }
+
+    /// Mixed precision: the same trainable model computing in `compute` dtype, with the current
+    /// weights kept as f32 masters.
+    pub fn with_master_weights(self, compute: DType, device: &Device) -> Result<Model> {
+        let masters: HashMap<String, Tensor> = self
+            .params
+            .iter()
+            .map(|p| Ok((p.name.clone(), p.var.as_tensor().to_dtype(DType::F32)?)))
+            .collect::<Result<_>>()?;
+        let loader = Loader {
+            weights: Weights::Tensors(masters.clone()),
+            trainable: true,
+            origin: "master weights".into(),
+            params: Mutex::new(Vec::new()),
+            seen: Mutex::new(HashMap::new()),
+        };
+        let net = build_net(&self.config_json, VarBuilder::from_backend(Box::new(&loader), compute, device.clone()))?;
+        let mut params = loader.params.into_inner().expect("loader lock poisoned");
+        for p in &mut params {
+            p.master = Some(Var::from_tensor(&masters[&p.name])?);
+        }
+        Ok(Model { net, params, config_json: self.config_json })
     }
 
     /// A frozen copy of the current weights (for the reference model): same values, no graph.
@@ -314,7 +342,7 @@ impl Loader {
         if self.trainable {
             let var = Var::from_tensor(&tensor)?;
             tensor = var.as_tensor().clone();
-            self.params.lock().expect("loader lock").push(Param { name: name.to_string(), var });
+            self.params.lock().expect("loader lock").push(Param { name: name.to_string(), var, master: None });
         }
         self.seen.lock().expect("loader lock").insert(name.to_string(), tensor.clone());
         Ok(tensor)

@@ -1,8 +1,10 @@
 //! Differentiable building blocks shared by the model files.
 //!
 //! candle's fused `softmax_last_dim`, `layer_norm`, `rms_norm`, `rope` and `sdpa` have no backward
-//! and drop gradients silently, so the models use these compositions of differentiable ops.
+//! and drop gradients silently, so the models use these compositions of differentiable ops
+//! (`*_composed`) or, on CPU in f32/f64, the fused kernels with a backward in [`super::fast_ops`].
 
+use super::fast_ops;
 use candle_core::{DType, Result, Tensor, D};
 
 /// The dtype to do reductions in: f32 for half-precision inputs (as PyTorch upcasts), else the
@@ -14,9 +16,17 @@ pub fn accum_dtype(dtype: DType) -> DType {
     }
 }
 
-/// Softmax over the last dimension. The max is detached: softmax is shift-invariant, so the
-/// gradient through it is exactly zero and not worth computing.
+/// Softmax over the last dimension.
 pub fn softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
+    if fast_ops::supports(&[xs]) {
+        return fast_ops::softmax_last_dim(xs);
+    }
+    softmax_last_dim_composed(xs)
+}
+
+/// Softmax as a composition. The max is detached: softmax is shift-invariant, so the gradient
+/// through it is exactly zero and not worth computing.
+pub fn softmax_last_dim_composed(xs: &Tensor) -> Result<Tensor> {
     let max = xs.max_keepdim(D::Minus1)?.detach();
     let num = xs.broadcast_sub(&max)?.exp()?;
     let den = num.sum_keepdim(D::Minus1)?;
@@ -31,8 +41,16 @@ pub fn log_softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
     diff.broadcast_sub(&lse)
 }
 
-/// LayerNorm over the last dimension (statistics in [`accum_dtype`]).
+/// LayerNorm over the last dimension.
 pub fn layer_norm(xs: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    if fast_ops::supports(&[xs, weight, bias]) {
+        return fast_ops::layer_norm(xs, weight, bias, eps);
+    }
+    layer_norm_composed(xs, weight, bias, eps)
+}
+
+/// LayerNorm as a composition (statistics in [`accum_dtype`]).
+pub fn layer_norm_composed(xs: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
     let dtype = xs.dtype();
     let xs = xs.to_dtype(accum_dtype(dtype))?;
     let mean = xs.mean_keepdim(D::Minus1)?;
@@ -44,6 +62,14 @@ pub fn layer_norm(xs: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resu
 
 /// RMSNorm over the last dimension (Llama/Mistral): x / sqrt(mean(x²) + eps) · weight.
 pub fn rms_norm(xs: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    if fast_ops::supports(&[xs, weight]) {
+        return fast_ops::rms_norm(xs, weight, eps);
+    }
+    rms_norm_composed(xs, weight, eps)
+}
+
+/// RMSNorm as a composition (statistics in [`accum_dtype`]).
+pub fn rms_norm_composed(xs: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     let dtype = xs.dtype();
     let xs = xs.to_dtype(accum_dtype(dtype))?;
     let ms = xs.sqr()?.mean_keepdim(D::Minus1)?;
@@ -75,15 +101,31 @@ pub fn causal_mask(
 /// Scaled dot-product attention over [b, heads, t, head_dim] tensors with an additive mask that
 /// broadcasts to [b, heads, t, t].
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    if fast_ops::supports(&[q, k, v, mask]) {
+        return fast_ops::attention(q, k, v, mask);
+    }
+    attention_composed(q, k, v, mask)
+}
+
+/// Attention as a composition (scores and softmax in [`accum_dtype`]).
+pub fn attention_composed(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Tensor> {
     let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
     let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(mask)?;
-    let probs = softmax_last_dim(&scores.to_dtype(accum_dtype(scores.dtype()))?)?.to_dtype(v.dtype())?;
+    let probs = softmax_last_dim_composed(&scores.to_dtype(accum_dtype(scores.dtype()))?)?.to_dtype(v.dtype())?;
     probs.matmul(v)
 }
 
 /// Rotate-half rotary embedding on the first `rot_dim` features of the last dimension (GPT-NeoX
-/// and Llama layout). `cos`/`sin` are [t, rot_dim].
+/// and Llama layout). `cos`/`sin` are [t, rot_dim] (or broadcast to `xs`' rows, as in cached decoding).
 pub fn rotary(xs: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    if fast_ops::supports(&[xs, cos, sin]) && fast_ops::rotary_applies(xs, cos) {
+        return fast_ops::rotary(xs, cos, sin);
+    }
+    rotary_composed(xs, cos, sin)
+}
+
+/// Rotary embedding as a composition.
+pub fn rotary_composed(xs: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let rot_dim = cos.dim(D::Minus1)?;
     let head_dim = xs.dim(D::Minus1)?;
     let (x_rot, x_pass) = if rot_dim == head_dim {

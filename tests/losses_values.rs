@@ -1,0 +1,208 @@
+//! Every registry loss against values worked by hand, edge cases (equal log-probs, huge margins
+//! without overflow), and weighted combinations as `loss_type` lists configure them.
+
+use candle_core::{Device, Tensor, Var};
+use dpo_sam::config::Config;
+use dpo_sam::losses::{Loss, LossKind, LossParams, PairLogps};
+
+fn t(v: &[f64]) -> Tensor {
+    Tensor::new(v, &Device::Cpu).unwrap()
+}
+
+fn v(x: &Tensor) -> Vec<f64> {
+    x.to_vec1::<f64>().unwrap()
+}
+
+/// log(1 + e^x), in plain f64.
+fn softplus(x: f64) -> f64 {
+    x.exp().ln_1p()
+}
+
+/// One pair: log π(y_w) = −10, log π(y_l) = −15, reference −12 / −14, 4 and 5 response tokens.
+/// So the log-ratios are +2 (chosen) and −1 (rejected).
+fn pair() -> PairLogps {
+    pairs(&[-10.0], &[-15.0], &[-12.0], &[-14.0], &[4.0], &[5.0])
+}
+
+fn pairs(c: &[f64], r: &[f64], rc: &[f64], rr: &[f64], nc: &[f64], nr: &[f64]) -> PairLogps {
+    PairLogps {
+        chosen: t(c),
+        rejected: t(r),
+        ref_chosen: Some(t(rc)),
+        ref_rejected: Some(t(rr)),
+        chosen_tokens: t(nc),
+        rejected_tokens: t(nr),
+    }
+}
+
+fn loss(kind: LossKind, params: LossParams, lp: &PairLogps) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let out = Loss::single(kind, params).compute(lp).unwrap();
+    (v(&out.losses), v(&out.chosen_rewards), v(&out.rejected_rewards))
+}
+
+fn close(got: f64, want: f64) {
+    assert!((got - want).abs() < 1e-9 * want.abs().max(1.0), "got {got}, want {want}");
+}
+
+fn p() -> LossParams {
+    LossParams { beta: 0.5, ..Default::default() }
+}
+
+#[test]
+fn sigmoid_with_label_smoothing() {
+    // z = β(2 − (−1)) = 1.5; cDPO: 0.9·softplus(−1.5) + 0.1·softplus(1.5)
+    let (l, rc, rr) = loss(LossKind::Sigmoid, LossParams { label_smoothing: 0.1, ..p() }, &pair());
+    close(l[0], 0.9 * softplus(-1.5) + 0.1 * softplus(1.5));
+    assert_eq!((rc[0], rr[0]), (1.0, -0.5));
+    let (l, _, _) = loss(LossKind::Sigmoid, p(), &pair());
+    close(l[0], softplus(-1.5));
+}
+
+#[test]
+fn robust_dpo() {
+    // [0.9·softplus(−1.5) − 0.1·softplus(1.5)] / (1 − 0.2)
+    let (l, _, _) = loss(LossKind::Robust, LossParams { label_smoothing: 0.1, ..p() }, &pair());
+    close(l[0], (0.9 * softplus(-1.5) - 0.1 * softplus(1.5)) / 0.8);
+    // ε = 0 is plain DPO
+    close(loss(LossKind::Robust, p(), &pair()).0[0], softplus(-1.5));
+}
+
+#[test]
+fn hinge() {
+    // β = 0.2: z = 0.6, max(0, 1 − 0.6) = 0.4; β = 0.5: z = 1.5 → 0
+    close(loss(LossKind::Hinge, LossParams { beta: 0.2, ..p() }, &pair()).0[0], 0.4);
+    close(loss(LossKind::Hinge, p(), &pair()).0[0], 0.0);
+}
+
+#[test]
+fn ipo_uses_length_averaged_log_ratios() {
+    // chosen 2/4 = 0.5, rejected −1/5 = −0.2, h = 0.7; τ = 0.5: (0.7 − 1)² = 0.09
+    let (l, rc, rr) = loss(LossKind::Ipo, p(), &pair());
+    close(l[0], 0.09);
+    close(rc[0], 0.25);
+    close(rr[0], -0.1);
+}
+
+#[test]
+fn slic_hf_as_in_table_5() {
+    let params = LossParams { slic_delta: 1.0, slic_lambda: 0.1, ..p() };
+    // margin met: max(0, 1 + (−10)·(−1) + (−15)) = 0, NLL term −0.1·(−10) = 1
+    let (l, rc, rr) = loss(LossKind::Slic, params.clone(), &pair());
+    close(l[0], 1.0);
+    assert_eq!((rc[0], rr[0]), (-5.0, -7.5), "rewards β·log π");
+    // margin violated: max(0, 1 + 12 − 11.5) = 1.5, plus 1.2
+    let lp = pairs(&[-12.0], &[-11.5], &[0.0], &[0.0], &[1.0], &[1.0]);
+    close(loss(LossKind::Slic, params, &lp).0[0], 2.7);
+}
+
+#[test]
+fn cpo_as_in_table_5() {
+    // −log σ(0.5·(−10 + 15)) − 1·(−10) = softplus(−2.5) + 10
+    let params = LossParams { cpo_alpha: 1.0, ..p() };
+    close(loss(LossKind::Cpo, params, &pair()).0[0], softplus(-2.5) + 10.0);
+}
+
+#[test]
+fn simpo_uses_average_log_probs_and_gamma() {
+    // β = 2, γ = 0.5: averages −2.5 and −3, z = 2·0.5 − 0.5 = 0.5
+    let params = LossParams { beta: 2.0, simpo_gamma: 0.5, ..p() };
+    let (l, rc, rr) = loss(LossKind::Simpo, params, &pair());
+    close(l[0], softplus(-0.5));
+    assert_eq!((rc[0], rr[0]), (-5.0, -6.0));
+}
+
+#[test]
+fn dpop_penalises_chosen_below_reference() {
+    // chosen above its reference: plain DPO
+    close(loss(LossKind::Dpop, p(), &pair()).0[0], softplus(-1.5));
+    // chosen 1 below: z = 0.5·((−1) − (−1) − 50·1) = −25
+    let lp = pairs(&[-13.0], &[-15.0], &[-12.0], &[-14.0], &[4.0], &[5.0]);
+    close(loss(LossKind::Dpop, p(), &lp).0[0], softplus(25.0));
+}
+
+#[test]
+fn sft_is_per_token_chosen_nll() {
+    close(loss(LossKind::Sft, p(), &pair()).0[0], 2.5);
+}
+
+#[test]
+fn equal_log_probs() {
+    let lp = pairs(&[-7.0], &[-7.0], &[-7.0], &[-7.0], &[3.0], &[3.0]);
+    let ln2 = std::f64::consts::LN_2;
+    close(loss(LossKind::Sigmoid, p(), &lp).0[0], ln2);
+    close(loss(LossKind::Robust, LossParams { label_smoothing: 0.2, ..p() }, &lp).0[0], ln2 * (0.8 - 0.2) / 0.6);
+    close(loss(LossKind::Hinge, p(), &lp).0[0], 1.0);
+    close(loss(LossKind::Ipo, p(), &lp).0[0], 1.0);
+    close(loss(LossKind::Dpop, p(), &lp).0[0], ln2);
+    close(loss(LossKind::Simpo, LossParams { simpo_gamma: 0.5, ..p() }, &lp).0[0], softplus(0.5));
+    close(loss(LossKind::Cpo, LossParams { cpo_alpha: 1.0, ..p() }, &lp).0[0], ln2 + 7.0);
+    close(loss(LossKind::Slic, LossParams { slic_delta: 1.0, slic_lambda: 0.0, ..p() }, &lp).0[0], 1.0);
+}
+
+#[test]
+fn huge_margins_neither_overflow_nor_lose_the_gradient() {
+    // Margins of ±1e4 nats at β = 1: the losses are 0 and 1e4, the gradients 0 and −1.
+    for kind in [LossKind::Sigmoid, LossKind::Robust, LossKind::Dpop, LossKind::Cpo, LossKind::Simpo] {
+        let chosen = Var::from_tensor(&t(&[0.0, -1e4])).unwrap();
+        let lp = PairLogps {
+            chosen: chosen.as_tensor().clone(),
+            rejected: t(&[-1e4, 0.0]),
+            ref_chosen: Some(t(&[0.0, 0.0])),
+            ref_rejected: Some(t(&[0.0, 0.0])),
+            chosen_tokens: t(&[1.0, 1.0]),
+            rejected_tokens: t(&[1.0, 1.0]),
+        };
+        let params = LossParams { beta: 1.0, cpo_alpha: 0.0, simpo_gamma: 0.0, dpop_lambda: 0.0, ..Default::default() };
+        let out = Loss::single(kind, params).compute(&lp).unwrap();
+        let l = v(&out.losses);
+        assert!(l.iter().all(|x| x.is_finite()), "{kind:?}: {l:?}");
+        assert!(l[0].abs() < 1e-9, "{kind:?}: {l:?}");
+        let g = v(out.losses.sum_all().unwrap().backward().unwrap().get(&chosen).unwrap());
+        assert!(g.iter().all(|x| x.is_finite()), "{kind:?}: {g:?}");
+        assert!(g[0].abs() < 1e-9 && (g[1] + 1.0).abs() < 1e-9, "{kind:?}: {g:?}");
+    }
+    // The reversed pair: the sigmoid loss grows linearly instead of overflowing.
+    let lp = pairs(&[-1e4], &[0.0], &[0.0], &[0.0], &[1.0], &[1.0]);
+    close(loss(LossKind::Sigmoid, LossParams { beta: 1.0, ..p() }, &lp).0[0], 1e4);
+}
+
+#[test]
+fn weighted_combination_sums_terms_and_keeps_reference_rewards() {
+    // sft listed first, sigmoid second: loss = 0.5·2.5 + 1·softplus(−1.5); rewards from sigmoid.
+    let mix = Loss { terms: vec![(LossKind::Sft, 0.5), (LossKind::Sigmoid, 1.0)], params: p() };
+    let out = mix.compute(&pair()).unwrap();
+    close(v(&out.losses)[0], 1.25 + softplus(-1.5));
+    assert_eq!((v(&out.chosen_rewards)[0], v(&out.rejected_rewards)[0]), (1.0, -0.5));
+    assert!(mix.needs_reference());
+    let free = Loss { terms: vec![(LossKind::Cpo, 1.0), (LossKind::Sft, 2.0)], params: p() };
+    assert!(!free.needs_reference());
+}
+
+const MINIMAL: &str = r#"
+output_dir = "runs/x"
+[model]
+name_or_path = "builtin:tiny-gpt2"
+[data]
+train = "builtin:arith"
+[training]
+learning_rate = 1e-3
+batch_size = 8
+"#;
+
+#[test]
+fn loss_type_list_weights_and_rpo_alpha_from_config() {
+    let ov: Vec<String> = [
+        "training.loss_type=[\"sigmoid\", \"ipo\"]",
+        "training.loss_weights=[0.8, 0.2]",
+        "training.rpo_alpha=0.5",
+        "training.beta=0.5",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let cfg = Config::parse(MINIMAL, "cfg.toml", &ov).unwrap();
+    let loss = Loss::from_config(&cfg.training).unwrap();
+    assert_eq!(loss.terms, vec![(LossKind::Sigmoid, 0.8), (LossKind::Ipo, 0.2), (LossKind::Sft, 0.5)]);
+    let l = v(&loss.compute(&pair()).unwrap().losses)[0];
+    close(l, 0.8 * softplus(-1.5) + 0.2 * 0.09 + 0.5 * 2.5);
+}

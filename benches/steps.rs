@@ -44,7 +44,10 @@ fn step(tr: &mut Trainer, batch: &PreferenceBatch, idx: &[usize]) -> Result<f64>
     let reference = tr.reference_for(batch, Some((Split::Train, idx)))?;
     let ms = tr.micro_step_with(batch, reference, Some(1.0))?;
     let mut acc = GradAccumulator::new(tr.policy.params.len());
-    acc.add(&tr.policy.params, ms.grads.as_ref().expect("backward was requested"))?;
+    acc.add(
+        &tr.policy.params,
+        ms.grads.as_ref().expect("backward was requested"),
+    )?;
     acc.clip(1.0)?;
     tr.optimizer.apply(&tr.policy.params, acc.grads(), 1e-4)?;
     Ok(started.elapsed().as_secs_f64())
@@ -61,7 +64,14 @@ fn main() -> Result<()> {
     for precompute in [false, true] {
         for kind in ["none", "logits", "full"] {
             let tr = Trainer::new(config(dir.path(), kind, precompute)?)?;
-            variants.push((format!("{kind:<6} ref={}", if precompute { "cached" } else { "live  " }), tr, Vec::new()));
+            variants.push((
+                format!(
+                    "{kind:<6} ref={}",
+                    if precompute { "cached" } else { "live  " }
+                ),
+                tr,
+                Vec::new(),
+            ));
         }
     }
     let idx: Vec<usize> = (0..PAIRS).collect();

@@ -29,10 +29,12 @@ pub fn save_model(model: &Model, tok: &Tok, dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let tensors = model.named_tensors();
     let tmp = dir.join("model.safetensors.tmp");
-    candle_core::safetensors::save(&tensors, &tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
+    candle_core::safetensors::save(&tensors, &tmp)
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
     std::fs::rename(&tmp, dir.join("model.safetensors"))?;
     let config = serde_json::to_string_pretty(&model.config_json)?;
-    std::fs::write(dir.join("config.json"), config).with_context(|| format!("cannot write config.json in {}", dir.display()))?;
+    std::fs::write(dir.join("config.json"), config)
+        .with_context(|| format!("cannot write config.json in {}", dir.display()))?;
     tok.save(dir)
 }
 
@@ -99,10 +101,12 @@ pub fn save(trainer: &Trainer, out_dir: &Path) -> Result<PathBuf> {
         let old = out_dir.join(format!("{}.old", dir_name(step)));
         if final_dir.exists() {
             remove_path(&old)?;
-            std::fs::rename(&final_dir, &old).with_context(|| format!("cannot move aside {}", final_dir.display()))?;
+            std::fs::rename(&final_dir, &old)
+                .with_context(|| format!("cannot move aside {}", final_dir.display()))?;
         }
-        std::fs::rename(&tmp, &final_dir)
-            .with_context(|| format!("cannot rename {} to {}", tmp.display(), final_dir.display()))?;
+        std::fs::rename(&tmp, &final_dir).with_context(|| {
+            format!("cannot rename {} to {}", tmp.display(), final_dir.display())
+        })?;
         sync_dir(out_dir)?;
         remove_path(&old)
     });
@@ -117,7 +121,8 @@ pub fn save(trainer: &Trainer, out_dir: &Path) -> Result<PathBuf> {
     if let Some(limit) = trainer.cfg.training.save_total_limit {
         let (complete, _) = list(out_dir)?;
         for (_, old) in complete.iter().rev().skip(limit) {
-            std::fs::remove_dir_all(old).with_context(|| format!("cannot delete old checkpoint {}", old.display()))?;
+            std::fs::remove_dir_all(old)
+                .with_context(|| format!("cannot delete old checkpoint {}", old.display()))?;
         }
     }
     Ok(final_dir)
@@ -128,17 +133,28 @@ fn write_tmp(trainer: &Trainer, tmp: &Path) -> Result<()> {
     std::fs::create_dir_all(tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
     save_model(&trainer.policy, &trainer.tok, tmp)?;
     let opt = tmp.join(OPTIMIZER);
-    candle_core::safetensors::save(&trainer.optimizer.state_tensors(&trainer.policy.params)?, &opt)
-        .with_context(|| format!("cannot write {}", opt.display()))?;
+    candle_core::safetensors::save(
+        &trainer.optimizer.state_tensors(&trainer.policy.params)?,
+        &opt,
+    )
+    .with_context(|| format!("cannot write {}", opt.display()))?;
     let s = &trainer.schedule;
     let state = TrainerState {
         step: trainer.step,
         data: trainer.data_pos,
         metrics_lines: trainer.metrics_lines,
         nonfinite_skipped: trainer.nonfinite_skipped,
-        schedule: ScheduleState { peak: s.peak, warmup: s.warmup, total: s.total, kind: s.kind.clone() },
+        schedule: ScheduleState {
+            peak: s.peak,
+            warmup: s.warmup,
+            total: s.total,
+            kind: s.kind.clone(),
+        },
     };
-    write_file(&tmp.join(STATE), serde_json::to_string_pretty(&state)?.as_bytes())?;
+    write_file(
+        &tmp.join(STATE),
+        serde_json::to_string_pretty(&state)?.as_bytes(),
+    )?;
     let config = toml::to_string(&trainer.cfg).context("cannot serialise the config")?;
     write_file(&tmp.join(CONFIG), config.as_bytes())?;
 
@@ -155,15 +171,24 @@ fn write_tmp(trainer: &Trainer, tmp: &Path) -> Result<()> {
             .with_context(|| format!("cannot sync {}", path.display()))?;
         files.insert(name, hash_file(&path)?);
     }
-    let manifest = Manifest { step: trainer.step, files };
-    write_file(&tmp.join(MANIFEST), serde_json::to_string_pretty(&manifest)?.as_bytes())?;
+    let manifest = Manifest {
+        step: trainer.step,
+        files,
+    };
+    write_file(
+        &tmp.join(MANIFEST),
+        serde_json::to_string_pretty(&manifest)?.as_bytes(),
+    )?;
     sync_dir(tmp)
 }
 
 /// Writes and fsyncs one file.
 fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
-    let mut f = std::fs::File::create(path).with_context(|| format!("cannot write {}", path.display()))?;
-    f.write_all(bytes).and_then(|()| f.sync_all()).with_context(|| format!("cannot write {}", path.display()))
+    let mut f =
+        std::fs::File::create(path).with_context(|| format!("cannot write {}", path.display()))?;
+    f.write_all(bytes)
+        .and_then(|()| f.sync_all())
+        .with_context(|| format!("cannot write {}", path.display()))
 }
 
 fn sync_dir(dir: &Path) -> Result<()> {
@@ -184,10 +209,16 @@ fn remove_path(path: &Path) -> Result<()> {
 }
 
 fn hash_file(path: &Path) -> Result<FileEntry> {
-    let mut f = std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut f =
+        std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
     let mut hasher = Sha256::new();
-    let size = std::io::copy(&mut f, &mut hasher).with_context(|| format!("cannot read {}", path.display()))?;
-    let sha256 = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    let size = std::io::copy(&mut f, &mut hasher)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    let sha256 = hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
     Ok(FileEntry { size, sha256 })
 }
 
@@ -195,10 +226,14 @@ fn hash_file(path: &Path) -> Result<FileEntry> {
 /// recorded size and checksum. The error says what is missing or wrong.
 pub fn verify(dir: &Path) -> Result<()> {
     let path = dir.join(MANIFEST);
-    let text = std::fs::read_to_string(&path)
-        .with_context(|| format!("{}: no manifest.json (the save did not finish)", dir.display()))?;
-    let manifest: Manifest =
-        serde_json::from_str(&text).with_context(|| format!("{}: manifest is not valid JSON", path.display()))?;
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "{}: no manifest.json (the save did not finish)",
+            dir.display()
+        )
+    })?;
+    let manifest: Manifest = serde_json::from_str(&text)
+        .with_context(|| format!("{}: manifest is not valid JSON", path.display()))?;
     for required in [MODEL, OPTIMIZER, STATE, CONFIG] {
         if !manifest.files.contains_key(required) {
             bail!("{}: manifest does not list {required}", path.display());
@@ -206,9 +241,15 @@ pub fn verify(dir: &Path) -> Result<()> {
     }
     for (name, want) in &manifest.files {
         let file = dir.join(name);
-        let size = std::fs::metadata(&file).map(|m| m.len()).map_err(|_| anyhow!("{}: missing", file.display()))?;
+        let size = std::fs::metadata(&file)
+            .map(|m| m.len())
+            .map_err(|_| anyhow!("{}: missing", file.display()))?;
         if size != want.size {
-            bail!("{}: {size} bytes, manifest says {}", file.display(), want.size);
+            bail!(
+                "{}: {size} bytes, manifest says {}",
+                file.display(),
+                want.size
+            );
         }
         if hash_file(&file)?.sha256 != want.sha256 {
             bail!("{}: checksum does not match the manifest", file.display());
@@ -223,11 +264,16 @@ pub fn verify(dir: &Path) -> Result<()> {
 pub fn list(out_dir: &Path) -> Result<(Vec<(usize, PathBuf)>, Vec<PathBuf>)> {
     let mut complete = Vec::new();
     let mut incomplete = Vec::new();
-    let entries = std::fs::read_dir(out_dir).with_context(|| format!("cannot list {}", out_dir.display()))?;
+    let entries =
+        std::fs::read_dir(out_dir).with_context(|| format!("cannot list {}", out_dir.display()))?;
     for entry in entries {
         let path = entry?.path();
-        let Some(name) = path.file_name().and_then(|n| n.to_str()) else { continue };
-        let Some(rest) = name.strip_prefix("checkpoint-") else { continue };
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        let Some(rest) = name.strip_prefix("checkpoint-") else {
+            continue;
+        };
         match rest.parse::<usize>() {
             Ok(step) if path.join(MANIFEST).is_file() => complete.push((step, path)),
             _ if path.is_dir() => incomplete.push(path),
@@ -247,7 +293,10 @@ pub fn latest(out_dir: &Path) -> Result<PathBuf> {
     }
     let (complete, incomplete) = list(out_dir)?;
     for path in &incomplete {
-        eprintln!("warning: ignoring incomplete checkpoint {} (no manifest; an interrupted save)", path.display());
+        eprintln!(
+            "warning: ignoring incomplete checkpoint {} (no manifest; an interrupted save)",
+            path.display()
+        );
     }
     for (_, path) in complete.iter().rev() {
         match verify(path) {
@@ -255,7 +304,10 @@ pub fn latest(out_dir: &Path) -> Result<PathBuf> {
             Err(e) => eprintln!("warning: ignoring checkpoint {}: {e:#}", path.display()),
         }
     }
-    bail!("--resume: no complete checkpoint (checkpoint-<step>/ with a valid manifest.json) in {}", out_dir.display())
+    bail!(
+        "--resume: no complete checkpoint (checkpoint-<step>/ with a valid manifest.json) in {}",
+        out_dir.display()
+    )
 }
 
 /// The resolved config a checkpoint was saved with.
@@ -266,7 +318,8 @@ pub fn load_config(dir: &Path) -> Result<Config> {
 
 pub fn load_state(dir: &Path) -> Result<TrainerState> {
     let path = dir.join(STATE);
-    let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
     serde_json::from_str(&text).with_context(|| format!("{}: not a trainer state", path.display()))
 }
 
@@ -301,7 +354,11 @@ fn flatten(cfg: &Config) -> Result<BTreeMap<String, toml::Value>> {
         match v {
             toml::Value::Table(t) => {
                 for (k, v) in t {
-                    let key = if prefix.is_empty() { k } else { format!("{prefix}.{k}") };
+                    let key = if prefix.is_empty() {
+                        k
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
                     walk(&key, v, out);
                 }
             }
@@ -311,7 +368,11 @@ fn flatten(cfg: &Config) -> Result<BTreeMap<String, toml::Value>> {
         }
     }
     let mut out = BTreeMap::new();
-    walk("", toml::Value::try_from(cfg).context("cannot serialise the config")?, &mut out);
+    walk(
+        "",
+        toml::Value::try_from(cfg).context("cannot serialise the config")?,
+        &mut out,
+    );
     Ok(out)
 }
 
@@ -327,10 +388,21 @@ pub fn restore(trainer: &mut Trainer, dir: &Path) -> Result<TrainerState> {
             .get(&p.name)
             .ok_or_else(|| anyhow!("{}: tensor `{}` is missing", model_path.display(), p.name))?;
         if t.dims() != p.var.dims() {
-            bail!("{}: tensor `{}` has shape {:?}, the model expects {:?}", model_path.display(), p.name, t.dims(), p.var.dims());
+            bail!(
+                "{}: tensor `{}` has shape {:?}, the model expects {:?}",
+                model_path.display(),
+                p.name,
+                t.dims(),
+                p.var.dims()
+            );
         }
         if !t.dtype().is_float() {
-            bail!("{}: tensor `{}` has dtype {:?}, expected a float dtype", model_path.display(), p.name, t.dtype());
+            bail!(
+                "{}: tensor `{}` has dtype {:?}, expected a float dtype",
+                model_path.display(),
+                p.name,
+                t.dtype()
+            );
         }
         p.var.set(&t.to_dtype(p.var.dtype())?)?;
         if let Some(master) = &p.master {
@@ -338,8 +410,9 @@ pub fn restore(trainer: &mut Trainer, dir: &Path) -> Result<TrainerState> {
         }
     }
     let opt_path = dir.join(OPTIMIZER);
-    let tensors: HashMap<String, candle_core::Tensor> = candle_core::safetensors::load(&opt_path, &trainer.device)
-        .with_context(|| format!("cannot read {}", opt_path.display()))?;
+    let tensors: HashMap<String, candle_core::Tensor> =
+        candle_core::safetensors::load(&opt_path, &trainer.device)
+            .with_context(|| format!("cannot read {}", opt_path.display()))?;
     trainer
         .optimizer
         .load_state(&trainer.policy.params, &tensors)

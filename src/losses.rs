@@ -25,7 +25,11 @@ pub struct PairLogps {
 impl PairLogps {
     /// From per-row sequence log-probs `[2b]` (chosen rows first, as in `PreferenceBatch`), the
     /// optional reference (chosen, rejected) and the batch's per-row response lengths.
-    pub fn from_rows(seq: &Tensor, reference: Option<&(Tensor, Tensor)>, response_lens: &[usize]) -> Result<PairLogps> {
+    pub fn from_rows(
+        seq: &Tensor,
+        reference: Option<&(Tensor, Tensor)>,
+        response_lens: &[usize],
+    ) -> Result<PairLogps> {
         let b = response_lens.len() / 2;
         // An empty response cannot be tokenised, but a zero length must never divide.
         let lens: Vec<f64> = response_lens.iter().map(|&n| n.max(1) as f64).collect();
@@ -78,7 +82,9 @@ pub enum LossKind {
 
 impl LossKind {
     /// Every accepted `loss_type` name.
-    pub const NAMES: &'static [&'static str] = &["sigmoid", "robust", "hinge", "ipo", "slic", "cpo", "simpo", "dpop", "sft"];
+    pub const NAMES: &'static [&'static str] = &[
+        "sigmoid", "robust", "hinge", "ipo", "slic", "cpo", "simpo", "dpop", "sft",
+    ];
 
     pub fn parse(name: &str) -> Result<LossKind> {
         Ok(match name {
@@ -91,12 +97,18 @@ impl LossKind {
             "simpo" => LossKind::Simpo,
             "dpop" => LossKind::Dpop,
             "sft" => LossKind::Sft,
-            other => bail!("training.loss_type: unknown loss `{other}`; expected one of {}", Self::NAMES.join(", ")),
+            other => bail!(
+                "training.loss_type: unknown loss `{other}`; expected one of {}",
+                Self::NAMES.join(", ")
+            ),
         })
     }
 
     pub fn needs_reference(self) -> bool {
-        !matches!(self, LossKind::Slic | LossKind::Cpo | LossKind::Simpo | LossKind::Sft)
+        !matches!(
+            self,
+            LossKind::Slic | LossKind::Cpo | LossKind::Simpo | LossKind::Sft
+        )
     }
 
     pub fn compute(self, lp: &PairLogps, p: &LossParams) -> Result<LossOutput> {
@@ -137,7 +149,15 @@ impl Default for LossParams {
     /// TRL's defaults (`DPOConfig`, `CPOConfig`); SLiC-HF's λ = δ = 1 from the paper's grid;
     /// DPOP's λ = 50 from Pal et al.
     fn default() -> Self {
-        Self { beta: 0.1, label_smoothing: 0.0, simpo_gamma: 0.5, cpo_alpha: 1.0, slic_delta: 1.0, slic_lambda: 1.0, dpop_lambda: 50.0 }
+        Self {
+            beta: 0.1,
+            label_smoothing: 0.0,
+            simpo_gamma: 0.5,
+            cpo_alpha: 1.0,
+            slic_delta: 1.0,
+            slic_lambda: 1.0,
+            dpop_lambda: 50.0,
+        }
     }
 }
 
@@ -151,7 +171,10 @@ pub struct Loss {
 impl Loss {
     /// One unweighted term.
     pub fn single(kind: LossKind, params: LossParams) -> Loss {
-        Loss { terms: vec![(kind, 1.0)], params }
+        Loss {
+            terms: vec![(kind, 1.0)],
+            params,
+        }
     }
 
     /// `loss_type` (one name or a list) × `loss_weights` (default all 1), plus `rpo_alpha` × sft
@@ -160,12 +183,20 @@ impl Loss {
         let names = t.loss_type.names();
         let weights = match &t.loss_weights {
             Some(w) if w.len() != names.len() => {
-                bail!("training.loss_weights: {} weights for {} loss types", w.len(), names.len())
+                bail!(
+                    "training.loss_weights: {} weights for {} loss types",
+                    w.len(),
+                    names.len()
+                )
             }
             Some(w) => w.clone(),
             None => vec![1.0; names.len()],
         };
-        let mut terms = names.iter().zip(weights).map(|(n, w)| Ok((LossKind::parse(n)?, w))).collect::<Result<Vec<_>>>()?;
+        let mut terms = names
+            .iter()
+            .zip(weights)
+            .map(|(n, w)| Ok((LossKind::parse(n)?, w)))
+            .collect::<Result<Vec<_>>>()?;
         if let Some(alpha) = t.rpo_alpha {
             terms.push((LossKind::Sft, alpha));
         }
@@ -189,7 +220,11 @@ impl Loss {
     /// Σ wᵢ · lossᵢ per pair. The rewards are those of the first term that uses the reference
     /// (TRL's β·log-ratio whenever a reference is in play), else of the first term.
     pub fn compute(&self, lp: &PairLogps) -> Result<LossOutput> {
-        let primary = self.terms.iter().position(|(k, _)| k.needs_reference()).unwrap_or(0);
+        let primary = self
+            .terms
+            .iter()
+            .position(|(k, _)| k.needs_reference())
+            .unwrap_or(0);
         let mut total: Option<Tensor> = None;
         let mut rewards = None;
         for (i, (kind, weight)) in self.terms.iter().enumerate() {
@@ -204,7 +239,11 @@ impl Loss {
             }
         }
         match (total, rewards) {
-            (Some(losses), Some((chosen_rewards, rejected_rewards))) => Ok(LossOutput { losses, chosen_rewards, rejected_rewards }),
+            (Some(losses), Some((chosen_rewards, rejected_rewards))) => Ok(LossOutput {
+                losses,
+                chosen_rewards,
+                rejected_rewards,
+            }),
             _ => bail!("training.loss_type: no loss configured"),
         }
     }
@@ -248,8 +287,15 @@ fn rewards(chosen: &Tensor, rejected: &Tensor, beta: f64) -> Result<(Tensor, Ten
     Ok(((chosen * beta)?.detach(), (rejected * beta)?.detach()))
 }
 
-fn output(losses: Tensor, (chosen_rewards, rejected_rewards): (Tensor, Tensor)) -> Result<LossOutput> {
-    Ok(LossOutput { losses, chosen_rewards, rejected_rewards })
+fn output(
+    losses: Tensor,
+    (chosen_rewards, rejected_rewards): (Tensor, Tensor),
+) -> Result<LossOutput> {
+    Ok(LossOutput {
+        losses,
+        chosen_rewards,
+        rejected_rewards,
+    })
 }
 
 /// `sigmoid` — DPO (Rafailov et al. 2023, eq. 7; the paper's eq. 2), with cDPO's label
@@ -278,7 +324,10 @@ pub fn robust(lp: &PairLogps, p: &LossParams) -> Result<LossOutput> {
 pub fn hinge(lp: &PairLogps, p: &LossParams) -> Result<LossOutput> {
     let (cr, rr) = ref_logratios(lp)?;
     let z = ((&cr - &rr)? * p.beta)?;
-    output(z.neg()?.affine(1.0, 1.0)?.relu()?, rewards(&cr, &rr, p.beta)?)
+    output(
+        z.neg()?.affine(1.0, 1.0)?.relu()?,
+        rewards(&cr, &rr, p.beta)?,
+    )
 }
 
 /// `ipo` — IPO (Azar et al. 2024, eq. 17) on length-averaged log-probs as TRL computes it, with
@@ -289,14 +338,19 @@ pub fn ipo(lp: &PairLogps, p: &LossParams) -> Result<LossOutput> {
     let cr = ((&lp.chosen - rc)? / &lp.chosen_tokens)?;
     let rrat = ((&lp.rejected - rr)? / &lp.rejected_tokens)?;
     let h = (&cr - &rrat)?;
-    output((h - 1.0 / (2.0 * p.beta))?.sqr()?, rewards(&cr, &rrat, p.beta)?)
+    output(
+        (h - 1.0 / (2.0 * p.beta))?.sqr()?,
+        rewards(&cr, &rrat, p.beta)?,
+    )
 }
 
 /// `slic` — SLiC-HF (Zhao et al. 2023) as in the paper's Table 5, reference-free:
 /// loss = max(0, δ − log π(y_w|x) + log π(y_l|x)) − λ log π(y_w|x), δ = `slic_delta`,
 /// λ = `slic_lambda`; log-probs are sequence sums. Rewards β·log π.
 pub fn slic(lp: &PairLogps, p: &LossParams) -> Result<LossOutput> {
-    let margin = (&lp.rejected - &lp.chosen)?.affine(1.0, p.slic_delta)?.relu()?;
+    let margin = (&lp.rejected - &lp.chosen)?
+        .affine(1.0, p.slic_delta)?
+        .relu()?;
     let losses = (margin - (&lp.chosen * p.slic_lambda)?)?;
     output(losses, rewards(&lp.chosen, &lp.rejected, p.beta)?)
 }
@@ -360,7 +414,14 @@ mod tests {
             chosen_tokens: t(&[4.0, 2.0]),
             rejected_tokens: t(&[5.0, 2.0]),
         };
-        let out = Loss::single(LossKind::Sigmoid, LossParams { beta: 0.5, ..Default::default() }).compute(&lp)?;
+        let out = Loss::single(
+            LossKind::Sigmoid,
+            LossParams {
+                beta: 0.5,
+                ..Default::default()
+            },
+        )
+        .compute(&lp)?;
         let losses = out.losses.to_vec1::<f32>()?;
         assert!((losses[0] - 0.201_413).abs() < 1e-5, "{losses:?}");
         // equal log-probs: loss = log 2
@@ -373,7 +434,12 @@ mod tests {
     #[test]
     fn neg_log_sigmoid_gradient_is_minus_sigmoid_including_at_zero() -> Result<()> {
         let x = candle_core::Var::from_tensor(&t(&[0.0, 2.0, -3.0, 800.0, -800.0]))?;
-        let g = neg_log_sigmoid(x.as_tensor())?.sum_all()?.backward()?.get(&x).unwrap().to_vec1::<f32>()?;
+        let g = neg_log_sigmoid(x.as_tensor())?
+            .sum_all()?
+            .backward()?
+            .get(&x)
+            .unwrap()
+            .to_vec1::<f32>()?;
         let expected = [-0.5f32, -0.119_202_92, -0.952_574_1, 0.0, -1.0];
         for (a, e) in g.iter().zip(expected) {
             assert!((a - e).abs() < 1e-6, "{g:?}");

@@ -35,8 +35,8 @@ enum Command {
     /// Look at preference data before training: `data inspect` counts records and skipped rows
     /// by reason, token-length percentiles, padding, and shows which tokens are scored.
     Data(dpo_sam::data::inspect::DataArgs),
-    /// Generate completions for a data file's prompts (greedy or sampled, batched, KV cache)
-    /// as JSONL for `eval`; `--preset hh|tldr` uses the paper's decoding settings.
+    /// Generate completions for a data file's prompts as JSONL for `eval` (batched, KV cache,
+    /// greedy or sampled; `--preset hh|tldr` for the paper's settings).
     Generate(dpo_sam::generate::GenerateArgs),
     /// CUDA-vs-CPU parity of logits, log-probs and one step's gradients on tiny GPT-2,
     /// GPT-NeoX and Mistral models, as JSON (see docs/gpu.md).

@@ -10,7 +10,9 @@
 
 use crate::models::fast_ops::{self, by_dtype, par_blocks, slice, Real};
 use crate::models::ops::{accum_dtype, log_softmax_last_dim};
-use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, D};
+use candle_core::{
+    bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, D,
+};
 use std::cell::Cell;
 
 /// Rows of hidden states per chunk of the fused path: it holds at most this many × vocab logits.
@@ -52,7 +54,12 @@ impl OutputLayer {
     /// log π(target_i | h_i) for each row: `[n, hidden]`, `[n]` u32 → `[n]` f32 (f64 for f64),
     /// differentiable in h, weight and bias; chunked where [`OutputLayer::token_logps_chunked`]
     /// applies.
-    pub fn token_logps(&self, h: &Tensor, targets: &Tensor, perturbation: Option<&Tensor>) -> Result<Tensor> {
+    pub fn token_logps(
+        &self,
+        h: &Tensor,
+        targets: &Tensor,
+        perturbation: Option<&Tensor>,
+    ) -> Result<Tensor> {
         if self.fuses(h) {
             self.token_logps_chunked(h, targets, perturbation, CHUNK_ROWS)
         } else {
@@ -61,7 +68,12 @@ impl OutputLayer {
     }
 
     /// [`OutputLayer::token_logps`] through the full `[n, vocab]` log-softmax.
-    pub fn token_logps_unfused(&self, h: &Tensor, targets: &Tensor, perturbation: Option<&Tensor>) -> Result<Tensor> {
+    pub fn token_logps_unfused(
+        &self,
+        h: &Tensor,
+        targets: &Tensor,
+        perturbation: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let logp = log_softmax_last_dim(&self.logits(h, perturbation)?)?;
         logp.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)
     }
@@ -95,7 +107,12 @@ impl OutputLayer {
     }
 
     /// [`OutputLayer::sam_gradient`] through the full `[n, vocab]` softmax.
-    pub fn sam_gradient_unfused(&self, h: &Tensor, targets: &Tensor, dlogp: &Tensor) -> Result<Tensor> {
+    pub fn sam_gradient_unfused(
+        &self,
+        h: &Tensor,
+        targets: &Tensor,
+        dlogp: &Tensor,
+    ) -> Result<Tensor> {
         let probs = log_softmax_last_dim(&self.logits(&h.detach(), None)?.detach())?.exp()?;
         let (n, vocab) = probs.dims2()?;
         let dt = probs.dtype();
@@ -109,7 +126,13 @@ impl OutputLayer {
     }
 
     /// [`OutputLayer::sam_gradient`] `chunk_rows` rows at a time (CPU, f32/f64 only).
-    pub fn sam_gradient_chunked(&self, h: &Tensor, targets: &Tensor, dlogp: &Tensor, chunk_rows: usize) -> Result<Tensor> {
+    pub fn sam_gradient_chunked(
+        &self,
+        h: &Tensor,
+        targets: &Tensor,
+        dlogp: &Tensor,
+        chunk_rows: usize,
+    ) -> Result<Tensor> {
         let chunk = Chunked::new(self, h, targets, None, chunk_rows)?;
         let (_, dw, _) = by_dtype!(h.dtype(), T => chunk.backward::<T>(dlogp, None, false)?);
         Ok(dw)
@@ -145,11 +168,20 @@ struct Chunked {
 }
 
 impl Chunked {
-    fn new(head: &OutputLayer, h: &Tensor, targets: &Tensor, e: Option<&Tensor>, rows: usize) -> Result<Self> {
+    fn new(
+        head: &OutputLayer,
+        h: &Tensor,
+        targets: &Tensor,
+        e: Option<&Tensor>,
+        rows: usize,
+    ) -> Result<Self> {
         let (n, _) = h.dims2()?;
         let targets = targets.to_dtype(DType::U32)?.to_vec1::<u32>()?;
         if targets.len() != n {
-            bail!("output layer: {} targets for {n} hidden states", targets.len());
+            bail!(
+                "output layer: {} targets for {n} hidden states",
+                targets.len()
+            );
         }
         let vocab = head.vocab_size()?;
         if let Some(t) = targets.iter().find(|&&t| t as usize >= vocab) {
@@ -158,7 +190,11 @@ impl Chunked {
         Ok(Chunked {
             h: h.detach().contiguous()?,
             w: head.perturbed_weight(e)?.detach().contiguous()?,
-            bias: head.bias.as_ref().map(|b| b.detach().contiguous()).transpose()?,
+            bias: head
+                .bias
+                .as_ref()
+                .map(|b| b.detach().contiguous())
+                .transpose()?,
             targets,
             rows: rows.max(1),
         })
@@ -171,13 +207,18 @@ impl Chunked {
     /// Row ranges `(start, len)` of the chunks.
     fn chunks(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
         let n = self.targets.len();
-        (0..n).step_by(self.rows).map(move |s| (s, self.rows.min(n - s)))
+        (0..n)
+            .step_by(self.rows)
+            .map(move |s| (s, self.rows.min(n - s)))
     }
 
     /// Logits H[start..start+len] Wᵀ, bias not added (the row kernels add it as they read).
     fn logits(&self, start: usize, len: usize) -> Result<Tensor> {
         LARGEST_CHUNK.with(|c| c.set(c.get().max(len * self.vocab())));
-        self.h.narrow(0, start, len)?.matmul(&self.w.t()?)?.contiguous()
+        self.h
+            .narrow(0, start, len)?
+            .matmul(&self.w.t()?)?
+            .contiguous()
     }
 
     /// Token log-probs and each token's log-sum-exp, both `[n]`.
@@ -189,13 +230,18 @@ impl Chunked {
         for (start, len) in self.chunks() {
             let logits = self.logits(start, len)?;
             let (storage, layout) = logits.storage_and_layout();
-            let Storage::Cpu(cpu) = &*storage else { bail!("fused output layer: CPU only") };
+            let Storage::Cpu(cpu) = &*storage else {
+                bail!("fused output layer: CPU only")
+            };
             let x = slice::<T>(cpu, layout)?;
             // Per row: (max, ln Σ exp(z − max)) with z = logits + bias.
             let mut stats = vec![(T::zero(), T::zero()); len];
             par_blocks(&mut stats, 1, vocab, |first, block| {
                 for (r, s) in block.iter_mut().enumerate() {
-                    *s = row_stats(&x[(first + r) * vocab..(first + r + 1) * vocab], bias.as_deref());
+                    *s = row_stats(
+                        &x[(first + r) * vocab..(first + r + 1) * vocab],
+                        bias.as_deref(),
+                    );
                 }
             });
             for (r, (max, ln_sum)) in stats.into_iter().enumerate() {
@@ -208,7 +254,10 @@ impl Chunked {
         }
         let n = out.len();
         let dev = self.h.device();
-        Ok((Tensor::from_vec(out, n, dev)?, Tensor::from_vec(lse, n, dev)?))
+        Ok((
+            Tensor::from_vec(out, n, dev)?,
+            Tensor::from_vec(lse, n, dev)?,
+        ))
     }
 
     /// From ∂L/∂(token log-probs) `dlogp`: (∂L/∂H if `want_dh`, ∂L/∂W, ∂L/∂b if there is a
@@ -232,7 +281,9 @@ impl Chunked {
             let logits = self.logits(start, len)?;
             let mut g = {
                 let (storage, layout) = logits.storage_and_layout();
-                let Storage::Cpu(cpu) = &*storage else { bail!("fused output layer: CPU only") };
+                let Storage::Cpu(cpu) = &*storage else {
+                    bail!("fused output layer: CPU only")
+                };
                 slice::<T>(cpu, layout)?.to_vec()
             };
             drop(logits);
@@ -337,11 +388,23 @@ impl CustomOp2 for TokenLogps {
         "fused-token-logps"
     }
 
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         self.result()
     }
 
-    fn bwd(&self, _h: &Tensor, _w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        _h: &Tensor,
+        _w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (dh, dw, _) = self.grads(grad)?;
         Ok((dh, Some(dw)))
     }
@@ -388,7 +451,10 @@ mod tests {
         let h = Tensor::randn(0f32, 1.0, (5, 4), &dev)?;
         let w = Var::from_tensor(&Tensor::randn(0f32, 0.5, (7, 4), &dev)?)?;
         let b = Tensor::randn(0f32, 0.5, 7, &dev)?;
-        let head = OutputLayer { weight: w.as_tensor().clone(), bias: Some(b) };
+        let head = OutputLayer {
+            weight: w.as_tensor().clone(),
+            bias: Some(b),
+        };
         let targets = Tensor::new(&[1u32, 0, 6, 3, 3], &dev)?;
         let coef = Tensor::new(&[0.3f32, -1.0, 2.0, 0.5, -0.7], &dev)?;
         let loss = (head.token_logps_unfused(&h, &targets, None)? * &coef)?.sum_all()?;
@@ -410,8 +476,14 @@ mod tests {
         let w = Tensor::randn(0f32, 0.5, (6, 4), &dev)?;
         let b = Tensor::randn(0f32, 0.5, 6, &dev)?;
         let e = Tensor::randn(0f32, 0.1, (6, 4), &dev)?;
-        let head = OutputLayer { weight: w.clone(), bias: Some(b.clone()) };
-        let shifted = OutputLayer { weight: (&w + &e)?, bias: Some(b) };
+        let head = OutputLayer {
+            weight: w.clone(),
+            bias: Some(b.clone()),
+        };
+        let shifted = OutputLayer {
+            weight: (&w + &e)?,
+            bias: Some(b),
+        };
         let a = head.logits(&h, Some(&e))?;
         let c = shifted.logits(&h, None)?;
         assert!((a - c)?.abs()?.max_all()?.to_scalar::<f32>()? < 1e-6);

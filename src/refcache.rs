@@ -41,7 +41,13 @@ pub struct RefLogps {
 
 impl RefLogps {
     /// (chosen, rejected) `[idx.len()]` for the given pair indices, in `dtype` on `device`.
-    pub fn get(&self, split: Split, idx: &[usize], dtype: DType, device: &Device) -> Result<(Tensor, Tensor)> {
+    pub fn get(
+        &self,
+        split: Split,
+        idx: &[usize],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<(Tensor, Tensor)> {
         let (chosen, rejected) = match split {
             Split::Train => (&self.train_chosen, &self.train_rejected),
             Split::Eval => (&self.eval_chosen, &self.eval_rejected),
@@ -49,7 +55,14 @@ impl RefLogps {
         let pick = |v: &[f64]| -> Result<Tensor> {
             let vals = idx
                 .iter()
-                .map(|&i| v.get(i).copied().with_context(|| format!("pair {i} is not in the reference cache ({split:?}: {} pairs)", v.len())))
+                .map(|&i| {
+                    v.get(i).copied().with_context(|| {
+                        format!(
+                            "pair {i} is not in the reference cache ({split:?}: {} pairs)",
+                            v.len()
+                        )
+                    })
+                })
                 .collect::<Result<Vec<f64>>>()?;
             Ok(Tensor::new(vals.as_slice(), device)?.to_dtype(dtype)?)
         };
@@ -59,10 +72,23 @@ impl RefLogps {
 
 /// Sequence log-probs `[2b]` of a batch's rows (chosen rows first), without a graph.
 pub fn row_logps(model: &Model, batch: &PreferenceBatch) -> Result<Tensor> {
-    let h = crate::train::response_hidden(model.net.forward_hidden(&batch.input_ids)?, &batch.positions)?;
-    let token_logps = model.net.output_layer().token_logps(&h, &batch.targets, None)?.detach();
+    let h = crate::train::response_hidden(
+        model.net.forward_hidden(&batch.input_ids)?,
+        &batch.positions,
+    )?;
+    let token_logps = model
+        .net
+        .output_layer()
+        .token_logps(&h, &batch.targets, None)?
+        .detach();
     let rows = 2 * batch.num_pairs;
-    Ok(Tensor::zeros(rows, token_logps.dtype(), token_logps.device())?.index_add(&batch.rows, &token_logps, 0)?)
+    Ok(
+        Tensor::zeros(rows, token_logps.dtype(), token_logps.device())?.index_add(
+            &batch.rows,
+            &token_logps,
+            0,
+        )?,
+    )
 }
 
 /// Reference sequence log-probs (chosen, rejected) `[b]` of one batch, without a graph.
@@ -106,10 +132,22 @@ pub fn fingerprint(inputs: &FingerprintInputs) -> Result<String> {
     }
     field("dtype", inputs.dtype.as_str().as_bytes());
     let tok = inputs.tok;
-    field("tokenizer", tok.inner.to_string(false).map_err(|e| anyhow::anyhow!("serialising the tokenizer: {e}"))?.as_bytes());
-    field("special_ids", &[tok.eos_id, tok.pad_id].map(u32::to_le_bytes).concat());
+    field(
+        "tokenizer",
+        tok.inner
+            .to_string(false)
+            .map_err(|e| anyhow::anyhow!("serialising the tokenizer: {e}"))?
+            .as_bytes(),
+    );
+    field(
+        "special_ids",
+        &[tok.eos_id, tok.pad_id].map(u32::to_le_bytes).concat(),
+    );
     let d = inputs.data;
-    let trunc = format!("{} {:?} {}", d.max_length, d.max_prompt_length, d.truncation_mode);
+    let trunc = format!(
+        "{} {:?} {}",
+        d.max_length, d.max_prompt_length, d.truncation_mode
+    );
     field("truncation", trunc.as_bytes());
     for (name, pairs) in [("train", inputs.train), ("eval", inputs.eval)] {
         field(name, &(pairs.len() as u64).to_le_bytes());
@@ -130,10 +168,13 @@ fn read(path: &Path) -> Result<Vec<u8>> {
 
 /// Streams a (possibly multi-GB) weight file into the hash.
 fn hash_file(field: &mut impl FnMut(&str, &[u8]), path: &Path) -> Result<()> {
-    let mut file = std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut file =
+        std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = file.read(&mut buf).with_context(|| format!("cannot read {}", path.display()))?;
+        let n = file
+            .read(&mut buf)
+            .with_context(|| format!("cannot read {}", path.display()))?;
         if n == 0 {
             return Ok(());
         }
@@ -143,7 +184,10 @@ fn hash_file(field: &mut impl FnMut(&str, &[u8]), path: &Path) -> Result<()> {
 
 /// `dir/ref_logps-<first 16 hex digits>.safetensors`.
 pub fn cache_path(dir: &Path, fingerprint: &str) -> PathBuf {
-    dir.join(format!("ref_logps-{}.safetensors", &fingerprint[..16.min(fingerprint.len())]))
+    dir.join(format!(
+        "ref_logps-{}.safetensors",
+        &fingerprint[..16.min(fingerprint.len())]
+    ))
 }
 
 /// Loads the cache for `fingerprint` from `dir` if a valid one is there; otherwise runs
@@ -162,11 +206,17 @@ pub fn load_or_compute(
     if path.is_file() {
         match load(&path, fingerprint, pairs.0.len(), pairs.1.len()) {
             Ok(cached) => return Ok((cached, true)),
-            Err(e) => eprintln!("warning: not using reference cache {}: {e:#}; recomputing", path.display()),
+            Err(e) => eprintln!(
+                "warning: not using reference cache {}: {e:#}; recomputing",
+                path.display()
+            ),
         }
     }
     let run = |split: &[TokenizedPair]| -> Result<(Vec<f64>, Vec<f64>)> {
-        let (mut chosen, mut rejected) = (Vec::with_capacity(split.len()), Vec::with_capacity(split.len()));
+        let (mut chosen, mut rejected) = (
+            Vec::with_capacity(split.len()),
+            Vec::with_capacity(split.len()),
+        );
         for chunk in split.chunks(batch_size.max(1)) {
             let batch = PreferenceBatch::new(chunk, pad_id, device)?;
             let (c, r) = pair_logps(reference, &batch)?;
@@ -177,28 +227,57 @@ pub fn load_or_compute(
     };
     let (train_chosen, train_rejected) = run(pairs.0)?;
     let (eval_chosen, eval_rejected) = run(pairs.1)?;
-    let out = RefLogps { fingerprint: fingerprint.to_string(), train_chosen, train_rejected, eval_chosen, eval_rejected };
+    let out = RefLogps {
+        fingerprint: fingerprint.to_string(),
+        train_chosen,
+        train_rejected,
+        eval_chosen,
+        eval_rejected,
+    };
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     save(&out, &path)?;
     Ok((out, false))
 }
 
-const NAMES: [&str; 4] = ["train_chosen", "train_rejected", "eval_chosen", "eval_rejected"];
+const NAMES: [&str; 4] = [
+    "train_chosen",
+    "train_rejected",
+    "eval_chosen",
+    "eval_rejected",
+];
 
 fn save(r: &RefLogps, path: &Path) -> Result<()> {
-    let bytes: Vec<Vec<u8>> = [&r.train_chosen, &r.train_rejected, &r.eval_chosen, &r.eval_rejected]
-        .iter()
-        .map(|v| v.iter().flat_map(|x| x.to_le_bytes()).collect())
-        .collect();
+    let bytes: Vec<Vec<u8>> = [
+        &r.train_chosen,
+        &r.train_rejected,
+        &r.eval_chosen,
+        &r.eval_rejected,
+    ]
+    .iter()
+    .map(|v| v.iter().flat_map(|x| x.to_le_bytes()).collect())
+    .collect();
     let views = NAMES
         .iter()
         .zip(&bytes)
-        .map(|(name, b)| Ok((*name, safetensors::tensor::TensorView::new(safetensors::Dtype::F64, vec![b.len() / 8], b)?)))
+        .map(|(name, b)| {
+            Ok((
+                *name,
+                safetensors::tensor::TensorView::new(
+                    safetensors::Dtype::F64,
+                    vec![b.len() / 8],
+                    b,
+                )?,
+            ))
+        })
         .collect::<Result<Vec<_>>>()?;
-    let meta = HashMap::from([("format".to_string(), FORMAT.to_string()), ("fingerprint".to_string(), r.fingerprint.clone())]);
+    let meta = HashMap::from([
+        ("format".to_string(), FORMAT.to_string()),
+        ("fingerprint".to_string(), r.fingerprint.clone()),
+    ]);
     // Written to a temporary name first so that an interrupted run never leaves a truncated cache.
     let tmp = path.with_extension("safetensors.tmp");
-    safetensors::serialize_to_file(views, Some(meta), &tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
+    safetensors::serialize_to_file(views, Some(meta), &tmp)
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
     Ok(())
 }
@@ -206,7 +285,8 @@ fn save(r: &RefLogps, path: &Path) -> Result<()> {
 /// Reads a cache file, checking its format, fingerprint and lengths.
 pub fn load(path: &Path, fingerprint: &str, n_train: usize, n_eval: usize) -> Result<RefLogps> {
     let bytes = read(path)?;
-    let st = safetensors::SafeTensors::deserialize(&bytes).with_context(|| format!("{}: not a safetensors file", path.display()))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .with_context(|| format!("{}: not a safetensors file", path.display()))?;
     let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)?;
     let meta = header.metadata().clone().unwrap_or_default();
     if meta.get("format").map(String::as_str) != Some(FORMAT) {
@@ -219,11 +299,22 @@ pub fn load(path: &Path, fingerprint: &str, n_train: usize, n_eval: usize) -> Re
     }
     let mut vecs = Vec::with_capacity(4);
     for (name, want) in NAMES.iter().zip([n_train, n_train, n_eval, n_eval]) {
-        let view = st.tensor(name).with_context(|| format!("missing tensor `{name}`"))?;
+        let view = st
+            .tensor(name)
+            .with_context(|| format!("missing tensor `{name}`"))?;
         if view.dtype() != safetensors::Dtype::F64 || view.shape() != [want] {
-            bail!("tensor `{name}`: expected f64 [{want}], got {:?} {:?}", view.dtype(), view.shape());
+            bail!(
+                "tensor `{name}`: expected f64 [{want}], got {:?} {:?}",
+                view.dtype(),
+                view.shape()
+            );
         }
-        vecs.push(view.data().chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().expect("8-byte chunk"))).collect::<Vec<f64>>());
+        vecs.push(
+            view.data()
+                .chunks_exact(8)
+                .map(|c| f64::from_le_bytes(c.try_into().expect("8-byte chunk")))
+                .collect::<Vec<f64>>(),
+        );
     }
     let mut it = vecs.into_iter();
     let mut next = || it.next().expect("four tensors were read");

@@ -13,9 +13,9 @@
 //! Also full SAM (`sam.kind = "full"`, [`perturb_params`]), the two-pass baseline the paper
 //! compares against, and the adaptive (ASAM) variant of both (`sam.adaptive`).
 
+use crate::models::Param;
 use crate::output::OutputLayer;
 use anyhow::Result;
-use crate::models::Param;
 use candle_core::{backprop::GradStore, DType, Tensor, Var};
 
 /// The perturbation e and the loss before it was applied.
@@ -50,7 +50,10 @@ pub fn logits_perturbation_with(
     objective: &dyn Fn(&Tensor) -> Result<Tensor>,
 ) -> Result<Perturbation> {
     // W and H detached: this pass only measures the gradient, it must not enter the backward.
-    let frozen = OutputLayer { weight: head.weight.detach(), bias: head.bias.as_ref().map(Tensor::detach) };
+    let frozen = OutputLayer {
+        weight: head.weight.detach(),
+        bias: head.bias.as_ref().map(Tensor::detach),
+    };
     let h = h.detach();
     let token_logps = Var::from_tensor(&frozen.token_logps(&h, targets, None)?)?;
     // ∂loss/∂(token log-probs) is cheap (n values); G and g follow in closed form.
@@ -63,17 +66,31 @@ pub fn logits_perturbation_with(
     let g = frozen.sam_gradient(&h, targets, &dlogp)?;
     let grad_norm = sq_norm(&scaled_grad(&g, &frozen.weight, adaptive)?)?.sqrt();
     let e = ascent_step(&g, &frozen.weight, rho, grad_norm, adaptive)?;
-    let loss_pre = loss_pre.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
-    Ok(Perturbation { e, loss_pre, grad_norm, token_logps: token_logps.as_tensor().detach() })
+    let loss_pre = loss_pre
+        .to_dtype(candle_core::DType::F64)?
+        .to_scalar::<f64>()?;
+    Ok(Perturbation {
+        e,
+        loss_pre,
+        grad_norm,
+        token_logps: token_logps.as_tensor().detach(),
+    })
 }
 
 /// T ⊙ g with T = |W| when adaptive (ASAM's normalisation operator), else g.
 fn scaled_grad(g: &Tensor, w: &Tensor, adaptive: bool) -> Result<Tensor> {
-    Ok(if adaptive { (g * w.to_dtype(g.dtype())?.abs()?)? } else { g.clone() })
+    Ok(if adaptive {
+        (g * w.to_dtype(g.dtype())?.abs()?)?
+    } else {
+        g.clone()
+    })
 }
 
 fn sq_norm(t: &Tensor) -> Result<f64> {
-    Ok(t.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?)
+    Ok(t.sqr()?
+        .sum_all()?
+        .to_dtype(DType::F64)?
+        .to_scalar::<f64>()?)
 }
 
 /// e = ρ T² g / ‖T g‖ with `norm` = ‖T g‖ taken over every perturbed tensor together: T = 1
@@ -82,7 +99,11 @@ fn sq_norm(t: &Tensor) -> Result<f64> {
 fn ascent_step(g: &Tensor, w: &Tensor, rho: f64, norm: f64, adaptive: bool) -> Result<Tensor> {
     // Clamped so that a zero gradient gives a zero perturbation rather than NaN.
     let scale = rho / norm.max(1e-12);
-    let direction = if adaptive { scaled_grad(&scaled_grad(g, w, true)?, w, true)? } else { g.clone() };
+    let direction = if adaptive {
+        scaled_grad(&scaled_grad(g, w, true)?, w, true)?
+    } else {
+        g.clone()
+    };
     Ok((direction * scale)?)
 }
 
@@ -97,7 +118,12 @@ pub struct FullPerturbation {
 
 /// Moves every parameter that has a gradient in `grads` to W + e, e = ρ T² g/‖T g‖ with one
 /// global norm over all of them.
-pub fn perturb_params(params: &[Param], grads: &GradStore, rho: f64, adaptive: bool) -> Result<FullPerturbation> {
+pub fn perturb_params(
+    params: &[Param],
+    grads: &GradStore,
+    rho: f64,
+    adaptive: bool,
+) -> Result<FullPerturbation> {
     let with_grad: Vec<(&Var, Tensor)> = params
         .iter()
         .filter_map(|p| grads.get(p.var.as_tensor()).map(|g| (&p.var, g.clone())))
@@ -114,7 +140,10 @@ pub fn perturb_params(params: &[Param], grads: &GradStore, rho: f64, adaptive: b
         originals.push((var.clone(), w.detach().copy()?));
         var.set(&(w.detach() + e.to_dtype(w.dtype())?)?)?;
     }
-    Ok(FullPerturbation { originals, grad_norm })
+    Ok(FullPerturbation {
+        originals,
+        grad_norm,
+    })
 }
 
 impl FullPerturbation {

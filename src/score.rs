@@ -13,7 +13,9 @@ use std::io::Write;
 use std::path::PathBuf;
 
 #[derive(clap::Args, Debug)]
-#[command(after_help = "Example:\n  dpo-sam score --model runs/dpo --ref-model gpt2 --data pairs.jsonl --out scores.jsonl")]
+#[command(
+    after_help = "Example:\n  dpo-sam score --model runs/dpo --ref-model gpt2 --data pairs.jsonl --out scores.jsonl"
+)]
 pub struct ScoreArgs {
     /// The model: a Hugging Face directory, a Hub repo id, or `builtin:tiny-gpt2`.
     #[arg(long)]
@@ -74,7 +76,13 @@ pub fn score(args: &ScoreArgs) -> Result<serde_json::Value> {
         .split(',')
         .map(|n| Ok((LossKind::parse(n.trim()).context("--loss-type")?, 1.0)))
         .collect::<Result<Vec<_>>>()?;
-    let loss = Loss { terms, params: LossParams { beta: args.beta, ..Default::default() } };
+    let loss = Loss {
+        terms,
+        params: LossParams {
+            beta: args.beta,
+            ..Default::default()
+        },
+    };
     let device = crate::device::parse(&args.device)?;
     let dtype = parse_dtype(&args.dtype).context("--dtype")?;
 
@@ -85,7 +93,12 @@ pub fn score(args: &ScoreArgs) -> Result<serde_json::Value> {
     let policy = Model::load(&src, false, dtype, &device)?;
     tok.check_fits(policy.net.output_layer().vocab_size()?, &args.model)?;
     let ref_model = match &args.ref_model {
-        Some(spec) => Some(Model::load(&resolve(spec).context("--ref-model")?, false, dtype, &device)?),
+        Some(spec) => Some(Model::load(
+            &resolve(spec).context("--ref-model")?,
+            false,
+            dtype,
+            &device,
+        )?),
         None => None,
     };
     let reference = match &ref_model {
@@ -94,26 +107,36 @@ pub fn score(args: &ScoreArgs) -> Result<serde_json::Value> {
         None => None,
     };
 
-    let data_cfg: DataConfig = serde_json::from_value(json!({"train": args.data, "format": args.format, "max_length": args.max_length}))
-        .context("--data")?;
+    let data_cfg: DataConfig = serde_json::from_value(
+        json!({"train": args.data, "format": args.format, "max_length": args.max_length}),
+    )
+    .context("--data")?;
     let data = crate::data::load_tokenized(&data_cfg, &tok, 42, src.dir())?;
     let skipped: usize = data.skipped.values().sum();
 
     let mut out = std::io::BufWriter::new(
-        std::fs::File::create(&args.out).with_context(|| format!("cannot write {}", args.out.display()))?,
+        std::fs::File::create(&args.out)
+            .with_context(|| format!("cannot write {}", args.out.display()))?,
     );
     let (mut n, mut loss_sum, mut correct, mut margin_sum) = (0usize, 0f64, 0usize, 0f64);
     for chunk in data.train.chunks(args.batch_size) {
         let batch = PreferenceBatch::new(chunk, tok.pad_id, &device)?;
         let seq = crate::refcache::row_logps(&policy, &batch)?;
-        let ref_logps = reference.map(|m| crate::refcache::pair_logps(m, &batch)).transpose()?;
+        let ref_logps = reference
+            .map(|m| crate::refcache::pair_logps(m, &batch))
+            .transpose()?;
         let lp = PairLogps::from_rows(&seq, ref_logps.as_ref(), &batch.response_lens)?;
         let o = loss.compute(&lp)?;
-        let col = |t: &Tensor| -> Result<Vec<f64>> { Ok(t.to_dtype(DType::F64)?.to_vec1::<f64>()?) };
+        let col =
+            |t: &Tensor| -> Result<Vec<f64>> { Ok(t.to_dtype(DType::F64)?.to_vec1::<f64>()?) };
         let opt_col = |t: &Option<Tensor>| t.as_ref().map(col).transpose();
         let (chosen, rejected) = (col(&lp.chosen)?, col(&lp.rejected)?);
         let (ref_chosen, ref_rejected) = (opt_col(&lp.ref_chosen)?, opt_col(&lp.ref_rejected)?);
-        let (rc, rr, losses) = (col(&o.chosen_rewards)?, col(&o.rejected_rewards)?, col(&o.losses)?);
+        let (rc, rr, losses) = (
+            col(&o.chosen_rewards)?,
+            col(&o.rejected_rewards)?,
+            col(&o.losses)?,
+        );
         let b = batch.num_pairs;
         for i in 0..b {
             let line = json!({
@@ -128,15 +151,23 @@ pub fn score(args: &ScoreArgs) -> Result<serde_json::Value> {
                 "reward_rejected": rr[i],
                 "loss": losses[i],
             });
-            writeln!(out, "{line}").with_context(|| format!("cannot write {}", args.out.display()))?;
+            writeln!(out, "{line}")
+                .with_context(|| format!("cannot write {}", args.out.display()))?;
             n += 1;
             loss_sum += losses[i];
             correct += usize::from(rc[i] > rr[i]);
             margin_sum += rc[i] - rr[i];
         }
     }
-    out.flush().with_context(|| format!("cannot write {}", args.out.display()))?;
-    let mean = |x: f64| if n == 0 { serde_json::Value::Null } else { json!(x / n as f64) };
+    out.flush()
+        .with_context(|| format!("cannot write {}", args.out.display()))?;
+    let mean = |x: f64| {
+        if n == 0 {
+            serde_json::Value::Null
+        } else {
+            json!(x / n as f64)
+        }
+    };
     Ok(json!({
         "pairs_scored": n,
         "pairs_skipped": skipped,

@@ -6,7 +6,12 @@ use candle_core::{DType, Device, Result, Tensor, Var};
 use dpo_sam::models::{fast_ops, ops};
 
 fn max_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
-    (a - b)?.abs()?.flatten_all()?.max(0)?.to_dtype(DType::F64)?.to_scalar::<f64>()
+    (a - b)?
+        .abs()?
+        .flatten_all()?
+        .max(0)?
+        .to_dtype(DType::F64)?
+        .to_scalar::<f64>()
 }
 
 type Op = dyn Fn(&[Tensor]) -> Result<Tensor>;
@@ -28,7 +33,9 @@ fn objective(f: &Op, inputs: &[Tensor], r: &Tensor) -> Result<Tensor> {
 
 fn checks(dtype: DType) -> Result<Vec<Check>> {
     let dev = Device::Cpu;
-    let randn = |shape: &[usize], mean: f32| -> Result<Tensor> { Tensor::randn(mean, 1f32, shape, &dev)?.to_dtype(dtype) };
+    let randn = |shape: &[usize], mean: f32| -> Result<Tensor> {
+        Tensor::randn(mean, 1f32, shape, &dev)?.to_dtype(dtype)
+    };
     let (b, heads, t, d) = (2, 3, 5, 8);
     let (cos, sin) = ops::rotary_tables(t, 4, 10000.0, dtype, &dev)?;
     let (cos_full, sin_full) = ops::rotary_tables(t, d, 10000.0, dtype, &dev)?;
@@ -37,7 +44,11 @@ fn checks(dtype: DType) -> Result<Vec<Check>> {
     let pad_mask: Vec<f32> = (0..b * t * t)
         .map(|k| {
             let (bi, i, j) = (k / (t * t), k / t % t, k % t);
-            if j > i || (bi == 0 && j == 0 && i > 0) { -1e9 } else { 0.0 }
+            if j > i || (bi == 0 && j == 0 && i > 0) {
+                -1e9
+            } else {
+                0.0
+            }
         })
         .collect();
     let pad_mask = Tensor::from_vec(pad_mask, (b, 1, t, t), &dev)?.to_dtype(dtype)?;
@@ -53,7 +64,11 @@ fn checks(dtype: DType) -> Result<Vec<Check>> {
             name: "layer_norm",
             fused: Box::new(|x| fast_ops::layer_norm(&x[0], &x[1], &x[2], 1e-5)),
             composed: Box::new(|x| ops::layer_norm_composed(&x[0], &x[1], &x[2], 1e-5)),
-            inputs: vec![randn(&[2, 3, 6], 0.5)?, randn(&[6], 1.0)?, randn(&[6], 0.0)?],
+            inputs: vec![
+                randn(&[2, 3, 6], 0.5)?,
+                randn(&[6], 1.0)?,
+                randn(&[6], 0.0)?,
+            ],
             trainable: 3,
         },
         Check {
@@ -81,14 +96,24 @@ fn checks(dtype: DType) -> Result<Vec<Check>> {
             name: "attention (causal)",
             fused: Box::new(|x| fast_ops::attention(&x[0], &x[1], &x[2], &x[3])),
             composed: Box::new(|x| ops::attention_composed(&x[0], &x[1], &x[2], &x[3])),
-            inputs: vec![randn(&[b, heads, t, d], 0.0)?, randn(&[b, heads, t, d], 0.0)?, randn(&[b, heads, t, d], 0.0)?, mask],
+            inputs: vec![
+                randn(&[b, heads, t, d], 0.0)?,
+                randn(&[b, heads, t, d], 0.0)?,
+                randn(&[b, heads, t, d], 0.0)?,
+                mask,
+            ],
             trainable: 3,
         },
         Check {
             name: "attention (per-row mask)",
             fused: Box::new(|x| fast_ops::attention(&x[0], &x[1], &x[2], &x[3])),
             composed: Box::new(|x| ops::attention_composed(&x[0], &x[1], &x[2], &x[3])),
-            inputs: vec![randn(&[b, heads, t, d], 0.0)?, randn(&[b, heads, t, d], 0.0)?, randn(&[b, heads, t, d], 0.0)?, pad_mask],
+            inputs: vec![
+                randn(&[b, heads, t, d], 0.0)?,
+                randn(&[b, heads, t, d], 0.0)?,
+                randn(&[b, heads, t, d], 0.0)?,
+                pad_mask,
+            ],
             trainable: 3,
         },
     ])
@@ -96,12 +121,18 @@ fn checks(dtype: DType) -> Result<Vec<Check>> {
 
 /// Forward output and the gradients of the trainable inputs.
 fn run(f: &Op, inputs: &[Tensor], trainable: usize, r: &Tensor) -> Result<(Tensor, Vec<Tensor>)> {
-    let vars: Vec<Var> = inputs[..trainable].iter().map(Var::from_tensor).collect::<Result<_>>()?;
+    let vars: Vec<Var> = inputs[..trainable]
+        .iter()
+        .map(Var::from_tensor)
+        .collect::<Result<_>>()?;
     let mut args: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
     args.extend(inputs[trainable..].iter().cloned());
     let y = f(&args)?;
     let grads = (&y * r)?.sum_all()?.backward()?;
-    let g = vars.iter().map(|v| grads.get(v).expect("gradient present").clone()).collect();
+    let g = vars
+        .iter()
+        .map(|v| grads.get(v).expect("gradient present").clone())
+        .collect();
     Ok((y.detach(), g))
 }
 
@@ -165,7 +196,12 @@ fn ops_dispatch_by_dtype() -> Result<()> {
     assert!(!fast_ops::supports(&[&x.to_dtype(DType::BF16)?]));
     let w = Tensor::ones(8, DType::F32, &dev)?;
     let b = Tensor::zeros(8, DType::F32, &dev)?;
-    assert!(max_diff(&ops::layer_norm(&x, &w, &b, 1e-5)?, &ops::layer_norm_composed(&x, &w, &b, 1e-5)?)? < 1e-5);
+    assert!(
+        max_diff(
+            &ops::layer_norm(&x, &w, &b, 1e-5)?,
+            &ops::layer_norm_composed(&x, &w, &b, 1e-5)?
+        )? < 1e-5
+    );
     let half = ops::rms_norm(&x.to_dtype(DType::BF16)?, &w.to_dtype(DType::BF16)?, 1e-6)?;
     assert_eq!(half.dtype(), DType::BF16);
     Ok(())

@@ -135,7 +135,7 @@ fn check_left_padding(spec: &str) {
             .unwrap(),
     );
     for (r, (row, pad)) in [(short, 4), (long, 0)].into_iter().enumerate() {
-        let alone = logits(net, &net.forward_hidden(&ids(&[row.clone()])).unwrap());
+        let alone = logits(net, &net.forward_hidden(&ids(std::slice::from_ref(&row))).unwrap());
         let got = batch
             .narrow(0, r, 1)
             .unwrap()
@@ -176,7 +176,7 @@ fn batched_greedy_generation_equals_one_prompt_at_a_time() {
         for (i, p) in prompts.iter().enumerate() {
             let alone = generate_batch(
                 net,
-                &[p.clone()],
+                std::slice::from_ref(p),
                 &[i as u64],
                 None,
                 0,

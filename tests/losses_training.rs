@@ -47,36 +47,91 @@ fn vals(t: &Tensor) -> Vec<f64> {
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
 }
 
 #[test]
 fn reference_free_losses_create_no_reference_model() {
     let dir = tempfile::tempdir().unwrap();
-    for lt in ["\"slic\"", "\"cpo\"", "\"simpo\"", "\"sft\"", "[\"cpo\", \"sft\"]"] {
+    for lt in [
+        "\"slic\"",
+        "\"cpo\"",
+        "\"simpo\"",
+        "\"sft\"",
+        "[\"cpo\", \"sft\"]",
+    ] {
         let tr = trainer(dir.path(), &[&format!("training.loss_type={lt}")]);
         assert!(tr.reference.is_none() && tr.ref_cache.is_none(), "{lt}");
     }
     for lt in ["\"sigmoid\"", "[\"simpo\", \"dpop\"]"] {
-        assert!(trainer(dir.path(), &[&format!("training.loss_type={lt}")]).reference.is_some(), "{lt}");
+        assert!(
+            trainer(dir.path(), &[&format!("training.loss_type={lt}")])
+                .reference
+                .is_some(),
+            "{lt}"
+        );
     }
 }
 
 #[test]
 fn logits_sam_runs_with_every_loss_and_mix() {
     let dir = tempfile::tempdir().unwrap();
-    for lt in ["\"sigmoid\"", "\"robust\"", "\"hinge\"", "\"ipo\"", "\"slic\"", "\"cpo\"", "\"simpo\"", "\"dpop\"", "\"sft\"", "[\"sigmoid\", \"sft\"]"] {
+    for lt in [
+        "\"sigmoid\"",
+        "\"robust\"",
+        "\"hinge\"",
+        "\"ipo\"",
+        "\"slic\"",
+        "\"cpo\"",
+        "\"simpo\"",
+        "\"dpop\"",
+        "\"sft\"",
+        "[\"sigmoid\", \"sft\"]",
+    ] {
         let lt = format!("training.loss_type={lt}");
-        let tr = trainer(dir.path(), &[&lt, "training.label_smoothing=0.1", "sam.kind=\"logits\"", "sam.rho=0.05"]);
+        let tr = trainer(
+            dir.path(),
+            &[
+                &lt,
+                "training.label_smoothing=0.1",
+                "sam.kind=\"logits\"",
+                "sam.rho=0.05",
+            ],
+        );
         let b = batch(&tr, 4);
         let ms = tr.micro_step(&b, Some(1.0)).unwrap();
         let (pre, post) = (ms.loss_pre.unwrap(), ms.loss);
-        assert!(pre.is_finite() && post.is_finite() && ms.sam_grad_norm.unwrap() > 0.0, "{lt}");
+        assert!(
+            pre.is_finite() && post.is_finite() && ms.sam_grad_norm.unwrap() > 0.0,
+            "{lt}"
+        );
         // e ascends the configured objective, so the loss at W + e is not below the loss at W.
         assert!(post >= pre - 1e-6, "{lt}: pre {pre} post {post}");
         // Adaptive logits-SAM too.
-        let tr = trainer(dir.path(), &[&lt, "sam.kind=\"logits\"", "sam.rho=0.05", "sam.adaptive=true"]);
-        assert!(tr.micro_step(&b, Some(1.0)).unwrap().loss.is_finite(), "{lt}");
+        let tr = trainer(
+            dir.path(),
+            &[
+                &lt,
+                "sam.kind=\"logits\"",
+                "sam.rho=0.05",
+                "sam.adaptive=true",
+            ],
+        );
+        assert!(
+            tr.micro_step(&b, Some(1.0)).unwrap().loss.is_finite(),
+            "{lt}"
+        );
     }
 }
 
@@ -85,22 +140,42 @@ fn cached_reference_log_probs_equal_on_the_fly_ones() {
     let dir = tempfile::tempdir().unwrap();
     let live = trainer(dir.path(), &[]);
     let cached = trainer(dir.path(), &["training.precompute_ref_log_probs=true"]);
-    assert!(cached.reference.is_none(), "the reference model is freed after caching");
+    assert!(
+        cached.reference.is_none(),
+        "the reference model is freed after caching"
+    );
     let cache = cached.ref_cache.as_ref().unwrap();
     assert_eq!(cache.train_chosen.len(), live.train_pairs.len());
     assert_eq!(cache.eval_chosen.len(), live.eval_pairs.len());
-    for (split, pairs) in [(Split::Train, &live.train_pairs), (Split::Eval, &live.eval_pairs)] {
+    for (split, pairs) in [
+        (Split::Train, &live.train_pairs),
+        (Split::Eval, &live.eval_pairs),
+    ] {
         let idx: Vec<usize> = (0..pairs.len()).collect();
         let b = PreferenceBatch::new(pairs, live.tok.pad_id, &live.device).unwrap();
         let (c, r) = live.reference_for(&b, None).unwrap().unwrap();
-        let (cc, cr) = cached.reference_for(&b, Some((split, &idx))).unwrap().unwrap();
-        assert!(max_abs_diff(&c, &cc) < 1e-4 && max_abs_diff(&r, &cr) < 1e-4, "{split:?}");
+        let (cc, cr) = cached
+            .reference_for(&b, Some((split, &idx)))
+            .unwrap()
+            .unwrap();
+        assert!(
+            max_abs_diff(&c, &cc) < 1e-4 && max_abs_diff(&r, &cr) < 1e-4,
+            "{split:?}"
+        );
     }
     // The same micro-step either way.
     let b = batch(&live, 4);
     let idx = [0, 1, 2, 3];
     let a = live.micro_step(&b, None).unwrap();
-    let c = cached.micro_step_with(&b, cached.reference_for(&b, Some((Split::Train, &idx))).unwrap(), None).unwrap();
+    let c = cached
+        .micro_step_with(
+            &b,
+            cached
+                .reference_for(&b, Some((Split::Train, &idx)))
+                .unwrap(),
+            None,
+        )
+        .unwrap();
     assert!((a.loss - c.loss).abs() < 1e-5, "{} vs {}", a.loss, c.loss);
     // Without pair indices there is nothing to read the cache by: an error, not a silent zero.
     assert!(cached.micro_step(&b, None).is_err());
@@ -109,7 +184,13 @@ fn cached_reference_log_probs_equal_on_the_fly_ones() {
     let again = trainer(dir.path(), &["training.precompute_ref_log_probs=true"]);
     assert_eq!(again.ref_cache.as_ref().unwrap(), cache);
     // Training and evaluation run on the cache alone.
-    let mut run = trainer(dir.path(), &["training.precompute_ref_log_probs=true", "training.max_steps=2"]);
+    let mut run = trainer(
+        dir.path(),
+        &[
+            "training.precompute_ref_log_probs=true",
+            "training.max_steps=2",
+        ],
+    );
     run.train().unwrap();
 }
 
@@ -126,7 +207,11 @@ fn changed_model_or_data_invalidates_the_cache() {
     for other in [&other_model, &other_data, &other_trunc, &other_dtype] {
         assert_ne!(&base, other);
     }
-    assert_eq!(base, fp(&trainer(dir.path(), &[on])), "the fingerprint is deterministic");
+    assert_eq!(
+        base,
+        fp(&trainer(dir.path(), &[on])),
+        "the fingerprint is deterministic"
+    );
 
     // A file under the right name with another fingerprint is stale: refused, then replaced.
     let path = refcache::cache_path(dir.path(), &base);
@@ -137,7 +222,16 @@ fn changed_model_or_data_invalidates_the_cache() {
     assert!(format!("{err:#}").contains("stale"), "{err:#}");
     let fresh = trainer(dir.path(), &[on]);
     assert_eq!(fp(&fresh), base);
-    assert!(refcache::load(&path, &base, fresh.train_pairs.len(), fresh.eval_pairs.len()).is_ok(), "recomputed and rewritten");
+    assert!(
+        refcache::load(
+            &path,
+            &base,
+            fresh.train_pairs.len(),
+            fresh.eval_pairs.len()
+        )
+        .is_ok(),
+        "recomputed and rewritten"
+    );
     // Garbage is refused too.
     std::fs::write(&path, b"not safetensors").unwrap();
     assert!(refcache::load(&path, &base, n, n / 4).is_err());
@@ -151,12 +245,30 @@ fn check_full_sam(adaptive: bool) {
     let dir = tempfile::tempdir().unwrap();
     let rho = 0.05;
     let adaptive_ov = format!("sam.adaptive={adaptive}");
-    let sam = trainer(dir.path(), &["model.dtype=\"f64\"", "sam.kind=\"full\"", "sam.rho=0.05", &adaptive_ov]);
+    let sam = trainer(
+        dir.path(),
+        &[
+            "model.dtype=\"f64\"",
+            "sam.kind=\"full\"",
+            "sam.rho=0.05",
+            &adaptive_ov,
+        ],
+    );
     let plain = trainer(dir.path(), &["model.dtype=\"f64\""]);
     let b = batch(&sam, 4);
-    let before: Vec<Vec<u8>> = sam.policy.params.iter().map(|p| bytes(p.var.as_tensor())).collect();
+    let before: Vec<Vec<u8>> = sam
+        .policy
+        .params
+        .iter()
+        .map(|p| bytes(p.var.as_tensor()))
+        .collect();
     let ms = sam.micro_step(&b, Some(0.5)).unwrap();
-    let after: Vec<Vec<u8>> = sam.policy.params.iter().map(|p| bytes(p.var.as_tensor())).collect();
+    let after: Vec<Vec<u8>> = sam
+        .policy
+        .params
+        .iter()
+        .map(|p| bytes(p.var.as_tensor()))
+        .collect();
     assert!(before == after, "weights restored bit for bit");
 
     let g = plain.micro_step(&b, Some(1.0)).unwrap().grads.unwrap();
@@ -171,7 +283,15 @@ fn check_full_sam(adaptive: bool) {
         .policy
         .params
         .iter()
-        .map(|p| scaled(p, g.get(p.var.as_tensor()).unwrap()).sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap())
+        .map(|p| {
+            scaled(p, g.get(p.var.as_tensor()).unwrap())
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+        })
         .sum::<f64>()
         .sqrt();
     assert!((ms.sam_grad_norm.unwrap() - norm).abs() < 1e-9 * norm);
@@ -181,17 +301,28 @@ fn check_full_sam(adaptive: bool) {
         p.var.set(&(p.var.as_tensor() + e).unwrap()).unwrap();
     }
     let at_perturbed = plain.micro_step(&b, Some(0.5)).unwrap();
-    assert!((at_perturbed.loss - ms.loss).abs() < 1e-12, "loss is the one at W + e");
+    assert!(
+        (at_perturbed.loss - ms.loss).abs() < 1e-12,
+        "loss is the one at W + e"
+    );
     let (ga, gb) = (ms.grads.unwrap(), at_perturbed.grads.unwrap());
     for (p, q) in sam.policy.params.iter().zip(&plain.policy.params) {
-        let (a, b) = (ga.get(p.var.as_tensor()).unwrap(), gb.get(q.var.as_tensor()).unwrap());
-        let scale = vals(&a.abs().unwrap().flatten_all().unwrap()).into_iter().fold(1e-12, f64::max);
+        let (a, b) = (
+            ga.get(p.var.as_tensor()).unwrap(),
+            gb.get(q.var.as_tensor()).unwrap(),
+        );
+        let scale = vals(&a.abs().unwrap().flatten_all().unwrap())
+            .into_iter()
+            .fold(1e-12, f64::max);
         assert!(max_abs_diff(a, b) < 1e-9 * scale.max(1.0), "{}", p.name);
     }
 }
 
 fn bytes(t: &Tensor) -> Vec<u8> {
-    vals(&t.flatten_all().unwrap()).iter().flat_map(|x| x.to_le_bytes()).collect()
+    vals(&t.flatten_all().unwrap())
+        .iter()
+        .flat_map(|x| x.to_le_bytes())
+        .collect()
 }
 
 #[test]

@@ -37,21 +37,38 @@ fn pairs(c: &[f64], r: &[f64], rc: &[f64], rr: &[f64], nc: &[f64], nr: &[f64]) -
 
 fn loss(kind: LossKind, params: LossParams, lp: &PairLogps) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
     let out = Loss::single(kind, params).compute(lp).unwrap();
-    (v(&out.losses), v(&out.chosen_rewards), v(&out.rejected_rewards))
+    (
+        v(&out.losses),
+        v(&out.chosen_rewards),
+        v(&out.rejected_rewards),
+    )
 }
 
 fn close(got: f64, want: f64) {
-    assert!((got - want).abs() < 1e-9 * want.abs().max(1.0), "got {got}, want {want}");
+    assert!(
+        (got - want).abs() < 1e-9 * want.abs().max(1.0),
+        "got {got}, want {want}"
+    );
 }
 
 fn p() -> LossParams {
-    LossParams { beta: 0.5, ..Default::default() }
+    LossParams {
+        beta: 0.5,
+        ..Default::default()
+    }
 }
 
 #[test]
 fn sigmoid_with_label_smoothing() {
     // z = β(2 − (−1)) = 1.5; cDPO: 0.9·softplus(−1.5) + 0.1·softplus(1.5)
-    let (l, rc, rr) = loss(LossKind::Sigmoid, LossParams { label_smoothing: 0.1, ..p() }, &pair());
+    let (l, rc, rr) = loss(
+        LossKind::Sigmoid,
+        LossParams {
+            label_smoothing: 0.1,
+            ..p()
+        },
+        &pair(),
+    );
     close(l[0], 0.9 * softplus(-1.5) + 0.1 * softplus(1.5));
     assert_eq!((rc[0], rr[0]), (1.0, -0.5));
     let (l, _, _) = loss(LossKind::Sigmoid, p(), &pair());
@@ -61,7 +78,14 @@ fn sigmoid_with_label_smoothing() {
 #[test]
 fn robust_dpo() {
     // [0.9·softplus(−1.5) − 0.1·softplus(1.5)] / (1 − 0.2)
-    let (l, _, _) = loss(LossKind::Robust, LossParams { label_smoothing: 0.1, ..p() }, &pair());
+    let (l, _, _) = loss(
+        LossKind::Robust,
+        LossParams {
+            label_smoothing: 0.1,
+            ..p()
+        },
+        &pair(),
+    );
     close(l[0], (0.9 * softplus(-1.5) - 0.1 * softplus(1.5)) / 0.8);
     // ε = 0 is plain DPO
     close(loss(LossKind::Robust, p(), &pair()).0[0], softplus(-1.5));
@@ -70,7 +94,10 @@ fn robust_dpo() {
 #[test]
 fn hinge() {
     // β = 0.2: z = 0.6, max(0, 1 − 0.6) = 0.4; β = 0.5: z = 1.5 → 0
-    close(loss(LossKind::Hinge, LossParams { beta: 0.2, ..p() }, &pair()).0[0], 0.4);
+    close(
+        loss(LossKind::Hinge, LossParams { beta: 0.2, ..p() }, &pair()).0[0],
+        0.4,
+    );
     close(loss(LossKind::Hinge, p(), &pair()).0[0], 0.0);
 }
 
@@ -85,7 +112,11 @@ fn ipo_uses_length_averaged_log_ratios() {
 
 #[test]
 fn slic_hf_as_in_table_5() {
-    let params = LossParams { slic_delta: 1.0, slic_lambda: 0.1, ..p() };
+    let params = LossParams {
+        slic_delta: 1.0,
+        slic_lambda: 0.1,
+        ..p()
+    };
     // margin met: max(0, 1 + (−10)·(−1) + (−15)) = 0, NLL term −0.1·(−10) = 1
     let (l, rc, rr) = loss(LossKind::Slic, params.clone(), &pair());
     close(l[0], 1.0);
@@ -98,14 +129,24 @@ fn slic_hf_as_in_table_5() {
 #[test]
 fn cpo_as_in_table_5() {
     // −log σ(0.5·(−10 + 15)) − 1·(−10) = softplus(−2.5) + 10
-    let params = LossParams { cpo_alpha: 1.0, ..p() };
-    close(loss(LossKind::Cpo, params, &pair()).0[0], softplus(-2.5) + 10.0);
+    let params = LossParams {
+        cpo_alpha: 1.0,
+        ..p()
+    };
+    close(
+        loss(LossKind::Cpo, params, &pair()).0[0],
+        softplus(-2.5) + 10.0,
+    );
 }
 
 #[test]
 fn simpo_uses_average_log_probs_and_gamma() {
     // β = 2, γ = 0.5: averages −2.5 and −3, z = 2·0.5 − 0.5 = 0.5
-    let params = LossParams { beta: 2.0, simpo_gamma: 0.5, ..p() };
+    let params = LossParams {
+        beta: 2.0,
+        simpo_gamma: 0.5,
+        ..p()
+    };
     let (l, rc, rr) = loss(LossKind::Simpo, params, &pair());
     close(l[0], softplus(-0.5));
     assert_eq!((rc[0], rr[0]), (-5.0, -6.0));
@@ -130,19 +171,70 @@ fn equal_log_probs() {
     let lp = pairs(&[-7.0], &[-7.0], &[-7.0], &[-7.0], &[3.0], &[3.0]);
     let ln2 = std::f64::consts::LN_2;
     close(loss(LossKind::Sigmoid, p(), &lp).0[0], ln2);
-    close(loss(LossKind::Robust, LossParams { label_smoothing: 0.2, ..p() }, &lp).0[0], ln2 * (0.8 - 0.2) / 0.6);
+    close(
+        loss(
+            LossKind::Robust,
+            LossParams {
+                label_smoothing: 0.2,
+                ..p()
+            },
+            &lp,
+        )
+        .0[0],
+        ln2 * (0.8 - 0.2) / 0.6,
+    );
     close(loss(LossKind::Hinge, p(), &lp).0[0], 1.0);
     close(loss(LossKind::Ipo, p(), &lp).0[0], 1.0);
     close(loss(LossKind::Dpop, p(), &lp).0[0], ln2);
-    close(loss(LossKind::Simpo, LossParams { simpo_gamma: 0.5, ..p() }, &lp).0[0], softplus(0.5));
-    close(loss(LossKind::Cpo, LossParams { cpo_alpha: 1.0, ..p() }, &lp).0[0], ln2 + 7.0);
-    close(loss(LossKind::Slic, LossParams { slic_delta: 1.0, slic_lambda: 0.0, ..p() }, &lp).0[0], 1.0);
+    close(
+        loss(
+            LossKind::Simpo,
+            LossParams {
+                simpo_gamma: 0.5,
+                ..p()
+            },
+            &lp,
+        )
+        .0[0],
+        softplus(0.5),
+    );
+    close(
+        loss(
+            LossKind::Cpo,
+            LossParams {
+                cpo_alpha: 1.0,
+                ..p()
+            },
+            &lp,
+        )
+        .0[0],
+        ln2 + 7.0,
+    );
+    close(
+        loss(
+            LossKind::Slic,
+            LossParams {
+                slic_delta: 1.0,
+                slic_lambda: 0.0,
+                ..p()
+            },
+            &lp,
+        )
+        .0[0],
+        1.0,
+    );
 }
 
 #[test]
 fn huge_margins_neither_overflow_nor_lose_the_gradient() {
     // Margins of ±1e4 nats at β = 1: the losses are 0 and 1e4, the gradients 0 and −1.
-    for kind in [LossKind::Sigmoid, LossKind::Robust, LossKind::Dpop, LossKind::Cpo, LossKind::Simpo] {
+    for kind in [
+        LossKind::Sigmoid,
+        LossKind::Robust,
+        LossKind::Dpop,
+        LossKind::Cpo,
+        LossKind::Simpo,
+    ] {
         let chosen = Var::from_tensor(&t(&[0.0, -1e4])).unwrap();
         let lp = PairLogps {
             chosen: chosen.as_tensor().clone(),
@@ -152,29 +244,57 @@ fn huge_margins_neither_overflow_nor_lose_the_gradient() {
             chosen_tokens: t(&[1.0, 1.0]),
             rejected_tokens: t(&[1.0, 1.0]),
         };
-        let params = LossParams { beta: 1.0, cpo_alpha: 0.0, simpo_gamma: 0.0, dpop_lambda: 0.0, ..Default::default() };
+        let params = LossParams {
+            beta: 1.0,
+            cpo_alpha: 0.0,
+            simpo_gamma: 0.0,
+            dpop_lambda: 0.0,
+            ..Default::default()
+        };
         let out = Loss::single(kind, params).compute(&lp).unwrap();
         let l = v(&out.losses);
         assert!(l.iter().all(|x| x.is_finite()), "{kind:?}: {l:?}");
         assert!(l[0].abs() < 1e-9, "{kind:?}: {l:?}");
-        let g = v(out.losses.sum_all().unwrap().backward().unwrap().get(&chosen).unwrap());
+        let g = v(out
+            .losses
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap()
+            .get(&chosen)
+            .unwrap());
         assert!(g.iter().all(|x| x.is_finite()), "{kind:?}: {g:?}");
-        assert!(g[0].abs() < 1e-9 && (g[1] + 1.0).abs() < 1e-9, "{kind:?}: {g:?}");
+        assert!(
+            g[0].abs() < 1e-9 && (g[1] + 1.0).abs() < 1e-9,
+            "{kind:?}: {g:?}"
+        );
     }
     // The reversed pair: the sigmoid loss grows linearly instead of overflowing.
     let lp = pairs(&[-1e4], &[0.0], &[0.0], &[0.0], &[1.0], &[1.0]);
-    close(loss(LossKind::Sigmoid, LossParams { beta: 1.0, ..p() }, &lp).0[0], 1e4);
+    close(
+        loss(LossKind::Sigmoid, LossParams { beta: 1.0, ..p() }, &lp).0[0],
+        1e4,
+    );
 }
 
 #[test]
 fn weighted_combination_sums_terms_and_keeps_reference_rewards() {
     // sft listed first, sigmoid second: loss = 0.5·2.5 + 1·softplus(−1.5); rewards from sigmoid.
-    let mix = Loss { terms: vec![(LossKind::Sft, 0.5), (LossKind::Sigmoid, 1.0)], params: p() };
+    let mix = Loss {
+        terms: vec![(LossKind::Sft, 0.5), (LossKind::Sigmoid, 1.0)],
+        params: p(),
+    };
     let out = mix.compute(&pair()).unwrap();
     close(v(&out.losses)[0], 1.25 + softplus(-1.5));
-    assert_eq!((v(&out.chosen_rewards)[0], v(&out.rejected_rewards)[0]), (1.0, -0.5));
+    assert_eq!(
+        (v(&out.chosen_rewards)[0], v(&out.rejected_rewards)[0]),
+        (1.0, -0.5)
+    );
     assert!(mix.needs_reference());
-    let free = Loss { terms: vec![(LossKind::Cpo, 1.0), (LossKind::Sft, 2.0)], params: p() };
+    let free = Loss {
+        terms: vec![(LossKind::Cpo, 1.0), (LossKind::Sft, 2.0)],
+        params: p(),
+    };
     assert!(!free.needs_reference());
 }
 
@@ -202,7 +322,14 @@ fn loss_type_list_weights_and_rpo_alpha_from_config() {
     .collect();
     let cfg = Config::parse(MINIMAL, "cfg.toml", &ov).unwrap();
     let loss = Loss::from_config(&cfg.training).unwrap();
-    assert_eq!(loss.terms, vec![(LossKind::Sigmoid, 0.8), (LossKind::Ipo, 0.2), (LossKind::Sft, 0.5)]);
+    assert_eq!(
+        loss.terms,
+        vec![
+            (LossKind::Sigmoid, 0.8),
+            (LossKind::Ipo, 0.2),
+            (LossKind::Sft, 0.5)
+        ]
+    );
     let l = v(&loss.compute(&pair()).unwrap().losses)[0];
     close(l, 0.8 * softplus(-1.5) + 0.2 * 0.09 + 0.5 * 2.5);
 }

@@ -13,11 +13,21 @@ const VOCAB: usize = 61;
 const CHUNK: usize = 8;
 
 fn max_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
-    (a - b)?.abs()?.flatten_all()?.max(0)?.to_dtype(DType::F64)?.to_scalar::<f64>()
+    (a - b)?
+        .abs()?
+        .flatten_all()?
+        .max(0)?
+        .to_dtype(DType::F64)?
+        .to_scalar::<f64>()
 }
 
 fn scale(a: &Tensor) -> Result<f64> {
-    Ok(a.abs()?.flatten_all()?.max(0)?.to_dtype(DType::F64)?.to_scalar::<f64>()?.max(1.0))
+    Ok(a.abs()?
+        .flatten_all()?
+        .max(0)?
+        .to_dtype(DType::F64)?
+        .to_scalar::<f64>()?
+        .max(1.0))
 }
 
 struct Case {
@@ -38,7 +48,11 @@ fn case(dtype: DType, bias: bool) -> Result<Case> {
     Ok(Case {
         h: var(&[N, HIDDEN], 1.0)?,
         w: var(&[VOCAB, HIDDEN], 0.5)?,
-        b: if bias { Some(var(&[VOCAB], 0.5)?) } else { None },
+        b: if bias {
+            Some(var(&[VOCAB], 0.5)?)
+        } else {
+            None
+        },
         targets: Tensor::new(targets.as_slice(), &dev)?,
         // A non-uniform ∂L/∂logp, as DPO's per-sequence weights give.
         coef: Tensor::randn(0f32, 1.0, N, &dev)?.to_dtype(dtype)?,
@@ -48,7 +62,10 @@ fn case(dtype: DType, bias: bool) -> Result<Case> {
 
 impl Case {
     fn head(&self) -> OutputLayer {
-        OutputLayer { weight: self.w.as_tensor().clone(), bias: self.b.as_ref().map(|b| b.as_tensor().clone()) }
+        OutputLayer {
+            weight: self.w.as_tensor().clone(),
+            bias: self.b.as_ref().map(|b| b.as_tensor().clone()),
+        }
     }
 
     /// (token log-probs, [dh, dW, db]) of Σ coef · logp through the fused or unfused path.
@@ -60,7 +77,10 @@ impl Case {
             head.token_logps_unfused(self.h.as_tensor(), &self.targets, e)?
         };
         let grads = (&logps * &self.coef)?.sum_all()?.backward()?;
-        let mut out = vec![grads.get(&self.h).unwrap().clone(), grads.get(&self.w).unwrap().clone()];
+        let mut out = vec![
+            grads.get(&self.h).unwrap().clone(),
+            grads.get(&self.w).unwrap().clone(),
+        ];
         out.extend(self.b.as_ref().map(|b| grads.get(b).unwrap().clone()));
         Ok((logps.detach(), out))
     }
@@ -75,7 +95,10 @@ fn fused_matches_unfused_with_and_without_perturbation() -> Result<()> {
             let (lp_f, g_f) = c.run(true, e)?;
             let (lp_u, g_u) = c.run(false, e)?;
             let d = max_diff(&lp_f, &lp_u)?;
-            println!("bias {bias} perturbed {}: logp max diff {d:.2e}", e.is_some());
+            println!(
+                "bias {bias} perturbed {}: logp max diff {d:.2e}",
+                e.is_some()
+            );
             assert!(d <= 4e-6 * scale(&lp_u)?, "log-probs differ by {d}");
             for (name, (a, b)) in ["h", "W", "b"].iter().zip(g_f.iter().zip(&g_u)) {
                 let d = max_diff(a, b)?;
@@ -148,17 +171,27 @@ fn fused_gradients_match_finite_differences_f64() -> Result<()> {
     let c = case(DType::F64, true)?;
     let (_, grads) = c.run(true, Some(&c.e))?;
     let objective = |h: &Tensor, w: &Tensor, b: &Tensor| -> Result<f64> {
-        let head = OutputLayer { weight: w.clone(), bias: Some(b.clone()) };
+        let head = OutputLayer {
+            weight: w.clone(),
+            bias: Some(b.clone()),
+        };
         let lp = head.token_logps_chunked(h, &c.targets, Some(&c.e), CHUNK)?;
         (lp * &c.coef)?.sum_all()?.to_scalar::<f64>()
     };
-    let base = [c.h.as_tensor().detach(), c.w.as_tensor().detach(), c.b.as_ref().unwrap().as_tensor().detach()];
+    let base = [
+        c.h.as_tensor().detach(),
+        c.w.as_tensor().detach(),
+        c.b.as_ref().unwrap().as_tensor().detach(),
+    ];
     let eps = 1e-6;
     for (which, grad) in grads.iter().enumerate() {
         let flat = base[which].flatten_all()?.to_vec1::<f64>()?;
         let analytic = grad.flatten_all()?.to_vec1::<f64>()?;
         // A spread of entries, the first and last included.
-        for idx in (0..flat.len()).step_by(flat.len() / 7).chain([flat.len() - 1]) {
+        for idx in (0..flat.len())
+            .step_by(flat.len() / 7)
+            .chain([flat.len() - 1])
+        {
             let shifted = |delta: f64| -> Result<f64> {
                 let mut v = flat.clone();
                 v[idx] += delta;
@@ -168,7 +201,11 @@ fn fused_gradients_match_finite_differences_f64() -> Result<()> {
             };
             let numeric = (shifted(eps)? - shifted(-eps)?) / (2.0 * eps);
             let err = (numeric - analytic[idx]).abs();
-            assert!(err < 1e-6 * (1.0 + numeric.abs()), "input {which} [{idx}]: numeric {numeric} analytic {}", analytic[idx]);
+            assert!(
+                err < 1e-6 * (1.0 + numeric.abs()),
+                "input {which} [{idx}]: numeric {numeric} analytic {}",
+                analytic[idx]
+            );
         }
     }
     Ok(())
@@ -182,15 +219,29 @@ fn fused_path_holds_one_chunk_of_logits_at_most() -> Result<()> {
     let dev = Device::Cpu;
     let h = Var::from_tensor(&Tensor::randn(0f32, 1.0, (n, HIDDEN), &dev)?)?;
     let w = Var::from_tensor(&Tensor::randn(0f32, 0.5, (vocab, HIDDEN), &dev)?)?;
-    let targets = Tensor::new((0..n as u32).map(|i| i * 7 % vocab as u32).collect::<Vec<_>>().as_slice(), &dev)?;
-    let head = OutputLayer { weight: w.as_tensor().clone(), bias: None };
+    let targets = Tensor::new(
+        (0..n as u32)
+            .map(|i| i * 7 % vocab as u32)
+            .collect::<Vec<_>>()
+            .as_slice(),
+        &dev,
+    )?;
+    let head = OutputLayer {
+        weight: w.as_tensor().clone(),
+        bias: None,
+    };
     take_largest_logits_chunk();
     let lp = head.token_logps_chunked(h.as_tensor(), &targets, None, chunk)?;
     let grads = lp.sum_all()?.backward()?;
     assert!(grads.get(&w).is_some() && grads.get(&h).is_some());
     head.sam_gradient_chunked(h.as_tensor(), &targets, &lp.ones_like()?, chunk)?;
     let largest = take_largest_logits_chunk();
-    assert_eq!(largest, chunk * vocab, "largest logits chunk {largest} elements; n × vocab = {}", n * vocab);
+    assert_eq!(
+        largest,
+        chunk * vocab,
+        "largest logits chunk {largest} elements; n × vocab = {}",
+        n * vocab
+    );
     Ok(())
 }
 

@@ -16,7 +16,10 @@ const STEPS: usize = 12;
 /// The short run every test compares against: 12 steps, checkpoints every 3 (two kept),
 /// evaluation every 4, so that checkpoints, eval lines and epoch boundaries interleave.
 fn args(out: &Path, extra: &[&str]) -> Vec<String> {
-    let mut v: Vec<String> = ["train", "--config", "configs/tiny_gpt2.toml", "--quiet"].iter().map(|s| s.to_string()).collect();
+    let mut v: Vec<String> = ["train", "--config", "configs/tiny_gpt2.toml", "--quiet"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
     for set in [
         format!("training.max_steps={STEPS}"),
         "data.builtin_pairs=64".into(),
@@ -44,11 +47,19 @@ fn run(args: &[String]) -> Output {
 }
 
 fn ok(out: &Output) {
-    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 fn spawn(args: &[String]) -> Child {
-    dpo_sam(args).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap()
+    dpo_sam(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
 }
 
 /// metrics.jsonl without the wall-clock throughput, the one value that differs between runs.
@@ -66,7 +77,9 @@ fn metrics(dir: &Path) -> Vec<String> {
 }
 
 fn train_lines(dir: &Path) -> usize {
-    std::fs::read_to_string(dir.join("metrics.jsonl")).map(|t| t.matches("\"rewards/accuracies\"").count()).unwrap_or(0)
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .map(|t| t.matches("\"rewards/accuracies\"").count())
+        .unwrap_or(0)
 }
 
 /// The uninterrupted run, made once per test binary, and how long it took.
@@ -82,13 +95,23 @@ fn reference() -> &'static (PathBuf, Duration) {
 
 fn same_as_reference(dir: &Path) {
     let r = &reference().0;
-    assert_eq!(metrics(dir), metrics(r), "metrics.jsonl differs from the uninterrupted run");
-    let (a, b) = (std::fs::read(dir.join("model.safetensors")).unwrap(), std::fs::read(r.join("model.safetensors")).unwrap());
+    assert_eq!(
+        metrics(dir),
+        metrics(r),
+        "metrics.jsonl differs from the uninterrupted run"
+    );
+    let (a, b) = (
+        std::fs::read(dir.join("model.safetensors")).unwrap(),
+        std::fs::read(r.join("model.safetensors")).unwrap(),
+    );
     assert!(a == b, "final weights differ from the uninterrupted run");
 }
 
 fn has_checkpoint(dir: &Path) -> bool {
-    dir.is_dir() && checkpoint::list(dir).map(|(c, _)| !c.is_empty()).unwrap_or(false)
+    dir.is_dir()
+        && checkpoint::list(dir)
+            .map(|(c, _)| !c.is_empty())
+            .unwrap_or(false)
 }
 
 #[test]
@@ -100,7 +123,11 @@ fn two_runs_are_bit_identical_and_checkpoints_are_complete() {
     same_as_reference(&again);
     let (complete, incomplete) = checkpoint::list(r).unwrap();
     let steps: Vec<usize> = complete.iter().map(|c| c.0).collect();
-    assert_eq!(steps, vec![9, 12], "save_total_limit = 2 keeps the newest two");
+    assert_eq!(
+        steps,
+        vec![9, 12],
+        "save_total_limit = 2 keeps the newest two"
+    );
     assert!(incomplete.is_empty(), "{incomplete:?}");
     for (_, c) in &complete {
         checkpoint::verify(c).unwrap();
@@ -117,7 +144,11 @@ fn sigkill_at_random_points_then_resume_is_bit_identical() {
     let mut rng = rand::rng();
     let mut kills = 0;
     loop {
-        let resume = if has_checkpoint(&out) { vec!["--resume"] } else { vec![] };
+        let resume = if has_checkpoint(&out) {
+            vec!["--resume"]
+        } else {
+            vec![]
+        };
         let mut child = spawn(&args(&out, &resume));
         // Anywhere in the run, startup and checkpoint saves included.
         let deadline = Instant::now() + Duration::from_millis(rng.random_range(0..full));
@@ -162,12 +193,24 @@ fn interrupted_saves_and_corrupt_checkpoints_are_skipped_on_resume() {
     std::fs::write(&opt, &bytes[..bytes.len() / 2]).unwrap();
     std::fs::remove_file(out.join("model.safetensors")).unwrap();
 
-    let res = run(&args(&out, &["--set", "training.save_total_limit=4", "--resume"]));
+    let res = run(&args(
+        &out,
+        &["--set", "training.save_total_limit=4", "--resume"],
+    ));
     ok(&res);
     let err = String::from_utf8_lossy(&res.stderr);
-    assert!(err.contains("ignoring incomplete checkpoint") && err.contains("checkpoint-12"), "{err}");
-    assert!(err.contains("checkpoint-9") && err.contains("bytes, manifest says"), "{err}");
-    assert!(err.contains("resuming from") && err.contains("checkpoint-6 (step 6)"), "{err}");
+    assert!(
+        err.contains("ignoring incomplete checkpoint") && err.contains("checkpoint-12"),
+        "{err}"
+    );
+    assert!(
+        err.contains("checkpoint-9") && err.contains("bytes, manifest says"),
+        "{err}"
+    );
+    assert!(
+        err.contains("resuming from") && err.contains("checkpoint-6 (step 6)"),
+        "{err}"
+    );
     same_as_reference(&out);
 }
 
@@ -184,10 +227,16 @@ fn sigint_finishes_the_step_saves_and_resumes_identically() {
     let res = child.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&res.stderr);
     assert_eq!(res.status.code(), Some(0), "{err}");
-    assert!(err.contains("Resume with:") && err.contains("--resume"), "{err}");
+    assert!(
+        err.contains("Resume with:") && err.contains("--resume"),
+        "{err}"
+    );
     let ckpt = checkpoint::latest(&out).unwrap();
     let step = checkpoint::load_state(&ckpt).unwrap().step;
-    assert!(step < STEPS, "the run should have stopped early, stopped at {step}");
+    assert!(
+        step < STEPS,
+        "the run should have stopped early, stopped at {step}"
+    );
     ok(&run(&args(&out, &["--resume"])));
     same_as_reference(&out);
 }
@@ -212,13 +261,22 @@ fn a_second_signal_exits_at_once_and_keeps_the_last_good_checkpoint() {
         if res.status.code() == Some(130) {
             return;
         }
-        assert_eq!(res.status.code(), Some(0), "{}", String::from_utf8_lossy(&res.stderr));
+        assert_eq!(
+            res.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&res.stderr)
+        );
     }
     panic!("the second signal never arrived while the first step was still running");
 }
 
 fn signal(child: &Child, name: &str) {
-    let st = Command::new("kill").arg(format!("-{name}")).arg(child.id().to_string()).status().unwrap();
+    let st = Command::new("kill")
+        .arg(format!("-{name}"))
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
     assert!(st.success());
 }
 
@@ -227,14 +285,36 @@ fn config_drift_is_refused_with_the_differences_unless_allowed() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("drift");
     ok(&run(&args(&out, &["--set", "training.max_steps=3"])));
-    let drifted = ["--set", "training.max_steps=3", "--set", "training.beta=0.25", "--set", "seed=7", "--resume"];
+    let drifted = [
+        "--set",
+        "training.max_steps=3",
+        "--set",
+        "training.beta=0.25",
+        "--set",
+        "seed=7",
+        "--resume",
+    ];
     let res = run(&args(&out, &drifted));
     let err = String::from_utf8_lossy(&res.stderr);
     assert_eq!(res.status.code(), Some(1), "{err}");
-    assert!(err.contains("training.beta: 0.5 -> 0.25") && err.contains("seed: 42 -> 7"), "{err}");
-    assert!(err.contains("--allow-config-drift") && !err.contains("panicked"), "{err}");
+    assert!(
+        err.contains("training.beta: 0.5 -> 0.25") && err.contains("seed: 42 -> 7"),
+        "{err}"
+    );
+    assert!(
+        err.contains("--allow-config-drift") && !err.contains("panicked"),
+        "{err}"
+    );
     // Logging and saving cadence do not change the trajectory.
-    let harmless = ["--set", "training.max_steps=3", "--set", "training.logging_steps=2", "--set", "training.save_steps=1", "--resume"];
+    let harmless = [
+        "--set",
+        "training.max_steps=3",
+        "--set",
+        "training.logging_steps=2",
+        "--set",
+        "training.save_steps=1",
+        "--resume",
+    ];
     ok(&run(&args(&out, &harmless)));
     let mut allowed = drifted.to_vec();
     allowed.push("--allow-config-drift");
@@ -248,29 +328,62 @@ fn nonfinite_loss_stops_naming_step_and_batch_or_is_skipped_and_counted() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("nan");
     // A huge learning rate sends the weights to ±inf after the first updates.
-    let blowup = ["--set", "training.learning_rate=1e30", "--set", "training.save_steps=1"];
+    let blowup = [
+        "--set",
+        "training.learning_rate=1e30",
+        "--set",
+        "training.save_steps=1",
+    ];
     let res = run(&args(&out, &blowup));
     let err = String::from_utf8_lossy(&res.stderr);
     assert_eq!(res.status.code(), Some(1), "{err}");
-    assert!(err.contains("non-finite") && err.contains("at step ") && err.contains("micro-batch"), "{err}");
+    assert!(
+        err.contains("non-finite") && err.contains("at step ") && err.contains("micro-batch"),
+        "{err}"
+    );
     assert!(!err.contains("panicked"), "{err}");
-    let bad_step: usize = err.split("at step ").nth(1).unwrap().split(|c: char| !c.is_ascii_digit()).next().unwrap().parse().unwrap();
+    let bad_step: usize = err
+        .split("at step ")
+        .nth(1)
+        .unwrap()
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
     let ckpt = checkpoint::latest(&out).unwrap();
-    assert_eq!(checkpoint::load_state(&ckpt).unwrap().step, bad_step - 1, "the last good step's checkpoint is the newest");
+    assert_eq!(
+        checkpoint::load_state(&ckpt).unwrap().step,
+        bad_step - 1,
+        "the last good step's checkpoint is the newest"
+    );
 
     let skip = dir.path().join("skip");
     let mut with_skip = blowup.to_vec();
     with_skip.extend(["--set", "training.skip_nonfinite=true"]);
     ok(&run(&args(&skip, &with_skip)));
     let last: serde_json::Value = serde_json::from_str(
-        std::fs::read_to_string(skip.join("metrics.jsonl")).unwrap().lines().filter(|l| l.contains("nonfinite_skipped")).last().unwrap(),
+        std::fs::read_to_string(skip.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains("nonfinite_skipped"))
+            .last()
+            .unwrap(),
     )
     .unwrap();
-    assert_eq!(last["nonfinite_skipped"].as_u64(), Some((STEPS - bad_step + 1) as u64), "{last}");
+    assert_eq!(
+        last["nonfinite_skipped"].as_u64(),
+        Some((STEPS - bad_step + 1) as u64),
+        "{last}"
+    );
 }
 
 fn trainer(out: &Path) -> Trainer {
-    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/configs/tiny_gpt2.toml")).unwrap();
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/configs/tiny_gpt2.toml"
+    ))
+    .unwrap();
     let ov: Vec<String> = vec![
         format!("output_dir={:?}", out.display().to_string()),
         "data.builtin_pairs=64".into(),
@@ -289,15 +402,28 @@ fn an_unwritable_output_dir_fails_the_save_clearly_and_the_previous_checkpoint_l
     // Root ignores permission bits, so the unwritable place is a path under a regular file.
     let file = dir.path().join("a-file");
     std::fs::write(&file, "not a directory").unwrap();
-    let err = format!("{:#}", checkpoint::save(&tr, &file.join("sub")).unwrap_err());
-    assert!(err.contains("saving checkpoint at step 3") && err.contains("cannot create"), "{err}");
+    let err = format!(
+        "{:#}",
+        checkpoint::save(&tr, &file.join("sub")).unwrap_err()
+    );
+    assert!(
+        err.contains("saving checkpoint at step 3") && err.contains("cannot create"),
+        "{err}"
+    );
     let ckpt = checkpoint::latest(&good).unwrap();
     let mut fresh = trainer(&good);
     checkpoint::restore(&mut fresh, &ckpt).unwrap();
     assert_eq!(fresh.step, 3);
     let (a, b) = (tr.policy.named_tensors(), fresh.policy.named_tensors());
     for (name, t) in &a {
-        let diff = (t - &b[name]).unwrap().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+        let diff = (t - &b[name])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert_eq!(diff, 0.0, "{name} differs after restore");
     }
 }
@@ -314,7 +440,11 @@ fn a_full_disk_fails_the_save_clearly_and_the_previous_checkpoint_loads() {
     let dir = tempfile::tempdir().unwrap();
     let mnt = dir.path().join("small");
     std::fs::create_dir(&mnt).unwrap();
-    let mounted = Command::new("mount").args(["-t", "tmpfs", "-o", "size=2000k", "tmpfs"]).arg(&mnt).stderr(Stdio::null()).status();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=2000k", "tmpfs"])
+        .arg(&mnt)
+        .stderr(Stdio::null())
+        .status();
     if !mounted.map(|s| s.success()).unwrap_or(false) {
         eprintln!("skipping: cannot mount a tmpfs here");
         return;
@@ -324,11 +454,17 @@ fn a_full_disk_fails_the_save_clearly_and_the_previous_checkpoint_loads() {
     let res = run(&args(&out, &["--set", "training.save_total_limit=4"]));
     let err = String::from_utf8_lossy(&res.stderr);
     assert_eq!(res.status.code(), Some(1), "{err}");
-    assert!(err.contains("saving checkpoint at step 6") && err.contains("No space left on device"), "{err}");
+    assert!(
+        err.contains("saving checkpoint at step 6") && err.contains("No space left on device"),
+        "{err}"
+    );
     assert!(!err.contains("panicked"), "{err}");
     let ckpt = checkpoint::latest(&out).unwrap();
     assert!(ckpt.ends_with("checkpoint-3"), "{}", ckpt.display());
-    assert!(!out.join("checkpoint-6.tmp").exists(), "the failed save's partial files are removed");
+    assert!(
+        !out.join("checkpoint-6.tmp").exists(),
+        "the failed save's partial files are removed"
+    );
     let mut fresh = trainer(&out);
     checkpoint::restore(&mut fresh, &ckpt).unwrap();
     assert_eq!(fresh.step, 3);

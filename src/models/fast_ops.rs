@@ -65,10 +65,14 @@ pub(crate) use by_dtype;
 
 /// Whether the fused kernels apply: every tensor on the CPU, in one dtype, f32 or f64.
 pub fn supports(tensors: &[&Tensor]) -> bool {
-    let Some(first) = tensors.first() else { return false };
+    let Some(first) = tensors.first() else {
+        return false;
+    };
     let dtype = first.dtype();
     matches!(dtype, DType::F32 | DType::F64)
-        && tensors.iter().all(|t| t.device().is_cpu() && t.dtype() == dtype)
+        && tensors
+            .iter()
+            .all(|t| t.device().is_cpu() && t.dtype() == dtype)
 }
 
 /// The contiguous data of a CPU storage under `layout`.
@@ -111,7 +115,10 @@ pub(crate) fn par_blocks<T: Send, R: Send>(
                 scope.spawn(move || f(i * per, block))
             })
             .collect();
-        handles.into_iter().map(|h| h.join().expect("fused op worker panicked")).collect()
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("fused op worker panicked"))
+            .collect()
     })
 }
 
@@ -160,7 +167,10 @@ impl CustomOp1 for Softmax {
 
 /// In place: row ← softmax(row), the max subtracted first (as the composition does).
 fn softmax_row<T: Real>(row: &mut [T]) {
-    let max = row.iter().copied().fold(row[0], |m, v| if v > m { v } else { m });
+    let max = row
+        .iter()
+        .copied()
+        .fold(row[0], |m, v| if v > m { v } else { m });
     let mut sum = T::from_f64(0.0);
     for v in row.iter_mut() {
         *v = (*v - max).exp();
@@ -207,7 +217,13 @@ impl CustomOp2 for MaskedSoftmax {
         "fast-masked-softmax"
     }
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout, ms: &CpuStorage, ml: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s: &CpuStorage,
+        l: &Layout,
+        ms: &CpuStorage,
+        ml: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let d = last_dim(l);
         let out = by_dtype!(s.dtype(), T => {
             let x = slice::<T>(s, l)?;
@@ -229,7 +245,13 @@ impl CustomOp2 for MaskedSoftmax {
         Ok((out, l.shape().clone()))
     }
 
-    fn bwd(&self, _x: &Tensor, _mask: &Tensor, p: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _mask: &Tensor,
+        p: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         Ok((Some(softmax_bwd(p, g, self.scale)?), None))
     }
 }
@@ -304,7 +326,10 @@ impl CustomOp3 for LayerNorm {
 fn moments<T: Real>(row: &[T], eps: T) -> (T, T) {
     let n = T::from_f64(row.len() as f64);
     let mean = row.iter().fold(T::from_f64(0.0), |a, &v| a + v) / n;
-    let var = row.iter().fold(T::from_f64(0.0), |a, &v| a + (v - mean) * (v - mean)) / n;
+    let var = row
+        .iter()
+        .fold(T::from_f64(0.0), |a, &v| a + (v - mean) * (v - mean))
+        / n;
     (mean, T::from_f64(1.0) / (var + eps).sqrt())
 }
 
@@ -318,7 +343,13 @@ fn rms<T: Real>(row: &[T], eps: T) -> T {
 /// The backward of LayerNorm (`centered`) or RMSNorm: with x̂ the normalised row, r its
 /// 1/std and ĝ = g ⊙ w, dx = r (ĝ − mean(ĝ) − x̂ mean(ĝ x̂)) (RMSNorm drops the mean(ĝ) term),
 /// dw = Σ g x̂ and db = Σ g over rows.
-fn norm_bwd(x: &Tensor, w: &Tensor, g: &Tensor, eps: f64, centered: bool) -> Result<(Tensor, Tensor, Option<Tensor>)> {
+fn norm_bwd(
+    x: &Tensor,
+    w: &Tensor,
+    g: &Tensor,
+    eps: f64,
+    centered: bool,
+) -> Result<(Tensor, Tensor, Option<Tensor>)> {
     let d = x.dim(D::Minus1)?;
     by_dtype!(x.dtype(), T => {
         let x_v = values::<T>(x)?;
@@ -363,7 +394,11 @@ fn norm_bwd(x: &Tensor, w: &Tensor, g: &Tensor, eps: f64, centered: bool) -> Res
 
 /// LayerNorm over the last dimension, differentiable in x, weight and bias.
 pub fn layer_norm(xs: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
-    xs.contiguous()?.apply_op3(&weight.contiguous()?, &bias.contiguous()?, LayerNorm { eps })
+    xs.contiguous()?.apply_op3(
+        &weight.contiguous()?,
+        &bias.contiguous()?,
+        LayerNorm { eps },
+    )
 }
 
 /// RMSNorm over the last dimension: x / sqrt(mean(x²) + eps) · weight.
@@ -376,7 +411,13 @@ impl CustomOp2 for RmsNorm {
         "fast-rms-norm"
     }
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout, ws: &CpuStorage, wl: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s: &CpuStorage,
+        l: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let d = last_dim(l);
         let out = by_dtype!(s.dtype(), T => {
             let w = slice::<T>(ws, wl)?;
@@ -395,7 +436,13 @@ impl CustomOp2 for RmsNorm {
         Ok((out, l.shape().clone()))
     }
 
-    fn bwd(&self, x: &Tensor, w: &Tensor, _y: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (dx, dw, _) = norm_bwd(x, w, g, self.eps, false)?;
         Ok((Some(dx), Some(dw)))
     }
@@ -403,7 +450,8 @@ impl CustomOp2 for RmsNorm {
 
 /// RMSNorm over the last dimension, differentiable in x and weight.
 pub fn rms_norm(xs: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
-    xs.contiguous()?.apply_op2(&weight.contiguous()?, RmsNorm { eps })
+    xs.contiguous()?
+        .apply_op2(&weight.contiguous()?, RmsNorm { eps })
 }
 
 /// Rotate-half rotary embedding of the first `rot_dim` features of `[.., t, head_dim]` rows
@@ -459,10 +507,18 @@ impl CustomOp3 for Rotary {
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let half = sin.dim(D::Minus1)? / 2;
-        let sin_t = Tensor::cat(&[sin.narrow(D::Minus1, half, half)?, sin.narrow(D::Minus1, 0, half)?], D::Minus1)?
-            .neg()?
-            .contiguous()?;
-        let dx = g.contiguous()?.apply_op3_no_bwd(&cos.contiguous()?, &sin_t, self)?;
+        let sin_t = Tensor::cat(
+            &[
+                sin.narrow(D::Minus1, half, half)?,
+                sin.narrow(D::Minus1, 0, half)?,
+            ],
+            D::Minus1,
+        )?
+        .neg()?
+        .contiguous()?;
+        let dx = g
+            .contiguous()?
+            .apply_op3_no_bwd(&cos.contiguous()?, &sin_t, self)?;
         Ok((Some(dx), None, None))
     }
 }
@@ -470,10 +526,14 @@ impl CustomOp3 for Rotary {
 /// Whether [`rotary`] handles these shapes: `[t, rot_dim]` tables whose t matches the rows'
 /// second-to-last dimension (per-row position tables, as in cached decoding, are not).
 pub fn rotary_applies(xs: &Tensor, cos: &Tensor) -> bool {
-    cos.rank() == 2 && xs.rank() >= 2 && xs.dims()[xs.rank() - 2] == cos.dims()[0] && cos.dims()[1] % 2 == 0
+    cos.rank() == 2
+        && xs.rank() >= 2
+        && xs.dims()[xs.rank() - 2] == cos.dims()[0]
+        && cos.dims()[1] % 2 == 0
 }
 
 /// Rotary embedding (see [`rotary_applies`] for the shapes), differentiable in x.
 pub fn rotary(xs: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    xs.contiguous()?.apply_op3(&cos.contiguous()?, &sin.contiguous()?, Rotary)
+    xs.contiguous()?
+        .apply_op3(&cos.contiguous()?, &sin.contiguous()?, Rotary)
 }

@@ -135,7 +135,11 @@ fn check_left_padding(spec: &str) {
             .unwrap(),
     );
     for (r, (row, pad)) in [(short, 4), (long, 0)].into_iter().enumerate() {
-        let alone = logits(net, &net.forward_hidden(&ids(std::slice::from_ref(&row))).unwrap());
+        let alone = logits(
+            net,
+            &net.forward_hidden(&ids(std::slice::from_ref(&row)))
+                .unwrap(),
+        );
         let got = batch
             .narrow(0, r, 1)
             .unwrap()

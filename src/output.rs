@@ -2,10 +2,11 @@
 //! the logits-SAM perturbation added to its weight.
 //!
 //! The losses only ever see per-token log-probs, so this is the one place that touches the N×V
-//! logits. On CPU in f32/f64 it never holds more than [`CHUNK_ROWS`] rows of them: the forward
-//! keeps only each token's log-sum-exp, and the backward (a custom op) recomputes a chunk's
-//! logits, turns them into ∂L/∂logits and folds them into ∂L/∂H, ∂L/∂W and ∂L/∂b at once. The
-//! trade is one more H Wᵀ matmul in the backward for memory that no longer grows with N×V.
+//! logits. On CPU in f32/f64 it never holds more than one [`Tile`] of them: the forward streams
+//! a log-sum-exp over vocabulary slices and keeps only that (n floats), and the backward (a
+//! custom op) recomputes each tile's logits, turns them into ∂L/∂logits and folds them into
+//! ∂L/∂H, ∂L/∂W and ∂L/∂b at once. The trade is one more H Wᵀ matmul per backward for memory
+//! that no longer grows with N×V.
 //! Elsewhere, and as the reference the tests compare against, the unfused composition runs.
 
 use crate::models::fast_ops::{self, by_dtype, par_blocks, slice, Real};
@@ -15,8 +16,21 @@ use candle_core::{
 };
 use std::cell::Cell;
 
-/// Rows of hidden states per chunk of the fused path: it holds at most this many × vocab logits.
-pub const CHUNK_ROWS: usize = 256;
+/// The shape of one tile of logits on the fused path, which holds at most `rows × vocab` of
+/// them at a time.
+#[derive(Clone, Copy, Debug)]
+pub struct Tile {
+    pub rows: usize,
+    pub vocab: usize,
+}
+
+impl Tile {
+    /// 1024 × 8192 f32 logits: 32 MiB, large enough that the matmuls run at full speed.
+    pub const DEFAULT: Tile = Tile {
+        rows: 1024,
+        vocab: 8192,
+    };
+}
 
 /// `lm_head`: logits = H Wᵀ (+ b). `weight` is `[vocab, hidden]` (HF's layout).
 #[derive(Clone)]
@@ -52,7 +66,7 @@ impl OutputLayer {
     }
 
     /// log π(target_i | h_i) for each row: `[n, hidden]`, `[n]` u32 → `[n]` f32 (f64 for f64),
-    /// differentiable in h, weight and bias; chunked where [`OutputLayer::token_logps_chunked`]
+    /// differentiable in h, weight and bias; tiled where [`OutputLayer::token_logps_tiled`]
     /// applies.
     pub fn token_logps(
         &self,
@@ -61,7 +75,7 @@ impl OutputLayer {
         perturbation: Option<&Tensor>,
     ) -> Result<Tensor> {
         if self.fuses(h) {
-            self.token_logps_chunked(h, targets, perturbation, CHUNK_ROWS)
+            self.token_logps_tiled(h, targets, perturbation, Tile::DEFAULT)
         } else {
             self.token_logps_unfused(h, targets, perturbation)
         }
@@ -78,31 +92,57 @@ impl OutputLayer {
         logp.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)
     }
 
-    /// [`OutputLayer::token_logps`] `chunk_rows` rows at a time (CPU, f32/f64 only).
-    pub fn token_logps_chunked(
+    /// [`OutputLayer::token_logps`] one tile of logits at a time (CPU, f32/f64 only).
+    pub fn token_logps_tiled(
         &self,
         h: &Tensor,
         targets: &Tensor,
         perturbation: Option<&Tensor>,
-        chunk_rows: usize,
+        tile: Tile,
     ) -> Result<Tensor> {
-        let chunk = Chunked::new(self, h, targets, perturbation, chunk_rows)?;
-        let (out, lse) = by_dtype!(h.dtype(), T => chunk.forward::<T>()?);
-        let op = TokenLogps { chunk, lse, out };
+        let chunked = Chunked::new(self, h, targets, perturbation, tile)?;
+        let (out, lse) = by_dtype!(h.dtype(), T => chunked.forward::<T>()?);
+        let op = TokenLogps { chunked, lse, out };
         match &self.bias {
             Some(b) => h.apply_op3(&self.weight, b, op),
             None => h.apply_op2(&self.weight, op),
         }
     }
 
+    /// Token log-probs at the unperturbed weight without a graph, for the SAM pre-pass, with
+    /// each token's log-sum-exp (`[n]`) on the tiled path so that [`OutputLayer::sam_gradient`]
+    /// needs one logits pass fewer.
+    pub fn token_logps_and_lse(
+        &self,
+        h: &Tensor,
+        targets: &Tensor,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let frozen = OutputLayer {
+            weight: self.weight.detach(),
+            bias: self.bias.as_ref().map(Tensor::detach),
+        };
+        let h = h.detach();
+        if !frozen.fuses(&h) {
+            return Ok((frozen.token_logps_unfused(&h, targets, None)?, None));
+        }
+        let chunked = Chunked::new(&frozen, &h, targets, None, Tile::DEFAULT)?;
+        let (out, lse) = by_dtype!(h.dtype(), T => chunked.forward::<T>()?);
+        Ok((out, Some(lse)))
+    }
+
     /// ∂L/∂W at the unperturbed weight from ∂L/∂(token log-probs) `dlogp` `[n]`, without a
     /// graph: g = Gᵀ H with G = ∂L/∂logits = dlogp ⊙ (onehot(target) − softmax) (Algorithm 1,
-    /// line 3); chunked where [`OutputLayer::token_logps`] is.
-    pub fn sam_gradient(&self, h: &Tensor, targets: &Tensor, dlogp: &Tensor) -> Result<Tensor> {
-        if self.fuses(h) {
-            self.sam_gradient_chunked(h, targets, dlogp, CHUNK_ROWS)
-        } else {
-            self.sam_gradient_unfused(h, targets, dlogp)
+    /// line 3). Tiled when given the log-sum-exp from [`OutputLayer::token_logps_and_lse`].
+    pub fn sam_gradient(
+        &self,
+        h: &Tensor,
+        targets: &Tensor,
+        dlogp: &Tensor,
+        lse: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        match lse {
+            Some(lse) => self.sam_gradient_tiled(h, targets, dlogp, lse, Tile::DEFAULT),
+            None => self.sam_gradient_unfused(h, targets, dlogp),
         }
     }
 
@@ -125,16 +165,17 @@ impl OutputLayer {
         g_logits.t()?.matmul(&h.detach().to_dtype(dt)?)
     }
 
-    /// [`OutputLayer::sam_gradient`] `chunk_rows` rows at a time (CPU, f32/f64 only).
-    pub fn sam_gradient_chunked(
+    /// [`OutputLayer::sam_gradient`] one tile at a time (CPU, f32/f64 only).
+    pub fn sam_gradient_tiled(
         &self,
         h: &Tensor,
         targets: &Tensor,
         dlogp: &Tensor,
-        chunk_rows: usize,
+        lse: &Tensor,
+        tile: Tile,
     ) -> Result<Tensor> {
-        let chunk = Chunked::new(self, h, targets, None, chunk_rows)?;
-        let (_, dw, _) = by_dtype!(h.dtype(), T => chunk.backward::<T>(dlogp, None, false)?);
+        let chunked = Chunked::new(self, h, targets, None, tile)?;
+        let (_, dw, _) = by_dtype!(h.dtype(), T => chunked.backward::<T>(dlogp, lse, false)?);
         Ok(dw)
     }
 
@@ -151,8 +192,8 @@ thread_local! {
     static LARGEST_CHUNK: Cell<usize> = const { Cell::new(0) };
 }
 
-/// The most logits one chunk of the fused path has held on this thread since the last call,
-/// in elements (then reset): what the memory tests bound by `chunk_rows × vocab`.
+/// The most logits one tile of the fused path has held on this thread since the last call, in
+/// elements (then reset): what the memory tests bound by the tile's size.
 pub fn take_largest_logits_chunk() -> usize {
     LARGEST_CHUNK.with(|c| c.replace(0))
 }
@@ -164,8 +205,11 @@ struct Chunked {
     w: Tensor,
     bias: Option<Tensor>,
     targets: Vec<u32>,
-    rows: usize,
+    tile: Tile,
 }
+
+/// Row and vocabulary ranges `(start, len)` of one tile of logits.
+type Span = ((usize, usize), (usize, usize));
 
 impl Chunked {
     fn new(
@@ -173,7 +217,7 @@ impl Chunked {
         h: &Tensor,
         targets: &Tensor,
         e: Option<&Tensor>,
-        rows: usize,
+        tile: Tile,
     ) -> Result<Self> {
         let (n, _) = h.dims2()?;
         let targets = targets.to_dtype(DType::U32)?.to_vec1::<u32>()?;
@@ -196,63 +240,76 @@ impl Chunked {
                 .map(|b| b.detach().contiguous())
                 .transpose()?,
             targets,
-            rows: rows.max(1),
+            tile: Tile {
+                rows: tile.rows.max(1),
+                vocab: tile.vocab.max(1),
+            },
         })
     }
 
-    fn vocab(&self) -> usize {
-        self.w.dims()[0]
+    /// The tiles, vocabulary-major: each slice of W is packed for the matmul once per row
+    /// block, and its rows of ∂L/∂W are finished before the next slice starts.
+    fn tiles(&self) -> Vec<Span> {
+        let ranges = |n: usize, step: usize| -> Vec<(usize, usize)> {
+            (0..n).step_by(step).map(|s| (s, step.min(n - s))).collect()
+        };
+        let rows = ranges(self.targets.len(), self.tile.rows);
+        let vocab = ranges(self.w.dims()[0], self.tile.vocab);
+        vocab
+            .iter()
+            .flat_map(|&v| rows.iter().map(move |&r| (r, v)))
+            .collect()
     }
 
-    /// Row ranges `(start, len)` of the chunks.
-    fn chunks(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
-        let n = self.targets.len();
-        (0..n)
-            .step_by(self.rows)
-            .map(move |s| (s, self.rows.min(n - s)))
-    }
-
-    /// Logits H[start..start+len] Wᵀ, bias not added (the row kernels add it as they read).
-    fn logits(&self, start: usize, len: usize) -> Result<Tensor> {
-        LARGEST_CHUNK.with(|c| c.set(c.get().max(len * self.vocab())));
+    /// The tile's logits H[rows] W[vocab]ᵀ `[rows, vocab]`, bias not added (the row kernels add
+    /// it as they read).
+    fn logits(&self, ((r0, rn), (v0, vn)): Span) -> Result<Tensor> {
+        LARGEST_CHUNK.with(|c| c.set(c.get().max(rn * vn)));
         self.h
-            .narrow(0, start, len)?
-            .matmul(&self.w.t()?)?
+            .narrow(0, r0, rn)?
+            .matmul(&self.w.narrow(0, v0, vn)?.t()?)?
             .contiguous()
     }
 
-    /// Token log-probs and each token's log-sum-exp, both `[n]`.
+    /// Token log-probs and each token's log-sum-exp, both `[n]`: a streaming log-sum-exp over
+    /// the vocabulary tiles (running max m and Σ exp(z − m), rescaled when m grows).
     fn forward<T: Real>(&self) -> Result<(Tensor, Tensor)> {
         let bias = self.bias.as_ref().map(|b| b.to_vec1::<T>()).transpose()?;
-        let vocab = self.vocab();
-        let mut out = Vec::with_capacity(self.targets.len());
-        let mut lse = Vec::with_capacity(self.targets.len());
-        for (start, len) in self.chunks() {
-            let logits = self.logits(start, len)?;
+        let n = self.targets.len();
+        let mut max = vec![T::from_f64(f64::NEG_INFINITY); n];
+        let mut sum = vec![T::zero(); n];
+        let mut target = vec![T::zero(); n];
+        for span in self.tiles() {
+            let ((r0, rn), (v0, vn)) = span;
+            let logits = self.logits(span)?;
             let (storage, layout) = logits.storage_and_layout();
             let Storage::Cpu(cpu) = &*storage else {
                 bail!("fused output layer: CPU only")
             };
             let x = slice::<T>(cpu, layout)?;
-            // Per row: (max, ln Σ exp(z − max)) with z = logits + bias.
-            let mut stats = vec![(T::zero(), T::zero()); len];
-            par_blocks(&mut stats, 1, vocab, |first, block| {
-                for (r, s) in block.iter_mut().enumerate() {
-                    *s = row_stats(
-                        &x[(first + r) * vocab..(first + r + 1) * vocab],
-                        bias.as_deref(),
-                    );
+            let b = bias.as_ref().map(|b| &b[v0..v0 + vn]);
+            let mut stats: Vec<(T, T)> = (r0..r0 + rn).map(|i| (max[i], sum[i])).collect();
+            par_blocks(&mut stats, 1, vn, |first, block| {
+                for (r, (m, s)) in block.iter_mut().enumerate() {
+                    let (tile_max, tile_sum) =
+                        row_stats(&x[(first + r) * vn..(first + r + 1) * vn], b);
+                    let new_max = if tile_max > *m { tile_max } else { *m };
+                    *s = *s * (*m - new_max).exp() + tile_sum * (tile_max - new_max).exp();
+                    *m = new_max;
                 }
             });
-            for (r, (max, ln_sum)) in stats.into_iter().enumerate() {
-                let t = self.targets[start + r] as usize;
-                let z = x[r * vocab + t] + bias.as_ref().map_or(T::zero(), |b| b[t]);
-                // The unfused path's rounding: (z_t − max) − ln Σ.
-                out.push((z - max) - ln_sum);
-                lse.push(max + ln_sum);
+            for (r, (m, s)) in stats.into_iter().enumerate() {
+                let i = r0 + r;
+                (max[i], sum[i]) = (m, s);
+                let t = self.targets[i] as usize;
+                if (v0..v0 + vn).contains(&t) {
+                    target[i] = x[r * vn + t - v0] + b.map_or(T::zero(), |b| b[t - v0]);
+                }
             }
         }
-        let n = out.len();
+        // The unfused path's rounding: (z_t − max) − ln Σ.
+        let out: Vec<T> = (0..n).map(|i| (target[i] - max[i]) - sum[i].ln()).collect();
+        let lse: Vec<T> = (0..n).map(|i| max[i] + sum[i].ln()).collect();
         let dev = self.h.device();
         Ok((
             Tensor::from_vec(out, n, dev)?,
@@ -260,82 +317,90 @@ impl Chunked {
         ))
     }
 
-    /// From ∂L/∂(token log-probs) `dlogp`: (∂L/∂H if `want_dh`, ∂L/∂W, ∂L/∂b if there is a
-    /// bias), chunk by chunk with G = dlogp ⊙ (onehot − exp(z − lse)). `lse` from the forward,
-    /// or recomputed from each chunk's logits.
+    /// From ∂L/∂(token log-probs) `dlogp` and the forward's log-sum-exp: (∂L/∂H if `want_dh`,
+    /// ∂L/∂W, ∂L/∂b if there is a bias), tile by tile with G = dlogp ⊙ (onehot − exp(z − lse)).
     fn backward<T: Real>(
         &self,
         dlogp: &Tensor,
-        lse: Option<&Tensor>,
+        lse: &Tensor,
         want_dh: bool,
     ) -> Result<(Option<Tensor>, Tensor, Option<Tensor>)> {
         let dlogp = dlogp.to_dtype(self.h.dtype())?.to_vec1::<T>()?;
-        let lse = lse.map(|l| l.to_vec1::<T>()).transpose()?;
+        let lse = lse.to_vec1::<T>()?;
         let bias = self.bias.as_ref().map(|b| b.to_vec1::<T>()).transpose()?;
-        let vocab = self.vocab();
+        let (n, hidden) = self.h.dims2()?;
+        let vocab = self.w.dims()[0];
         let dev = self.h.device();
-        let mut dh = Vec::new();
-        let mut dw: Option<Tensor> = None;
+        // ∂L/∂H per block of rows, summed over the vocabulary slices.
+        let mut dh: Vec<Option<Tensor>> = vec![None; n.div_ceil(self.tile.rows)];
+        let mut dw_rows: Vec<Tensor> = Vec::new();
         let mut db = bias.as_ref().map(|_| vec![T::zero(); vocab]);
-        for (start, len) in self.chunks() {
-            let logits = self.logits(start, len)?;
+        for span in self.tiles() {
+            let ((r0, rn), (v0, vn)) = span;
             let mut g = {
+                let logits = self.logits(span)?;
                 let (storage, layout) = logits.storage_and_layout();
                 let Storage::Cpu(cpu) = &*storage else {
                     bail!("fused output layer: CPU only")
                 };
                 slice::<T>(cpu, layout)?.to_vec()
             };
-            drop(logits);
-            let partials = par_blocks(&mut g, vocab, vocab, |first, block| {
-                let mut db = bias.as_ref().map(|_| vec![T::zero(); vocab]);
-                for (r, row) in block.chunks_mut(vocab).enumerate() {
-                    let i = start + first + r;
-                    let lse = match &lse {
-                        Some(l) => l[i],
-                        None => {
-                            let (max, ln_sum) = row_stats(row, bias.as_deref());
-                            max + ln_sum
-                        }
-                    };
-                    let coef = dlogp[i];
-                    for (v, z) in row.iter_mut().enumerate() {
-                        let b = bias.as_ref().map_or(T::zero(), |b| b[v]);
-                        *z = T::zero() - coef * (*z + b - lse).exp();
+            let b = bias.as_ref().map(|b| &b[v0..v0 + vn]);
+            let partials = par_blocks(&mut g, vn, vn, |first, block| {
+                let mut db = b.map(|_| vec![T::zero(); vn]);
+                for (r, row) in block.chunks_mut(vn).enumerate() {
+                    let i = r0 + first + r;
+                    let (coef, lse) = (dlogp[i], lse[i]);
+                    match b {
+                        Some(b) => row
+                            .iter_mut()
+                            .zip(b)
+                            .for_each(|(z, &b)| *z = T::zero() - coef * (*z + b - lse).exp()),
+                        None => row
+                            .iter_mut()
+                            .for_each(|z| *z = T::zero() - coef * (*z - lse).exp()),
                     }
-                    row[self.targets[i] as usize] += coef;
+                    let t = self.targets[i] as usize;
+                    if (v0..v0 + vn).contains(&t) {
+                        row[t - v0] += coef;
+                    }
                     if let Some(db) = &mut db {
-                        for (d, &z) in db.iter_mut().zip(row.iter()) {
-                            *d += z;
-                        }
+                        db.iter_mut().zip(row.iter()).for_each(|(d, &z)| *d += z);
                     }
                 }
                 db
             });
             if let Some(db) = &mut db {
                 for p in partials.into_iter().flatten() {
-                    for (d, v) in db.iter_mut().zip(p) {
-                        *d += v;
-                    }
+                    db[v0..v0 + vn].iter_mut().zip(p).for_each(|(d, v)| *d += v);
                 }
             }
-            let g = Tensor::from_vec(g, (len, vocab), dev)?;
+            let g = Tensor::from_vec(g, (rn, vn), dev)?;
             if want_dh {
-                dh.push(g.matmul(&self.w)?);
+                let part = g.matmul(&self.w.narrow(0, v0, vn)?)?;
+                let block = &mut dh[r0 / self.tile.rows];
+                *block = Some(match block.take() {
+                    Some(acc) => (acc + part)?,
+                    None => part,
+                });
             }
-            let dw_chunk = g.t()?.matmul(&self.h.narrow(0, start, len)?)?;
-            dw = Some(match dw {
-                Some(acc) => (acc + dw_chunk)?,
-                None => dw_chunk,
-            });
+            let part = g.t()?.matmul(&self.h.narrow(0, r0, rn)?)?;
+            // Tiles are vocabulary-major: a new slice starts a new block of ∂L/∂W's rows.
+            match dw_rows.last_mut() {
+                Some(last) if r0 > 0 => *last = (&*last + part)?,
+                _ => dw_rows.push(part),
+            }
         }
-        let dw = match dw {
-            Some(dw) => dw,
-            None => self.w.zeros_like()?,
+        let dw = match dw_rows.is_empty() {
+            true => self.w.zeros_like()?,
+            false => Tensor::cat(&dw_rows, 0)?,
         };
         let dh = match want_dh {
-            true if dh.is_empty() => Some(self.h.zeros_like()?),
-            true => Some(Tensor::cat(&dh, 0)?),
+            true if n == 0 => Some(Tensor::zeros((0, hidden), self.h.dtype(), dev)?),
+            true => Some(Tensor::cat(
+                &dh.into_iter().flatten().collect::<Vec<_>>(),
+                0,
+            )?),
             false => None,
         };
         let db = db.map(|db| Tensor::from_vec(db, vocab, dev)).transpose()?;
@@ -343,28 +408,32 @@ impl Chunked {
     }
 }
 
-/// (max, ln Σ exp(z − max)) of a row of logits, z = x + bias.
+/// (max, Σ exp(z − max)) of a row of logits, z = x + bias.
 fn row_stats<T: Real>(x: &[T], bias: Option<&[T]>) -> (T, T) {
-    let z = |v: usize| x[v] + bias.map_or(T::zero(), |b| b[v]);
-    let mut max = z(0);
-    for v in 1..x.len() {
-        let zv = z(v);
-        if zv > max {
-            max = zv;
+    let mut max = T::from_f64(f64::NEG_INFINITY);
+    let mut sum = T::zero();
+    match bias {
+        Some(b) => {
+            x.iter()
+                .zip(b)
+                .for_each(|(&x, &b)| max = if x + b > max { x + b } else { max });
+            x.iter()
+                .zip(b)
+                .for_each(|(&x, &b)| sum += (x + b - max).exp());
+        }
+        None => {
+            x.iter().for_each(|&x| max = if x > max { x } else { max });
+            x.iter().for_each(|&x| sum += (x - max).exp());
         }
     }
-    let mut sum = T::zero();
-    for v in 0..x.len() {
-        sum += (z(v) - max).exp();
-    }
-    (max, sum.ln())
+    (max, sum)
 }
 
 /// Token log-probs as one graph node over (h, weight[, bias]). The chunked forward is written
 /// with tensor ops (candle's matmul), so it runs before the op is applied; `cpu_fwd` only hands
 /// its result to the graph, and the backward recomputes the logits chunk by chunk.
 struct TokenLogps {
-    chunk: Chunked,
+    chunked: Chunked,
     lse: Tensor,
     out: Tensor,
 }
@@ -379,7 +448,7 @@ impl TokenLogps {
     }
 
     fn grads(&self, grad: &Tensor) -> Result<(Option<Tensor>, Tensor, Option<Tensor>)> {
-        by_dtype!(self.chunk.h.dtype(), T => self.chunk.backward::<T>(grad, Some(&self.lse), true))
+        by_dtype!(self.chunked.h.dtype(), T => self.chunked.backward::<T>(grad, &self.lse, true))
     }
 }
 
@@ -461,7 +530,13 @@ mod tests {
         let auto = loss.backward()?.get(&w).unwrap().clone();
         for manual in [
             head.sam_gradient_unfused(&h, &targets, &coef)?,
-            head.sam_gradient_chunked(&h, &targets, &coef, 2)?,
+            head.sam_gradient_tiled(
+                &h,
+                &targets,
+                &coef,
+                &head.token_logps_and_lse(&h, &targets)?.1.unwrap(),
+                Tile { rows: 2, vocab: 3 },
+            )?,
         ] {
             let err = (&auto - manual)?.abs()?.max_all()?.to_scalar::<f32>()?;
             assert!(err < 1e-5, "max abs err {err}");

@@ -1,16 +1,16 @@
-//! The fused, chunked output layer against the unfused composition: token log-probs and every
+//! The fused, tiled output layer against the unfused composition: token log-probs and every
 //! gradient (h, W, b) with and without the logits-SAM perturbation, tied weights, the SAM
-//! gradient, finite differences in f64, and the memory bound (no chunk of more than
-//! `chunk_rows × vocab` logits).
+//! gradient, finite differences in f64, and the memory bound (never more than one tile of
+//! logits at a time).
 
 use candle_core::{DType, Device, Result, Tensor, Var};
-use dpo_sam::output::{take_largest_logits_chunk, OutputLayer};
+use dpo_sam::output::{take_largest_logits_chunk, OutputLayer, Tile};
 
 const N: usize = 37;
 const HIDDEN: usize = 16;
 const VOCAB: usize = 61;
-/// Smaller than N and not a divisor of it, so that chunking and the ragged last chunk run.
-const CHUNK: usize = 8;
+/// Smaller than n and vocab and dividing neither, so that tiling and ragged last tiles run.
+const TILE: Tile = Tile { rows: 8, vocab: 16 };
 
 fn max_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
     (a - b)?
@@ -72,7 +72,7 @@ impl Case {
     fn run(&self, fused: bool, e: Option<&Tensor>) -> Result<(Tensor, Vec<Tensor>)> {
         let head = self.head();
         let logps = if fused {
-            head.token_logps_chunked(self.h.as_tensor(), &self.targets, e, CHUNK)?
+            head.token_logps_tiled(self.h.as_tensor(), &self.targets, e, TILE)?
         } else {
             head.token_logps_unfused(self.h.as_tensor(), &self.targets, e)?
         };
@@ -110,13 +110,21 @@ fn fused_matches_unfused_with_and_without_perturbation() -> Result<()> {
     Ok(())
 }
 
-/// The fused path is what `token_logps` uses on CPU, and a chunk as large as n is fine too.
+/// The fused path is what `token_logps` uses on CPU, and a tile as large as n × vocab is fine too.
 #[test]
-fn dispatch_and_single_chunk_agree() -> Result<()> {
+fn dispatch_and_single_tile_agree() -> Result<()> {
     let c = case(DType::F32, true)?;
     let head = c.head();
     let a = head.token_logps(c.h.as_tensor(), &c.targets, Some(&c.e))?;
-    let b = head.token_logps_chunked(c.h.as_tensor(), &c.targets, Some(&c.e), 10 * N)?;
+    let b = head.token_logps_tiled(
+        c.h.as_tensor(),
+        &c.targets,
+        Some(&c.e),
+        Tile {
+            rows: 10 * N,
+            vocab: 10 * VOCAB,
+        },
+    )?;
     let u = head.token_logps_unfused(c.h.as_tensor(), &c.targets, Some(&c.e))?;
     assert!(max_diff(&a, &b)? == 0.0);
     assert!(max_diff(&a, &u)? < 1e-5);
@@ -134,7 +142,7 @@ fn tied_weight_gradients_sum() -> Result<()> {
         let head = c.head();
         let targets = c.targets.narrow(0, 0, 4)?;
         let lp = if fused {
-            head.token_logps_chunked(&h, &targets, None, 3)?
+            head.token_logps_tiled(&h, &targets, None, Tile { rows: 3, vocab: 7 })?
         } else {
             head.token_logps_unfused(&h, &targets, None)?
         };
@@ -147,20 +155,21 @@ fn tied_weight_gradients_sum() -> Result<()> {
     Ok(())
 }
 
-/// The chunked SAM gradient (Algorithm 1, line 3) equals the unfused closed form and autograd.
+/// The tiled SAM gradient (Algorithm 1, line 3) equals the unfused closed form and autograd.
 #[test]
-fn sam_gradient_chunked_matches_unfused() -> Result<()> {
+fn sam_gradient_tiled_matches_unfused() -> Result<()> {
     for bias in [false, true] {
         let c = case(DType::F32, bias)?;
         let head = c.head();
         let h = c.h.as_tensor();
-        let chunked = head.sam_gradient_chunked(h, &c.targets, &c.coef, CHUNK)?;
+        let (_, lse) = head.token_logps_and_lse(h, &c.targets)?;
+        let tiled = head.sam_gradient_tiled(h, &c.targets, &c.coef, &lse.unwrap(), TILE)?;
         let unfused = head.sam_gradient_unfused(h, &c.targets, &c.coef)?;
         let (_, auto) = c.run(false, None)?;
-        let d = max_diff(&chunked, &unfused)?;
+        let d = max_diff(&tiled, &unfused)?;
         println!("bias {bias}: SAM g max diff {d:.2e}");
         assert!(d <= 4e-6 * scale(&unfused)?);
-        assert!(max_diff(&chunked, &auto[1])? <= 4e-6 * scale(&unfused)?);
+        assert!(max_diff(&tiled, &auto[1])? <= 4e-6 * scale(&unfused)?);
     }
     Ok(())
 }
@@ -175,7 +184,7 @@ fn fused_gradients_match_finite_differences_f64() -> Result<()> {
             weight: w.clone(),
             bias: Some(b.clone()),
         };
-        let lp = head.token_logps_chunked(h, &c.targets, Some(&c.e), CHUNK)?;
+        let lp = head.token_logps_tiled(h, &c.targets, Some(&c.e), TILE)?;
         (lp * &c.coef)?.sum_all()?.to_scalar::<f64>()
     };
     let base = [
@@ -211,11 +220,15 @@ fn fused_gradients_match_finite_differences_f64() -> Result<()> {
     Ok(())
 }
 
-/// Peak memory of the fused path does not scale with n × vocab: no chunk of logits exceeds
-/// chunk_rows × vocab, through the forward, the backward and the SAM gradient.
+/// Peak memory of the fused path does not scale with n × vocab: no tile of logits exceeds
+/// one tile, through the forward, the backward and the SAM gradient.
 #[test]
-fn fused_path_holds_one_chunk_of_logits_at_most() -> Result<()> {
-    let (n, vocab, chunk) = (300, 2000, 32);
+fn fused_path_holds_one_tile_of_logits_at_most() -> Result<()> {
+    let (n, vocab) = (300, 2000);
+    let tile = Tile {
+        rows: 32,
+        vocab: 500,
+    };
     let dev = Device::Cpu;
     let h = Var::from_tensor(&Tensor::randn(0f32, 1.0, (n, HIDDEN), &dev)?)?;
     let w = Var::from_tensor(&Tensor::randn(0f32, 0.5, (vocab, HIDDEN), &dev)?)?;
@@ -231,17 +244,29 @@ fn fused_path_holds_one_chunk_of_logits_at_most() -> Result<()> {
         bias: None,
     };
     take_largest_logits_chunk();
-    let lp = head.token_logps_chunked(h.as_tensor(), &targets, None, chunk)?;
+    let lp = head.token_logps_tiled(h.as_tensor(), &targets, None, tile)?;
     let grads = lp.sum_all()?.backward()?;
     assert!(grads.get(&w).is_some() && grads.get(&h).is_some());
-    head.sam_gradient_chunked(h.as_tensor(), &targets, &lp.ones_like()?, chunk)?;
-    let largest = take_largest_logits_chunk();
-    assert_eq!(
-        largest,
-        chunk * vocab,
-        "largest logits chunk {largest} elements; n × vocab = {}",
-        n * vocab
-    );
+    let training = take_largest_logits_chunk();
+    // The SAM pre-pass's forward runs with the default tile, which covers this whole case.
+    let (_, lse) = head.token_logps_and_lse(h.as_tensor(), &targets)?;
+    take_largest_logits_chunk();
+    head.sam_gradient_tiled(
+        h.as_tensor(),
+        &targets,
+        &lp.ones_like()?,
+        &lse.unwrap(),
+        tile,
+    )?;
+    let sam = take_largest_logits_chunk();
+    for largest in [training, sam] {
+        assert_eq!(
+            largest,
+            tile.rows * tile.vocab,
+            "largest logits tile {largest} elements; n × vocab = {}",
+            n * vocab
+        );
+    }
     Ok(())
 }
 
@@ -252,7 +277,14 @@ fn half_precision_falls_back_to_unfused() -> Result<()> {
     let head = c.head();
     let lp = head.token_logps(c.h.as_tensor(), &c.targets, None)?;
     assert_eq!(lp.dtype(), DType::F32);
-    let g = head.sam_gradient(c.h.as_tensor(), &c.targets, &c.coef.to_dtype(DType::F32)?)?;
+    let (_, lse) = head.token_logps_and_lse(c.h.as_tensor(), &c.targets)?;
+    assert!(lse.is_none());
+    let g = head.sam_gradient(
+        c.h.as_tensor(),
+        &c.targets,
+        &c.coef.to_dtype(DType::F32)?,
+        None,
+    )?;
     assert_eq!(g.dims(), &[VOCAB, HIDDEN]);
     Ok(())
 }

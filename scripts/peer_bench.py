@@ -59,7 +59,7 @@ def torch_steps(args):
     reference = copy.deepcopy(policy).requires_grad_(False).eval()
     opt = torch.optim.AdamW(policy.parameters(), lr=1e-6)
     ids = torch.randint(0, VOCAB, (2 * args.pairs, args.seq_len))
-    head = policy.embed_out.weight
+    head = policy.get_output_embeddings().weight
 
     def step(variant):
         with torch.no_grad():
@@ -67,7 +67,7 @@ def torch_steps(args):
         if variant == "none":
             loss = dpo_loss(seq_logps(policy(ids).logits, ids), ref, args.pairs)
         else:
-            h = policy.gpt_neox(ids).last_hidden_state
+            h = policy.base_model(ids).last_hidden_state
             # Algorithm 1, lines 1-4: the gradient at W from H and W detached.
             w = head.detach().requires_grad_(True)
             loss_pre = dpo_loss(seq_logps(F.linear(h.detach(), w), ids), ref, args.pairs)

@@ -13,7 +13,9 @@ use serde_json::json;
 use std::time::Instant;
 
 #[derive(clap::Args, Debug)]
-#[command(after_help = "Examples:\n  dpo-sam bench --shape tiny\n  dpo-sam bench --shape pythia-70m --pairs 2 --seq-len 256 --steps 5 --json")]
+#[command(
+    after_help = "Examples:\n  dpo-sam bench --shape tiny\n  dpo-sam bench --shape pythia-70m --pairs 2 --seq-len 256 --steps 5 --json"
+)]
 pub struct BenchArgs {
     /// `tiny`, `pythia-70m`, `-160m`, `-410m`, `-1.4b`, `-2.8b`, or a path to a `config.json`.
     #[arg(long, default_value = "tiny")]
@@ -69,15 +71,24 @@ pub fn run(args: BenchArgs) -> Result<()> {
         100.0 * report["lm_head_share"].as_f64().unwrap_or(0.0),
         args.device
     );
-    println!("matmul peak measured: {:.1} GFLOP/s", report["matmul_peak_gflops"].as_f64().unwrap_or(0.0));
-    println!("{:<8} {:>12} {:>10} {:>10} {:>12} {:>8}", "variant", "median s", "ratio", "bound", "GFLOP/s", "% peak");
+    println!(
+        "matmul peak measured: {:.1} GFLOP/s",
+        report["matmul_peak_gflops"].as_f64().unwrap_or(0.0)
+    );
+    println!(
+        "{:<8} {:>12} {:>10} {:>10} {:>12} {:>8}",
+        "variant", "median s", "ratio", "bound", "GFLOP/s", "% peak"
+    );
     for v in report["variants"].as_array().into_iter().flatten() {
         println!(
             "{:<8} {:>12.4} {:>10.3} {:>10} {:>12.1} {:>7.1}%",
             v["variant"].as_str().unwrap_or(""),
             v["median_s"].as_f64().unwrap_or(f64::NAN),
             v["ratio_to_plain"].as_f64().unwrap_or(f64::NAN),
-            v["flop_bound"].as_f64().map(|b| format!("{b:.3}")).unwrap_or_else(|| "-".into()),
+            v["flop_bound"]
+                .as_f64()
+                .map(|b| format!("{b:.3}"))
+                .unwrap_or_else(|| "-".into()),
             v["gflops"].as_f64().unwrap_or(f64::NAN),
             100.0 * v["peak_share"].as_f64().unwrap_or(f64::NAN),
         );
@@ -88,7 +99,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
 
 /// Runs the benchmark and returns the report as JSON.
 pub fn bench(args: &BenchArgs) -> Result<serde_json::Value> {
-    let variants: Vec<String> = args.variants.split(',').map(|s| s.trim().to_string()).collect();
+    let variants: Vec<String> = args
+        .variants
+        .split(',')
+        .map(|s| s.trim().to_string())
+        .collect();
     for v in &variants {
         if !["none", "logits", "full"].contains(&v.as_str()) {
             bail!("--variants: unknown variant `{v}` (expected none, logits, full)");
@@ -104,7 +119,9 @@ pub fn bench(args: &BenchArgs) -> Result<serde_json::Value> {
         "pythia-410m" => Some(pythia(1024, 24, 16)),
         "pythia-1.4b" => Some(pythia(2048, 24, 16)),
         "pythia-2.8b" => Some(pythia(2560, 32, 32)),
-        path => Some(std::fs::read_to_string(path).with_context(|| format!("--shape {path}: not a named shape and not a readable config.json"))?),
+        path => Some(std::fs::read_to_string(path).with_context(|| {
+            format!("--shape {path}: not a named shape and not a readable config.json")
+        })?),
     };
     let scratch = tempfile::tempdir().context("cannot create a scratch directory")?;
     let model = match &config_json {
@@ -128,12 +145,40 @@ pub fn bench(args: &BenchArgs) -> Result<serde_json::Value> {
     let mut trainer = Trainer::new(cfg)?;
     let head = trainer.policy.net.output_layer();
     let (vocab, hidden) = (head.vocab_size()?, head.hidden_size()?);
-    let batch = random_batch(args.pairs, args.seq_len, vocab, trainer.tok.pad_id, &trainer.device)?;
+    let batch = random_batch(
+        args.pairs,
+        args.seq_len,
+        vocab,
+        trainer.tok.pad_id,
+        &trainer.device,
+    )?;
 
     // lm_head's share of the linear-layer work; embeddings are lookups, not matmuls.
-    let is_embedding = |n: &str| ["wte", "wpe", "embed_in", "embed_tokens", "embed_out", "lm_head"].iter().any(|e| n.contains(e));
-    let body: usize = trainer.policy.params.iter().filter(|p| p.var.rank() == 2 && !is_embedding(&p.name)).map(|p| p.var.elem_count()).sum();
-    let total_params: usize = trainer.policy.params.iter().map(|p| p.var.elem_count()).sum();
+    let is_embedding = |n: &str| {
+        [
+            "wte",
+            "wpe",
+            "embed_in",
+            "embed_tokens",
+            "embed_out",
+            "lm_head",
+        ]
+        .iter()
+        .any(|e| n.contains(e))
+    };
+    let body: usize = trainer
+        .policy
+        .params
+        .iter()
+        .filter(|p| p.var.rank() == 2 && !is_embedding(&p.name))
+        .map(|p| p.var.elem_count())
+        .sum();
+    let total_params: usize = trainer
+        .policy
+        .params
+        .iter()
+        .map(|p| p.var.elem_count())
+        .sum();
     let head_params = vocab * hidden;
     let share = head_params as f64 / (head_params + body) as f64;
     let tokens = (2 * args.pairs * args.seq_len) as f64;
@@ -150,9 +195,14 @@ pub fn bench(args: &BenchArgs) -> Result<serde_json::Value> {
             let started = Instant::now();
             let ms = trainer.micro_step(&batch, Some(1.0))?;
             let mut acc = crate::optim::GradAccumulator::new(trainer.policy.params.len());
-            acc.add(&trainer.policy.params, ms.grads.as_ref().expect("backward requested"))?;
+            acc.add(
+                &trainer.policy.params,
+                ms.grads.as_ref().expect("backward requested"),
+            )?;
             acc.clip(1.0)?;
-            trainer.optimizer.apply(&trainer.policy.params, acc.grads(), 1e-6)?;
+            trainer
+                .optimizer
+                .apply(&trainer.policy.params, acc.grads(), 1e-6)?;
             trainer.device.synchronize()?;
             if round > 0 {
                 times[i].push(started.elapsed().as_secs_f64());
@@ -165,7 +215,10 @@ pub fn bench(args: &BenchArgs) -> Result<serde_json::Value> {
         s.sort_by(f64::total_cmp);
         s[s.len() / 2]
     };
-    let plain = variants.iter().position(|v| v == "none").map(|i| median(&times[i]));
+    let plain = variants
+        .iter()
+        .position(|v| v == "none")
+        .map(|i| median(&times[i]));
     let rows: Vec<serde_json::Value> = variants
         .iter()
         .zip(&times)
@@ -203,10 +256,26 @@ pub fn bench(args: &BenchArgs) -> Result<serde_json::Value> {
 }
 
 /// A fixed batch of random tokens: one prompt token, the rest scored.
-pub(crate) fn random_batch(pairs: usize, len: usize, vocab: usize, pad: u32, device: &Device) -> Result<PreferenceBatch> {
+pub(crate) fn random_batch(
+    pairs: usize,
+    len: usize,
+    vocab: usize,
+    pad: u32,
+    device: &Device,
+) -> Result<PreferenceBatch> {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
-    let mut seq = || Sequence { ids: (0..len).map(|_| rng.random_range(0..vocab as u32)).collect(), prompt_len: 1 };
-    let tp: Vec<TokenizedPair> = (0..pairs).map(|_| TokenizedPair { chosen: seq(), rejected: seq() }).collect();
+    let mut seq = || Sequence {
+        ids: (0..len)
+            .map(|_| rng.random_range(0..vocab as u32))
+            .collect(),
+        prompt_len: 1,
+    };
+    let tp: Vec<TokenizedPair> = (0..pairs)
+        .map(|_| TokenizedPair {
+            chosen: seq(),
+            rejected: seq(),
+        })
+        .collect();
     PreferenceBatch::new(&tp, pad, device)
 }
 

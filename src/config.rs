@@ -52,7 +52,12 @@ pub struct BuiltinModel {
 
 impl Default for BuiltinModel {
     fn default() -> Self {
-        Self { n_layer: 2, n_head: 4, n_embd: 64, n_positions: 128 }
+        Self {
+            n_layer: 2,
+            n_head: 4,
+            n_embd: 64,
+            n_positions: 128,
+        }
     }
 }
 
@@ -234,7 +239,11 @@ pub struct SamConfig {
 
 impl Default for SamConfig {
     fn default() -> Self {
-        Self { kind: default_sam_kind(), rho: 0.0, adaptive: false }
+        Self {
+            kind: default_sam_kind(),
+            rho: 0.0,
+            adaptive: false,
+        }
     }
 }
 
@@ -357,9 +366,24 @@ impl Config {
     pub fn validate(&self) -> Result<()> {
         let t = &self.training;
         let d = &self.data;
-        check(t.beta > 0.0 && t.beta.is_finite(), "training.beta", "must be > 0", t.beta)?;
-        check(t.learning_rate >= 0.0, "training.learning_rate", "must be >= 0", t.learning_rate)?;
-        check(t.batch_size > 0, "training.batch_size", "must be > 0", t.batch_size)?;
+        check(
+            t.beta > 0.0 && t.beta.is_finite(),
+            "training.beta",
+            "must be > 0",
+            t.beta,
+        )?;
+        check(
+            t.learning_rate >= 0.0,
+            "training.learning_rate",
+            "must be >= 0",
+            t.learning_rate,
+        )?;
+        check(
+            t.batch_size > 0,
+            "training.batch_size",
+            "must be > 0",
+            t.batch_size,
+        )?;
         if let Some(m) = t.micro_batch_size {
             check(m > 0, "training.micro_batch_size", "must be > 0", m)?;
             if t.batch_size % m != 0 {
@@ -372,77 +396,232 @@ impl Config {
         if let Some(s) = t.max_steps {
             check(s > 0, "training.max_steps", "must be > 0", s)?;
         }
-        check(t.num_train_epochs > 0.0, "training.num_train_epochs", "must be > 0", t.num_train_epochs)?;
+        check(
+            t.num_train_epochs > 0.0,
+            "training.num_train_epochs",
+            "must be > 0",
+            t.num_train_epochs,
+        )?;
         crate::losses::Loss::from_config(t)?;
         if let Some(w) = t.loss_weights.iter().flatten().find(|w| !w.is_finite()) {
             bail!("training.loss_weights: must be finite, got {w}");
         }
         if let Some(a) = t.rpo_alpha {
-            check(a >= 0.0 && a.is_finite(), "training.rpo_alpha", "must be >= 0", a)?;
+            check(
+                a >= 0.0 && a.is_finite(),
+                "training.rpo_alpha",
+                "must be >= 0",
+                a,
+            )?;
         }
-        check((0.0..0.5).contains(&t.label_smoothing), "training.label_smoothing", "must be in [0, 0.5)", t.label_smoothing)?;
-        check(t.simpo_gamma.is_finite(), "training.simpo_gamma", "must be finite", t.simpo_gamma)?;
-        check(t.cpo_alpha >= 0.0 && t.cpo_alpha.is_finite(), "training.cpo_alpha", "must be >= 0", t.cpo_alpha)?;
-        check(t.slic_delta >= 0.0 && t.slic_delta.is_finite(), "training.slic_delta", "must be >= 0", t.slic_delta)?;
-        check(t.slic_lambda >= 0.0 && t.slic_lambda.is_finite(), "training.slic_lambda", "must be >= 0", t.slic_lambda)?;
-        check(t.dpop_lambda >= 0.0 && t.dpop_lambda.is_finite(), "training.dpop_lambda", "must be >= 0", t.dpop_lambda)?;
+        check(
+            (0.0..0.5).contains(&t.label_smoothing),
+            "training.label_smoothing",
+            "must be in [0, 0.5)",
+            t.label_smoothing,
+        )?;
+        check(
+            t.simpo_gamma.is_finite(),
+            "training.simpo_gamma",
+            "must be finite",
+            t.simpo_gamma,
+        )?;
+        check(
+            t.cpo_alpha >= 0.0 && t.cpo_alpha.is_finite(),
+            "training.cpo_alpha",
+            "must be >= 0",
+            t.cpo_alpha,
+        )?;
+        check(
+            t.slic_delta >= 0.0 && t.slic_delta.is_finite(),
+            "training.slic_delta",
+            "must be >= 0",
+            t.slic_delta,
+        )?;
+        check(
+            t.slic_lambda >= 0.0 && t.slic_lambda.is_finite(),
+            "training.slic_lambda",
+            "must be >= 0",
+            t.slic_lambda,
+        )?;
+        check(
+            t.dpop_lambda >= 0.0 && t.dpop_lambda.is_finite(),
+            "training.dpop_lambda",
+            "must be >= 0",
+            t.dpop_lambda,
+        )?;
         one_of("training.optimizer", &t.optimizer, &["adamw", "sgd"])?;
-        one_of("training.lr_scheduler_type", &t.lr_scheduler_type, &["constant", "linear", "cosine"])?;
-        one_of("training.mixed_precision", &t.mixed_precision, &["no", "bf16"])?;
+        one_of(
+            "training.lr_scheduler_type",
+            &t.lr_scheduler_type,
+            &["constant", "linear", "cosine"],
+        )?;
+        one_of(
+            "training.mixed_precision",
+            &t.mixed_precision,
+            &["no", "bf16"],
+        )?;
         if t.mixed_precision == "bf16" && self.model.dtype != "f32" {
             bail!(
                 "training.mixed_precision = \"bf16\" keeps f32 master weights, so model.dtype must be \"f32\" (got \"{}\")",
                 self.model.dtype
             );
         }
-        check(t.weight_decay >= 0.0, "training.weight_decay", "must be >= 0", t.weight_decay)?;
-        check((0.0..1.0).contains(&t.adam_beta1), "training.adam_beta1", "must be in [0, 1)", t.adam_beta1)?;
-        check((0.0..1.0).contains(&t.adam_beta2), "training.adam_beta2", "must be in [0, 1)", t.adam_beta2)?;
-        check(t.adam_epsilon > 0.0, "training.adam_epsilon", "must be > 0", t.adam_epsilon)?;
-        check((0.0..1.0).contains(&t.warmup_ratio), "training.warmup_ratio", "must be in [0, 1)", t.warmup_ratio)?;
-        check(t.max_grad_norm >= 0.0, "training.max_grad_norm", "must be >= 0 (0 disables)", t.max_grad_norm)?;
-        check(t.logging_steps > 0, "training.logging_steps", "must be > 0", t.logging_steps)?;
+        check(
+            t.weight_decay >= 0.0,
+            "training.weight_decay",
+            "must be >= 0",
+            t.weight_decay,
+        )?;
+        check(
+            (0.0..1.0).contains(&t.adam_beta1),
+            "training.adam_beta1",
+            "must be in [0, 1)",
+            t.adam_beta1,
+        )?;
+        check(
+            (0.0..1.0).contains(&t.adam_beta2),
+            "training.adam_beta2",
+            "must be in [0, 1)",
+            t.adam_beta2,
+        )?;
+        check(
+            t.adam_epsilon > 0.0,
+            "training.adam_epsilon",
+            "must be > 0",
+            t.adam_epsilon,
+        )?;
+        check(
+            (0.0..1.0).contains(&t.warmup_ratio),
+            "training.warmup_ratio",
+            "must be in [0, 1)",
+            t.warmup_ratio,
+        )?;
+        check(
+            t.max_grad_norm >= 0.0,
+            "training.max_grad_norm",
+            "must be >= 0 (0 disables)",
+            t.max_grad_norm,
+        )?;
+        check(
+            t.logging_steps > 0,
+            "training.logging_steps",
+            "must be > 0",
+            t.logging_steps,
+        )?;
         if let Some(n) = t.save_total_limit {
-            check(n > 0, "training.save_total_limit", "must be > 0 (leave it unset to keep every checkpoint)", n)?;
+            check(
+                n > 0,
+                "training.save_total_limit",
+                "must be > 0 (leave it unset to keep every checkpoint)",
+                n,
+            )?;
         }
-        check(d.max_length >= 2, "data.max_length", "must be >= 2", d.max_length)?;
+        check(
+            d.max_length >= 2,
+            "data.max_length",
+            "must be >= 2",
+            d.max_length,
+        )?;
         if let Some(p) = d.max_prompt_length {
-            check(p >= 1 && p < d.max_length, "data.max_prompt_length", "must be in [1, max_length)", p)?;
+            check(
+                p >= 1 && p < d.max_length,
+                "data.max_prompt_length",
+                "must be in [1, max_length)",
+                p,
+            )?;
         }
-        one_of("data.truncation_mode", &d.truncation_mode, &["keep_end", "keep_start"])?;
-        check(d.builtin_pairs >= 8, "data.builtin_pairs", "must be >= 8", d.builtin_pairs)?;
+        one_of(
+            "data.truncation_mode",
+            &d.truncation_mode,
+            &["keep_end", "keep_start"],
+        )?;
+        check(
+            d.builtin_pairs >= 8,
+            "data.builtin_pairs",
+            "must be >= 8",
+            d.builtin_pairs,
+        )?;
         if d.train.paths().is_empty() {
             bail!("data.train: expected at least one source");
         }
         one_of("data.format", &d.format, crate::data::format::Format::NAMES)?;
-        check((0.0..1.0).contains(&d.eval_fraction), "data.eval_fraction", "must be in [0, 1)", d.eval_fraction)?;
+        check(
+            (0.0..1.0).contains(&d.eval_fraction),
+            "data.eval_fraction",
+            "must be in [0, 1)",
+            d.eval_fraction,
+        )?;
         if d.eval_fraction > 0.0 && d.eval.is_some() {
             bail!("data.eval_fraction: holds out part of data.train, so it cannot be combined with data.eval");
         }
-        check(!d.split.is_empty(), "data.split", "must not be empty", "\"\"")?;
-        check(!d.eval_split.is_empty(), "data.eval_split", "must not be empty", "\"\"")?;
-        one_of("model.dtype", &self.model.dtype, &["f32", "bf16", "f16", "f64"])?;
+        check(
+            !d.split.is_empty(),
+            "data.split",
+            "must not be empty",
+            "\"\"",
+        )?;
+        check(
+            !d.eval_split.is_empty(),
+            "data.eval_split",
+            "must not be empty",
+            "\"\"",
+        )?;
+        one_of(
+            "model.dtype",
+            &self.model.dtype,
+            &["f32", "bf16", "f16", "f64"],
+        )?;
         let b = &self.model.builtin;
-        check(b.n_layer > 0, "model.builtin.n_layer", "must be > 0", b.n_layer)?;
-        check(b.n_head > 0, "model.builtin.n_head", "must be > 0", b.n_head)?;
+        check(
+            b.n_layer > 0,
+            "model.builtin.n_layer",
+            "must be > 0",
+            b.n_layer,
+        )?;
+        check(
+            b.n_head > 0,
+            "model.builtin.n_head",
+            "must be > 0",
+            b.n_head,
+        )?;
         if b.n_embd == 0 || b.n_embd % b.n_head != 0 {
-            bail!("model.builtin.n_embd: must be a positive multiple of n_head ({}), got {}", b.n_head, b.n_embd);
+            bail!(
+                "model.builtin.n_embd: must be a positive multiple of n_head ({}), got {}",
+                b.n_head,
+                b.n_embd
+            );
         }
-        check(b.n_positions >= 2, "model.builtin.n_positions", "must be >= 2", b.n_positions)?;
+        check(
+            b.n_positions >= 2,
+            "model.builtin.n_positions",
+            "must be >= 2",
+            b.n_positions,
+        )?;
         one_of("sam.kind", &self.sam.kind, &["none", "logits", "full"])?;
-        check(self.sam.rho >= 0.0 && self.sam.rho.is_finite(), "sam.rho", "must be >= 0", self.sam.rho)?;
+        check(
+            self.sam.rho >= 0.0 && self.sam.rho.is_finite(),
+            "sam.rho",
+            "must be >= 0",
+            self.sam.rho,
+        )?;
         crate::device::parse_name(&self.device).map_err(|e| anyhow!("device: {e}"))?;
         Ok(())
     }
 
     /// Pairs per forward/backward pass.
     pub fn micro_batch_size(&self) -> usize {
-        self.training.micro_batch_size.unwrap_or(self.training.batch_size)
+        self.training
+            .micro_batch_size
+            .unwrap_or(self.training.batch_size)
     }
 
     /// The reference model's source (the policy's when not set).
     pub fn ref_name_or_path(&self) -> &str {
-        self.model.ref_name_or_path.as_deref().unwrap_or(&self.model.name_or_path)
+        self.model
+            .ref_name_or_path
+            .as_deref()
+            .unwrap_or(&self.model.name_or_path)
     }
 }
 
@@ -464,7 +643,9 @@ fn one_of(key: &str, got: &str, allowed: &[&str]) -> Result<()> {
 
 /// `a.b.c=value`: sets a nested key, creating tables as needed.
 fn apply_override(root: &mut toml::Table, ov: &str) -> Result<()> {
-    let (key, raw) = ov.split_once('=').ok_or_else(|| anyhow!("expected KEY=VALUE"))?;
+    let (key, raw) = ov
+        .split_once('=')
+        .ok_or_else(|| anyhow!("expected KEY=VALUE"))?;
     let value = parse_value(raw.trim());
     let parts: Vec<&str> = key.trim().split('.').collect();
     let (last, tables) = parts.split_last().ok_or_else(|| anyhow!("empty key"))?;
@@ -517,14 +698,34 @@ batch_size = 8
         assert_eq!(cfg.sam.kind, "none");
         assert_eq!(cfg.micro_batch_size(), 8);
         assert_eq!(cfg.ref_name_or_path(), "builtin:tiny-gpt2");
-        assert_eq!((cfg.data.format.as_str(), cfg.data.eval_fraction, cfg.data.strict), ("auto", 0.0, false));
-        assert_eq!((cfg.data.split.as_str(), cfg.data.group_by_length), ("train", 0));
-        assert_eq!((cfg.training.save_steps, cfg.training.save_total_limit, cfg.training.skip_nonfinite), (0, None, false));
+        assert_eq!(
+            (
+                cfg.data.format.as_str(),
+                cfg.data.eval_fraction,
+                cfg.data.strict
+            ),
+            ("auto", 0.0, false)
+        );
+        assert_eq!(
+            (cfg.data.split.as_str(), cfg.data.group_by_length),
+            ("train", 0)
+        );
+        assert_eq!(
+            (
+                cfg.training.save_steps,
+                cfg.training.save_total_limit,
+                cfg.training.skip_nonfinite
+            ),
+            (0, None, false)
+        );
     }
 
     #[test]
     fn overrides_apply_with_toml_types() {
-        let ov = vec!["training.beta=0.5".to_string(), "sam.kind=logits".to_string()];
+        let ov = vec![
+            "training.beta=0.5".to_string(),
+            "sam.kind=logits".to_string(),
+        ];
         let cfg = Config::parse(MINIMAL, "cfg.toml", &ov).unwrap();
         assert_eq!(cfg.training.beta, 0.5);
         assert_eq!(cfg.sam.kind, "logits");
@@ -556,7 +757,10 @@ batch_size = 8
         let e = err(MINIMAL, &["training.beta=-1"]);
         assert!(e.contains("cfg.toml: training.beta: must be > 0"), "{e}");
         let e = err(MINIMAL, &["training.micro_batch_size=3"]);
-        assert!(e.contains("training.micro_batch_size") && e.contains("not divisible"), "{e}");
+        assert!(
+            e.contains("training.micro_batch_size") && e.contains("not divisible"),
+            "{e}"
+        );
         let e = err(MINIMAL, &["training.batch_size=\"eight\""]);
         assert!(e.contains("cfg.toml") && e.contains("batch_size"), "{e}");
         let e = err(&MINIMAL.replace("learning_rate = 1e-3\n", ""), &[]);
@@ -565,18 +769,36 @@ batch_size = 8
         assert!(e.contains("sam.kind: expected one of"), "{e}");
         let e = err(MINIMAL, &["training.loss_type=[\"sigmoid\", \"dpo2\"]"]);
         assert!(e.contains("training.loss_type: unknown loss `dpo2`"), "{e}");
-        let e = err(MINIMAL, &["training.loss_type=[\"sigmoid\", \"sft\"]", "training.loss_weights=[1.0]"]);
-        assert!(e.contains("training.loss_weights: 1 weights for 2 loss types"), "{e}");
+        let e = err(
+            MINIMAL,
+            &[
+                "training.loss_type=[\"sigmoid\", \"sft\"]",
+                "training.loss_weights=[1.0]",
+            ],
+        );
+        assert!(
+            e.contains("training.loss_weights: 1 weights for 2 loss types"),
+            "{e}"
+        );
         let e = err(MINIMAL, &["training.label_smoothing=0.5"]);
-        assert!(e.contains("training.label_smoothing: must be in [0, 0.5)"), "{e}");
+        assert!(
+            e.contains("training.label_smoothing: must be in [0, 0.5)"),
+            "{e}"
+        );
         let e = err(MINIMAL, &["training.slic_delta=-1"]);
         assert!(e.contains("training.slic_delta: must be >= 0"), "{e}");
         let e = err(MINIMAL, &["data.format=jsonish"]);
         assert!(e.contains("data.format: expected one of auto, hh"), "{e}");
         let e = err(MINIMAL, &["data.eval_fraction=1.5"]);
         assert!(e.contains("data.eval_fraction: must be in [0, 1)"), "{e}");
-        let e = err(MINIMAL, &["data.eval_fraction=0.1", "data.eval=\"x.jsonl\""]);
-        assert!(e.contains("data.eval_fraction") && e.contains("data.eval"), "{e}");
+        let e = err(
+            MINIMAL,
+            &["data.eval_fraction=0.1", "data.eval=\"x.jsonl\""],
+        );
+        assert!(
+            e.contains("data.eval_fraction") && e.contains("data.eval"),
+            "{e}"
+        );
         let e = err(MINIMAL, &["training.save_total_limit=0"]);
         assert!(e.contains("training.save_total_limit: must be > 0"), "{e}");
         let e = err("output_dir = [", &[]);

@@ -34,7 +34,12 @@ impl Squeeze {
 
 /// Diagnostics for response tokens `h` `[n, hidden]` with `targets` `[n]`, of which the first
 /// `chosen_tokens` belong to chosen responses.
-pub fn squeeze(head: &OutputLayer, h: &Tensor, targets: &Tensor, chosen_tokens: usize) -> Result<Squeeze> {
+pub fn squeeze(
+    head: &OutputLayer,
+    h: &Tensor,
+    targets: &Tensor,
+    chosen_tokens: usize,
+) -> Result<Squeeze> {
     let probs = softmax_last_dim(&head.logits(&h.detach(), None)?)?.to_dtype(DType::F32)?;
     let (n, vocab) = probs.dims2()?;
     let trace = (1.0 - probs.sqr()?.sum(D::Minus1)?)?;
@@ -45,7 +50,8 @@ pub fn squeeze(head: &OutputLayer, h: &Tensor, targets: &Tensor, chosen_tokens: 
         1,
     )?;
     let others = (&probs * (1.0 - target_mask)?)?.max(D::Minus1)?;
-    let sum = |t: &Tensor| -> Result<f64> { Ok(t.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?) };
+    let sum =
+        |t: &Tensor| -> Result<f64> { Ok(t.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?) };
     Ok(Squeeze {
         top_nontarget_prob: sum(&others.narrow(0, 0, chosen_tokens.min(n))?)?,
         chosen_tokens: chosen_tokens.min(n),
@@ -63,7 +69,10 @@ mod tests {
     fn trace_and_top_nontarget_match_hand_values() -> Result<()> {
         let dev = Device::Cpu;
         // identity weight: logits = h; pick h so p is known
-        let head = OutputLayer { weight: Tensor::eye(3, DType::F32, &dev)?, bias: None };
+        let head = OutputLayer {
+            weight: Tensor::eye(3, DType::F32, &dev)?,
+            bias: None,
+        };
         let logits = [[2f32.ln(), 1f32.ln(), 1f32.ln()], [0.0, 0.0, 0.0]];
         let h = Tensor::new(&logits, &dev)?;
         let targets = Tensor::new(&[1u32, 0], &dev)?;
@@ -72,7 +81,10 @@ mod tests {
         assert!((s.top_nontarget_prob - 0.5).abs() < 1e-6, "{s:?}");
         assert_eq!(s.chosen_tokens, 1);
         // row 1: uniform → trace 1 − 1/3
-        assert!((s.hessian_trace - (0.625 + 2.0 / 3.0)).abs() < 1e-6, "{s:?}");
+        assert!(
+            (s.hessian_trace - (0.625 + 2.0 / 3.0)).abs() < 1e-6,
+            "{s:?}"
+        );
         assert_eq!(s.tokens, 2);
         Ok(())
     }

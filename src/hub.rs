@@ -9,7 +9,12 @@ use std::path::PathBuf;
 /// True when `HF_HUB_OFFLINE` (or the older `TRANSFORMERS_OFFLINE`) is set to a true value.
 pub fn offline() -> bool {
     ["HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"].iter().any(|k| {
-        std::env::var(k).is_ok_and(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"))
+        std::env::var(k).is_ok_and(|v| {
+            matches!(
+                v.trim().to_ascii_lowercase().as_str(),
+                "1" | "true" | "yes" | "on"
+            )
+        })
     })
 }
 
@@ -38,7 +43,10 @@ impl HubRepo {
 
     fn new(spec: &str, kind: RepoType) -> Self {
         let (id, revision) = spec.split_once('@').unwrap_or((spec, "main"));
-        Self { repo: Repo::with_revision(id.to_string(), kind, revision.to_string()), id: spec.to_string() }
+        Self {
+            repo: Repo::with_revision(id.to_string(), kind, revision.to_string()),
+            id: spec.to_string(),
+        }
     }
 
     /// A file of the repository: from the cache, else (when online) downloaded into it.
@@ -79,7 +87,10 @@ pub fn looks_like_repo_id(spec: &str) -> bool {
     let parts: Vec<&str> = id.split('/').collect();
     parts.len() == 2
         && parts.iter().all(|p| {
-            !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) && !p.starts_with('.')
+            !p.is_empty()
+                && p.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+                && !p.starts_with('.')
         })
         && !std::path::Path::new(spec).exists()
 }
@@ -106,7 +117,13 @@ mod tests {
             std::env::set_var("HF_HOME", dir.path());
             std::env::remove_var("HF_HUB_CACHE");
         }
-        let err = HubRepo::model("nobody/nothing").get("config.json").unwrap_err().to_string();
-        assert!(err.contains("HF_HUB_OFFLINE") && err.contains("nobody/nothing"), "{err}");
+        let err = HubRepo::model("nobody/nothing")
+            .get("config.json")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("HF_HUB_OFFLINE") && err.contains("nobody/nothing"),
+            "{err}"
+        );
     }
 }

@@ -6,8 +6,8 @@
 
 use crate::models::Param;
 use anyhow::{anyhow, bail, Result};
-use std::collections::HashMap;
 use candle_core::{backprop::GradStore, DType, Tensor};
+use std::collections::HashMap;
 
 /// Sum of per-micro-batch gradients, one slot per parameter.
 pub struct GradAccumulator {
@@ -16,7 +16,9 @@ pub struct GradAccumulator {
 
 impl GradAccumulator {
     pub fn new(n: usize) -> Self {
-        Self { grads: vec![None; n] }
+        Self {
+            grads: vec![None; n],
+        }
     }
 
     /// Adds this micro-batch's gradients (already scaled by the caller's loss weighting).
@@ -63,8 +65,15 @@ impl GradAccumulator {
 /// Optimiser hyper-parameters.
 #[derive(Debug, Clone)]
 pub enum OptimizerKind {
-    AdamW { beta1: f64, beta2: f64, eps: f64, weight_decay: f64 },
-    Sgd { weight_decay: f64 },
+    AdamW {
+        beta1: f64,
+        beta2: f64,
+        eps: f64,
+        weight_decay: f64,
+    },
+    Sgd {
+        weight_decay: f64,
+    },
 }
 
 /// An optimiser with explicit, saveable state.
@@ -82,12 +91,23 @@ impl Optimizer {
         let zeros = |p: &Param| p.var.as_tensor().zeros_like()?.to_dtype(DType::F32);
         let (m, v) = match kind {
             OptimizerKind::AdamW { .. } => (
-                params.iter().map(zeros).collect::<candle_core::Result<Vec<_>>>()?,
-                params.iter().map(zeros).collect::<candle_core::Result<Vec<_>>>()?,
+                params
+                    .iter()
+                    .map(zeros)
+                    .collect::<candle_core::Result<Vec<_>>>()?,
+                params
+                    .iter()
+                    .map(zeros)
+                    .collect::<candle_core::Result<Vec<_>>>()?,
             ),
             OptimizerKind::Sgd { .. } => (Vec::new(), Vec::new()),
         };
-        Ok(Self { kind, step: 0, m, v })
+        Ok(Self {
+            kind,
+            step: 0,
+            m,
+            v,
+        })
     }
 
     pub fn from_config(t: &crate::config::TrainingConfig, params: &[Param]) -> Result<Self> {
@@ -98,7 +118,9 @@ impl Optimizer {
                 eps: t.adam_epsilon,
                 weight_decay: t.weight_decay,
             },
-            "sgd" => OptimizerKind::Sgd { weight_decay: t.weight_decay },
+            "sgd" => OptimizerKind::Sgd {
+                weight_decay: t.weight_decay,
+            },
             other => bail!("training.optimizer: unknown optimizer `{other}`"),
         };
         Self::new(kind, params)
@@ -113,14 +135,23 @@ impl Optimizer {
                 out.insert(format!("v.{}", p.name), v.clone());
             }
         }
-        out.insert("step".into(), Tensor::new(self.step as i64, &candle_core::Device::Cpu)?);
+        out.insert(
+            "step".into(),
+            Tensor::new(self.step as i64, &candle_core::Device::Cpu)?,
+        );
         Ok(out)
     }
 
     /// Restores what [`Optimizer::state_tensors`] saved; every moment must be present with its
     /// parameter's shape.
-    pub fn load_state(&mut self, params: &[Param], tensors: &HashMap<String, Tensor>) -> Result<()> {
-        let step = tensors.get("step").ok_or_else(|| anyhow!("tensor `step` is missing"))?;
+    pub fn load_state(
+        &mut self,
+        params: &[Param],
+        tensors: &HashMap<String, Tensor>,
+    ) -> Result<()> {
+        let step = tensors
+            .get("step")
+            .ok_or_else(|| anyhow!("tensor `step` is missing"))?;
         self.step = usize::try_from(step.to_dtype(DType::I64)?.to_scalar::<i64>()?)
             .map_err(|_| anyhow!("tensor `step` is negative"))?;
         for (i, p) in params.iter().enumerate() {
@@ -129,9 +160,15 @@ impl Optimizer {
             }
             for (prefix, slot) in [("m", &mut self.m[i]), ("v", &mut self.v[i])] {
                 let name = format!("{prefix}.{}", p.name);
-                let t = tensors.get(&name).ok_or_else(|| anyhow!("tensor `{name}` is missing"))?;
+                let t = tensors
+                    .get(&name)
+                    .ok_or_else(|| anyhow!("tensor `{name}` is missing"))?;
                 if t.dims() != slot.dims() {
-                    bail!("tensor `{name}` has shape {:?}, the parameter has {:?}", t.dims(), slot.dims());
+                    bail!(
+                        "tensor `{name}` has shape {:?}, the parameter has {:?}",
+                        t.dims(),
+                        slot.dims()
+                    );
                 }
                 if t.dtype() != DType::F32 {
                     bail!("tensor `{name}` has dtype {:?}, expected F32", t.dtype());
@@ -154,14 +191,21 @@ impl Optimizer {
             // Decoupled decay, skipped for biases and norm weights.
             let decay = if p.var.rank() >= 2 {
                 match self.kind {
-                    OptimizerKind::AdamW { weight_decay, .. } | OptimizerKind::Sgd { weight_decay } => weight_decay,
+                    OptimizerKind::AdamW { weight_decay, .. }
+                    | OptimizerKind::Sgd { weight_decay } => weight_decay,
                 }
             } else {
                 0.0
             };
-            let w = if decay > 0.0 { (&w * (1.0 - lr * decay))? } else { w };
+            let w = if decay > 0.0 {
+                (&w * (1.0 - lr * decay))?
+            } else {
+                w
+            };
             let new = match self.kind {
-                OptimizerKind::AdamW { beta1, beta2, eps, .. } => {
+                OptimizerKind::AdamW {
+                    beta1, beta2, eps, ..
+                } => {
                     self.m[i] = ((&self.m[i] * beta1)? + (g * (1.0 - beta1))?)?;
                     self.v[i] = ((&self.v[i] * beta2)? + (g.sqr()? * (1.0 - beta2))?)?;
                     let bc1 = 1.0 - beta1.powi(self.step as i32);
@@ -213,25 +257,49 @@ mod tests {
 
     #[test]
     fn schedule_warms_up_then_decays() {
-        let s = Schedule { peak: 1.0, warmup: 10, total: 110, kind: "linear".into() };
+        let s = Schedule {
+            peak: 1.0,
+            warmup: 10,
+            total: 110,
+            kind: "linear".into(),
+        };
         assert_eq!(s.lr(0), 0.0);
         assert!((s.lr(5) - 0.5).abs() < 1e-12);
         assert!((s.lr(10) - 1.0).abs() < 1e-12);
         assert!((s.lr(60) - 0.5).abs() < 1e-12);
-        let c = Schedule { kind: "cosine".into(), ..s.clone() };
+        let c = Schedule {
+            kind: "cosine".into(),
+            ..s.clone()
+        };
         assert!((c.lr(60) - 0.5).abs() < 1e-12);
         assert!(c.lr(110).abs() < 1e-12);
-        let k = Schedule { kind: "constant".into(), ..s };
+        let k = Schedule {
+            kind: "constant".into(),
+            ..s
+        };
         assert_eq!(k.lr(100), 1.0);
     }
 
     #[test]
     fn adamw_first_step_moves_by_lr_and_skips_decay_on_vectors() -> Result<()> {
         let dev = Device::Cpu;
-        let w = Param { name: "w".into(), var: Var::from_tensor(&Tensor::ones((2, 2), DType::F32, &dev)?)?, master: None };
-        let b = Param { name: "b".into(), var: Var::from_tensor(&Tensor::ones(2, DType::F32, &dev)?)?, master: None };
+        let w = Param {
+            name: "w".into(),
+            var: Var::from_tensor(&Tensor::ones((2, 2), DType::F32, &dev)?)?,
+            master: None,
+        };
+        let b = Param {
+            name: "b".into(),
+            var: Var::from_tensor(&Tensor::ones(2, DType::F32, &dev)?)?,
+            master: None,
+        };
         let params = vec![w, b];
-        let kind = OptimizerKind::AdamW { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1 };
+        let kind = OptimizerKind::AdamW {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.1,
+        };
         let mut opt = Optimizer::new(kind, &params)?;
         let grads = vec![
             Some(Tensor::new(&[[2f32, -3.0], [0.5, 1.0]], &dev)?),
@@ -243,14 +311,19 @@ mod tests {
         assert!((w[0][0] - (0.999 - 0.01)).abs() < 1e-6, "{w:?}");
         assert!((w[0][1] - (0.999 + 0.01)).abs() < 1e-6, "{w:?}");
         let b = params[1].var.as_tensor().to_vec1::<f32>()?;
-        assert!((b[0] - 0.99).abs() < 1e-6 && (b[1] - 1.01).abs() < 1e-6, "{b:?}");
+        assert!(
+            (b[0] - 0.99).abs() < 1e-6 && (b[1] - 1.01).abs() < 1e-6,
+            "{b:?}"
+        );
         Ok(())
     }
 
     #[test]
     fn clipping_bounds_the_global_norm() -> Result<()> {
         let dev = Device::Cpu;
-        let mut acc = GradAccumulator { grads: vec![Some(Tensor::new(&[3f32, 4.0], &dev)?), None] };
+        let mut acc = GradAccumulator {
+            grads: vec![Some(Tensor::new(&[3f32, 4.0], &dev)?), None],
+        };
         assert!((acc.clip(1.0)? - 5.0).abs() < 1e-6);
         assert!((acc.norm()? - 1.0).abs() < 1e-5);
         Ok(())

@@ -52,7 +52,13 @@ impl Tok {
             "eos_token": BUILTIN_EOS, "bos_token": BUILTIN_EOS, "unk_token": BUILTIN_EOS,
             "model_max_length": 1_000_000,
         });
-        Ok(Tok { inner, eos_id: 0, bos_id: Some(0), pad_id: 0, config })
+        Ok(Tok {
+            inner,
+            eos_id: 0,
+            bos_id: Some(0),
+            pad_id: 0,
+            config,
+        })
     }
 
     /// Loads `tokenizer.json` from a model directory and resolves EOS/BOS/PAD. When no file names
@@ -67,7 +73,8 @@ impl Tok {
             if !p.is_file() {
                 return Ok(serde_json::Value::Null);
             }
-            let text = std::fs::read_to_string(&p).with_context(|| format!("cannot read {}", p.display()))?;
+            let text = std::fs::read_to_string(&p)
+                .with_context(|| format!("cannot read {}", p.display()))?;
             serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", p.display()))
         };
         let tok_cfg = read_json("tokenizer_config.json")?;
@@ -77,7 +84,10 @@ impl Tok {
             for source in [&tok_cfg, &special] {
                 let v = source.get(key);
                 // Either a plain string or an AddedToken object with `content`.
-                let content = v.and_then(|v| v.as_str().or_else(|| v.get("content").and_then(|c| c.as_str())));
+                let content = v.and_then(|v| {
+                    v.as_str()
+                        .or_else(|| v.get("content").and_then(|c| c.as_str()))
+                });
                 if let Some(id) = content.and_then(|c| inner.token_to_id(c)) {
                     return Some(id);
                 }
@@ -97,17 +107,28 @@ impl Tok {
         })?;
         let bos_id = token_id("bos_token");
         let pad_id = token_id("pad_token").unwrap_or(eos_id);
-        Ok(Tok { inner, eos_id, bos_id, pad_id, config: tok_cfg })
+        Ok(Tok {
+            inner,
+            eos_id,
+            bos_id,
+            pad_id,
+            config: tok_cfg,
+        })
     }
 
     /// Token ids with the tokenizer's own special-token rule (BOS only where it adds one).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self.inner.encode(text, true).map_err(|e| anyhow!("tokenizing failed: {e}"))?;
+        let enc = self
+            .inner
+            .encode(text, true)
+            .map_err(|e| anyhow!("tokenizing failed: {e}"))?;
         Ok(enc.get_ids().to_vec())
     }
 
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.inner.decode(ids, false).map_err(|e| anyhow!("decoding failed: {e}"))
+        self.inner
+            .decode(ids, false)
+            .map_err(|e| anyhow!("decoding failed: {e}"))
     }
 
     pub fn vocab_size(&self) -> usize {
@@ -121,7 +142,11 @@ impl Tok {
             .map_err(|e| anyhow!("cannot write {}: {e}", dir.join("tokenizer.json").display()))?;
         let name = |id: Option<u32>| id.and_then(|i| self.inner.id_to_token(i));
         let mut special = serde_json::Map::new();
-        for (key, id) in [("eos_token", Some(self.eos_id)), ("bos_token", self.bos_id), ("pad_token", Some(self.pad_id))] {
+        for (key, id) in [
+            ("eos_token", Some(self.eos_id)),
+            ("bos_token", self.bos_id),
+            ("pad_token", Some(self.pad_id)),
+        ] {
             if let Some(tok) = name(id) {
                 special.insert(key.into(), tok.into());
             }
@@ -133,8 +158,14 @@ impl Tok {
         for (k, v) in &special {
             config.entry(k.clone()).or_insert(v.clone());
         }
-        std::fs::write(dir.join("tokenizer_config.json"), serde_json::to_string_pretty(&config)?)?;
-        std::fs::write(dir.join("special_tokens_map.json"), serde_json::to_string_pretty(&special)?)?;
+        std::fs::write(
+            dir.join("tokenizer_config.json"),
+            serde_json::to_string_pretty(&config)?,
+        )?;
+        std::fs::write(
+            dir.join("special_tokens_map.json"),
+            serde_json::to_string_pretty(&special)?,
+        )?;
         Ok(())
     }
 

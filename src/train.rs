@@ -21,7 +21,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 #[derive(clap::Args, Debug)]
-#[command(after_help = "Example:\n  dpo-sam train --config configs/tiny_gpt2.toml --set sam.rho=0.05 --set training.max_steps=50")]
+#[command(
+    after_help = "Example:\n  dpo-sam train --config configs/tiny_gpt2.toml --set sam.rho=0.05 --set training.max_steps=50"
+)]
 pub struct TrainArgs {
     /// TOML run configuration (see configs/ and the README's reference).
     #[arg(long)]
@@ -53,7 +55,10 @@ pub struct TrainArgs {
 pub fn run(args: TrainArgs) -> Result<()> {
     let mut overrides = args.overrides.clone();
     if let Some(dir) = &args.output_dir {
-        overrides.push(format!("output_dir={}", toml::Value::String(dir.display().to_string())));
+        overrides.push(format!(
+            "output_dir={}",
+            toml::Value::String(dir.display().to_string())
+        ));
     }
     if let Some(dev) = &args.device {
         overrides.push(format!("device={}", toml::Value::String(dev.clone())));
@@ -63,7 +68,11 @@ pub fn run(args: TrainArgs) -> Result<()> {
         return crate::plan::print(&cfg);
     }
     let resume_from = match &args.resume {
-        Some(dir) => Some(resume_checkpoint(&cfg, dir.as_deref(), args.allow_config_drift)?),
+        Some(dir) => Some(resume_checkpoint(
+            &cfg,
+            dir.as_deref(),
+            args.allow_config_drift,
+        )?),
         None => None,
     };
     let mut trainer = Trainer::new(cfg)?;
@@ -95,7 +104,11 @@ fn resume_checkpoint(cfg: &Config, dir: Option<&Path>, allow_drift: bool) -> Res
     let saved = crate::checkpoint::load_config(&ckpt)?;
     let drift = crate::checkpoint::config_drift(&saved, cfg)?;
     if !drift.is_empty() {
-        let list = drift.iter().map(|d| format!("  {d}")).collect::<Vec<_>>().join("\n");
+        let list = drift
+            .iter()
+            .map(|d| format!("  {d}"))
+            .collect::<Vec<_>>()
+            .join("\n");
         if !allow_drift {
             anyhow::bail!(
                 "--resume: the config differs from the one {} was saved with (saved -> now):\n{list}\n\
@@ -209,7 +222,11 @@ impl Trainer {
         let policy_src = resolve_source(&cfg, &cfg.model.name_or_path)?;
         let tok = policy_src.tokenizer()?;
         let mut policy = Model::load(&policy_src, true, dtype, &device)?;
-        let compute_dtype = if cfg.training.mixed_precision == "bf16" { DType::BF16 } else { dtype };
+        let compute_dtype = if cfg.training.mixed_precision == "bf16" {
+            DType::BF16
+        } else {
+            dtype
+        };
         if compute_dtype != dtype {
             policy = policy.with_master_weights(compute_dtype, &device)?;
         }
@@ -234,10 +251,25 @@ impl Trainer {
         let ref_cache = match reference.take() {
             Some(model) if cfg.training.precompute_ref_log_probs => {
                 let ref_src = resolve_source(&cfg, cfg.ref_name_or_path())?;
-                let inputs = crate::refcache::FingerprintInputs { reference: &ref_src, dtype, tok: &tok, data: &cfg.data, train: &train_pairs, eval: &eval_pairs };
+                let inputs = crate::refcache::FingerprintInputs {
+                    reference: &ref_src,
+                    dtype,
+                    tok: &tok,
+                    data: &cfg.data,
+                    train: &train_pairs,
+                    eval: &eval_pairs,
+                };
                 let fingerprint = crate::refcache::fingerprint(&inputs)?;
                 let pairs = (train_pairs.as_slice(), eval_pairs.as_slice());
-                let (cache, _) = crate::refcache::load_or_compute(&cfg.output_dir, &fingerprint, &model, pairs, cfg.micro_batch_size(), tok.pad_id, &device)?;
+                let (cache, _) = crate::refcache::load_or_compute(
+                    &cfg.output_dir,
+                    &fingerprint,
+                    &model,
+                    pairs,
+                    cfg.micro_batch_size(),
+                    tok.pad_id,
+                    &device,
+                )?;
                 Some(cache)
             }
             other => {
@@ -248,9 +280,20 @@ impl Trainer {
 
         let t = &cfg.training;
         let steps_per_epoch = train_pairs.len().div_ceil(t.batch_size);
-        let total = t.max_steps.unwrap_or_else(|| (t.num_train_epochs * steps_per_epoch as f64).ceil() as usize);
-        let warmup = if t.warmup_steps > 0 { t.warmup_steps } else { (t.warmup_ratio * total as f64).ceil() as usize };
-        let schedule = Schedule { peak: t.learning_rate, warmup, total, kind: t.lr_scheduler_type.clone() };
+        let total = t
+            .max_steps
+            .unwrap_or_else(|| (t.num_train_epochs * steps_per_epoch as f64).ceil() as usize);
+        let warmup = if t.warmup_steps > 0 {
+            t.warmup_steps
+        } else {
+            (t.warmup_ratio * total as f64).ceil() as usize
+        };
+        let schedule = Schedule {
+            peak: t.learning_rate,
+            warmup,
+            total,
+            kind: t.lr_scheduler_type.clone(),
+        };
         let optimizer = Optimizer::from_config(t, &policy.params)?;
         Ok(Trainer {
             cfg,
@@ -276,13 +319,25 @@ impl Trainer {
     }
 
     /// Per-row sequence log-probs `[2b]` of the response tokens (prompt and padding excluded).
-    fn sequence_logps(batch: &PreferenceBatch, token_logps: &Tensor) -> candle_core::Result<Tensor> {
+    fn sequence_logps(
+        batch: &PreferenceBatch,
+        token_logps: &Tensor,
+    ) -> candle_core::Result<Tensor> {
         let rows = 2 * batch.num_pairs;
-        Tensor::zeros(rows, token_logps.dtype(), token_logps.device())?.index_add(&batch.rows, token_logps, 0)
+        Tensor::zeros(rows, token_logps.dtype(), token_logps.device())?.index_add(
+            &batch.rows,
+            token_logps,
+            0,
+        )
     }
 
     /// The configured loss, averaged over pairs, as a function of per-token log-probs.
-    fn batch_loss(&self, batch: &PreferenceBatch, token_logps: &Tensor, reference: Option<&(Tensor, Tensor)>) -> Result<(Tensor, crate::losses::LossOutput, PairLogps)> {
+    fn batch_loss(
+        &self,
+        batch: &PreferenceBatch,
+        token_logps: &Tensor,
+        reference: Option<&(Tensor, Tensor)>,
+    ) -> Result<(Tensor, crate::losses::LossOutput, PairLogps)> {
         let seq = Self::sequence_logps(batch, token_logps)?;
         let lp = PairLogps::from_rows(&seq, reference, &batch.response_lens)?;
         let out = self.loss.compute(&lp)?;
@@ -292,7 +347,11 @@ impl Trainer {
     /// Reference sequence log-probs (chosen, rejected) of a batch: from the precomputed cache
     /// when `pairs` names the batch's pairs, else from the reference model; `None` for
     /// reference-free losses.
-    pub fn reference_for(&self, batch: &PreferenceBatch, pairs: Option<(Split, &[usize])>) -> Result<Option<(Tensor, Tensor)>> {
+    pub fn reference_for(
+        &self,
+        batch: &PreferenceBatch,
+        pairs: Option<(Split, &[usize])>,
+    ) -> Result<Option<(Tensor, Tensor)>> {
         match (&self.ref_cache, pairs, &self.reference) {
             (Some(cache), Some((split, idx)), _) => {
                 let dtype = crate::models::ops::accum_dtype(parse_dtype(&self.cfg.model.dtype)?);
@@ -309,13 +368,22 @@ impl Trainer {
     /// One micro-batch, with reference log-probs from the reference model. With
     /// `backward_weight`, backpropagates `backward_weight × loss` (logits-SAM's loss_post, or
     /// full SAM's loss at W + e); without, evaluates only.
-    pub fn micro_step(&self, batch: &PreferenceBatch, backward_weight: Option<f64>) -> Result<MicroStep> {
+    pub fn micro_step(
+        &self,
+        batch: &PreferenceBatch,
+        backward_weight: Option<f64>,
+    ) -> Result<MicroStep> {
         let reference = self.reference_for(batch, None)?;
         self.micro_step_with(batch, reference, backward_weight)
     }
 
     /// [`Trainer::micro_step`] with the reference log-probs given (see [`Trainer::reference_for`]).
-    pub fn micro_step_with(&self, batch: &PreferenceBatch, reference: Option<(Tensor, Tensor)>, backward_weight: Option<f64>) -> Result<MicroStep> {
+    pub fn micro_step_with(
+        &self,
+        batch: &PreferenceBatch,
+        reference: Option<(Tensor, Tensor)>,
+        backward_weight: Option<f64>,
+    ) -> Result<MicroStep> {
         match backward_weight {
             Some(w) if self.cfg.sam.kind == "full" => self.full_sam_step(batch, reference, w),
             _ => self.single_pass(batch, reference, backward_weight),
@@ -325,7 +393,12 @@ impl Trainer {
     /// Full SAM (`sam.kind = "full"`), the paper's expensive baseline: a forward/backward at W
     /// for g, every parameter moved to W + e, the ordinary pass there (whose gradients are
     /// returned), then W restored bit for bit. Rewards and log-probs are those at W.
-    fn full_sam_step(&self, batch: &PreferenceBatch, reference: Option<(Tensor, Tensor)>, weight: f64) -> Result<MicroStep> {
+    fn full_sam_step(
+        &self,
+        batch: &PreferenceBatch,
+        reference: Option<(Tensor, Tensor)>,
+        weight: f64,
+    ) -> Result<MicroStep> {
         let at_w = self.single_pass(batch, reference.clone(), Some(1.0))?;
         let grads = at_w.grads.as_ref().expect("backward was requested");
         let sam = &self.cfg.sam;
@@ -335,14 +408,28 @@ impl Trainer {
         let at_perturbed = self.single_pass(batch, reference, Some(weight));
         e.restore()?;
         let at_perturbed = at_perturbed?;
-        Ok(MicroStep { grads: at_perturbed.grads, loss: at_perturbed.loss, loss_pre: Some(at_w.loss), sam_grad_norm: Some(grad_norm), ..at_w })
+        Ok(MicroStep {
+            grads: at_perturbed.grads,
+            loss: at_perturbed.loss,
+            loss_pre: Some(at_w.loss),
+            sam_grad_norm: Some(grad_norm),
+            ..at_w
+        })
     }
 
     /// One forward pass, logits-SAM when configured, the loss, and the backward pass.
-    fn single_pass(&self, batch: &PreferenceBatch, reference: Option<(Tensor, Tensor)>, backward_weight: Option<f64>) -> Result<MicroStep> {
+    fn single_pass(
+        &self,
+        batch: &PreferenceBatch,
+        reference: Option<(Tensor, Tensor)>,
+        backward_weight: Option<f64>,
+    ) -> Result<MicroStep> {
         let head = self.policy.net.output_layer();
         // The one forward pass, to the final hidden states H at positions that predict response tokens.
-        let h = response_hidden(self.policy.net.forward_hidden(&batch.input_ids)?, &batch.positions)?;
+        let h = response_hidden(
+            self.policy.net.forward_hidden(&batch.input_ids)?,
+            &batch.positions,
+        )?;
 
         // logits-SAM, Algorithm 1 lines 1–4: e from loss_pre with H and W detached.
         let rho = self.cfg.sam.rho;
@@ -350,13 +437,21 @@ impl Trainer {
             let objective = |token_logps: &Tensor| -> Result<Tensor> {
                 Ok(self.batch_loss(batch, token_logps, reference.as_ref())?.0)
             };
-            Some(crate::sam::logits_perturbation_with(&head, &h, &batch.targets, rho, self.cfg.sam.adaptive, &objective)?)
+            Some(crate::sam::logits_perturbation_with(
+                &head,
+                &h,
+                &batch.targets,
+                rho,
+                self.cfg.sam.adaptive,
+                &objective,
+            )?)
         } else {
             None
         };
 
         // Lines 5–6: logits from H (W + e)ᵀ, e constant, bias unperturbed; loss_post.
-        let token_logps = head.token_logps(&h, &batch.targets, perturbation.as_ref().map(|p| &p.e))?;
+        let token_logps =
+            head.token_logps(&h, &batch.targets, perturbation.as_ref().map(|p| &p.e))?;
         let (loss, post, post_lp) = self.batch_loss(batch, &token_logps, reference.as_ref())?;
         // Rewards and log-probs describe the model itself (W), not the perturbed point W + e.
         let (out, lp) = match &perturbation {
@@ -369,7 +464,12 @@ impl Trainer {
 
         let squeeze = if self.diagnostics {
             let chosen_tokens = batch.response_lens[..batch.num_pairs].iter().sum();
-            Some(crate::diagnostics::squeeze(&head, &h, &batch.targets, chosen_tokens)?)
+            Some(crate::diagnostics::squeeze(
+                &head,
+                &h,
+                &batch.targets,
+                chosen_tokens,
+            )?)
         } else {
             None
         };
@@ -399,24 +499,32 @@ impl Trainer {
     /// final model. Stops early, with a checkpoint, when [`Trainer::stop`] is set.
     pub fn train(&mut self) -> Result<serde_json::Value> {
         let out_dir = self.cfg.output_dir.clone();
-        std::fs::create_dir_all(&out_dir).with_context(|| format!("cannot create output_dir {}", out_dir.display()))?;
+        std::fs::create_dir_all(&out_dir)
+            .with_context(|| format!("cannot create output_dir {}", out_dir.display()))?;
         let mut metrics = self.open_metrics(&out_dir.join("metrics.jsonl"))?;
 
         let t = self.cfg.training.clone();
         let micro = self.cfg.micro_batch_size();
         let total = self.schedule.total;
         let n = self.train_pairs.len();
-        let lengths: Vec<usize> = self.train_pairs.iter().map(crate::data::stream::pair_len).collect();
+        let lengths: Vec<usize> = self
+            .train_pairs
+            .iter()
+            .map(crate::data::stream::pair_len)
+            .collect();
         let (window, seed) = (self.cfg.data.group_by_length, self.cfg.seed);
-        let order_of = |epoch| crate::data::stream::epoch_order(&lengths, micro, window, seed, epoch);
+        let order_of =
+            |epoch| crate::data::stream::epoch_order(&lengths, micro, window, seed, epoch);
         let mut order = order_of(self.data_pos.epoch);
 
         let bar = if self.progress {
             let bar = indicatif::ProgressBar::new(total as u64);
             bar.set_style(
-                indicatif::ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {msg}")
-                    .expect("valid template")
-                    .progress_chars("=> "),
+                indicatif::ProgressStyle::with_template(
+                    "{elapsed_precise} [{bar:30}] {pos}/{len} {msg}",
+                )
+                .expect("valid template")
+                .progress_chars("=> "),
             );
             bar
         } else {
@@ -439,7 +547,10 @@ impl Trainer {
                 let mut idx = Vec::with_capacity(micro);
                 while idx.len() < micro {
                     if self.data_pos.cursor >= order.len() {
-                        self.data_pos = DataCursor { epoch: self.data_pos.epoch + 1, cursor: 0 };
+                        self.data_pos = DataCursor {
+                            epoch: self.data_pos.epoch + 1,
+                            cursor: 0,
+                        };
                         order = order_of(self.data_pos.epoch);
                     }
                     idx.push(order[self.data_pos.cursor]);
@@ -448,7 +559,8 @@ impl Trainer {
                 if nonfinite.is_some() {
                     continue;
                 }
-                let pairs: Vec<TokenizedPair> = idx.iter().map(|&i| self.train_pairs[i].clone()).collect();
+                let pairs: Vec<TokenizedPair> =
+                    idx.iter().map(|&i| self.train_pairs[i].clone()).collect();
                 let batch = PreferenceBatch::new(&pairs, self.tok.pad_id, &self.device)?;
                 let weight = micro as f64 / t.batch_size as f64;
                 let reference = self.reference_for(&batch, Some((Split::Train, &idx)))?;
@@ -460,10 +572,17 @@ impl Trainer {
                     ));
                     continue;
                 }
-                acc.add(&self.policy.params, ms.grads.as_ref().expect("backward was requested"))?;
+                acc.add(
+                    &self.policy.params,
+                    ms.grads.as_ref().expect("backward was requested"),
+                )?;
                 tally.add(&ms, &batch);
             }
-            let grad_norm = if nonfinite.is_some() { f64::NAN } else { acc.clip(t.max_grad_norm)? };
+            let grad_norm = if nonfinite.is_some() {
+                f64::NAN
+            } else {
+                acc.clip(t.max_grad_norm)?
+            };
             if nonfinite.is_none() && !grad_norm.is_finite() {
                 nonfinite = Some(format!("non-finite gradient norm ({grad_norm}) at step {step} (micro-batches 0..{micro_batches})"));
             }
@@ -513,7 +632,9 @@ impl Trainer {
                 let dir = crate::checkpoint::save(self, &out_dir)?;
                 if stop {
                     bar.abandon();
-                    return Ok(json!({ "train": last, "interrupted_at_step": step, "checkpoint": dir }));
+                    return Ok(
+                        json!({ "train": last, "interrupted_at_step": step, "checkpoint": dir }),
+                    );
                 }
             }
         }
@@ -548,9 +669,16 @@ impl Trainer {
         let kept: Vec<&str> = text.lines().take(self.metrics_lines).collect();
         self.metrics_lines = kept.len();
         let tmp = path.with_extension("jsonl.tmp");
-        std::fs::write(&tmp, kept.iter().map(|l| format!("{l}\n")).collect::<String>()).with_context(cannot)?;
+        std::fs::write(
+            &tmp,
+            kept.iter().map(|l| format!("{l}\n")).collect::<String>(),
+        )
+        .with_context(cannot)?;
         std::fs::rename(&tmp, path).with_context(cannot)?;
-        std::fs::OpenOptions::new().append(true).open(path).with_context(cannot)
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(path)
+            .with_context(cannot)
     }
 
     fn write_metrics(&mut self, f: &mut std::fs::File, line: &serde_json::Value) -> Result<()> {
@@ -589,7 +717,12 @@ impl Tally {
         let sum = |v: &[f32]| v.iter().map(|&x| x as f64).sum::<f64>();
         self.chosen_rewards += sum(&ms.chosen_rewards);
         self.rejected_rewards += sum(&ms.rejected_rewards);
-        self.accuracies += ms.chosen_rewards.iter().zip(&ms.rejected_rewards).filter(|(c, r)| c > r).count() as f64;
+        self.accuracies += ms
+            .chosen_rewards
+            .iter()
+            .zip(&ms.rejected_rewards)
+            .filter(|(c, r)| c > r)
+            .count() as f64;
         self.chosen_logps += sum(&ms.chosen_logps);
         self.rejected_logps += sum(&ms.rejected_logps);
         self.loss_pre += ms.loss_pre.unwrap_or(0.0) * b;
@@ -629,7 +762,8 @@ impl Tally {
             m["squeeze/rejected_logps_delta"] = json!(r / p);
         }
         if let Some(s) = &self.squeeze {
-            m["squeeze/top_nontarget_prob"] = json!(s.top_nontarget_prob / s.chosen_tokens.max(1) as f64);
+            m["squeeze/top_nontarget_prob"] =
+                json!(s.top_nontarget_prob / s.chosen_tokens.max(1) as f64);
             m["squeeze/hessian_trace"] = json!(s.hessian_trace / s.tokens.max(1) as f64);
         }
         m

@@ -8,9 +8,16 @@ use dpo_sam::output::OutputLayer;
 use dpo_sam::train::{response_hidden, Trainer};
 
 fn trainer(overrides: &[&str]) -> Trainer {
-    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/configs/tiny_gpt2.toml")).unwrap();
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/configs/tiny_gpt2.toml"
+    ))
+    .unwrap();
     let dir = tempfile::tempdir().unwrap().keep();
-    let mut ov: Vec<String> = vec![format!("output_dir=\"{}\"", dir.display()), "data.builtin_pairs=64".into()];
+    let mut ov: Vec<String> = vec![
+        format!("output_dir=\"{}\"", dir.display()),
+        "data.builtin_pairs=64".into(),
+    ];
     ov.extend(overrides.iter().map(|s| s.to_string()));
     Trainer::new(Config::parse(&text, "tiny_gpt2.toml", &ov).unwrap()).unwrap()
 }
@@ -23,16 +30,40 @@ fn grads_by_name(tr: &Trainer, store: &candle_core::backprop::GradStore) -> Vec<
     tr.policy
         .params
         .iter()
-        .map(|p| (p.name.clone(), store.get(p.var.as_tensor()).expect(&p.name).clone()))
+        .map(|p| {
+            (
+                p.name.clone(),
+                store.get(p.var.as_tensor()).expect(&p.name).clone(),
+            )
+        })
         .collect()
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
 }
 
 fn norm(t: &Tensor) -> f64 {
-    t.sqr().unwrap().sum_all().unwrap().to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap().sqrt()
+    t.sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+        .sqrt()
 }
 
 #[test]
@@ -42,7 +73,11 @@ fn every_trainable_tensor_receives_a_gradient() {
         let b = batch(&tr, 4);
         let ms = tr.micro_step(&b, Some(1.0)).unwrap();
         let grads = grads_by_name(&tr, ms.grads.as_ref().unwrap());
-        assert_eq!(grads.len(), 2 + 12 * 2 + 2, "every GPT-2 tensor is a parameter");
+        assert_eq!(
+            grads.len(),
+            2 + 12 * 2 + 2,
+            "every GPT-2 tensor is a parameter"
+        );
         for (name, g) in grads {
             assert!(norm(&g) > 0.0, "{name} got a zero gradient with sam={sam}");
         }
@@ -52,7 +87,12 @@ fn every_trainable_tensor_receives_a_gradient() {
 #[test]
 fn gradients_match_finite_differences() {
     // f64 so that central differences are accurate to ~1e-8.
-    let tr = trainer(&["model.dtype=\"f64\"", "model.builtin.n_embd=8", "model.builtin.n_head=2", "sam.kind=\"none\""]);
+    let tr = trainer(&[
+        "model.dtype=\"f64\"",
+        "model.builtin.n_embd=8",
+        "model.builtin.n_head=2",
+        "sam.kind=\"none\"",
+    ]);
     let b = batch(&tr, 3);
     let ms = tr.micro_step(&b, Some(1.0)).unwrap();
     let grads = grads_by_name(&tr, ms.grads.as_ref().unwrap());
@@ -63,18 +103,27 @@ fn gradients_match_finite_differences() {
         let original = p.var.as_tensor().copy().unwrap();
         let n = flat_g.len();
         // a few coordinates per tensor, including the largest-gradient one
-        let argmax = (0..n).max_by(|&i, &j| flat_g[i].abs().total_cmp(&flat_g[j].abs())).unwrap();
+        let argmax = (0..n)
+            .max_by(|&i, &j| flat_g[i].abs().total_cmp(&flat_g[j].abs()))
+            .unwrap();
         for idx in [0, n / 2, argmax] {
             let mut values: Vec<f64> = original.flatten_all().unwrap().to_vec1().unwrap();
             let mut loss_at = |delta: f64| {
-                values[idx] = original.flatten_all().unwrap().to_vec1::<f64>().unwrap()[idx] + delta;
-                p.var.set(&Tensor::from_vec(values.clone(), original.shape(), &tr.device).unwrap()).unwrap();
+                values[idx] =
+                    original.flatten_all().unwrap().to_vec1::<f64>().unwrap()[idx] + delta;
+                p.var
+                    .set(&Tensor::from_vec(values.clone(), original.shape(), &tr.device).unwrap())
+                    .unwrap();
                 tr.micro_step(&b, None).unwrap().loss
             };
             let fd = (loss_at(eps) - loss_at(-eps)) / (2.0 * eps);
             p.var.set(&original).unwrap();
             let tol = 1e-6 + 1e-4 * fd.abs().max(flat_g[idx].abs());
-            assert!((fd - flat_g[idx]).abs() < tol, "{name}[{idx}]: autograd {} vs finite difference {fd}", flat_g[idx]);
+            assert!(
+                (fd - flat_g[idx]).abs() < tol,
+                "{name}[{idx}]: autograd {} vs finite difference {fd}",
+                flat_g[idx]
+            );
             checked += 1;
         }
     }
@@ -86,11 +135,19 @@ fn sam_perturbation_has_norm_rho_along_the_output_gradient() {
     let tr = trainer(&[]);
     let b = batch(&tr, 4);
     let head = tr.policy.net.output_layer();
-    let h = response_hidden(tr.policy.net.forward_hidden(&b.input_ids).unwrap(), &b.positions).unwrap();
+    let h = response_hidden(
+        tr.policy.net.forward_hidden(&b.input_ids).unwrap(),
+        &b.positions,
+    )
+    .unwrap();
     let rho = 0.05;
     // The objective: the mean DPO loss with reference log-probs of the (identical) reference.
     let objective = |token_logps: &Tensor| -> anyhow::Result<Tensor> {
-        let rows = Tensor::zeros(2 * b.num_pairs, DType::F32, &tr.device)?.index_add(&b.rows, token_logps, 0)?;
+        let rows = Tensor::zeros(2 * b.num_pairs, DType::F32, &tr.device)?.index_add(
+            &b.rows,
+            token_logps,
+            0,
+        )?;
         let k = b.num_pairs;
         let margin = ((rows.narrow(0, 0, k)? - rows.narrow(0, k, k)?)? * 0.5)?;
         Ok(dpo_sam::losses::neg_log_sigmoid(&margin)?.mean_all()?)
@@ -99,7 +156,10 @@ fn sam_perturbation_has_norm_rho_along_the_output_gradient() {
     assert!((norm(&p.e) - rho).abs() < 1e-6, "‖e‖ = {}", norm(&p.e));
     // ∂loss/∂W by autograd on a separate copy of W.
     let w = Var::from_tensor(&head.weight.detach().copy().unwrap()).unwrap();
-    let copy = OutputLayer { weight: w.as_tensor().clone(), bias: None };
+    let copy = OutputLayer {
+        weight: w.as_tensor().clone(),
+        bias: None,
+    };
     let loss = objective(&copy.token_logps(&h.detach(), &b.targets, None).unwrap()).unwrap();
     let g = loss.backward().unwrap().get(&w).unwrap().clone();
     let expected = (&g * (rho / norm(&g))).unwrap();
@@ -118,22 +178,39 @@ fn sam_step_gradient_is_the_gradient_at_the_shifted_output_weight() {
     // (the embedding keeps using the unshifted wte) and differentiate.
     let plain = trainer(&["sam.kind=\"none\""]);
     let head = plain.policy.net.output_layer();
-    let h = response_hidden(plain.policy.net.forward_hidden(&b.input_ids).unwrap(), &b.positions).unwrap();
+    let h = response_hidden(
+        plain.policy.net.forward_hidden(&b.input_ids).unwrap(),
+        &b.positions,
+    )
+    .unwrap();
     let reference = tr.micro_step(&b, None).unwrap();
-    let (rc, rr) = (reference.chosen_logps.clone(), reference.rejected_logps.clone());
+    let (rc, rr) = (
+        reference.chosen_logps.clone(),
+        reference.rejected_logps.clone(),
+    );
     let k = b.num_pairs;
     let objective = |token_logps: &Tensor| -> anyhow::Result<Tensor> {
-        let rows = Tensor::zeros(2 * k, DType::F32, &tr.device)?.index_add(&b.rows, token_logps, 0)?;
+        let rows =
+            Tensor::zeros(2 * k, DType::F32, &tr.device)?.index_add(&b.rows, token_logps, 0)?;
         let ref_c = Tensor::new(rc.as_slice(), &tr.device)?;
         let ref_r = Tensor::new(rr.as_slice(), &tr.device)?;
-        let margin = (((rows.narrow(0, 0, k)? - ref_c)? - (rows.narrow(0, k, k)? - ref_r)?)? * 0.5)?;
+        let margin =
+            (((rows.narrow(0, 0, k)? - ref_c)? - (rows.narrow(0, k, k)? - ref_r)?)? * 0.5)?;
         Ok(dpo_sam::losses::neg_log_sigmoid(&margin)?.mean_all()?)
     };
-    let e = dpo_sam::sam::logits_perturbation(&head, &h, &b.targets, 0.5, &objective).unwrap().e;
+    let e = dpo_sam::sam::logits_perturbation(&head, &h, &b.targets, 0.5, &objective)
+        .unwrap()
+        .e;
     let shifted = Var::from_tensor(&(head.weight.detach() + &e).unwrap()).unwrap();
-    let shifted_head = OutputLayer { weight: shifted.as_tensor().clone(), bias: None };
+    let shifted_head = OutputLayer {
+        weight: shifted.as_tensor().clone(),
+        bias: None,
+    };
     let loss = objective(&shifted_head.token_logps(&h, &b.targets, None).unwrap()).unwrap();
-    assert!((loss.to_scalar::<f32>().unwrap() as f64 - sam.loss).abs() < 1e-5, "loss_post differs");
+    assert!(
+        (loss.to_scalar::<f32>().unwrap() as f64 - sam.loss).abs() < 1e-5,
+        "loss_post differs"
+    );
     let store = loss.backward().unwrap();
     for (p, (name, g_sam)) in plain.policy.params.iter().zip(&sam_grads) {
         let mut g = store.get(p.var.as_tensor()).unwrap().clone();
@@ -144,7 +221,15 @@ fn sam_step_gradient_is_the_gradient_at_the_shifted_output_weight() {
         assert!(err < 1e-5 * (1.0 + norm(&g)), "{name}: max abs diff {err}");
     }
     // and it is not the plain gradient
-    let plain_grads = grads_by_name(&plain, plain.micro_step(&b, Some(1.0)).unwrap().grads.as_ref().unwrap());
+    let plain_grads = grads_by_name(
+        &plain,
+        plain
+            .micro_step(&b, Some(1.0))
+            .unwrap()
+            .grads
+            .as_ref()
+            .unwrap(),
+    );
     assert!(max_abs_diff(&plain_grads[0].1, &sam_grads[0].1) > 1e-6);
 }
 
@@ -156,30 +241,71 @@ fn rho_zero_is_exactly_the_plain_step() {
     let a = with.micro_step(&b, Some(1.0)).unwrap();
     let c = without.micro_step(&b, Some(1.0)).unwrap();
     assert_eq!(a.loss, c.loss);
-    for ((name, ga), (_, gc)) in grads_by_name(&with, a.grads.as_ref().unwrap()).iter().zip(grads_by_name(&without, c.grads.as_ref().unwrap())) {
+    for ((name, ga), (_, gc)) in grads_by_name(&with, a.grads.as_ref().unwrap())
+        .iter()
+        .zip(grads_by_name(&without, c.grads.as_ref().unwrap()))
+    {
         assert_eq!(max_abs_diff(ga, &gc), 0.0, "{name}");
     }
 }
 
 #[test]
 fn a_short_run_lowers_the_loss_and_raises_reward_accuracy() {
-    let mut tr = trainer(&["data.builtin_pairs=512", "training.max_steps=60", "training.eval_steps=0"]);
+    let mut tr = trainer(&[
+        "data.builtin_pairs=512",
+        "training.max_steps=60",
+        "training.eval_steps=0",
+    ]);
     let before = tr.evaluate().unwrap();
     let summary = tr.train().unwrap();
     let after = &summary["eval"];
     let get = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap();
-    assert!(get(after, "eval_loss") < get(&before, "eval_loss") - 0.05, "{before} → {after}");
+    assert!(
+        get(after, "eval_loss") < get(&before, "eval_loss") - 0.05,
+        "{before} → {after}"
+    );
     assert!(get(after, "eval_rewards/accuracies") > 0.6, "{after}");
     let metrics = std::fs::read_to_string(tr.cfg.output_dir.join("metrics.jsonl")).unwrap();
-    let lines: Vec<serde_json::Value> = metrics.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    for key in ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected", "sam/loss_pre", "sam/loss_post", "grad_norm", "learning_rate", "tokens_per_second", "step", "epoch"] {
-        let first = lines.iter().find(|l| l.get("loss").is_some()).expect("a training line");
+    let lines: Vec<serde_json::Value> = metrics
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    for key in [
+        "loss",
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/accuracies",
+        "rewards/margins",
+        "logps/chosen",
+        "logps/rejected",
+        "sam/loss_pre",
+        "sam/loss_post",
+        "grad_norm",
+        "learning_rate",
+        "tokens_per_second",
+        "step",
+        "epoch",
+    ] {
+        let first = lines
+            .iter()
+            .find(|l| l.get("loss").is_some())
+            .expect("a training line");
         assert!(first.get(key).is_some(), "metrics line lacks {key}");
     }
     assert_eq!(lines.iter().filter(|l| l.get("loss").is_some()).count(), 60);
     // The saved model reloads to the same weights.
-    let saved = dpo_sam::models::Model::load(&dpo_sam::models::ModelSource::Dir(tr.cfg.output_dir.clone()), false, DType::F32, &tr.device).unwrap();
+    let saved = dpo_sam::models::Model::load(
+        &dpo_sam::models::ModelSource::Dir(tr.cfg.output_dir.clone()),
+        false,
+        DType::F32,
+        &tr.device,
+    )
+    .unwrap();
     let h1 = saved.net.forward_hidden(&batch(&tr, 2).input_ids).unwrap();
-    let h2 = tr.policy.net.forward_hidden(&batch(&tr, 2).input_ids).unwrap();
+    let h2 = tr
+        .policy
+        .net
+        .forward_hidden(&batch(&tr, 2).input_ids)
+        .unwrap();
     assert_eq!(max_abs_diff(&h1, &h2), 0.0);
 }

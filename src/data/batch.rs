@@ -20,7 +20,11 @@ pub struct Truncation {
 
 impl Truncation {
     pub fn from_config(d: &crate::config::DataConfig) -> Self {
-        Self { max_length: d.max_length, max_prompt_length: d.max_prompt_length, keep_start: d.truncation_mode == "keep_start" }
+        Self {
+            max_length: d.max_length,
+            max_prompt_length: d.max_prompt_length,
+            keep_start: d.truncation_mode == "keep_start",
+        }
     }
 }
 
@@ -65,7 +69,11 @@ impl SkipReason {
 }
 
 /// Tokenises one pair, or says why it must be skipped.
-pub fn tokenize_pair(tok: &Tok, pair: &PreferencePair, trunc: &Truncation) -> Result<Result<TokenizedPair, SkipReason>> {
+pub fn tokenize_pair(
+    tok: &Tok,
+    pair: &PreferencePair,
+    trunc: &Truncation,
+) -> Result<Result<TokenizedPair, SkipReason>> {
     if pair.chosen.is_empty() || pair.rejected.is_empty() {
         return Ok(Err(SkipReason::EmptyResponse));
     }
@@ -81,15 +89,25 @@ pub fn tokenize_full(tok: &Tok, pair: &PreferencePair) -> Result<TokenizedPair> 
     let split = |response: &str| -> Result<Sequence> {
         let mut ids = tok.encode(&format!("{}{}", pair.prompt, response))?;
         ids.push(tok.eos_id);
-        let prompt_len = prompt_ids.iter().zip(&ids).take_while(|(a, b)| a == b).count();
+        let prompt_len = prompt_ids
+            .iter()
+            .zip(&ids)
+            .take_while(|(a, b)| a == b)
+            .count();
         Ok(Sequence { ids, prompt_len })
     };
-    Ok(TokenizedPair { chosen: split(&pair.chosen)?, rejected: split(&pair.rejected)? })
+    Ok(TokenizedPair {
+        chosen: split(&pair.chosen)?,
+        rejected: split(&pair.rejected)?,
+    })
 }
 
 /// Applies `trunc` to a pair from [`tokenize_full`].
 pub fn truncate(pair: TokenizedPair, trunc: &Truncation) -> Result<TokenizedPair, SkipReason> {
-    let TokenizedPair { mut chosen, mut rejected } = pair;
+    let TokenizedPair {
+        mut chosen,
+        mut rejected,
+    } = pair;
     let longest = chosen.ids.len().max(rejected.ids.len());
     if longest > trunc.max_length {
         if let Some(max_prompt) = trunc.max_prompt_length {
@@ -112,7 +130,11 @@ fn cut_prompt(seq: &mut Sequence, max_prompt: usize, keep_start: bool) {
         return;
     }
     let drop = seq.prompt_len - max_prompt;
-    let range = if keep_start { max_prompt..seq.prompt_len } else { 0..drop };
+    let range = if keep_start {
+        max_prompt..seq.prompt_len
+    } else {
+        0..drop
+    };
     seq.ids.drain(range);
     seq.prompt_len = max_prompt;
 }
@@ -139,7 +161,11 @@ pub struct PreferenceBatch {
 
 impl PreferenceBatch {
     pub fn new(pairs: &[TokenizedPair], pad_id: u32, device: &Device) -> Result<Self> {
-        let rows: Vec<&Sequence> = pairs.iter().map(|p| &p.chosen).chain(pairs.iter().map(|p| &p.rejected)).collect();
+        let rows: Vec<&Sequence> = pairs
+            .iter()
+            .map(|p| &p.chosen)
+            .chain(pairs.iter().map(|p| &p.rejected))
+            .collect();
         let t = rows.iter().map(|s| s.ids.len()).max().unwrap_or(1);
         let mut ids = vec![pad_id; rows.len() * t];
         let (mut positions, mut targets, mut row_of) = (Vec::new(), Vec::new(), Vec::new());
@@ -174,13 +200,21 @@ mod tests {
     use super::*;
 
     fn pair(p: &str, c: &str, r: &str) -> PreferencePair {
-        PreferencePair { prompt: p.into(), chosen: c.into(), rejected: r.into() }
+        PreferencePair {
+            prompt: p.into(),
+            chosen: c.into(),
+            rejected: r.into(),
+        }
     }
 
     #[test]
     fn responses_follow_the_prompt_and_end_with_eos() -> Result<()> {
         let tok = Tok::builtin()?;
-        let trunc = Truncation { max_length: 64, max_prompt_length: None, keep_start: false };
+        let trunc = Truncation {
+            max_length: 64,
+            max_prompt_length: None,
+            keep_start: false,
+        };
         let tp = tokenize_pair(&tok, &pair("1+2=", "3", "44"), &trunc)?.unwrap();
         assert_eq!(tp.chosen.prompt_len, 4);
         assert_eq!(tp.chosen.ids[4..], [tok.encode("3")?[0], tok.eos_id]);
@@ -198,19 +232,39 @@ mod tests {
     fn truncation_cuts_prompt_first_then_responses() -> Result<()> {
         let tok = Tok::builtin()?;
         let p = pair("abcdefghij", "klmnop", "qr");
-        let keep_end = Truncation { max_length: 8, max_prompt_length: Some(4), keep_start: false };
+        let keep_end = Truncation {
+            max_length: 8,
+            max_prompt_length: Some(4),
+            keep_start: false,
+        };
         let tp = tokenize_pair(&tok, &p, &keep_end)?.unwrap();
         assert_eq!(tok.decode(&tp.chosen.ids[..4])?, "ghij");
         assert_eq!(tp.chosen.ids.len(), 8);
         assert_eq!(tok.decode(&tp.chosen.ids[4..])?, "klmn");
         assert_eq!(tp.rejected.ids.len(), 7);
-        let keep_start = Truncation { keep_start: true, ..keep_end };
+        let keep_start = Truncation {
+            keep_start: true,
+            ..keep_end
+        };
         let tp = tokenize_pair(&tok, &p, &keep_start)?.unwrap();
         assert_eq!(tok.decode(&tp.chosen.ids[..4])?, "abcd");
-        let no_room = Truncation { max_length: 8, max_prompt_length: None, keep_start: false };
-        assert_eq!(tokenize_pair(&tok, &p, &no_room)?, Err(SkipReason::PromptTooLong));
-        assert_eq!(tokenize_pair(&tok, &pair("a", "b", "b"), &no_room)?, Err(SkipReason::IdenticalResponses));
-        assert_eq!(tokenize_pair(&tok, &pair("a", "", "b"), &no_room)?, Err(SkipReason::EmptyResponse));
+        let no_room = Truncation {
+            max_length: 8,
+            max_prompt_length: None,
+            keep_start: false,
+        };
+        assert_eq!(
+            tokenize_pair(&tok, &p, &no_room)?,
+            Err(SkipReason::PromptTooLong)
+        );
+        assert_eq!(
+            tokenize_pair(&tok, &pair("a", "b", "b"), &no_room)?,
+            Err(SkipReason::IdenticalResponses)
+        );
+        assert_eq!(
+            tokenize_pair(&tok, &pair("a", "", "b"), &no_room)?,
+            Err(SkipReason::EmptyResponse)
+        );
         Ok(())
     }
 }

@@ -9,7 +9,11 @@ use rand::{Rng, SeedableRng};
 use std::collections::HashSet;
 
 /// `n_train` training pairs and `n_eval` held-out pairs with prompts disjoint from training.
-pub fn arith(seed: u64, n_train: usize, n_eval: usize) -> (Vec<PreferencePair>, Vec<PreferencePair>) {
+pub fn arith(
+    seed: u64,
+    n_train: usize,
+    n_eval: usize,
+) -> (Vec<PreferencePair>, Vec<PreferencePair>) {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let mut seen = HashSet::new();
     let mut pairs = Vec::with_capacity(n_train + n_eval);
@@ -42,18 +46,27 @@ fn addition(rng: &mut impl Rng) -> PreferencePair {
                 let mut b = s.into_bytes();
                 let n = b.len();
                 b.swap(n - 1, n - 2);
-                String::from_utf8(b).expect("ascii digits").parse().expect("digits")
+                String::from_utf8(b)
+                    .expect("ascii digits")
+                    .parse()
+                    .expect("digits")
             } else {
                 sum + 2
             }
         }
     };
-    PreferencePair { prompt: format!("{a}+{b}="), chosen: sum.to_string(), rejected: wrong.to_string() }
+    PreferencePair {
+        prompt: format!("{a}+{b}="),
+        chosen: sum.to_string(),
+        rejected: wrong.to_string(),
+    }
 }
 
 fn random_word(rng: &mut impl Rng) -> String {
     let len = rng.random_range(3..7);
-    (0..len).map(|_| (b'a' + rng.random_range(0..26u8)) as char).collect()
+    (0..len)
+        .map(|_| (b'a' + rng.random_range(0..26u8)) as char)
+        .collect()
 }
 
 fn sorting(rng: &mut impl Rng) -> PreferencePair {
@@ -76,7 +89,11 @@ fn sorting(rng: &mut impl Rng) -> PreferencePair {
     if rejected == sorted {
         rejected = format!("{sorted}{}", &sorted[..1]);
     }
-    PreferencePair { prompt: format!("sort {word}="), chosen: sorted, rejected }
+    PreferencePair {
+        prompt: format!("sort {word}="),
+        chosen: sorted,
+        rejected,
+    }
 }
 
 fn reversal(rng: &mut impl Rng) -> PreferencePair {
@@ -93,7 +110,11 @@ fn reversal(rng: &mut impl Rng) -> PreferencePair {
     if rejected == reversed {
         rejected = format!("{reversed}{}", &reversed[..1]);
     }
-    PreferencePair { prompt: format!("rev {word}="), chosen: reversed, rejected }
+    PreferencePair {
+        prompt: format!("rev {word}="),
+        chosen: reversed,
+        rejected,
+    }
 }
 
 #[cfg(test)]
@@ -118,7 +139,12 @@ mod tests {
                 let word = word.strip_suffix('=').unwrap();
                 assert_eq!(p.chosen, word.chars().rev().collect::<String>());
             } else {
-                let word = p.prompt.strip_prefix("sort ").unwrap().strip_suffix('=').unwrap();
+                let word = p
+                    .prompt
+                    .strip_prefix("sort ")
+                    .unwrap()
+                    .strip_suffix('=')
+                    .unwrap();
                 let mut v: Vec<char> = word.chars().collect();
                 v.sort_unstable();
                 assert_eq!(p.chosen, v.into_iter().collect::<String>());

@@ -105,14 +105,24 @@ struct Conv1D {
 impl Conv1D {
     fn new(n_in: usize, n_out: usize, std: f64, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
-            weight: vb.get_with_hints((n_in, n_out), "weight", Init::Randn { mean: 0.0, stdev: std })?,
+            weight: vb.get_with_hints(
+                (n_in, n_out),
+                "weight",
+                Init::Randn {
+                    mean: 0.0,
+                    stdev: std,
+                },
+            )?,
             bias: vb.get_with_hints(n_out, "bias", Init::Const(0.0))?,
         })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, t, n_in) = x.dims3()?;
-        let y = x.reshape((b * t, n_in))?.matmul(&self.weight)?.broadcast_add(&self.bias)?;
+        let y = x
+            .reshape((b * t, n_in))?
+            .matmul(&self.weight)?
+            .broadcast_add(&self.bias)?;
         y.reshape((b, t, ()))
     }
 }
@@ -175,12 +185,20 @@ impl Block {
 
     /// With `cache` (the cache and this block's index), keys and values of earlier steps join
     /// this step's.
-    fn forward(&self, x: &Tensor, mask: &Tensor, cache: Option<(&mut KvCache, usize)>) -> Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        mask: &Tensor,
+        cache: Option<(&mut KvCache, usize)>,
+    ) -> Result<Tensor> {
         let (b, t, n) = x.dims3()?;
         let hd = n / self.n_head;
         let qkv = self.c_attn.forward(&self.ln_1.forward(x)?)?;
         let heads = |i: usize| -> Result<Tensor> {
-            qkv.narrow(2, i * n, n)?.reshape((b, t, self.n_head, hd))?.transpose(1, 2)?.contiguous()
+            qkv.narrow(2, i * n, n)?
+                .reshape((b, t, self.n_head, hd))?
+                .transpose(1, 2)?
+                .contiguous()
         };
         let (k, v) = match cache {
             Some((cache, layer)) => cache.append(layer, &heads(1)?, &heads(2)?)?,
@@ -189,7 +207,9 @@ impl Block {
         let y = attention(&heads(0)?, &k, &v, mask)?;
         let y = y.transpose(1, 2)?.reshape((b, t, n))?;
         let x = (x + self.attn_proj.forward(&y)?)?;
-        let h = self.act.apply(&self.c_fc.forward(&self.ln_2.forward(&x)?)?)?;
+        let h = self
+            .act
+            .apply(&self.c_fc.forward(&self.ln_2.forward(&x)?)?)?;
         x + self.mlp_proj.forward(&h)?
     }
 }
@@ -204,23 +224,49 @@ pub struct Gpt2 {
 impl Gpt2 {
     pub fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
         if cfg.n_embd % cfg.n_head != 0 {
-            candle_core::bail!("n_embd {} is not divisible by n_head {}", cfg.n_embd, cfg.n_head);
+            candle_core::bail!(
+                "n_embd {} is not divisible by n_head {}",
+                cfg.n_embd,
+                cfg.n_head
+            );
         }
         if cfg.scale_attn_by_inverse_layer_idx {
             candle_core::bail!("scale_attn_by_inverse_layer_idx = true is not supported");
         }
         // Checkpoints saved by `transformers` sometimes drop the `transformer.` prefix.
-        let vb = if vb.contains_tensor("transformer.wte.weight") || !vb.contains_tensor("wte.weight") {
-            vb.pp("transformer")
-        } else {
-            vb
-        };
+        let vb =
+            if vb.contains_tensor("transformer.wte.weight") || !vb.contains_tensor("wte.weight") {
+                vb.pp("transformer")
+            } else {
+                vb
+            };
         let std = cfg.initializer_range;
-        let wte = vb.get_with_hints((cfg.vocab_size, cfg.n_embd), "wte.weight", Init::Randn { mean: 0.0, stdev: std })?;
-        let wpe = vb.get_with_hints((cfg.n_positions, cfg.n_embd), "wpe.weight", Init::Randn { mean: 0.0, stdev: 0.01 })?;
-        let blocks = (0..cfg.n_layer).map(|i| Block::new(cfg, vb.pp(format!("h.{i}")))).collect::<Result<_>>()?;
+        let wte = vb.get_with_hints(
+            (cfg.vocab_size, cfg.n_embd),
+            "wte.weight",
+            Init::Randn {
+                mean: 0.0,
+                stdev: std,
+            },
+        )?;
+        let wpe = vb.get_with_hints(
+            (cfg.n_positions, cfg.n_embd),
+            "wpe.weight",
+            Init::Randn {
+                mean: 0.0,
+                stdev: 0.01,
+            },
+        )?;
+        let blocks = (0..cfg.n_layer)
+            .map(|i| Block::new(cfg, vb.pp(format!("h.{i}"))))
+            .collect::<Result<_>>()?;
         let ln_f = LayerNorm::new(cfg.n_embd, cfg.layer_norm_epsilon, vb.pp("ln_f"))?;
-        Ok(Self { wte, wpe, blocks, ln_f })
+        Ok(Self {
+            wte,
+            wpe,
+            blocks,
+            ln_f,
+        })
     }
 }
 
@@ -231,7 +277,8 @@ impl CausalLm for Gpt2 {
         if t > max_pos {
             candle_core::bail!("sequence of {t} tokens exceeds n_positions {max_pos}");
         }
-        let tok = candle_nn::Embedding::new(self.wte.clone(), self.wte.dim(1)?).forward(input_ids)?;
+        let tok =
+            candle_nn::Embedding::new(self.wte.clone(), self.wte.dim(1)?).forward(input_ids)?;
         let pos = self.wpe.narrow(0, 0, t)?;
         let mut x = tok.broadcast_add(&pos)?;
         let mask = causal_mask(t, None, x.dtype(), x.device())?;
@@ -241,12 +288,27 @@ impl CausalLm for Gpt2 {
         self.ln_f.forward(&x)
     }
 
-    fn forward_cached(&self, input_ids: &Tensor, attention_mask: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+    fn forward_cached(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
         let (_b, t) = input_ids.dims2()?;
-        let step = Step::new(attention_mask, t, cache.len(), None, self.wte.dtype(), self.wte.device())?;
+        let step = Step::new(
+            attention_mask,
+            t,
+            cache.len(),
+            None,
+            self.wte.dtype(),
+            self.wte.device(),
+        )?;
         let max_pos = self.wpe.dim(0)?;
         if step.max_position >= max_pos {
-            candle_core::bail!("position {} exceeds n_positions {max_pos}", step.max_position);
+            candle_core::bail!(
+                "position {} exceeds n_positions {max_pos}",
+                step.max_position
+            );
         }
         let n = self.wte.dim(1)?;
         let tok = candle_nn::Embedding::new(self.wte.clone(), n).forward(input_ids)?;
@@ -259,6 +321,9 @@ impl CausalLm for Gpt2 {
     }
 
     fn output_layer(&self) -> OutputLayer {
-        OutputLayer { weight: self.wte.clone(), bias: None }
+        OutputLayer {
+            weight: self.wte.clone(),
+            bias: None,
+        }
     }
 }

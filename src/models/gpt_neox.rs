@@ -5,11 +5,11 @@
 //! embeddings on the first `rotary_pct` of each head, LayerNorm with bias, a parallel or
 //! sequential residual, and an untied `embed_out` unless `tie_word_embeddings`.
 
+use super::cache::{KvCache, Step};
 use super::ops::{
     attention, causal_mask, layer_norm, linear, rope_settings, rotary, rotary_tables,
 };
 use super::ops::{Activation, RopeParameters};
-use super::cache::{KvCache, Step};
 use super::CausalLm;
 use crate::output::OutputLayer;
 use candle_core::{Module, Result, Tensor};

@@ -8,11 +8,11 @@
 //! What each family ignores is ignored here too: Llama has no sliding window, and Mistral's
 //! projections never have biases.
 
+use super::cache::{KvCache, Step};
 use super::ops::{
     attention, causal_mask, linear, repeat_kv, rms_norm, rope_settings, rotary, rotary_tables,
 };
 use super::ops::{Activation, RopeParameters};
-use super::cache::{KvCache, Step};
 use super::CausalLm;
 use crate::output::OutputLayer;
 use candle_core::{Module, Result, Tensor};

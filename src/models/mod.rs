@@ -5,8 +5,8 @@
 //! apart ([`crate::output::OutputLayer`]), so that the logits-SAM step can perturb it alone.
 
 pub mod cache;
-pub mod gpt2;
 pub mod fast_ops;
+pub mod gpt2;
 pub mod gpt_neox;
 pub mod mistral;
 pub mod ops;
@@ -52,7 +52,11 @@ pub struct Param {
 pub enum ModelSource {
     /// Random weights from `seed` for a `config.json`: the built-in tiny GPT-2, or
     /// `random:PATH` (a config.json or a directory holding one), e.g. for benchmarks.
-    Random { config: serde_json::Value, seed: u64, dir: Option<PathBuf> },
+    Random {
+        config: serde_json::Value,
+        seed: u64,
+        dir: Option<PathBuf>,
+    },
     /// A Hugging Face-format directory: `config.json` plus safetensors weights.
     Dir(PathBuf),
 }
@@ -67,13 +71,23 @@ impl ModelSource {
             }
             let vocab = crate::tokenizer::Tok::builtin()?.vocab_size();
             let config = serde_json::to_value(gpt2::Config::tiny(builtin, vocab))?;
-            return Ok(ModelSource::Random { config, seed, dir: None });
+            return Ok(ModelSource::Random {
+                config,
+                seed,
+                dir: None,
+            });
         }
         if let Some(path) = spec.strip_prefix("random:") {
             let path = Path::new(path);
-            let (file, dir) = if path.is_dir() { (path.join("config.json"), Some(path.to_path_buf())) } else { (path.to_path_buf(), None) };
-            let text = std::fs::read_to_string(&file).with_context(|| format!("cannot read {}", file.display()))?;
-            let config = serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", file.display()))?;
+            let (file, dir) = if path.is_dir() {
+                (path.join("config.json"), Some(path.to_path_buf()))
+            } else {
+                (path.to_path_buf(), None)
+            };
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("cannot read {}", file.display()))?;
+            let config = serde_json::from_str(&text)
+                .with_context(|| format!("{}: invalid JSON", file.display()))?;
             return Ok(ModelSource::Random { config, seed, dir });
         }
         let path = Path::new(spec);
@@ -86,10 +100,17 @@ impl ModelSource {
             for weights in weight_files_in_hub(&repo)? {
                 repo.get(&weights)?;
             }
-            for optional in ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"] {
+            for optional in [
+                "tokenizer.json",
+                "tokenizer_config.json",
+                "special_tokens_map.json",
+            ] {
                 repo.get_optional(optional);
             }
-            let dir = config.parent().expect("a cached file has a parent").to_path_buf();
+            let dir = config
+                .parent()
+                .expect("a cached file has a parent")
+                .to_path_buf();
             return Ok(ModelSource::Dir(dir));
         }
         bail!("model `{spec}`: not `builtin:tiny-gpt2`, not a directory, and not a Hub repo id (`org/name`)")
@@ -106,7 +127,9 @@ impl ModelSource {
     /// The model's tokenizer: its directory's `tokenizer.json`, else the built-in one.
     pub fn tokenizer(&self) -> Result<crate::tokenizer::Tok> {
         match self.dir() {
-            Some(dir) if dir.join("tokenizer.json").is_file() => crate::tokenizer::Tok::from_dir(dir),
+            Some(dir) if dir.join("tokenizer.json").is_file() => {
+                crate::tokenizer::Tok::from_dir(dir)
+            }
             _ => crate::tokenizer::Tok::builtin(),
         }
     }
@@ -119,7 +142,8 @@ impl ModelSource {
                 let path = dir.join("config.json");
                 let text = std::fs::read_to_string(&path)
                     .with_context(|| format!("cannot read {}", path.display()))?;
-                serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", path.display()))
+                serde_json::from_str(&text)
+                    .with_context(|| format!("{}: invalid JSON", path.display()))
             }
         }
     }
@@ -134,15 +158,20 @@ fn weight_files_in_hub(repo: &crate::hub::HubRepo) -> Result<Vec<String>> {
 
 /// Shard file names listed by a `model.safetensors.index.json`.
 fn shard_names(index: &Path) -> Result<std::collections::BTreeSet<String>> {
-    let text = std::fs::read_to_string(index).with_context(|| format!("cannot read {}", index.display()))?;
-    let json: serde_json::Value =
-        serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", index.display()))?;
+    let text = std::fs::read_to_string(index)
+        .with_context(|| format!("cannot read {}", index.display()))?;
+    let json: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{}: invalid JSON", index.display()))?;
     let map = json
         .get("weight_map")
         .and_then(|m| m.as_object())
         .ok_or_else(|| anyhow!("{}: expected a `weight_map` object", index.display()))?;
     map.values()
-        .map(|v| v.as_str().map(str::to_string).ok_or_else(|| anyhow!("{}: weight_map values must be file names", index.display())))
+        .map(|v| {
+            v.as_str()
+                .map(str::to_string)
+                .ok_or_else(|| anyhow!("{}: weight_map values must be file names", index.display()))
+        })
         .collect()
 }
 
@@ -155,7 +184,10 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     }
     let index = dir.join("model.safetensors.index.json");
     if index.is_file() {
-        return Ok(shard_names(&index)?.into_iter().map(|n| dir.join(n)).collect());
+        return Ok(shard_names(&index)?
+            .into_iter()
+            .map(|n| dir.join(n))
+            .collect());
     }
     bail!(
         "{}: no model.safetensors or model.safetensors.index.json (only safetensors weights are supported)",
@@ -173,10 +205,17 @@ pub struct Model {
 impl Model {
     /// Builds the architecture named by `config.json`'s `model_type`. With `trainable`, every
     /// weight becomes a [`Var`]; otherwise weights are plain tensors and record no graph.
-    pub fn load(source: &ModelSource, trainable: bool, dtype: DType, device: &Device) -> Result<Model> {
+    pub fn load(
+        source: &ModelSource,
+        trainable: bool,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Model> {
         let config_json = source.config_json()?;
         let (weights, origin) = match source {
-            ModelSource::Random { seed, .. } => (Weights::Seeded(*seed), "random initialisation".to_string()),
+            ModelSource::Random { seed, .. } => {
+                (Weights::Seeded(*seed), "random initialisation".to_string())
+            }
             ModelSource::Dir(dir) => {
                 let files = weight_files(dir)?;
                 for f in &files {
@@ -190,17 +229,38 @@ impl Model {
                 (Weights::Files(st), dir.display().to_string())
             }
         };
-        let loader = Loader { weights, trainable, origin, params: Mutex::new(Vec::new()), seen: Mutex::new(HashMap::new()) };
-        let net = build_net(&config_json, VarBuilder::from_backend(Box::new(&loader), dtype, device.clone()))
-            .map_err(|e| anyhow!("loading weights from {}: {e:#}", loader.origin))?;
+        let loader = Loader {
+            weights,
+            trainable,
+            origin,
+            params: Mutex::new(Vec::new()),
+            seen: Mutex::new(HashMap::new()),
+        };
+        let net = build_net(
+            &config_json,
+            VarBuilder::from_backend(Box::new(&loader), dtype, device.clone()),
+        )
+        .map_err(|e| anyhow!("loading weights from {}: {e:#}", loader.origin))?;
         let params = loader.params.into_inner().expect("loader lock poisoned");
-        Ok(Model { net, params, config_json })
+        Ok(Model {
+            net,
+            params,
+            config_json,
+        })
     }
 
     /// The current weights by Hugging Face name (tied weights appear once); the f32 masters
     /// under mixed precision.
     pub fn named_tensors(&self) -> HashMap<String, Tensor> {
-        self.params.iter().map(|p| (p.name.clone(), p.master.as_ref().unwrap_or(&p.var).as_tensor().clone())).collect()
+        self.params
+            .iter()
+            .map(|p| {
+                (
+                    p.name.clone(),
+                    p.master.as_ref().unwrap_or(&p.var).as_tensor().clone(),
+                )
+            })
+            .collect()
     }
 
     /// Mixed precision: the same trainable model computing in `compute` dtype, with the current
@@ -218,17 +278,28 @@ impl Model {
             params: Mutex::new(Vec::new()),
             seen: Mutex::new(HashMap::new()),
         };
-        let net = build_net(&self.config_json, VarBuilder::from_backend(Box::new(&loader), compute, device.clone()))?;
+        let net = build_net(
+            &self.config_json,
+            VarBuilder::from_backend(Box::new(&loader), compute, device.clone()),
+        )?;
         let mut params = loader.params.into_inner().expect("loader lock poisoned");
         for p in &mut params {
             p.master = Some(Var::from_tensor(&masters[&p.name])?);
         }
-        Ok(Model { net, params, config_json: self.config_json })
+        Ok(Model {
+            net,
+            params,
+            config_json: self.config_json,
+        })
     }
 
     /// A frozen copy of the current weights (for the reference model): same values, no graph.
     pub fn frozen_copy(&self, device: &Device) -> Result<Model> {
-        let dtype = self.params.first().map(|p| p.var.dtype()).unwrap_or(DType::F32);
+        let dtype = self
+            .params
+            .first()
+            .map(|p| p.var.dtype())
+            .unwrap_or(DType::F32);
         let tensors = self
             .params
             .iter()
@@ -241,8 +312,15 @@ impl Model {
             params: Mutex::new(Vec::new()),
             seen: Mutex::new(HashMap::new()),
         };
-        let net = build_net(&self.config_json, VarBuilder::from_backend(Box::new(&loader), dtype, device.clone()))?;
-        Ok(Model { net, params: Vec::new(), config_json: self.config_json.clone() })
+        let net = build_net(
+            &self.config_json,
+            VarBuilder::from_backend(Box::new(&loader), dtype, device.clone()),
+        )?;
+        Ok(Model {
+            net,
+            params: Vec::new(),
+            config_json: self.config_json.clone(),
+        })
     }
 }
 
@@ -256,20 +334,29 @@ pub fn param_shapes(config_json: &serde_json::Value) -> Result<Vec<(String, Vec<
         params: Mutex::new(Vec::new()),
         seen: Mutex::new(HashMap::new()),
     };
-    build_net(config_json, VarBuilder::from_backend(Box::new(&loader), DType::F32, Device::Cpu))?;
+    build_net(
+        config_json,
+        VarBuilder::from_backend(Box::new(&loader), DType::F32, Device::Cpu),
+    )?;
     let seen = loader.seen.into_inner().expect("loader lock poisoned");
-    let mut shapes: Vec<(String, Vec<usize>)> = seen.into_iter().map(|(n, t)| (n, t.dims().to_vec())).collect();
+    let mut shapes: Vec<(String, Vec<usize>)> = seen
+        .into_iter()
+        .map(|(n, t)| (n, t.dims().to_vec()))
+        .collect();
     shapes.sort();
     Ok(shapes)
 }
 
 /// Builds the architecture that `config.json`'s `model_type` names.
 fn build_net(config_json: &serde_json::Value, vb: VarBuilder) -> Result<Box<dyn CausalLm>> {
-    let model_type = config_json.get("model_type").and_then(|v| v.as_str()).unwrap_or("");
+    let model_type = config_json
+        .get("model_type")
+        .and_then(|v| v.as_str())
+        .unwrap_or("");
     Ok(match model_type {
         "gpt2" => {
-            let cfg: gpt2::Config =
-                serde_json::from_value(config_json.clone()).context("config.json does not describe a GPT-2 model")?;
+            let cfg: gpt2::Config = serde_json::from_value(config_json.clone())
+                .context("config.json does not describe a GPT-2 model")?;
             Box::new(gpt2::Gpt2::new(&cfg, vb)?)
         }
         "gpt_neox" => {
@@ -282,7 +369,10 @@ fn build_net(config_json: &serde_json::Value, vb: VarBuilder) -> Result<Box<dyn 
                 .with_context(|| format!("config.json does not describe a {model_type} model"))?;
             Box::new(mistral::Mistral::new(&cfg, vb)?)
         }
-        other => bail!("unsupported model_type `{other}` in config.json; supported: {}", SUPPORTED.join(", ")),
+        other => bail!(
+            "unsupported model_type `{other}` in config.json; supported: {}",
+            SUPPORTED.join(", ")
+        ),
     })
 }
 
@@ -308,21 +398,32 @@ struct Loader {
 }
 
 impl Loader {
-    fn fetch(&self, shape: Option<&Shape>, name: &str, init: Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+    fn fetch(
+        &self,
+        shape: Option<&Shape>,
+        name: &str,
+        init: Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
         if let Some(t) = self.seen.lock().expect("loader lock").get(name) {
             return Ok(t.clone());
         }
         let raw = match &self.weights {
             Weights::Shapes => {
-                let shape = shape.ok_or_else(|| candle_core::Error::Msg(format!("no shape for `{name}`")))?;
+                let shape = shape
+                    .ok_or_else(|| candle_core::Error::Msg(format!("no shape for `{name}`")))?;
                 Tensor::zeros((), DType::F32, dev)?.broadcast_as(shape.clone())?
             }
             Weights::Seeded(seed) => {
-                let shape = shape.ok_or_else(|| candle_core::Error::Msg(format!("no shape for `{name}`")))?;
+                let shape = shape
+                    .ok_or_else(|| candle_core::Error::Msg(format!("no shape for `{name}`")))?;
                 seeded_init(*seed, name, shape, init, dev)?
             }
             Weights::Files(st) => st.load(name, dev).map_err(|_| {
-                candle_core::Error::Msg(format!("tensor `{name}` is missing from the safetensors files"))
+                candle_core::Error::Msg(format!(
+                    "tensor `{name}` is missing from the safetensors files"
+                ))
             })?,
             Weights::Tensors(map) => map
                 .get(name)
@@ -342,15 +443,29 @@ impl Loader {
         if self.trainable {
             let var = Var::from_tensor(&tensor)?;
             tensor = var.as_tensor().clone();
-            self.params.lock().expect("loader lock").push(Param { name: name.to_string(), var, master: None });
+            self.params.lock().expect("loader lock").push(Param {
+                name: name.to_string(),
+                var,
+                master: None,
+            });
         }
-        self.seen.lock().expect("loader lock").insert(name.to_string(), tensor.clone());
+        self.seen
+            .lock()
+            .expect("loader lock")
+            .insert(name.to_string(), tensor.clone());
         Ok(tensor)
     }
 }
 
 impl SimpleBackend for &Loader {
-    fn get(&self, s: Shape, name: &str, h: Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        h: Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
         self.fetch(Some(&s), name, h, dtype, dev)
     }
 
@@ -368,23 +483,37 @@ impl SimpleBackend for &Loader {
 }
 
 /// Deterministic initialisation from (seed, tensor name), independent of creation order.
-fn seeded_init(seed: u64, name: &str, shape: &Shape, init: Init, dev: &Device) -> candle_core::Result<Tensor> {
+fn seeded_init(
+    seed: u64,
+    name: &str,
+    shape: &Shape,
+    init: Init,
+    dev: &Device,
+) -> candle_core::Result<Tensor> {
     let n = shape.elem_count();
     let data: Vec<f32> = match init {
         Init::Const(v) => vec![v as f32; n],
         Init::Randn { mean, stdev } => {
             // FNV-1a keeps the per-tensor stream stable across runs and platforms.
-            let h = name.bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3));
+            let h = name.bytes().fold(0xcbf29ce484222325u64, |h, b| {
+                (h ^ b as u64).wrapping_mul(0x100000001b3)
+            });
             let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ h);
             (0..n)
                 .map(|_| {
                     let u1: f64 = rng.random::<f64>().max(f64::MIN_POSITIVE);
                     let u2: f64 = rng.random();
-                    (mean + stdev * (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
+                    (mean
+                        + stdev * (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos())
+                        as f32
                 })
                 .collect()
         }
-        other => return Err(candle_core::Error::Msg(format!("unsupported init {other:?} for `{name}`"))),
+        other => {
+            return Err(candle_core::Error::Msg(format!(
+                "unsupported init {other:?} for `{name}`"
+            )))
+        }
     };
     Tensor::from_vec(data, shape.clone(), dev)
 }

@@ -50,13 +50,20 @@ pub fn layer_norm(xs: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resu
 }
 
 /// LayerNorm as a composition (statistics in [`accum_dtype`]).
-pub fn layer_norm_composed(xs: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+pub fn layer_norm_composed(
+    xs: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+) -> Result<Tensor> {
     let dtype = xs.dtype();
     let xs = xs.to_dtype(accum_dtype(dtype))?;
     let mean = xs.mean_keepdim(D::Minus1)?;
     let centered = xs.broadcast_sub(&mean)?;
     let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
-    let normed = centered.broadcast_div(&(var + eps)?.sqrt()?)?.to_dtype(dtype)?;
+    let normed = centered
+        .broadcast_div(&(var + eps)?.sqrt()?)?
+        .to_dtype(dtype)?;
     normed.broadcast_mul(weight)?.broadcast_add(bias)
 }
 
@@ -111,7 +118,8 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Te
 pub fn attention_composed(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Tensor> {
     let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
     let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(mask)?;
-    let probs = softmax_last_dim_composed(&scores.to_dtype(accum_dtype(scores.dtype()))?)?.to_dtype(v.dtype())?;
+    let probs = softmax_last_dim_composed(&scores.to_dtype(accum_dtype(scores.dtype()))?)?
+        .to_dtype(v.dtype())?;
     probs.matmul(v)
 }
 
@@ -284,9 +292,24 @@ mod tests {
         let diff = |a: &Tensor, b: &Tensor| -> Result<f32> {
             (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
         };
-        assert!(diff(&softmax_last_dim(&x)?, &candle_nn::ops::softmax_last_dim(&x)?)? < 1e-6);
-        assert!(diff(&layer_norm(&x, &w, &b, 1e-5)?, &candle_nn::ops::layer_norm(&x, &w, &b, 1e-5)?)? < 1e-5);
-        assert!(diff(&rms_norm(&x, &w, 1e-5)?, &candle_nn::ops::rms_norm(&x, &w, 1e-5)?)? < 1e-5);
+        assert!(
+            diff(
+                &softmax_last_dim(&x)?,
+                &candle_nn::ops::softmax_last_dim(&x)?
+            )? < 1e-6
+        );
+        assert!(
+            diff(
+                &layer_norm(&x, &w, &b, 1e-5)?,
+                &candle_nn::ops::layer_norm(&x, &w, &b, 1e-5)?
+            )? < 1e-5
+        );
+        assert!(
+            diff(
+                &rms_norm(&x, &w, 1e-5)?,
+                &candle_nn::ops::rms_norm(&x, &w, 1e-5)?
+            )? < 1e-5
+        );
         let ls = log_softmax_last_dim(&x)?;
         assert!(diff(&ls.exp()?, &softmax_last_dim(&x)?)? < 1e-6);
         Ok(())

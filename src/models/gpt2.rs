@@ -4,7 +4,8 @@
 //! projections stored `[in, out]` (so y = x W + b, no transpose), and `lm_head` tied to `wte`.
 
 use super::cache::{KvCache, Step};
-use super::ops::{attention, causal_mask, layer_norm};
+use super::ops::LayerNorm;
+use super::ops::{attention, causal_mask};
 use super::CausalLm;
 use crate::output::OutputLayer;
 use candle_core::{Module, Result, Tensor};
@@ -73,26 +74,6 @@ impl Config {
             eos_token_id: Some(0),
             initializer_range: std_init(),
         }
-    }
-}
-
-struct LayerNorm {
-    weight: Tensor,
-    bias: Tensor,
-    eps: f64,
-}
-
-impl LayerNorm {
-    fn new(n: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
-        Ok(Self {
-            weight: vb.get_with_hints(n, "weight", Init::Const(1.0))?,
-            bias: vb.get_with_hints(n, "bias", Init::Const(0.0))?,
-            eps,
-        })
-    }
-
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        layer_norm(x, &self.weight, &self.bias, self.eps)
     }
 }
 

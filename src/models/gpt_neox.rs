@@ -6,9 +6,8 @@
 //! sequential residual, and an untied `embed_out` unless `tie_word_embeddings`.
 
 use super::cache::{KvCache, Step};
-use super::ops::{
-    attention, causal_mask, layer_norm, linear, rope_settings, rotary, rotary_tables,
-};
+use super::ops::LayerNorm;
+use super::ops::{attention, causal_mask, linear, rope_settings, rotary, rotary_tables};
 use super::ops::{Activation, RopeParameters};
 use super::CausalLm;
 use crate::output::OutputLayer;
@@ -63,26 +62,6 @@ fn yes() -> bool {
 }
 fn std_init() -> f64 {
     0.02
-}
-
-struct LayerNorm {
-    weight: Tensor,
-    bias: Tensor,
-    eps: f64,
-}
-
-impl LayerNorm {
-    fn new(n: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
-        Ok(Self {
-            weight: vb.get_with_hints(n, "weight", Init::Const(1.0))?,
-            bias: vb.get_with_hints(n, "bias", Init::Const(0.0))?,
-            eps,
-        })
-    }
-
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        layer_norm(x, &self.weight, &self.bias, self.eps)
-    }
 }
 
 struct Layer {

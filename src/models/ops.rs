@@ -6,6 +6,7 @@
 
 use super::fast_ops;
 use candle_core::{DType, Result, Tensor, D};
+use candle_nn::{Init, VarBuilder};
 
 /// The dtype to do reductions in: f32 for half-precision inputs (as PyTorch upcasts), else the
 /// input's own (so f64 gradient checks stay f64).
@@ -275,6 +276,27 @@ impl Activation {
             Self::Relu => x.relu(),
             Self::Silu => x.silu(),
         }
+    }
+}
+
+/// LayerNorm with weight and bias, from the differentiable [`layer_norm`].
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    pub fn new(n: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get_with_hints(n, "weight", Init::Const(1.0))?,
+            bias: vb.get_with_hints(n, "bias", Init::Const(0.0))?,
+            eps,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        layer_norm(x, &self.weight, &self.bias, self.eps)
     }
 }
 

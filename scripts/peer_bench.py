@@ -105,7 +105,8 @@ def trl_step(args):
     tok = PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="t0", eos_token="t0", unk_token="t1")
     gen = torch.Generator().manual_seed(0)
     words = lambda n: " ".join(f"t{i}" for i in torch.randint(2, VOCAB, (n,), generator=gen).tolist())
-    rows = [{"prompt": words(1), "chosen": words(args.seq_len - 1), "rejected": words(args.seq_len - 1)}
+    # Completions start with a space so that the prompt's one token stays a prefix.
+    rows = [{"prompt": words(1), "chosen": " " + words(args.seq_len - 1), "rejected": " " + words(args.seq_len - 1)}
             for _ in range(args.pairs)]
     steps = args.steps + 1
     data = Dataset.from_list(rows * steps)
@@ -127,7 +128,9 @@ def trl_step(args):
         report_to=[], use_cpu=True, max_length=None, dataloader_num_workers=0,
     )
     torch.manual_seed(0)
-    trainer = trl.DPOTrainer(model=GPTNeoXForCausalLM(config(args.shape)).float(), args=cfg,
+    model = GPTNeoXForCausalLM(config(args.shape)).float()
+    # Passed explicitly: TRL would otherwise reload the reference from the (absent) Hub name.
+    trainer = trl.DPOTrainer(model=model, ref_model=copy.deepcopy(model), args=cfg,
                              train_dataset=data, processing_class=tok, callbacks=[clock])
     trainer.train()
     return {"median_s": statistics.median(clock.times[1:]), "version": trl.__version__}

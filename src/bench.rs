@@ -1,7 +1,8 @@
 //! `dpo-sam bench`: times training steps — plain DPO, logits-SAM and full SAM — interleaved in one
 //! process on one fixed batch with random weights, and prints medians, ratios to plain, the
 //! logits-SAM FLOP bound 1 + ⅔ × (lm_head's share of the linear-layer work), achieved GFLOP/s and
-//! the share of a matmul peak measured on the spot.
+//! the share of a matmul peak measured on the spot; and the first step's measured memory beside
+//! the `--dry-run` plan's estimate of it.
 
 use crate::config::Config;
 use crate::data::batch::{PreferenceBatch, Sequence, TokenizedPair};
@@ -38,6 +39,9 @@ pub struct BenchArgs {
     /// `no` or `bf16`: as `training.mixed_precision` (f32 weights otherwise).
     #[arg(long, default_value = "no")]
     pub mixed_precision: String,
+    /// Activation checkpointing per block, as `training.gradient_checkpointing`.
+    #[arg(long)]
+    pub gradient_checkpointing: bool,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -94,6 +98,19 @@ pub fn run(args: BenchArgs) -> Result<()> {
         );
     }
     println!("peak resident memory: {} MiB", report["peak_rss_mib"]);
+    let m = &report["memory"];
+    let mib = |k: &str| m[k].as_f64().unwrap_or(f64::NAN);
+    println!(
+        "first plain step: +{} MiB resident (measured), plan {:.1} MiB = activations {:.1} (gradient checkpointing {}) + gradients {:.1} + logits {:.1}; activations {:.1} MiB without checkpointing, {:.1} with",
+        m["step_increase_mib"].as_f64().map(|v| format!("{v:.1}")).unwrap_or_else(|| "?".into()),
+        mib("plan_step_mib"),
+        mib("plan_activations_mib"),
+        if args.gradient_checkpointing { "on" } else { "off" },
+        mib("plan_gradients_mib"),
+        mib("plan_logits_mib"),
+        mib("plan_activations_without_checkpointing_mib"),
+        mib("plan_activations_with_checkpointing_mib"),
+    );
     Ok(())
 }
 
@@ -134,12 +151,13 @@ pub fn bench(args: &BenchArgs) -> Result<serde_json::Value> {
     };
     let toml = format!(
         "output_dir = {out:?}\ndevice = {dev:?}\n[model]\nname_or_path = {model:?}\n[model.builtin]\nn_layer = 2\nn_head = 4\nn_embd = 64\nn_positions = {pos}\n\
-         [data]\ntrain = \"builtin:arith\"\nbuiltin_pairs = 8\n[training]\nlearning_rate = 1e-6\nbatch_size = {pairs}\nmixed_precision = {mp:?}\n[sam]\nkind = \"logits\"\nrho = 0.05\n",
+         [data]\ntrain = \"builtin:arith\"\nbuiltin_pairs = 8\n[training]\nlearning_rate = 1e-6\nbatch_size = {pairs}\nmixed_precision = {mp:?}\ngradient_checkpointing = {gc}\n[sam]\nkind = \"logits\"\nrho = 0.05\n",
         out = scratch.path().display().to_string(),
         dev = args.device,
         pos = args.seq_len.max(64),
         pairs = args.pairs,
         mp = args.mixed_precision,
+        gc = args.gradient_checkpointing,
     );
     let cfg = Config::parse(&toml, "bench", &[])?;
     let mut trainer = Trainer::new(cfg)?;
@@ -187,6 +205,8 @@ pub fn bench(args: &BenchArgs) -> Result<serde_json::Value> {
     // policy forward + backward (≈ 3 forwards) and the reference forward
     let plain_flops = 4.0 * forward;
     let extra_logits_sam = 2.0 * 2.0 * head_params as f64 * scored;
+
+    let memory = step_memory(&mut trainer, &batch, args)?;
 
     let mut times: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
     for round in 0..=args.steps {
@@ -252,6 +272,58 @@ pub fn bench(args: &BenchArgs) -> Result<serde_json::Value> {
         "matmul_peak_gflops": peak,
         "variants": rows,
         "peak_rss_mib": peak_rss_mib(),
+        "memory": memory,
+    }))
+}
+
+/// The first plain step's peak resident memory over what was resident before it (measured
+/// first, before the optimiser state exists and before freed memory lingers in the allocator),
+/// beside the plan's estimate of the same: activations + f32 gradients + logits.
+fn step_memory(
+    trainer: &mut Trainer,
+    batch: &PreferenceBatch,
+    args: &BenchArgs,
+) -> Result<serde_json::Value> {
+    const MIB: f64 = 1024.0 * 1024.0;
+    let half = args.mixed_precision == "bf16";
+    let acts = crate::plan::activations(
+        &trainer.policy.config_json,
+        2 * args.pairs,
+        args.seq_len,
+        if half { 2.0 } else { 4.0 },
+        trainer.device.is_cpu() && !half,
+    )?;
+    let params: usize = trainer
+        .policy
+        .params
+        .iter()
+        .map(|p| p.var.elem_count())
+        .sum();
+    let vocab = trainer.policy.net.output_layer().vocab_size()?;
+    let logits = crate::plan::logits_bytes(2 * args.pairs * args.seq_len, vocab);
+    let activations = acts.total(args.gradient_checkpointing);
+    let before = proc_status_kib("VmRSS:");
+    // Linux ≥ 4.0: writing 5 resets the peak (VmHWM) to the current resident size.
+    let reset = std::fs::write("/proc/self/clear_refs", "5").is_ok();
+    let kind = std::mem::replace(&mut trainer.cfg.sam.kind, "none".into());
+    let step = trainer.micro_step(batch, Some(1.0)).map(drop);
+    trainer.cfg.sam.kind = kind;
+    step?;
+    let measured = match (reset, before, proc_status_kib("VmHWM:")) {
+        (true, Some(b), Some(p)) if trainer.device.is_cpu() => {
+            Some((p.saturating_sub(b)) as f64 / 1024.0)
+        }
+        _ => None,
+    };
+    Ok(json!({
+        "gradient_checkpointing": args.gradient_checkpointing,
+        "step_increase_mib": measured,
+        "plan_step_mib": (activations + 4.0 * params as f64 + logits) / MIB,
+        "plan_activations_mib": activations / MIB,
+        "plan_activations_without_checkpointing_mib": acts.total(false) / MIB,
+        "plan_activations_with_checkpointing_mib": acts.total(true) / MIB,
+        "plan_gradients_mib": 4.0 * params as f64 / MIB,
+        "plan_logits_mib": logits / MIB,
     }))
 }
 
@@ -297,8 +369,12 @@ fn matmul_peak_gflops(device: &Device) -> Result<f64> {
 
 /// Peak resident set size of this process (Linux), in MiB.
 pub fn peak_rss_mib() -> Option<u64> {
+    proc_status_kib("VmHWM:").map(|kib| kib / 1024)
+}
+
+/// A `/proc/self/status` field in KiB (Linux).
+fn proc_status_kib(key: &str) -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib / 1024)
+    let line = status.lines().find(|l| l.starts_with(key))?;
+    line.split_whitespace().nth(1)?.parse().ok()
 }

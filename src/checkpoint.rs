@@ -16,26 +16,156 @@ use crate::models::Model;
 use crate::tokenizer::Tok;
 use crate::train::{DataCursor, Trainer};
 use anyhow::{anyhow, bail, Context, Result};
+use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-/// Writes the model's current weights (HF tensor names, tied weights once), its `config.json`
-/// and the tokenizer into `dir`. Each file goes to a temporary name first and is renamed into
-/// place, so an interrupted save never leaves a truncated file under the final name.
-pub fn save_model(model: &Model, tok: &Tok, dir: &Path) -> Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let tensors = model.named_tensors();
-    let tmp = dir.join("model.safetensors.tmp");
-    candle_core::safetensors::save(&tensors, &tmp)
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, dir.join("model.safetensors"))?;
-    let config = serde_json::to_string_pretty(&model.config_json)?;
-    std::fs::write(dir.join("config.json"), config)
-        .with_context(|| format!("cannot write config.json in {}", dir.display()))?;
+/// How models are written: weight dtype and shard size (`training.save_dtype`,
+/// `training.max_shard_size`).
+#[derive(Debug, Clone, Copy)]
+pub struct SaveOptions {
+    /// `None` keeps each weight's own dtype (f32 masters under mixed precision).
+    pub dtype: Option<DType>,
+    pub max_shard_size: u64,
+}
+
+impl SaveOptions {
+    pub fn from_config(t: &crate::config::TrainingConfig) -> Result<SaveOptions> {
+        let dtype = match t.save_dtype.as_str() {
+            "auto" => None,
+            other => Some(crate::models::parse_dtype(other)?),
+        };
+        Ok(SaveOptions {
+            dtype,
+            max_shard_size: crate::config::parse_size(&t.max_shard_size)?,
+        })
+    }
+}
+
+/// Writes the model's current weights (HF tensor names, tied weights once) in the chosen dtype,
+/// as `model.safetensors` or, above `max_shard_size`, as `model-0000i-of-0000n.safetensors`
+/// shards with `model.safetensors.index.json` (the layout `save_pretrained` writes); its
+/// `config.json` with `torch_dtype` set to match; and the tokenizer. Each file goes to a
+/// temporary name first and is renamed into place, so an interrupted save never leaves a
+/// truncated file under a final name; weight files of an earlier save in `dir` that the new
+/// layout does not use are removed last, so that loaders never mix the two.
+pub fn save_model(model: &Model, tok: &Tok, dir: &Path, opts: &SaveOptions) -> Result<()> {
+    save_weights(model, dir, opts)?;
     tok.save(dir)
+}
+
+/// [`save_model`] without the tokenizer: weights, index and `config.json`.
+pub fn save_weights(model: &Model, dir: &Path, opts: &SaveOptions) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let weights: Vec<(&str, &Tensor)> = model
+        .params
+        .iter()
+        .map(|p| {
+            (
+                p.name.as_str(),
+                p.master.as_ref().unwrap_or(&p.var).as_tensor(),
+            )
+        })
+        .collect();
+    let saved_dtype = |t: &Tensor| opts.dtype.unwrap_or(t.dtype());
+    // Greedy in parameter order, like `transformers`: a shard closes when the next tensor would
+    // overflow it; a tensor larger than the limit gets a shard of its own.
+    let mut shards: Vec<Vec<(&str, &Tensor)>> = vec![Vec::new()];
+    let mut size = 0u64;
+    let mut total = 0u64;
+    for &(name, t) in &weights {
+        let bytes = (t.elem_count() * saved_dtype(t).size_in_bytes()) as u64;
+        if size > 0 && size + bytes > opts.max_shard_size {
+            shards.push(Vec::new());
+            size = 0;
+        }
+        shards
+            .last_mut()
+            .expect("one shard at least")
+            .push((name, t));
+        size += bytes;
+        total += bytes;
+    }
+    let n = shards.len();
+    let file_name = |i: usize| {
+        if n == 1 {
+            MODEL.to_string()
+        } else {
+            format!("model-{:05}-of-{n:05}.safetensors", i + 1)
+        }
+    };
+    let mut weight_map = BTreeMap::new();
+    for (i, shard) in shards.iter().enumerate() {
+        let name = file_name(i);
+        // One shard converted at a time: a bf16 save of f32 weights holds one shard's copy.
+        let tensors = shard
+            .iter()
+            .map(|&(k, t)| Ok((k.to_string(), t.to_dtype(saved_dtype(t))?)))
+            .collect::<Result<HashMap<String, Tensor>>>()?;
+        let tmp = dir.join(format!("{name}.tmp"));
+        candle_core::safetensors::save(&tensors, &tmp)
+            .with_context(|| format!("cannot write {}", tmp.display()))?;
+        std::fs::rename(&tmp, dir.join(&name))
+            .with_context(|| format!("cannot rename {} into place", tmp.display()))?;
+        weight_map.extend(shard.iter().map(|&(k, _)| (k.to_string(), name.clone())));
+    }
+    let mut keep: Vec<String> = (0..n).map(file_name).collect();
+    if n > 1 {
+        let index = serde_json::json!({
+            "metadata": { "total_size": total },
+            "weight_map": weight_map,
+        });
+        write_renamed(
+            &dir.join(INDEX),
+            serde_json::to_string_pretty(&index)?.as_bytes(),
+        )?;
+        keep.push(INDEX.to_string());
+    }
+    for entry in std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))? {
+        let name = entry?.file_name().to_string_lossy().into_owned();
+        let weights_file =
+            name == INDEX || (name.starts_with("model") && name.ends_with(".safetensors"));
+        if weights_file && !keep.contains(&name) {
+            let stale = dir.join(&name);
+            std::fs::remove_file(&stale)
+                .with_context(|| format!("cannot remove stale {}", stale.display()))?;
+        }
+    }
+
+    let mut config = model.config_json.clone();
+    if let (Some(obj), Some(d)) = (config.as_object_mut(), weights.first()) {
+        let key = if obj.contains_key("dtype") {
+            "dtype"
+        } else {
+            "torch_dtype"
+        };
+        obj.insert(key.into(), torch_dtype_name(saved_dtype(d.1)).into());
+    }
+    write_renamed(
+        &dir.join("config.json"),
+        serde_json::to_string_pretty(&config)?.as_bytes(),
+    )
+}
+
+/// `transformers`' name of a dtype, as `config.json`'s `torch_dtype` holds it.
+fn torch_dtype_name(d: DType) -> &'static str {
+    match d {
+        DType::BF16 => "bfloat16",
+        DType::F16 => "float16",
+        DType::F64 => "float64",
+        _ => "float32",
+    }
+}
+
+/// Writes `path` through a temporary name.
+fn write_renamed(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    write_file(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("cannot rename {} into place", tmp.display()))
 }
 
 /// `trainer_state.json`: everything besides tensors that the loop needs to continue.
@@ -83,6 +213,10 @@ const STATE: &str = "trainer_state.json";
 const OPTIMIZER: &str = "optimizer.safetensors";
 const CONFIG: &str = "config.toml";
 const MODEL: &str = "model.safetensors";
+const INDEX: &str = "model.safetensors.index.json";
+/// Full-precision weights, written only when `save_dtype` rounds the model's weights, so that
+/// resuming stays exact.
+const EXACT_WEIGHTS: &str = "exact_weights.safetensors";
 
 /// The directory name of the checkpoint after `step` optimiser steps.
 pub fn dir_name(step: usize) -> String {
@@ -131,7 +265,26 @@ pub fn save(trainer: &Trainer, out_dir: &Path) -> Result<PathBuf> {
 fn write_tmp(trainer: &Trainer, tmp: &Path) -> Result<()> {
     remove_path(tmp)?;
     std::fs::create_dir_all(tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-    save_model(&trainer.policy, &trainer.tok, tmp)?;
+    let opts = SaveOptions::from_config(&trainer.cfg.training)?;
+    save_model(&trainer.policy, &trainer.tok, tmp, &opts)?;
+    let rounded: HashMap<String, Tensor> = trainer
+        .policy
+        .params
+        .iter()
+        .map(|p| {
+            (
+                p.name.clone(),
+                p.master.as_ref().unwrap_or(&p.var).as_tensor(),
+            )
+        })
+        .filter(|(_, t)| opts.dtype.is_some_and(|d| d != t.dtype()))
+        .map(|(k, t)| (k, t.clone()))
+        .collect();
+    if !rounded.is_empty() {
+        let path = tmp.join(EXACT_WEIGHTS);
+        candle_core::safetensors::save(&rounded, &path)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
     let opt = tmp.join(OPTIMIZER);
     candle_core::safetensors::save(
         &trainer.optimizer.state_tensors(&trainer.policy.params)?,
@@ -141,7 +294,7 @@ fn write_tmp(trainer: &Trainer, tmp: &Path) -> Result<()> {
     let s = &trainer.schedule;
     let state = TrainerState {
         step: trainer.step,
-        data: trainer.data_pos,
+        data: trainer.data_pos.clone(),
         metrics_lines: trainer.metrics_lines,
         nonfinite_skipped: trainer.nonfinite_skipped,
         schedule: ScheduleState {
@@ -234,7 +387,10 @@ pub fn verify(dir: &Path) -> Result<()> {
     })?;
     let manifest: Manifest = serde_json::from_str(&text)
         .with_context(|| format!("{}: manifest is not valid JSON", path.display()))?;
-    for required in [MODEL, OPTIMIZER, STATE, CONFIG] {
+    if !manifest.files.contains_key(MODEL) && !manifest.files.contains_key(INDEX) {
+        bail!("{}: manifest lists no {MODEL} or {INDEX}", path.display());
+    }
+    for required in [OPTIMIZER, STATE, CONFIG] {
         if !manifest.files.contains_key(required) {
             bail!("{}: manifest does not list {required}", path.display());
         }
@@ -324,8 +480,9 @@ pub fn load_state(dir: &Path) -> Result<TrainerState> {
 }
 
 /// Config keys that may change between a run and its resumption: where output goes, what is
-/// logged, evaluated and saved, the device, and the non-finite guard. Every other key changes
-/// the sequence of updates (data, model, loss, optimiser, schedule via `max_steps`, seed).
+/// logged, evaluated and saved, the device, the non-finite guard, and activation checkpointing
+/// (same gradients). Every other key changes the sequence of updates (data, model, loss,
+/// optimiser, schedule via `max_steps`, seed).
 pub const DRIFT_ALLOWED: &[&str] = &[
     "output_dir",
     "device",
@@ -334,6 +491,7 @@ pub const DRIFT_ALLOWED: &[&str] = &[
     "training.save_steps",
     "training.save_total_limit",
     "training.skip_nonfinite",
+    "training.gradient_checkpointing",
 ];
 
 /// Keys whose values differ between the saved and the current config and that affect the
@@ -380,13 +538,26 @@ fn flatten(cfg: &Config) -> Result<BTreeMap<String, toml::Value>> {
 /// optimiser moments and step, data position and counters.
 pub fn restore(trainer: &mut Trainer, dir: &Path) -> Result<TrainerState> {
     let state = load_state(dir)?;
-    let model_path = dir.join(MODEL);
-    let weights = candle_core::safetensors::load(&model_path, &trainer.device)
-        .with_context(|| format!("cannot read {}", model_path.display()))?;
+    let mut weights = HashMap::new();
+    let mut from = HashMap::new();
+    let exact = dir.join(EXACT_WEIGHTS);
+    let files = crate::models::weight_files(dir)?;
+    // Exact weights last: they replace the rounded copies of the same tensors.
+    for path in files.iter().chain(exact.is_file().then_some(&exact)) {
+        let loaded = candle_core::safetensors::load(path, &trainer.device)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        from.extend(loaded.keys().map(|k| (k.clone(), path.clone())));
+        weights.extend(loaded);
+    }
     for p in &trainer.policy.params {
-        let t = weights
-            .get(&p.name)
-            .ok_or_else(|| anyhow!("{}: tensor `{}` is missing", model_path.display(), p.name))?;
+        let t = weights.get(&p.name).ok_or_else(|| {
+            anyhow!(
+                "{}: tensor `{}` is missing from the model weights",
+                dir.display(),
+                p.name
+            )
+        })?;
+        let model_path = &from[&p.name];
         if t.dims() != p.var.dims() {
             bail!(
                 "{}: tensor `{}` has shape {:?}, the model expects {:?}",
@@ -418,7 +589,7 @@ pub fn restore(trainer: &mut Trainer, dir: &Path) -> Result<TrainerState> {
         .load_state(&trainer.policy.params, &tensors)
         .with_context(|| format!("{}", opt_path.display()))?;
     trainer.step = state.step;
-    trainer.data_pos = state.data;
+    trainer.data_pos = state.data.clone();
     trainer.metrics_lines = state.metrics_lines;
     trainer.nonfinite_skipped = state.nonfinite_skipped;
     Ok(state)

@@ -89,9 +89,14 @@ pub struct DataConfig {
     /// row's file and line) as the eval split; 0 holds out nothing.
     #[serde(default)]
     pub eval_fraction: f64,
-    /// Records in the streaming shuffle buffer (`dpo-sam data inspect`; 0 keeps file order).
+    /// Records in the streaming shuffle buffer (`data.streaming`; 0 keeps file order).
     #[serde(default = "default_shuffle_buffer")]
     pub shuffle_buffer: usize,
+    /// Read `train` lazily, re-opening it each epoch with the shuffle buffer, instead of
+    /// tokenising it all into memory first (HF datasets' `streaming`); needs
+    /// `training.max_steps`, since a stream's length is unknown until it has been read.
+    #[serde(default)]
+    pub streaming: bool,
     /// Stop at the first bad row (with its file and line) instead of skipping and counting it.
     #[serde(default)]
     pub strict: bool,
@@ -209,6 +214,11 @@ pub struct TrainingConfig {
     /// optimiser state, log-softmax and loss. Needs `model.dtype = "f32"` (the masters' dtype).
     #[serde(default = "default_mixed_precision")]
     pub mixed_precision: String,
+    /// Activation checkpointing per transformer block (TRL's name): keep only each block's
+    /// input and recompute the block in the backward, trading about one more forward of
+    /// compute for most of the activation memory. Gradients are the same as without.
+    #[serde(default)]
+    pub gradient_checkpointing: bool,
     /// Save a resumable checkpoint (`output_dir/checkpoint-<step>/`) every this many steps, and
     /// always at the end; 0 saves only at the end (TRL's `save_steps`).
     #[serde(default)]
@@ -220,6 +230,15 @@ pub struct TrainingConfig {
     /// (`nonfinite_skipped` in metrics) instead of stopping the run with an error.
     #[serde(default)]
     pub skip_nonfinite: bool,
+    /// dtype of saved model weights (checkpoints and the final model): `auto` (the training
+    /// weights' dtype; f32 masters under mixed precision), `f32`, `bf16` or `f16`.
+    #[serde(default = "default_save_dtype")]
+    pub save_dtype: String,
+    /// Largest safetensors shard (`save_pretrained`'s `max_shard_size`): bytes, or a size such
+    /// as `"5GB"` (10⁹) or `"4GiB"` (2³⁰). Bigger models are split into
+    /// `model-0000i-of-0000n.safetensors` with `model.safetensors.index.json`.
+    #[serde(default = "default_max_shard_size")]
+    pub max_shard_size: String,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -247,6 +266,12 @@ impl Default for SamConfig {
     }
 }
 
+fn default_save_dtype() -> String {
+    "auto".into()
+}
+fn default_max_shard_size() -> String {
+    "5GB".into()
+}
 fn default_seed() -> u64 {
     42
 }
@@ -509,6 +534,12 @@ impl Config {
             "must be > 0",
             t.logging_steps,
         )?;
+        one_of(
+            "training.save_dtype",
+            &t.save_dtype,
+            &["auto", "f32", "bf16", "f16"],
+        )?;
+        parse_size(&t.max_shard_size).map_err(|e| anyhow!("training.max_shard_size: {e}"))?;
         if let Some(n) = t.save_total_limit {
             check(
                 n > 0,
@@ -552,6 +583,12 @@ impl Config {
             "must be in [0, 1)",
             d.eval_fraction,
         )?;
+        if d.streaming && t.max_steps.is_none() {
+            bail!("data.streaming = true needs training.max_steps: a stream's length is unknown until it has been read, so training.num_train_epochs cannot fix the run length (as with HF Trainer on an IterableDataset)");
+        }
+        if d.streaming && t.precompute_ref_log_probs {
+            bail!("data.streaming = true cannot be combined with training.precompute_ref_log_probs = true: the cache holds reference log-probs for every training pair, which streaming never keeps in memory; set one of them to false");
+        }
         if d.eval_fraction > 0.0 && d.eval.is_some() {
             bail!("data.eval_fraction: holds out part of data.train, so it cannot be combined with data.eval");
         }
@@ -641,6 +678,30 @@ fn one_of(key: &str, got: &str, allowed: &[&str]) -> Result<()> {
     }
 }
 
+/// A byte size as `transformers` writes `max_shard_size`: plain bytes, or a number with
+/// `KB`/`MB`/`GB` (powers of 10) or `KiB`/`MiB`/`GiB` (powers of 2).
+pub fn parse_size(text: &str) -> Result<u64> {
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let scale: f64 = match unit.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 1.0,
+        "KB" => 1e3,
+        "MB" => 1e6,
+        "GB" => 1e9,
+        "KIB" => 1024.0,
+        "MIB" => 1024.0 * 1024.0,
+        "GIB" => 1024.0 * 1024.0 * 1024.0,
+        _ => bail!("expected bytes or a size like \"5GB\" or \"500MiB\", got `{text}`"),
+    };
+    match num.parse::<f64>() {
+        Ok(n) if n * scale >= 1.0 => Ok((n * scale) as u64),
+        _ => bail!("expected a positive size like \"5GB\" or \"500MiB\", got `{text}`"),
+    }
+}
+
 /// `a.b.c=value`: sets a nested key, creating tables as needed.
 fn apply_override(root: &mut toml::Table, ov: &str) -> Result<()> {
     let (key, raw) = ov
@@ -718,6 +779,23 @@ batch_size = 8
             ),
             (0, None, false)
         );
+    }
+
+    #[test]
+    fn sizes_parse_like_transformers_max_shard_size() {
+        for (text, want) in [
+            ("5GB", 5_000_000_000),
+            ("4GiB", 4 << 30),
+            ("500MB", 500_000_000),
+            ("10KiB", 10 << 10),
+            ("1.5KB", 1500),
+            ("12345", 12345),
+        ] {
+            assert_eq!(parse_size(text).unwrap(), want, "{text}");
+        }
+        for bad in ["", "GB", "0", "5 parsecs", "-1GB"] {
+            assert!(parse_size(bad).is_err(), "{bad} must be refused");
+        }
     }
 
     #[test]

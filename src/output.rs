@@ -6,7 +6,9 @@
 //! a log-sum-exp over vocabulary slices and keeps only that (n floats), and the backward (a
 //! custom op) recomputes each tile's logits, turns them into ∂L/∂logits and folds them into
 //! ∂L/∂H, ∂L/∂W and ∂L/∂b at once. The trade is one more H Wᵀ matmul per backward for memory
-//! that no longer grows with N×V.
+//! that no longer grows with N×V. When all N×V logits fit in [`Tile::keep_bytes`] the forward
+//! keeps its tiles and the backward reuses them instead, so a plain step costs the three lm_head
+//! matmuls of the unfused path and logits-SAM two more, the paper's bound.
 //! Elsewhere, and as the reference the tests compare against, the unfused composition runs.
 
 use crate::models::fast_ops::{self, by_dtype, par_blocks, slice, Real};
@@ -15,20 +17,26 @@ use candle_core::{
     bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, D,
 };
 use std::cell::Cell;
+use std::sync::Mutex;
 
-/// The shape of one tile of logits on the fused path, which holds at most `rows × vocab` of
-/// them at a time.
+/// The shape of one tile of logits on the fused path, which computes `rows × vocab` of them at
+/// a time, and how many bytes of logits it may keep from the forward for the backward.
 #[derive(Clone, Copy, Debug)]
 pub struct Tile {
     pub rows: usize,
     pub vocab: usize,
+    /// Keep every tile of the forward (and skip the backward's recomputation) when all N×V
+    /// logits fit in this many bytes; 0 always recomputes.
+    pub keep_bytes: usize,
 }
 
 impl Tile {
-    /// 1024 × 8192 f32 logits: 32 MiB, large enough that the matmuls run at full speed.
+    /// 1024 × 8192 f32 logits: 32 MiB, large enough that the matmuls run at full speed. Up to
+    /// 256 MiB of logits are kept (1024 tokens of a 50k vocabulary: Pythia at 2 pairs × 256).
     pub const DEFAULT: Tile = Tile {
         rows: 1024,
         vocab: 8192,
+        keep_bytes: 256 << 20,
     };
 }
 
@@ -109,14 +117,24 @@ impl OutputLayer {
         }
     }
 
-    /// Token log-probs at the unperturbed weight without a graph, for the SAM pre-pass, with
-    /// each token's log-sum-exp (`[n]`) on the tiled path so that [`OutputLayer::sam_gradient`]
-    /// needs one logits pass fewer.
-    pub fn token_logps_and_lse(
+    /// Token log-probs at the unperturbed weight without a graph, for the SAM pre-pass; on the
+    /// tiled path also the [`PrePass`] (log-sum-exps, and the logits when they fit
+    /// [`Tile::keep_bytes`]) that lets [`OutputLayer::sam_gradient`] skip passes over lm_head.
+    pub fn token_logps_for_sam(
         &self,
         h: &Tensor,
         targets: &Tensor,
-    ) -> Result<(Tensor, Option<Tensor>)> {
+    ) -> Result<(Tensor, Option<PrePass>)> {
+        self.token_logps_for_sam_tiled(h, targets, Tile::DEFAULT)
+    }
+
+    /// [`OutputLayer::token_logps_for_sam`] with a given tile.
+    pub fn token_logps_for_sam_tiled(
+        &self,
+        h: &Tensor,
+        targets: &Tensor,
+        tile: Tile,
+    ) -> Result<(Tensor, Option<PrePass>)> {
         let frozen = OutputLayer {
             weight: self.weight.detach(),
             bias: self.bias.as_ref().map(Tensor::detach),
@@ -125,23 +143,24 @@ impl OutputLayer {
         if !frozen.fuses(&h) {
             return Ok((frozen.token_logps_unfused(&h, targets, None)?, None));
         }
-        let chunked = Chunked::new(&frozen, &h, targets, None, Tile::DEFAULT)?;
+        let chunked = Chunked::new(&frozen, &h, targets, None, tile)?;
         let (out, lse) = by_dtype!(h.dtype(), T => chunked.forward::<T>()?);
-        Ok((out, Some(lse)))
+        Ok((out, Some(PrePass { chunked, lse })))
     }
 
     /// ∂L/∂W at the unperturbed weight from ∂L/∂(token log-probs) `dlogp` `[n]`, without a
     /// graph: g = Gᵀ H with G = ∂L/∂logits = dlogp ⊙ (onehot(target) − softmax) (Algorithm 1,
-    /// line 3). Tiled when given the log-sum-exp from [`OutputLayer::token_logps_and_lse`].
+    /// line 3). Tiled when given the [`PrePass`] of [`OutputLayer::token_logps_for_sam`] (for
+    /// the same `h` and `targets`).
     pub fn sam_gradient(
         &self,
         h: &Tensor,
         targets: &Tensor,
         dlogp: &Tensor,
-        lse: Option<&Tensor>,
+        pre: Option<&PrePass>,
     ) -> Result<Tensor> {
-        match lse {
-            Some(lse) => self.sam_gradient_tiled(h, targets, dlogp, lse, Tile::DEFAULT),
+        match pre {
+            Some(pre) => pre.sam_gradient(dlogp),
             None => self.sam_gradient_unfused(h, targets, dlogp),
         }
     }
@@ -165,20 +184,6 @@ impl OutputLayer {
         g_logits.t()?.matmul(&h.detach().to_dtype(dt)?)
     }
 
-    /// [`OutputLayer::sam_gradient`] one tile at a time (CPU, f32/f64 only).
-    pub fn sam_gradient_tiled(
-        &self,
-        h: &Tensor,
-        targets: &Tensor,
-        dlogp: &Tensor,
-        lse: &Tensor,
-        tile: Tile,
-    ) -> Result<Tensor> {
-        let chunked = Chunked::new(self, h, targets, None, tile)?;
-        let (_, dw, _) = by_dtype!(h.dtype(), T => chunked.backward::<T>(dlogp, lse, false)?);
-        Ok(dw)
-    }
-
     pub fn vocab_size(&self) -> Result<usize> {
         self.weight.dim(0)
     }
@@ -188,11 +193,26 @@ impl OutputLayer {
     }
 }
 
+/// What the SAM pre-pass's forward leaves for line 3 of Algorithm 1.
+pub struct PrePass {
+    chunked: Chunked,
+    lse: Tensor,
+}
+
+impl PrePass {
+    /// [`OutputLayer::sam_gradient`] one tile at a time (CPU, f32/f64 only).
+    pub fn sam_gradient(&self, dlogp: &Tensor) -> Result<Tensor> {
+        let c = &self.chunked;
+        let (_, dw, _) = by_dtype!(c.h.dtype(), T => c.backward::<T>(dlogp, &self.lse, false)?);
+        Ok(dw)
+    }
+}
+
 thread_local! {
     static LARGEST_CHUNK: Cell<usize> = const { Cell::new(0) };
 }
 
-/// The most logits one tile of the fused path has held on this thread since the last call, in
+/// The most logits the fused path has held at once on this thread since the last call, in
 /// elements (then reset): what the memory tests bound by the tile's size.
 pub fn take_largest_logits_chunk() -> usize {
     LARGEST_CHUNK.with(|c| c.replace(0))
@@ -206,6 +226,10 @@ struct Chunked {
     bias: Option<Tensor>,
     targets: Vec<u32>,
     tile: Tile,
+    /// Whether the forward keeps its tiles of logits (they fit `tile.keep_bytes`).
+    keep: bool,
+    /// The forward's tiles in [`Chunked::tiles`] order, when `keep`.
+    kept: Mutex<Vec<Tensor>>,
 }
 
 /// Row and vocabulary ranges `(start, len)` of one tile of logits.
@@ -228,6 +252,7 @@ impl Chunked {
             );
         }
         let vocab = head.vocab_size()?;
+        let keep = n * vocab * h.dtype().size_in_bytes() <= tile.keep_bytes;
         if let Some(t) = targets.iter().find(|&&t| t as usize >= vocab) {
             bail!("output layer: target {t} outside the vocabulary of {vocab}");
         }
@@ -243,7 +268,10 @@ impl Chunked {
             tile: Tile {
                 rows: tile.rows.max(1),
                 vocab: tile.vocab.max(1),
+                ..tile
             },
+            keep,
+            kept: Mutex::new(Vec::new()),
         })
     }
 
@@ -261,14 +289,25 @@ impl Chunked {
             .collect()
     }
 
-    /// The tile's logits H[rows] W[vocab]ᵀ `[rows, vocab]`, bias not added (the row kernels add
-    /// it as they read).
-    fn logits(&self, ((r0, rn), (v0, vn)): Span) -> Result<Tensor> {
-        LARGEST_CHUNK.with(|c| c.set(c.get().max(rn * vn)));
-        self.h
+    /// Tile `index`'s logits H[rows] W[vocab]ᵀ `[rows, vocab]`, bias not added (the row kernels
+    /// add it as they read): kept from the forward, or computed (and kept, in the forward,
+    /// when `keep`).
+    fn logits(&self, index: usize, ((r0, rn), (v0, vn)): Span) -> Result<Tensor> {
+        let mut kept = self.kept.lock().expect("kept logits lock");
+        if let Some(t) = kept.get(index) {
+            return Ok(t.clone());
+        }
+        let held: usize = kept.iter().map(Tensor::elem_count).sum();
+        LARGEST_CHUNK.with(|c| c.set(c.get().max(held + rn * vn)));
+        let logits = self
+            .h
             .narrow(0, r0, rn)?
             .matmul(&self.w.narrow(0, v0, vn)?.t()?)?
-            .contiguous()
+            .contiguous()?;
+        if self.keep && kept.len() == index {
+            kept.push(logits.clone());
+        }
+        Ok(logits)
     }
 
     /// Token log-probs and each token's log-sum-exp, both `[n]`: a streaming log-sum-exp over
@@ -279,9 +318,9 @@ impl Chunked {
         let mut max = vec![T::from_f64(f64::NEG_INFINITY); n];
         let mut sum = vec![T::zero(); n];
         let mut target = vec![T::zero(); n];
-        for span in self.tiles() {
+        for (index, span) in self.tiles().into_iter().enumerate() {
             let ((r0, rn), (v0, vn)) = span;
-            let logits = self.logits(span)?;
+            let logits = self.logits(index, span)?;
             let (storage, layout) = logits.storage_and_layout();
             let Storage::Cpu(cpu) = &*storage else {
                 bail!("fused output layer: CPU only")
@@ -335,10 +374,10 @@ impl Chunked {
         let mut dh: Vec<Option<Tensor>> = vec![None; n.div_ceil(self.tile.rows)];
         let mut dw_rows: Vec<Tensor> = Vec::new();
         let mut db = bias.as_ref().map(|_| vec![T::zero(); vocab]);
-        for span in self.tiles() {
+        for (index, span) in self.tiles().into_iter().enumerate() {
             let ((r0, rn), (v0, vn)) = span;
             let mut g = {
-                let logits = self.logits(span)?;
+                let logits = self.logits(index, span)?;
                 let (storage, layout) = logits.storage_and_layout();
                 let Storage::Cpu(cpu) = &*storage else {
                     bail!("fused output layer: CPU only")
@@ -514,6 +553,12 @@ mod tests {
     use super::*;
     use candle_core::{Device, Var};
 
+    const TINY: Tile = Tile {
+        rows: 2,
+        vocab: 3,
+        keep_bytes: 0,
+    };
+
     #[test]
     fn sam_gradient_matches_autograd() -> Result<()> {
         let dev = Device::Cpu;
@@ -530,13 +575,10 @@ mod tests {
         let auto = loss.backward()?.get(&w).unwrap().clone();
         for manual in [
             head.sam_gradient_unfused(&h, &targets, &coef)?,
-            head.sam_gradient_tiled(
-                &h,
-                &targets,
-                &coef,
-                &head.token_logps_and_lse(&h, &targets)?.1.unwrap(),
-                Tile { rows: 2, vocab: 3 },
-            )?,
+            head.token_logps_for_sam_tiled(&h, &targets, TINY)?
+                .1
+                .unwrap()
+                .sam_gradient(&coef)?,
         ] {
             let err = (&auto - manual)?.abs()?.max_all()?.to_scalar::<f32>()?;
             assert!(err < 1e-5, "max abs err {err}");

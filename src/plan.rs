@@ -1,10 +1,11 @@
 //! `dpo-sam train --dry-run`: validates a config and prints the plan — parameter counts (total,
-//! lm_head share), estimated memory for weights, gradients, optimiser state, reference model and
-//! the output layer's logits, and steps per epoch — without loading any weights.
+//! lm_head share), estimated memory for weights, gradients, optimiser state, reference model, the
+//! output layer's logits and the policy's activations (with and without
+//! `training.gradient_checkpointing`), and steps per epoch — without loading any weights.
 
 use crate::config::Config;
 use crate::models::{param_shapes, ModelSource};
-use anyhow::Result;
+use anyhow::{Context, Result};
 use serde_json::json;
 
 /// `config.json`s of the paper's checkpoints, used when the Hub cannot be reached so that the
@@ -26,6 +27,8 @@ const MISTRAL_7B: &str = r#"{"model_type":"mistral","vocab_size":32000,"hidden_s
 "max_position_embeddings":32768,"bos_token_id":1,"eos_token_id":2}"#;
 
 const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
+/// An "80 GB" GPU (A100/H100 80GB), in bytes.
+const GPU_80GB: f64 = 80e9;
 
 /// The plan as JSON (also printed by [`print`]).
 pub fn plan(cfg: &Config) -> Result<serde_json::Value> {
@@ -95,20 +98,48 @@ pub fn plan(cfg: &Config) -> Result<serde_json::Value> {
         0.0
     };
     let vocab = config_json["vocab_size"].as_u64().unwrap_or(0) as f64;
-    let tokens = (2 * cfg.micro_batch_size() * cfg.data.max_length) as f64;
-    // logits, log-softmax and their gradient, f32, for every scored token of a micro-batch
-    let logits = 3.0 * 4.0 * tokens * vocab;
+    let logits = logits_bytes(
+        2 * cfg.micro_batch_size() * cfg.data.max_length,
+        vocab as usize,
+    );
 
-    let tokenized = ModelSource::resolve(spec, &cfg.model.builtin, cfg.seed).and_then(|src| {
-        crate::data::load_tokenized(&cfg.data, &src.tokenizer()?, cfg.seed, src.dir())
-    });
+    let compute_bytes = if cfg.training.mixed_precision == "bf16" {
+        2.0
+    } else {
+        dtype_bytes
+    };
+    // The fused CPU kernels keep less than the compositions used elsewhere (see models::ops).
+    let fused = cfg.device == "cpu" && compute_bytes >= 4.0;
+    let acts = activations(
+        &config_json,
+        2 * cfg.micro_batch_size(),
+        cfg.data.max_length,
+        compute_bytes,
+        fused,
+    )?;
+    let checkpointing = cfg.training.gradient_checkpointing;
+    let before = weights + grads + optimizer + reference + logits;
+
+    // A streamed dataset is never read whole, here either: its length is unknown (as for an
+    // IterableDataset), and `max_steps`, which streaming requires, is the run's length.
+    let tokenized = match cfg.data.streaming {
+        true => Err(anyhow::anyhow!(
+            "streamed (data.streaming); the run is training.max_steps = {} steps",
+            cfg.training.max_steps.unwrap_or(0)
+        )),
+        false => ModelSource::resolve(spec, &cfg.model.builtin, cfg.seed)
+            .and_then(|src| {
+                crate::data::load_tokenized(&cfg.data, &src.tokenizer()?, cfg.seed, src.dir())
+            })
+            .context("data not reachable"),
+    };
     let steps = match tokenized {
         Ok(data) => json!({
             "train_pairs": data.train.len(),
             "steps_per_epoch": data.train.len().div_ceil(cfg.training.batch_size),
             "total_steps": cfg.training.max_steps.unwrap_or(((cfg.training.num_train_epochs * data.train.len() as f64) / cfg.training.batch_size as f64).ceil() as usize),
         }),
-        Err(err) => json!({ "unknown": format!("data not reachable: {err:#}") }),
+        Err(err) => json!({ "unknown": format!("{err:#}") }),
     };
     Ok(json!({
         "model": spec,
@@ -125,12 +156,182 @@ pub fn plan(cfg: &Config) -> Result<serde_json::Value> {
             "optimizer_state": optimizer / GIB,
             "reference_model": reference / GIB,
             "logits_per_micro_batch": logits / GIB,
-            "total_before_activations": (weights + grads + optimizer + reference + logits) / GIB,
+            "total_before_activations": before / GIB,
+            "activations_per_micro_batch": acts.total(checkpointing) / GIB,
+            "activations_without_checkpointing": acts.total(false) / GIB,
+            "activations_with_checkpointing": acts.total(true) / GIB,
+            "total": (before + acts.total(checkpointing)) / GIB,
         },
+        "fits_80gb_gpu": before + acts.total(checkpointing) <= GPU_80GB,
+        "gradient_checkpointing": checkpointing,
         "data": steps,
         "micro_batches_per_step": cfg.training.batch_size / cfg.micro_batch_size(),
         "sam": cfg.sam.kind,
     }))
+}
+
+/// Logits, log-softmax and their gradient, f32, for `tokens` scored tokens.
+pub fn logits_bytes(tokens: usize, vocab: usize) -> f64 {
+    3.0 * 4.0 * (tokens * vocab) as f64
+}
+
+/// What the policy's forward pass keeps alive for its backward, per micro-batch, in bytes:
+/// candle's graph holds every op's output that is not a view, so this counts them op by op, as
+/// the model files compute (one place to update when they change).
+pub struct Activations {
+    /// One block's saved tensors.
+    pub block: f64,
+    /// One block's input, `[rows, t, hidden]`.
+    pub block_input: f64,
+    pub layers: usize,
+    /// The embedding's output and the final norm's.
+    pub outside: f64,
+}
+
+impl Activations {
+    /// Without checkpointing, every block's tensors; with it, the blocks' inputs and output plus
+    /// one block's tensors, alive while it is recomputed in the backward. Either way the
+    /// backward through a block holds gradients about the size of its tensors: one more block.
+    pub fn total(&self, checkpointing: bool) -> f64 {
+        let blocks = if checkpointing {
+            (self.layers + 1) as f64 * self.block_input + self.block
+        } else {
+            self.layers as f64 * self.block
+        };
+        blocks + self.block + self.outside
+    }
+}
+
+/// [`Activations`] of the model `config_json` describes for `rows` sequences of `t` tokens,
+/// computing in `e`-byte floats; `fused`: with the CPU kernels of `models::fast_ops` (CPU, f32
+/// or f64), which keep only their outputs.
+pub fn activations(
+    config_json: &serde_json::Value,
+    rows: usize,
+    t: usize,
+    e: f64,
+    fused: bool,
+) -> Result<Activations> {
+    use crate::models::{gpt2, gpt_neox, mistral, ops::rope_settings};
+    // Reductions run in f32 for half-precision inputs (models::ops::accum_dtype).
+    let half = e < 4.0;
+    let f = if half { 4.0 } else { e };
+    let casts = if half { f + e } else { 0.0 };
+    // Bytes per token of one tensor `w` wide, and of the ops built from several.
+    let layer_norm = |w: f64| {
+        if fused {
+            e * w
+        } else {
+            (casts + 3.0 * f + 2.0 * e) * w
+        }
+    };
+    let rms_norm = |w: f64| {
+        if fused {
+            e * w
+        } else {
+            (casts + 2.0 * f + e) * w
+        }
+    };
+    // rotate-half on a fraction `r` of the features: neg, cat, two products, a sum (+ a cat).
+    let rotary = |w: f64, r: f64| {
+        if fused {
+            e * w
+        } else {
+            4.5 * r * w * e + if r < 1.0 { e * w } else { 0.0 }
+        }
+    };
+    let linear = |w: f64, bias: bool| if bias { 2.0 * e * w } else { e * w };
+    // Per head and element of the [t, t] scores: the scores and the probabilities, or, composed,
+    // each step of scale, mask and softmax (in f32 for half inputs).
+    let core = if fused {
+        2.0 * e
+    } else {
+        3.0 * e + 3.0 * f + casts
+    };
+    let json = config_json.clone();
+    let (hidden, layers, heads, per_token) = match config_json["model_type"].as_str() {
+        Some("gpt2") => {
+            let c: gpt2::Config = serde_json::from_value(json)?;
+            let (h, i) = (c.n_embd as f64, c.n_inner.unwrap_or(4 * c.n_embd) as f64);
+            // c_attn (+bias), q/k/v copied twice (reshaping a narrowed tensor copies),
+            // attention output and its copy, c_proj (+bias), residual; c_fc (+bias),
+            // activation, c_proj (+bias), residual.
+            let tok = 2.0 * layer_norm(h)
+                + e * (6.0 + 6.0 + 2.0 + 2.0 + 1.0) * h
+                + e * 3.0 * i
+                + e * 3.0 * h;
+            (c.n_embd, c.n_layer, c.n_head, tok)
+        }
+        Some("gpt_neox") => {
+            let c: gpt_neox::Config = serde_json::from_value(json)?;
+            let (_, pct) = rope_settings(
+                c.rope_parameters.as_ref(),
+                c.rope_scaling.as_ref(),
+                None,
+                c.partial_rotary_factor.or(c.rotary_pct),
+            )?;
+            let (h, i, bias) = (
+                c.hidden_size as f64,
+                c.intermediate_size as f64,
+                c.attention_bias,
+            );
+            // query_key_value, q/k/v copies, rotary on q and k, attention output and its copy,
+            // dense; the MLP (biased) and its activation; two residual sums.
+            let tok = 2.0 * layer_norm(h)
+                + linear(3.0 * h, bias)
+                + 3.0 * e * h
+                + 2.0 * rotary(h, pct.unwrap_or(0.25))
+                + 2.0 * e * h
+                + linear(h, bias)
+                + linear(i, true)
+                + e * i
+                + linear(h, true)
+                + 2.0 * e * h;
+            (
+                c.hidden_size,
+                c.num_hidden_layers,
+                c.num_attention_heads,
+                tok,
+            )
+        }
+        Some("mistral" | "llama") => {
+            let c: mistral::Config = serde_json::from_value(json)?;
+            let llama = c.model_type == "llama";
+            let n_head = c.num_attention_heads;
+            let n_kv = c.num_key_value_heads.unwrap_or(n_head);
+            let hd = c.head_dim.unwrap_or(c.hidden_size / n_head);
+            let (h, i) = (c.hidden_size as f64, c.intermediate_size as f64);
+            let (q, kv) = ((n_head * hd) as f64, (n_kv * hd) as f64);
+            let (ab, mb) = (llama && c.attention_bias, llama && c.mlp_bias);
+            // q/k/v projections and their copies, rotary on q and k, the repeated k and v,
+            // attention output and its copy, o_proj, residual; gate, up, activation, product,
+            // down, residual.
+            let repeated = if n_kv < n_head { 2.0 * e * q } else { 0.0 };
+            let tok = 2.0 * rms_norm(h)
+                + linear(q, ab)
+                + 2.0 * linear(kv, ab)
+                + e * (q + 2.0 * kv)
+                + rotary(q, 1.0)
+                + rotary(kv, 1.0)
+                + repeated
+                + 2.0 * e * q
+                + linear(h, ab)
+                + 2.0 * linear(i, mb)
+                + 2.0 * e * i
+                + linear(h, mb)
+                + 2.0 * e * h;
+            (c.hidden_size, c.num_hidden_layers, n_head, tok)
+        }
+        other => anyhow::bail!("no activation estimate for model_type {other:?}"),
+    };
+    let tokens = (rows * t) as f64;
+    let h = hidden as f64;
+    Ok(Activations {
+        block: tokens * per_token + (rows * heads * t * t) as f64 * core,
+        block_input: tokens * e * h,
+        layers,
+        outside: tokens * (e * h + layer_norm(h)),
+    })
 }
 
 /// Prints the plan for a person.
@@ -154,7 +355,23 @@ pub fn print(cfg: &Config) -> Result<()> {
         "logits-SAM   FLOP bound {:.3}× a plain step",
         plan["logits_sam_flop_bound"].as_f64().unwrap_or(1.0)
     );
-    println!("memory (GiB) weights {:.2}, gradients {:.2}, optimizer {:.2}, reference {:.2}, logits/micro-batch {:.2}; total {:.2} + activations", g("weights"), g("gradients_f32"), g("optimizer_state"), g("reference_model"), g("logits_per_micro_batch"), g("total_before_activations"));
+    println!("memory (GiB) weights {:.2}, gradients {:.2}, optimizer {:.2}, reference {:.2}, logits/micro-batch {:.2}, activations/micro-batch {:.2}; total {:.2}", g("weights"), g("gradients_f32"), g("optimizer_state"), g("reference_model"), g("logits_per_micro_batch"), g("activations_per_micro_batch"), g("total"));
+    let on = plan["gradient_checkpointing"].as_bool().unwrap_or(false);
+    let other = g("total") - g("activations_per_micro_batch")
+        + g(if on {
+            "activations_without_checkpointing"
+        } else {
+            "activations_with_checkpointing"
+        });
+    println!(
+        "             activations estimated: {:.2} with training.gradient_checkpointing, {:.2} without; total {:.2} with it {}; {} one 80 GB GPU ({:.1} GiB)",
+        g("activations_with_checkpointing"),
+        g("activations_without_checkpointing"),
+        other,
+        if on { "off" } else { "on" },
+        if plan["fits_80gb_gpu"].as_bool().unwrap_or(false) { "fits" } else { "does not fit" },
+        GPU_80GB / GIB
+    );
     match plan["data"].get("steps_per_epoch") {
         Some(steps) => println!(
             "data         {} pairs, {} steps per epoch, {} steps in all, {} micro-batches per step",
@@ -194,6 +411,21 @@ mod tests {
     }
 
     #[test]
+    fn pythia_dpo_fits_one_80gb_gpu_with_gradient_checkpointing() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/hh_pythia.toml");
+        let at = |on: bool| {
+            let set = [
+                "training.micro_batch_size=1".into(),
+                "data.max_length=512".into(),
+                format!("training.gradient_checkpointing={on}"),
+            ];
+            plan(&Config::load(&path, &set).unwrap()).unwrap()
+        };
+        assert_eq!(at(true)["fits_80gb_gpu"], true, "{}", at(true));
+        assert_eq!(at(false)["fits_80gb_gpu"], false, "{}", at(false));
+    }
+
+    #[test]
     fn builtin_plan_counts_loaded_parameters_and_data() {
         let text = std::fs::read_to_string(concat!(
             env!("CARGO_MANIFEST_DIR"),
@@ -213,5 +445,14 @@ mod tests {
         let loaded: usize = model.params.iter().map(|p| p.var.elem_count()).sum();
         assert_eq!(plan["params"].as_u64().unwrap() as usize, loaded);
         assert_eq!(plan["data"]["steps_per_epoch"], 1024usize.div_ceil(32));
+        // Streamed data is not read to plan: its length is max_steps.
+        let set = ["data.streaming=true".into(), "training.max_steps=7".into()];
+        let streamed = super::plan(&Config::parse(&text, "tiny_gpt2.toml", &set).unwrap()).unwrap();
+        assert!(streamed["data"].get("steps_per_epoch").is_none());
+        let why = streamed["data"]["unknown"].as_str().unwrap();
+        assert!(
+            why.contains("data.streaming") && why.contains("= 7 steps"),
+            "{why}"
+        );
     }
 }

@@ -55,7 +55,7 @@ pub fn logits_perturbation_with(
         bias: head.bias.as_ref().map(Tensor::detach),
     };
     let h = h.detach();
-    let (token_logps, lse) = frozen.token_logps_and_lse(&h, targets)?;
+    let (token_logps, pre) = frozen.token_logps_for_sam(&h, targets)?;
     let token_logps = Var::from_tensor(&token_logps)?;
     // ∂loss/∂(token log-probs) is cheap (n values); G and g follow in closed form.
     let loss_pre = objective(token_logps.as_tensor())?;
@@ -64,7 +64,7 @@ pub fn logits_perturbation_with(
         Some(g) => g.clone(),
         None => token_logps.zeros_like()?,
     };
-    let g = frozen.sam_gradient(&h, targets, &dlogp, lse.as_ref())?;
+    let g = frozen.sam_gradient(&h, targets, &dlogp, pre.as_ref())?;
     let grad_norm = sq_norm(&scaled_grad(&g, &frozen.weight, adaptive)?)?.sqrt();
     let e = ascent_step(&g, &frozen.weight, rho, grad_norm, adaptive)?;
     let loss_pre = loss_pre

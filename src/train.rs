@@ -151,6 +151,9 @@ pub struct Trainer {
     pub train_pairs: Vec<TokenizedPair>,
     pub eval_pairs: Vec<TokenizedPair>,
     pub skipped: BTreeMap<&'static str, usize>,
+    /// With `data.streaming`, the converter of the training records, which are read as
+    /// training goes (`train_pairs` stays empty); `None` keeps them in memory.
+    pub stream: Option<Arc<crate::data::format::Converter>>,
     pub progress: bool,
     /// Compute squeeze diagnostics in [`Trainer::micro_step`] (the loop turns this on for
     /// logging steps; it costs one more output-layer matmul).
@@ -168,11 +171,34 @@ pub struct Trainer {
 }
 
 /// The loop's position in the data: the epoch, whose permutation is
-/// [`crate::data::stream::epoch_order`] of (seed, epoch), and the next index into it.
-#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+/// [`crate::data::stream::epoch_order`] of (seed, epoch), and the next index into it; streamed
+/// (`data.streaming`), the pairs drawn so far from the epoch's stream, which a resumed run
+/// re-reads and discards.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct DataCursor {
     pub epoch: usize,
     pub cursor: usize,
+    /// Streamed training rows skipped, by reason, among the rows read in epoch 0 (later epochs
+    /// re-read the same rows). Saved because a resumed run in a later epoch never re-reads
+    /// epoch 0.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub skipped: BTreeMap<String, usize>,
+}
+
+/// Where the loop's training pairs come from.
+enum Feed {
+    /// `train_pairs`, epoch by epoch in [`crate::data::stream::epoch_order`].
+    Memory {
+        lengths: Vec<usize>,
+        order: Vec<usize>,
+    },
+    /// `data.streaming`: the current epoch's micro-batches ([`crate::data::train_batches`],
+    /// opened on first use) and what is left of the one being drawn from.
+    Stream {
+        tok: Arc<Tok>,
+        batches: Option<Box<crate::data::stream::Batches>>,
+        ready: std::vec::IntoIter<TokenizedPair>,
+    },
 }
 
 /// Sums of per-pair quantities over the micro-batches of one step.
@@ -230,6 +256,7 @@ impl Trainer {
         if compute_dtype != dtype {
             policy = policy.with_master_weights(compute_dtype, &device)?;
         }
+        policy.set_gradient_checkpointing(cfg.training.gradient_checkpointing);
         let vocab = policy.net.output_layer().vocab_size()?;
         tok.check_fits(vocab, &cfg.model.name_or_path)?;
         let mut reference = if !loss.needs_reference() {
@@ -242,9 +269,19 @@ impl Trainer {
         };
 
         let model_dir = policy_src.dir();
-        let data = crate::data::load_tokenized(&cfg.data, &tok, cfg.seed, model_dir)?;
+        // Streamed, only the (small) eval split is loaded; the loop reads the training split.
+        let (splits, stream) = if cfg.data.streaming {
+            let conv = crate::data::converter(&cfg.data, &tok, model_dir)?;
+            (&[crate::data::Split::Eval][..], Some(conv))
+        } else {
+            (
+                &[crate::data::Split::Train, crate::data::Split::Eval][..],
+                None,
+            )
+        };
+        let data = crate::data::load_splits(&cfg.data, &tok, cfg.seed, model_dir, splits)?;
         let (train_pairs, eval_pairs, skipped) = (data.train, data.eval, data.skipped);
-        if train_pairs.is_empty() {
+        if train_pairs.is_empty() && stream.is_none() {
             anyhow::bail!("no usable training pairs (skipped: {skipped:?})");
         }
         // Precomputing frees the reference model: `take` drops it at the end of this block.
@@ -308,6 +345,7 @@ impl Trainer {
             train_pairs,
             eval_pairs,
             skipped,
+            stream,
             progress: false,
             diagnostics: false,
             step: 0,
@@ -476,7 +514,7 @@ impl Trainer {
 
         // Line 7: the single backward pass.
         let grads = match backward_weight {
-            Some(w) => Some((&loss * w)?.backward()?),
+            Some(w) => Some(self.policy.backward(&(&loss * w)?)?),
             None => None,
         };
         Ok(MicroStep {
@@ -507,15 +545,7 @@ impl Trainer {
         let micro = self.cfg.micro_batch_size();
         let total = self.schedule.total;
         let n = self.train_pairs.len();
-        let lengths: Vec<usize> = self
-            .train_pairs
-            .iter()
-            .map(crate::data::stream::pair_len)
-            .collect();
-        let (window, seed) = (self.cfg.data.group_by_length, self.cfg.seed);
-        let order_of =
-            |epoch| crate::data::stream::epoch_order(&lengths, micro, window, seed, epoch);
-        let mut order = order_of(self.data_pos.epoch);
+        let mut feed = self.open_feed()?;
 
         let bar = if self.progress {
             let bar = indicatif::ProgressBar::new(total as u64);
@@ -544,23 +574,15 @@ impl Trainer {
             let mut nonfinite: Option<String> = None;
             let micro_batches = t.batch_size / micro;
             for mb in 0..micro_batches {
-                let mut idx = Vec::with_capacity(micro);
+                let (mut idx, mut pairs) = (Vec::with_capacity(micro), Vec::with_capacity(micro));
                 while idx.len() < micro {
-                    if self.data_pos.cursor >= order.len() {
-                        self.data_pos = DataCursor {
-                            epoch: self.data_pos.epoch + 1,
-                            cursor: 0,
-                        };
-                        order = order_of(self.data_pos.epoch);
-                    }
-                    idx.push(order[self.data_pos.cursor]);
-                    self.data_pos.cursor += 1;
+                    let (i, pair) = self.next_pair(&mut feed)?;
+                    idx.push(i);
+                    pairs.push(pair);
                 }
                 if nonfinite.is_some() {
                     continue;
                 }
-                let pairs: Vec<TokenizedPair> =
-                    idx.iter().map(|&i| self.train_pairs[i].clone()).collect();
                 let batch = PreferenceBatch::new(&pairs, self.tok.pad_id, &self.device)?;
                 let weight = micro as f64 / t.batch_size as f64;
                 let reference = self.reference_for(&batch, Some((Split::Train, &idx)))?;
@@ -601,7 +623,11 @@ impl Trainer {
             self.step = step;
             let elapsed = started.elapsed().as_secs_f64();
             if step % t.logging_steps == 0 || step == total {
-                let epoch_f = (step * t.batch_size) as f64 / n as f64;
+                // A stream's length is unknown: its lines carry the epoch being read.
+                let epoch_f = match self.stream {
+                    Some(_) => self.data_pos.epoch as f64,
+                    None => (step * t.batch_size) as f64 / n as f64,
+                };
                 let mut line = tally.metrics(self.cfg.sam.kind != "none");
                 line["grad_norm"] = json!(grad_norm);
                 line["learning_rate"] = json!(lr);
@@ -639,17 +665,26 @@ impl Trainer {
             }
         }
         bar.finish();
-        let mut summary = json!({ "train": last, "skipped": self.skipped, "output_dir": out_dir });
+        let skipped = self.skipped_total();
+        if self.stream.is_some() {
+            // The streamed rows' skips are known only now (no `step`: a record of the data).
+            let line = json!({"data/skipped": skipped, "data/epoch": self.data_pos.epoch});
+            self.write_metrics(&mut metrics, &line)?;
+        }
+        let mut summary = json!({ "train": last, "skipped": skipped, "output_dir": out_dir });
         if t.skip_nonfinite {
             summary["nonfinite_skipped"] = json!(self.nonfinite_skipped);
         }
         if !self.eval_pairs.is_empty() {
+            // As after the last step, also when a run resumed from the final checkpoint.
+            self.diagnostics = true;
             let mut line = self.evaluate()?;
             line["step"] = json!(total);
             self.write_metrics(&mut metrics, &line)?;
             summary["eval"] = line;
         }
-        crate::checkpoint::save_model(&self.policy, &self.tok, &out_dir)?;
+        let opts = crate::checkpoint::SaveOptions::from_config(&self.cfg.training)?;
+        crate::checkpoint::save_model(&self.policy, &self.tok, &out_dir, &opts)?;
         Ok(summary)
     }
 
@@ -660,7 +695,12 @@ impl Trainer {
         if self.step == 0 {
             let mut f = std::fs::File::create(path).with_context(cannot)?;
             // No `step`: a record of the data, not a point on the charts.
-            let data_line = json!({"data/train_pairs": self.train_pairs.len(), "data/eval_pairs": self.eval_pairs.len(), "data/skipped": self.skipped});
+            let mut data_line = json!({"data/train_pairs": self.train_pairs.len(), "data/eval_pairs": self.eval_pairs.len(), "data/skipped": self.skipped});
+            if self.stream.is_some() {
+                // Streamed: eval skips only so far; the training rows' come in a last line.
+                data_line["data/streaming"] = json!(true);
+                data_line["data/train_pairs"] = serde_json::Value::Null;
+            }
             self.metrics_lines = 0;
             self.write_metrics(&mut f, &data_line)?;
             return Ok(f);
@@ -685,6 +725,110 @@ impl Trainer {
         writeln!(f, "{line}").context("cannot write metrics.jsonl")?;
         self.metrics_lines += 1;
         Ok(())
+    }
+
+    /// Skipped rows by reason: the in-memory splits' and the streamed training rows'.
+    pub fn skipped_total(&self) -> BTreeMap<String, usize> {
+        let mut all = self.data_pos.skipped.clone();
+        for (k, v) in &self.skipped {
+            *all.entry(k.to_string()).or_default() += v;
+        }
+        all
+    }
+
+    /// The training data positioned at [`Trainer::data_pos`]. A stream cannot seek, so a
+    /// resumed one re-reads its epoch up to the cursor; the skips it meets again are already
+    /// in the restored cursor's counts.
+    fn open_feed(&mut self) -> Result<Feed> {
+        if self.stream.is_none() {
+            let lengths: Vec<usize> = self
+                .train_pairs
+                .iter()
+                .map(crate::data::stream::pair_len)
+                .collect();
+            let (micro, window) = (self.cfg.micro_batch_size(), self.cfg.data.group_by_length);
+            let order = crate::data::stream::epoch_order(
+                &lengths,
+                micro,
+                window,
+                self.cfg.seed,
+                self.data_pos.epoch,
+            );
+            return Ok(Feed::Memory { lengths, order });
+        }
+        let mut feed = Feed::Stream {
+            tok: Arc::new(self.tok.clone()),
+            batches: None,
+            ready: Vec::new().into_iter(),
+        };
+        let saved = std::mem::take(&mut self.data_pos);
+        self.data_pos.epoch = saved.epoch;
+        while self.data_pos.cursor < saved.cursor {
+            self.next_pair(&mut feed)?;
+        }
+        self.data_pos = saved;
+        Ok(feed)
+    }
+
+    /// The next training pair and its index (into `train_pairs`, or streamed, its position in
+    /// the epoch), moving [`Trainer::data_pos`] on, into the next epoch at the end of one.
+    fn next_pair(&mut self, feed: &mut Feed) -> Result<(usize, TokenizedPair)> {
+        let (micro, seed) = (self.cfg.micro_batch_size(), self.cfg.seed);
+        let pos = &mut self.data_pos;
+        match feed {
+            Feed::Memory { lengths, order } => {
+                if pos.cursor >= order.len() {
+                    pos.epoch += 1;
+                    pos.cursor = 0;
+                    let window = self.cfg.data.group_by_length;
+                    *order =
+                        crate::data::stream::epoch_order(lengths, micro, window, seed, pos.epoch);
+                }
+                let i = order[pos.cursor];
+                pos.cursor += 1;
+                Ok((i, self.train_pairs[i].clone()))
+            }
+            Feed::Stream {
+                tok,
+                batches,
+                ready,
+            } => loop {
+                if let Some(pair) = ready.next() {
+                    pos.cursor += 1;
+                    return Ok((pos.cursor - 1, pair));
+                }
+                let b = match batches {
+                    Some(b) => b,
+                    None => batches.insert(Box::new(crate::data::train_batches(
+                        &self.cfg.data,
+                        self.stream.clone().expect("a stream feed has a converter"),
+                        tok.clone(),
+                        seed,
+                        pos.epoch,
+                        micro,
+                    )?)),
+                };
+                let next = b.next().transpose()?;
+                let skips = std::mem::take(&mut b.skips.counts);
+                if pos.epoch == 0 {
+                    for (reason, count) in skips {
+                        *pos.skipped.entry(reason.to_string()).or_default() += count;
+                    }
+                }
+                match next {
+                    Some(pairs) => *ready = pairs.into_iter(),
+                    None if pos.cursor == 0 => anyhow::bail!(
+                        "no usable training pairs in data.train (skipped: {:?})",
+                        pos.skipped
+                    ),
+                    None => {
+                        *batches = None;
+                        pos.epoch += 1;
+                        pos.cursor = 0;
+                    }
+                }
+            },
+        }
     }
 
     /// Loss and reward metrics over the held-out pairs, named as TRL does (`eval_loss`, …).

@@ -89,6 +89,17 @@ fn malformed_configs() {
             &["training.save_total_limit: must be > 0"],
         ),
         (
+            "bad_save_dtype.toml",
+            &["training.save_dtype: expected one of auto, f32, bf16, f16, got `int8`"],
+        ),
+        (
+            "bad_max_shard_size.toml",
+            &[
+                "training.max_shard_size: expected bytes or a size like \"5GB\"",
+                "`5XB`",
+            ],
+        ),
+        (
             "does_not_exist.toml",
             &["cannot read config file", "does_not_exist.toml"],
         ),

@@ -1,7 +1,7 @@
 //! The fused, tiled output layer against the unfused composition: token log-probs and every
 //! gradient (h, W, b) with and without the logits-SAM perturbation, tied weights, the SAM
-//! gradient, finite differences in f64, and the memory bound (never more than one tile of
-//! logits at a time).
+//! gradient, finite differences in f64, kept logits against recomputed ones, and the memory
+//! bound (one tile of logits at a time unless all of them fit the keep budget).
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 use dpo_sam::output::{take_largest_logits_chunk, OutputLayer, Tile};
@@ -9,8 +9,18 @@ use dpo_sam::output::{take_largest_logits_chunk, OutputLayer, Tile};
 const N: usize = 37;
 const HIDDEN: usize = 16;
 const VOCAB: usize = 61;
-/// Smaller than n and vocab and dividing neither, so that tiling and ragged last tiles run.
-const TILE: Tile = Tile { rows: 8, vocab: 16 };
+/// Smaller than n and vocab and dividing neither, so that tiling and ragged last tiles run;
+/// the backward recomputes the logits.
+const TILE: Tile = Tile {
+    rows: 8,
+    vocab: 16,
+    keep_bytes: 0,
+};
+/// [`TILE`], keeping the forward's logits for the backward.
+const KEEP: Tile = Tile {
+    keep_bytes: usize::MAX,
+    ..TILE
+};
 
 fn max_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
     (a - b)?
@@ -70,9 +80,14 @@ impl Case {
 
     /// (token log-probs, [dh, dW, db]) of Σ coef · logp through the fused or unfused path.
     fn run(&self, fused: bool, e: Option<&Tensor>) -> Result<(Tensor, Vec<Tensor>)> {
+        self.run_tiled(fused.then_some(TILE), e)
+    }
+
+    /// [`Case::run`], fused with `tile` when given.
+    fn run_tiled(&self, tile: Option<Tile>, e: Option<&Tensor>) -> Result<(Tensor, Vec<Tensor>)> {
         let head = self.head();
-        let logps = if fused {
-            head.token_logps_tiled(self.h.as_tensor(), &self.targets, e, TILE)?
+        let logps = if let Some(tile) = tile {
+            head.token_logps_tiled(self.h.as_tensor(), &self.targets, e, tile)?
         } else {
             head.token_logps_unfused(self.h.as_tensor(), &self.targets, e)?
         };
@@ -123,6 +138,7 @@ fn dispatch_and_single_tile_agree() -> Result<()> {
         Tile {
             rows: 10 * N,
             vocab: 10 * VOCAB,
+            ..Tile::DEFAULT
         },
     )?;
     let u = head.token_logps_unfused(c.h.as_tensor(), &c.targets, Some(&c.e))?;
@@ -142,7 +158,16 @@ fn tied_weight_gradients_sum() -> Result<()> {
         let head = c.head();
         let targets = c.targets.narrow(0, 0, 4)?;
         let lp = if fused {
-            head.token_logps_tiled(&h, &targets, None, Tile { rows: 3, vocab: 7 })?
+            head.token_logps_tiled(
+                &h,
+                &targets,
+                None,
+                Tile {
+                    rows: 3,
+                    vocab: 7,
+                    keep_bytes: 0,
+                },
+            )?
         } else {
             head.token_logps_unfused(&h, &targets, None)?
         };
@@ -162,8 +187,8 @@ fn sam_gradient_tiled_matches_unfused() -> Result<()> {
         let c = case(DType::F32, bias)?;
         let head = c.head();
         let h = c.h.as_tensor();
-        let (_, lse) = head.token_logps_and_lse(h, &c.targets)?;
-        let tiled = head.sam_gradient_tiled(h, &c.targets, &c.coef, &lse.unwrap(), TILE)?;
+        let (_, pre) = head.token_logps_for_sam_tiled(h, &c.targets, TILE)?;
+        let tiled = pre.unwrap().sam_gradient(&c.coef)?;
         let unfused = head.sam_gradient_unfused(h, &c.targets, &c.coef)?;
         let (_, auto) = c.run(false, None)?;
         let d = max_diff(&tiled, &unfused)?;
@@ -220,15 +245,12 @@ fn fused_gradients_match_finite_differences_f64() -> Result<()> {
     Ok(())
 }
 
-/// Peak memory of the fused path does not scale with n × vocab: no tile of logits exceeds
-/// one tile, through the forward, the backward and the SAM gradient.
+/// Peak memory of the fused path does not scale with n × vocab: it holds one tile of logits at
+/// most through the forward, the backward and the SAM gradient, unless all n × vocab fit the
+/// keep budget, when it holds exactly those.
 #[test]
 fn fused_path_holds_one_tile_of_logits_at_most() -> Result<()> {
     let (n, vocab) = (300, 2000);
-    let tile = Tile {
-        rows: 32,
-        vocab: 500,
-    };
     let dev = Device::Cpu;
     let h = Var::from_tensor(&Tensor::randn(0f32, 1.0, (n, HIDDEN), &dev)?)?;
     let w = Var::from_tensor(&Tensor::randn(0f32, 0.5, (vocab, HIDDEN), &dev)?)?;
@@ -243,29 +265,56 @@ fn fused_path_holds_one_tile_of_logits_at_most() -> Result<()> {
         weight: w.as_tensor().clone(),
         bias: None,
     };
-    take_largest_logits_chunk();
-    let lp = head.token_logps_tiled(h.as_tensor(), &targets, None, tile)?;
-    let grads = lp.sum_all()?.backward()?;
-    assert!(grads.get(&w).is_some() && grads.get(&h).is_some());
-    let training = take_largest_logits_chunk();
-    // The SAM pre-pass's forward runs with the default tile, which covers this whole case.
-    let (_, lse) = head.token_logps_and_lse(h.as_tensor(), &targets)?;
-    take_largest_logits_chunk();
-    head.sam_gradient_tiled(
-        h.as_tensor(),
-        &targets,
-        &lp.ones_like()?,
-        &lse.unwrap(),
-        tile,
-    )?;
-    let sam = take_largest_logits_chunk();
-    for largest in [training, sam] {
-        assert_eq!(
-            largest,
-            tile.rows * tile.vocab,
-            "largest logits tile {largest} elements; n × vocab = {}",
-            n * vocab
-        );
+    let all = n * vocab;
+    for (keep_bytes, want) in [(0, 32 * 500), (all * 4 - 1, 32 * 500), (all * 4, all)] {
+        let tile = Tile {
+            rows: 32,
+            vocab: 500,
+            keep_bytes,
+        };
+        take_largest_logits_chunk();
+        let lp = head.token_logps_tiled(h.as_tensor(), &targets, None, tile)?;
+        let grads = lp.sum_all()?.backward()?;
+        assert!(grads.get(&w).is_some() && grads.get(&h).is_some());
+        let training = take_largest_logits_chunk();
+        let (_, pre) = head.token_logps_for_sam_tiled(h.as_tensor(), &targets, tile)?;
+        pre.unwrap().sam_gradient(&lp.ones_like()?)?;
+        let sam = take_largest_logits_chunk();
+        for largest in [training, sam] {
+            assert_eq!(
+                largest, want,
+                "keep_bytes {keep_bytes}: held {largest} logits at once; n × vocab = {all}"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Keeping the forward's logits changes which matmuls run, not a bit of the results: log-probs,
+/// every gradient (with and without a bias and the SAM perturbation) and the SAM gradient.
+#[test]
+fn kept_logits_give_exactly_the_recomputed_results() -> Result<()> {
+    for bias in [false, true] {
+        let c = case(DType::F32, bias)?;
+        for e in [None, Some(&c.e)] {
+            let (lp_r, grads_r) = c.run_tiled(Some(TILE), e)?;
+            let (lp_k, grads_k) = c.run_tiled(Some(KEEP), e)?;
+            assert_eq!(max_diff(&lp_r, &lp_k)?, 0.0);
+            for (r, k) in grads_r.iter().zip(&grads_k) {
+                assert_eq!(
+                    max_diff(r, k)?,
+                    0.0,
+                    "bias {bias}, perturbed {}",
+                    e.is_some()
+                );
+            }
+        }
+        let head = c.head();
+        let g = |tile| -> Result<Tensor> {
+            let (_, pre) = head.token_logps_for_sam_tiled(c.h.as_tensor(), &c.targets, tile)?;
+            pre.unwrap().sam_gradient(&c.coef)
+        };
+        assert_eq!(max_diff(&g(TILE)?, &g(KEEP)?)?, 0.0);
     }
     Ok(())
 }
@@ -277,8 +326,8 @@ fn half_precision_falls_back_to_unfused() -> Result<()> {
     let head = c.head();
     let lp = head.token_logps(c.h.as_tensor(), &c.targets, None)?;
     assert_eq!(lp.dtype(), DType::F32);
-    let (_, lse) = head.token_logps_and_lse(c.h.as_tensor(), &c.targets)?;
-    assert!(lse.is_none());
+    let (_, pre) = head.token_logps_for_sam(c.h.as_tensor(), &c.targets)?;
+    assert!(pre.is_none());
     let g = head.sam_gradient(
         c.h.as_tensor(),
         &c.targets,

@@ -469,3 +469,37 @@ fn a_full_disk_fails_the_save_clearly_and_the_previous_checkpoint_loads() {
     checkpoint::restore(&mut fresh, &ckpt).unwrap();
     assert_eq!(fresh.step, 3);
 }
+
+#[test]
+fn bf16_sharded_saves_keep_resume_exact() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("bf16");
+    let save = [
+        "--set",
+        "training.save_dtype=bf16",
+        "--set",
+        "training.max_shard_size=10KB",
+    ];
+    ok(&run(&args(&out, &save)));
+    // How weights are saved does not change the run.
+    assert_eq!(metrics(&out), metrics(&reference().0));
+    let ckpt = out.join("checkpoint-9");
+    let shards = dpo_sam::models::weight_files(&ckpt).unwrap();
+    assert!(shards.len() > 1, "expected shards, got {shards:?}");
+    assert!(ckpt.join("exact_weights.safetensors").is_file());
+    let final_weights = |d: &Path| -> Vec<Vec<u8>> {
+        dpo_sam::models::weight_files(d)
+            .unwrap()
+            .iter()
+            .map(|f| std::fs::read(f).unwrap())
+            .collect()
+    };
+    let first = final_weights(&out);
+    // Continue from checkpoint-9: the rounded shards alone would not resume exactly.
+    std::fs::remove_dir_all(out.join("checkpoint-12")).unwrap();
+    let mut resume = save.to_vec();
+    resume.push("--resume");
+    ok(&run(&args(&out, &resume)));
+    assert_eq!(metrics(&out), metrics(&reference().0));
+    assert!(final_weights(&out) == first, "final bf16 weights differ");
+}

@@ -309,3 +309,96 @@ fn a_short_run_lowers_the_loss_and_raises_reward_accuracy() {
         .unwrap();
     assert_eq!(max_abs_diff(&h1, &h2), 0.0);
 }
+
+/// The largest |a − b| / max |b| over every parameter's gradient.
+fn max_rel_diff(a: &[(String, Tensor)], b: &[(String, Tensor)]) -> f64 {
+    a.iter()
+        .zip(b)
+        .map(|((name, ga), (nb, gb))| {
+            assert_eq!(name, nb);
+            let scale = gb.abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+            let scale = scale
+                .to_dtype(DType::F64)
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap();
+            max_abs_diff(ga, gb) / scale.max(f64::MIN_POSITIVE)
+        })
+        .fold(0.0, f64::max)
+}
+
+const CHECKPOINTED_MODELS: &[&str] = &[
+    "builtin:tiny-gpt2",
+    "tests/fixtures/gpt-neox-parallel",
+    "tests/fixtures/gpt-neox-sequential",
+    "tests/fixtures/mistral-window-untied",
+    "tests/fixtures/llama-bias-headdim",
+];
+
+#[test]
+fn checkpointing_gives_the_same_gradients() {
+    for model in CHECKPOINTED_MODELS {
+        let path = match model.strip_prefix("tests/") {
+            Some(_) => format!("{}/{model}", env!("CARGO_MANIFEST_DIR")),
+            None => model.to_string(),
+        };
+        for (sam, mp) in [
+            ("none", "no"),
+            ("logits", "no"),
+            ("full", "no"),
+            ("logits", "bf16"),
+        ] {
+            let grads = |on: bool| {
+                let tr = trainer(&[
+                    &format!("model.name_or_path={path:?}"),
+                    &format!("sam.kind={sam:?}"),
+                    &format!("training.mixed_precision={mp:?}"),
+                    &format!("training.gradient_checkpointing={on}"),
+                ]);
+                let b = batch(&tr, 4);
+                // The graph the forward leaves behind: checkpointing keeps one node per block.
+                let h = tr.policy.net.forward_hidden(&b.input_ids).unwrap();
+                let nodes = h.sorted_nodes().len();
+                let ms = tr.micro_step(&b, Some(1.0)).unwrap();
+                (
+                    ms.loss,
+                    nodes,
+                    grads_by_name(&tr, ms.grads.as_ref().unwrap()),
+                )
+            };
+            let ((loss_off, nodes_off, off), (loss_on, nodes_on, on)) = (grads(false), grads(true));
+            assert_eq!(loss_off, loss_on, "{model} sam {sam} {mp}");
+            assert!(
+                2 * nodes_on < nodes_off,
+                "{model}: {nodes_on} graph nodes with checkpointing, {nodes_off} without"
+            );
+            let rel = max_rel_diff(&on, &off);
+            eprintln!(
+                "{model} sam={sam} mixed_precision={mp}: max relative gradient difference {rel:e}"
+            );
+            assert_eq!(rel, 0.0, "{model} sam {sam} {mp}");
+        }
+    }
+}
+
+#[test]
+fn a_short_checkpointed_run_ends_at_the_same_weights() {
+    for mp in ["no", "bf16"] {
+        let run = |on: bool| {
+            let mut tr = trainer(&[
+                "training.max_steps=3",
+                "training.eval_steps=0",
+                "training.batch_size=8",
+                "training.micro_batch_size=4",
+                &format!("training.mixed_precision={mp:?}"),
+                &format!("training.gradient_checkpointing={on}"),
+            ]);
+            tr.train().unwrap();
+            tr.policy.named_tensors()
+        };
+        let (off, on) = (run(false), run(true));
+        for (name, w) in &off {
+            assert_eq!(max_abs_diff(w, &on[name]), 0.0, "{name} ({mp})");
+        }
+    }
+}

@@ -126,6 +126,7 @@ pub fn pair_stream(
 }
 
 /// Tokenised pairs of both splits, with every skipped row counted by reason.
+#[derive(Default)]
 pub struct TokenizedData {
     pub train: Vec<TokenizedPair>,
     pub eval: Vec<TokenizedPair>,
@@ -142,31 +143,60 @@ pub fn load_tokenized(
     seed: u64,
     model_dir: Option<&Path>,
 ) -> Result<TokenizedData> {
+    load_splits(cfg, tok, seed, model_dir, &[Split::Train, Split::Eval])
+}
+
+/// [`load_tokenized`] for some splits only (the others stay empty): with `data.streaming` the
+/// trainer keeps only the eval split in memory. Tokenised on [`stream::threads`] threads, in
+/// file order.
+pub fn load_splits(
+    cfg: &DataConfig,
+    tok: &Tok,
+    seed: u64,
+    model_dir: Option<&Path>,
+    splits: &[Split],
+) -> Result<TokenizedData> {
     let conv = converter(cfg, tok, model_dir)?;
-    let trunc = Truncation::from_config(cfg);
+    let (tok, trunc) = (Arc::new(tok.clone()), Truncation::from_config(cfg));
     let mut skips = Skips::new(cfg.strict);
-    let mut records = 0;
-    let mut read = |split: Split| -> Result<Vec<TokenizedPair>> {
-        let mut stream = pair_stream(cfg, split, conv.clone(), seed, 0, false)?;
-        let mut out = Vec::new();
-        for row in stream.by_ref() {
-            match row? {
-                Err(e) => skips.record(&e)?,
-                Ok((origin, pair)) => match stream::tokenize_row(tok, &trunc, &origin, &pair)? {
-                    Ok(tp) => out.push(tp),
-                    Err(e) => skips.record(&e)?,
-                },
-            }
+    let mut data = TokenizedData::default();
+    for &split in splits {
+        let stream = pair_stream(cfg, split, conv.clone(), seed, 0, false)?;
+        let rows = stream::tokenize_rows(stream, tok.clone(), trunc.clone(), stream::threads());
+        let out = match split {
+            Split::Train => &mut data.train,
+            Split::Eval => &mut data.eval,
+        };
+        for row in rows {
+            out.extend(skips.keep(row)?);
+            data.records += 1;
         }
-        records += stream.records;
-        Ok(out)
-    };
-    let train = read(Split::Train)?;
-    let eval = read(Split::Eval)?;
-    Ok(TokenizedData {
-        train,
-        eval,
-        records,
-        skipped: skips.counts,
-    })
+    }
+    data.skipped = skips.counts;
+    Ok(data)
+}
+
+/// One epoch of the training split as micro-batches, streamed (`data.streaming`): the inputs
+/// re-read lazily with the shuffle buffer seeded by (seed, epoch), tokenised ahead on
+/// background threads, grouped by length within `data.group_by_length` windows. Memory is
+/// bounded by the shuffle buffer, the window and the tokenisers' read-ahead.
+pub fn train_batches(
+    cfg: &DataConfig,
+    converter: Arc<format::Converter>,
+    tok: Arc<Tok>,
+    seed: u64,
+    epoch: usize,
+    micro: usize,
+) -> Result<stream::Batches> {
+    let stream = pair_stream(cfg, Split::Train, converter, seed, epoch, true)?;
+    let trunc = Truncation::from_config(cfg);
+    let rows = stream::tokenize_rows(stream, tok, trunc, stream::threads());
+    let window_seed = seed.wrapping_add(0x9e37_79b9_7f4a_7c15u64.wrapping_mul(epoch as u64 + 1));
+    Ok(stream::Batches::new(
+        rows,
+        micro,
+        cfg.group_by_length,
+        Skips::new(cfg.strict),
+        window_seed,
+    ))
 }

@@ -1,7 +1,8 @@
 //! The lazy pair stream: files opened one after another, records converted as they are read,
 //! an eval split held out by a hash of each record's origin (so it is the same rows whatever
-//! the shuffle), a seeded shuffle buffer, skip counting (or `strict` failure), and batching
-//! that groups similar lengths inside a window to cut padding.
+//! the shuffle), a seeded shuffle buffer, tokenisation on background threads in input order,
+//! skip counting (or `strict` failure), and batching that groups similar lengths inside a
+//! window to cut padding.
 
 use super::batch::{tokenize_pair, TokenizedPair, Truncation};
 use super::format::Converter;
@@ -13,7 +14,7 @@ use rand::{seq::SliceRandom, Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{mpsc, Arc, Mutex};
 
 /// A pair with where it came from, or the row's problem.
 pub type Row = std::result::Result<(Origin, PreferencePair), RowError>;
@@ -61,7 +62,7 @@ fn origin_hash(seed: u64, origin: &Origin) -> u64 {
 /// problems (unopenable file, no chat template); bad rows are `Ok(Err(RowError))`.
 pub struct PairStream {
     inputs: std::vec::IntoIter<Input>,
-    current: Option<Box<dyn Iterator<Item = RawRecord>>>,
+    current: Option<Box<dyn Iterator<Item = RawRecord> + Send>>,
     converter: Arc<Converter>,
     holdout: Holdout,
     seed: u64,
@@ -201,6 +202,104 @@ impl Skips {
     pub fn total(&self) -> usize {
         self.counts.values().sum()
     }
+
+    /// A tokenised row's pair, or `None` with its skip recorded; fatal errors pass through.
+    pub fn keep(&mut self, row: Result<TokRow>) -> Result<Option<TokenizedPair>> {
+        match row? {
+            Ok(tp) => Ok(Some(tp)),
+            Err(e) => self.record(&e).map(|()| None),
+        }
+    }
+}
+
+/// A tokenised row: its pair, or why the row is skipped (a bad record or a truncation skip).
+pub type TokRow = std::result::Result<TokenizedPair, RowError>;
+
+/// Tokenises `rows` in order. With `threads` > 1 the rows are read (and converted) on one
+/// background thread and tokenised on `threads` more, so reading, tokenising and training
+/// overlap; see [`par_map`] for the order and memory guarantees.
+pub fn tokenize_rows(
+    rows: impl Iterator<Item = Result<Row>> + Send + 'static,
+    tok: Arc<Tok>,
+    trunc: Truncation,
+    threads: usize,
+) -> Box<dyn Iterator<Item = Result<TokRow>> + Send> {
+    // Each worker tokenises with its own copy, so that workers share no tokenizer state (the
+    // BPE cache, which a clone starts afresh).
+    let make = move || {
+        let (tok, trunc) = (Tok::clone(&tok), trunc.clone());
+        move |row: Result<Row>| -> Result<TokRow> {
+            match row? {
+                Err(e) => Ok(Err(e)),
+                Ok((origin, pair)) => tokenize_row(&tok, &trunc, &origin, &pair),
+            }
+        }
+    };
+    if threads <= 1 {
+        return Box::new(rows.map(make()));
+    }
+    par_map(rows, make, threads)
+}
+
+/// Items per job of [`par_map`]: large enough to amortise the channels, small enough that the
+/// first micro-batch is not kept waiting.
+const CHUNK: usize = 32;
+
+/// A map over `items` on `threads` worker threads, each with its own function from `make`;
+/// results in input order (so identical to a serial map whatever the scheduling). `items` is
+/// drawn on its own thread in chunks; at most `2 * threads + 2` chunks are read ahead of the
+/// consumer, which bounds memory. Dropping the iterator stops the threads (after the chunk
+/// each is on).
+pub fn par_map<T: Send + 'static, U: Send + 'static, F: FnMut(T) -> U>(
+    items: impl Iterator<Item = T> + Send + 'static,
+    make: impl Fn() -> F + Send + Sync + 'static,
+    threads: usize,
+) -> Box<dyn Iterator<Item = U> + Send> {
+    type Job<T, U> = (Vec<T>, mpsc::SyncSender<Vec<U>>);
+    let make = Arc::new(make);
+    let (job_tx, job_rx) = mpsc::sync_channel::<Job<T, U>>(threads);
+    let job_rx = Arc::new(Mutex::new(job_rx));
+    for _ in 0..threads {
+        let (job_rx, make) = (job_rx.clone(), make.clone());
+        std::thread::spawn(move || {
+            let mut f = make();
+            loop {
+                let job = job_rx
+                    .lock()
+                    .map_err(drop)
+                    .and_then(|rx| rx.recv().map_err(drop));
+                let Ok((chunk, done)) = job else { break };
+                // A dropped consumer is not an error: the results are simply not wanted.
+                let _ = done.send(chunk.into_iter().map(&mut f).collect());
+            }
+        });
+    }
+    // Each chunk's result slot is queued in input order before the chunk goes to the workers.
+    let (order_tx, order_rx) = mpsc::sync_channel::<mpsc::Receiver<Vec<U>>>(2 * threads);
+    std::thread::spawn(move || {
+        let mut items = items;
+        loop {
+            let chunk: Vec<T> = items.by_ref().take(CHUNK).collect();
+            if chunk.is_empty() {
+                break;
+            }
+            let (done_tx, done_rx) = mpsc::sync_channel(1);
+            if order_tx.send(done_rx).is_err() || job_tx.send((chunk, done_tx)).is_err() {
+                break;
+            }
+        }
+    });
+    Box::new(
+        order_rx
+            .into_iter()
+            .flat_map(|done| done.recv().expect("a data worker thread panicked")),
+    )
+}
+
+/// Tokenising threads for [`tokenize_rows`]: every core, since the read-ahead is bounded and
+/// idle workers cost nothing once it is full.
+pub fn threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 /// Tokenises a streamed pair; truncation skips become row errors with the pair's origin.
@@ -231,18 +330,24 @@ pub fn group_window<T>(
     rng: &mut impl Rng,
 ) -> Vec<Vec<T>> {
     window.sort_by_key(|t| std::cmp::Reverse(len(t)));
-    let mut batches = Vec::with_capacity(window.len().div_ceil(micro.max(1)));
-    let mut it = window.into_iter().peekable();
-    while it.peek().is_some() {
-        batches.push(it.by_ref().take(micro.max(1)).collect::<Vec<T>>());
-    }
+    let mut batches = chunked(window, micro);
     batches.shuffle(rng);
     batches
 }
 
-/// A seeded permutation of `lengths.len()` in-memory pairs for one epoch. With `window`
-/// > `micro`, each window of the permutation is regrouped by [`group_window`], so consecutive
-/// runs of `micro` indices have similar lengths; otherwise it is a plain shuffle.
+/// `items` cut into runs of `size` (the last may be shorter).
+fn chunked<T>(items: Vec<T>, size: usize) -> Vec<Vec<T>> {
+    let mut out = Vec::with_capacity(items.len().div_ceil(size.max(1)));
+    let mut it = items.into_iter().peekable();
+    while it.peek().is_some() {
+        out.push(it.by_ref().take(size.max(1)).collect());
+    }
+    out
+}
+
+/// A seeded permutation of `lengths.len()` in-memory pairs for one epoch. With a `window`
+/// larger than `micro`, each window of the permutation is regrouped by [`group_window`], so
+/// consecutive runs of `micro` indices have similar lengths; otherwise it is a plain shuffle.
 pub fn epoch_order(
     lengths: &[usize],
     micro: usize,
@@ -271,34 +376,32 @@ pub fn epoch_order(
 
 /// Streams micro-batches of tokenised pairs: windows of `window` pairs (at least `micro`)
 /// regrouped by length, counting every skipped row in `skips`.
-pub struct Batches<'a> {
-    pub stream: PairStream,
-    pub tok: &'a Tok,
-    pub trunc: Truncation,
+pub struct Batches {
+    rows: Box<dyn Iterator<Item = Result<TokRow>> + Send>,
     pub micro: usize,
     pub window: usize,
     pub skips: Skips,
+    /// Rows drawn so far (good and bad), as [`PairStream::records`].
+    pub records: usize,
     rng: ChaCha8Rng,
     ready: std::vec::IntoIter<Vec<TokenizedPair>>,
 }
 
-impl<'a> Batches<'a> {
+impl Batches {
+    /// `rows` as [`tokenize_rows`] yields them.
     pub fn new(
-        stream: PairStream,
-        tok: &'a Tok,
-        trunc: Truncation,
+        rows: Box<dyn Iterator<Item = Result<TokRow>> + Send>,
         micro: usize,
         window: usize,
         skips: Skips,
         seed: u64,
     ) -> Self {
         Batches {
-            stream,
-            tok,
-            trunc,
+            rows,
             micro,
             window,
             skips,
+            records: 0,
             rng: ChaCha8Rng::seed_from_u64(seed),
             ready: Vec::new().into_iter(),
         }
@@ -307,31 +410,23 @@ impl<'a> Batches<'a> {
     fn fill(&mut self) -> Result<()> {
         let mut window = Vec::new();
         while window.len() < self.window.max(self.micro) {
-            let Some(row) = self.stream.next() else { break };
-            match row? {
-                Err(e) => self.skips.record(&e)?,
-                Ok((origin, pair)) => match tokenize_row(self.tok, &self.trunc, &origin, &pair)? {
-                    Ok(tp) => window.push(tp),
-                    Err(e) => self.skips.record(&e)?,
-                },
+            let Some(row) = self.rows.next() else { break };
+            if let Some(tp) = self.skips.keep(row)? {
+                window.push(tp);
             }
+            self.records += 1;
         }
         self.ready = if self.window > self.micro {
             group_window(window, pair_len, self.micro, &mut self.rng)
         } else {
-            let mut it = window.into_iter().peekable();
-            let mut out = Vec::new();
-            while it.peek().is_some() {
-                out.push(it.by_ref().take(self.micro).collect());
-            }
-            out
+            chunked(window, self.micro)
         }
         .into_iter();
         Ok(())
     }
 }
 
-impl Iterator for Batches<'_> {
+impl Iterator for Batches {
     type Item = Result<Vec<TokenizedPair>>;
 
     fn next(&mut self) -> Option<Self::Item> {

@@ -4,6 +4,7 @@
 //! projections stored `[in, out]` (so y = x W + b, no transpose), and `lm_head` tied to `wte`.
 
 use super::cache::{KvCache, Step};
+use super::checkpoint::{run_blocks, GradSink};
 use super::ops::LayerNorm;
 use super::ops::{attention, causal_mask};
 use super::CausalLm;
@@ -11,6 +12,7 @@ use crate::output::OutputLayer;
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct Config {
@@ -198,8 +200,9 @@ impl Block {
 pub struct Gpt2 {
     wte: Tensor,
     wpe: Tensor,
-    blocks: Vec<Block>,
+    blocks: Vec<Arc<Block>>,
     ln_f: LayerNorm,
+    checkpoint: Option<GradSink>,
 }
 
 impl Gpt2 {
@@ -239,7 +242,7 @@ impl Gpt2 {
             },
         )?;
         let blocks = (0..cfg.n_layer)
-            .map(|i| Block::new(cfg, vb.pp(format!("h.{i}"))))
+            .map(|i| Block::new(cfg, vb.pp(format!("h.{i}"))).map(Arc::new))
             .collect::<Result<_>>()?;
         let ln_f = LayerNorm::new(cfg.n_embd, cfg.layer_norm_epsilon, vb.pp("ln_f"))?;
         Ok(Self {
@@ -247,6 +250,7 @@ impl Gpt2 {
             wpe,
             blocks,
             ln_f,
+            checkpoint: None,
         })
     }
 }
@@ -261,11 +265,11 @@ impl CausalLm for Gpt2 {
         let tok =
             candle_nn::Embedding::new(self.wte.clone(), self.wte.dim(1)?).forward(input_ids)?;
         let pos = self.wpe.narrow(0, 0, t)?;
-        let mut x = tok.broadcast_add(&pos)?;
+        let x = tok.broadcast_add(&pos)?;
         let mask = causal_mask(t, None, x.dtype(), x.device())?;
-        for block in &self.blocks {
-            x = block.forward(&x, &mask, None)?;
-        }
+        let x = run_blocks(x, &self.blocks, self.checkpoint.as_ref(), move |b, x| {
+            b.forward(x, &mask, None)
+        })?;
         self.ln_f.forward(&x)
     }
 
@@ -299,6 +303,10 @@ impl CausalLm for Gpt2 {
             x = block.forward(&x, &step.mask, Some((&mut *cache, i)))?;
         }
         self.ln_f.forward(&x)
+    }
+
+    fn set_checkpointing(&mut self, sink: Option<GradSink>) {
+        self.checkpoint = sink;
     }
 
     fn output_layer(&self) -> OutputLayer {

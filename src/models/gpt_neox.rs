@@ -6,6 +6,7 @@
 //! sequential residual, and an untied `embed_out` unless `tie_word_embeddings`.
 
 use super::cache::{KvCache, Step};
+use super::checkpoint::{run_blocks, GradSink};
 use super::ops::LayerNorm;
 use super::ops::{attention, causal_mask, linear, rope_settings, rotary, rotary_tables};
 use super::ops::{Activation, RopeParameters};
@@ -14,6 +15,7 @@ use crate::output::OutputLayer;
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Init, Linear, VarBuilder};
 use serde::Deserialize;
+use std::sync::Arc;
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct Config {
@@ -160,11 +162,12 @@ impl Layer {
 
 pub struct GptNeox {
     embed_in: Tensor,
-    layers: Vec<Layer>,
+    layers: Vec<Arc<Layer>>,
     final_layer_norm: LayerNorm,
     embed_out: Tensor,
     rotary_dim: usize,
     rope_base: f64,
+    checkpoint: Option<GradSink>,
 }
 
 impl GptNeox {
@@ -199,7 +202,7 @@ impl GptNeox {
         let embed_in =
             base.get_with_hints((cfg.vocab_size, cfg.hidden_size), "embed_in.weight", init)?;
         let layers = (0..cfg.num_hidden_layers)
-            .map(|i| Layer::new(cfg, base.pp(format!("layers.{i}"))))
+            .map(|i| Layer::new(cfg, base.pp(format!("layers.{i}"))).map(Arc::new))
             .collect::<Result<_>>()?;
         let final_layer_norm = LayerNorm::new(
             cfg.hidden_size,
@@ -218,6 +221,7 @@ impl GptNeox {
             embed_out,
             rotary_dim,
             rope_base: theta.unwrap_or(10_000.0),
+            checkpoint: None,
         })
     }
 }
@@ -225,16 +229,16 @@ impl GptNeox {
 impl CausalLm for GptNeox {
     fn forward_hidden(&self, input_ids: &Tensor) -> Result<Tensor> {
         let (_b, t) = input_ids.dims2()?;
-        let mut x = candle_nn::Embedding::new(self.embed_in.clone(), self.embed_in.dim(1)?)
+        let x = candle_nn::Embedding::new(self.embed_in.clone(), self.embed_in.dim(1)?)
             .forward(input_ids)?;
         let rope = match self.rotary_dim {
             0 => None,
             d => Some(rotary_tables(t, d, self.rope_base, x.dtype(), x.device())?),
         };
         let mask = causal_mask(t, None, x.dtype(), x.device())?;
-        for layer in &self.layers {
-            x = layer.forward(&x, rope.as_ref(), &mask, None)?;
-        }
+        let x = run_blocks(x, &self.layers, self.checkpoint.as_ref(), move |l, x| {
+            l.forward(x, rope.as_ref(), &mask, None)
+        })?;
         self.final_layer_norm.forward(&x)
     }
 
@@ -256,6 +260,10 @@ impl CausalLm for GptNeox {
             x = layer.forward(&x, rope.as_ref(), &step.mask, Some((&mut *cache, i)))?;
         }
         self.final_layer_norm.forward(&x)
+    }
+
+    fn set_checkpointing(&mut self, sink: Option<GradSink>) {
+        self.checkpoint = sink;
     }
 
     fn output_layer(&self) -> OutputLayer {

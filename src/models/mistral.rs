@@ -9,6 +9,7 @@
 //! projections never have biases.
 
 use super::cache::{KvCache, Step};
+use super::checkpoint::{run_blocks, GradSink};
 use super::ops::{
     attention, causal_mask, linear, repeat_kv, rms_norm, rope_settings, rotary, rotary_tables,
 };
@@ -18,6 +19,7 @@ use crate::output::OutputLayer;
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Init, Linear, VarBuilder};
 use serde::Deserialize;
+use std::sync::Arc;
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct Config {
@@ -198,12 +200,13 @@ struct Shape {
 
 pub struct Mistral {
     embed_tokens: Tensor,
-    layers: Vec<Layer>,
+    layers: Vec<Arc<Layer>>,
     norm: RmsNorm,
     lm_head: Tensor,
     rotary_dim: usize,
     rope_base: f64,
     sliding_window: Option<usize>,
+    checkpoint: Option<GradSink>,
 }
 
 impl Mistral {
@@ -256,7 +259,7 @@ impl Mistral {
             init,
         )?;
         let layers = (0..cfg.num_hidden_layers)
-            .map(|i| Layer::new(cfg, &shape, base.pp(format!("layers.{i}"))))
+            .map(|i| Layer::new(cfg, &shape, base.pp(format!("layers.{i}"))).map(Arc::new))
             .collect::<Result<_>>()?;
         let norm = RmsNorm::new(cfg.hidden_size, cfg.rms_norm_eps, base.pp("norm"))?;
         // A tied checkpoint may still carry an `lm_head.weight` copy; like transformers, ignore it.
@@ -273,6 +276,7 @@ impl Mistral {
             rotary_dim,
             rope_base: theta.unwrap_or(10_000.0),
             sliding_window: if llama { None } else { cfg.sliding_window },
+            checkpoint: None,
         })
     }
 }
@@ -280,13 +284,13 @@ impl Mistral {
 impl CausalLm for Mistral {
     fn forward_hidden(&self, input_ids: &Tensor) -> Result<Tensor> {
         let (_b, t) = input_ids.dims2()?;
-        let mut x = candle_nn::Embedding::new(self.embed_tokens.clone(), self.embed_tokens.dim(1)?)
+        let x = candle_nn::Embedding::new(self.embed_tokens.clone(), self.embed_tokens.dim(1)?)
             .forward(input_ids)?;
         let (cos, sin) = rotary_tables(t, self.rotary_dim, self.rope_base, x.dtype(), x.device())?;
         let mask = causal_mask(t, self.sliding_window, x.dtype(), x.device())?;
-        for layer in &self.layers {
-            x = layer.forward(&x, &cos, &sin, &mask, None)?;
-        }
+        let x = run_blocks(x, &self.layers, self.checkpoint.as_ref(), move |l, x| {
+            l.forward(x, &cos, &sin, &mask, None)
+        })?;
         self.norm.forward(&x)
     }
 
@@ -312,6 +316,10 @@ impl CausalLm for Mistral {
             x = layer.forward(&x, &cos, &sin, &step.mask, Some((&mut *cache, i)))?;
         }
         self.norm.forward(&x)
+    }
+
+    fn set_checkpointing(&mut self, sink: Option<GradSink>) {
+        self.checkpoint = sink;
     }
 
     fn output_layer(&self) -> OutputLayer {

@@ -5,6 +5,7 @@
 //! apart ([`crate::output::OutputLayer`]), so that the logits-SAM step can perturb it alone.
 
 pub mod cache;
+pub mod checkpoint;
 pub mod fast_ops;
 pub mod gpt2;
 pub mod gpt_neox;
@@ -13,7 +14,9 @@ pub mod ops;
 
 use crate::output::OutputLayer;
 use anyhow::{anyhow, bail, Context, Result};
-use candle_core::{safetensors::MmapedSafetensors, DType, Device, Shape, Tensor, Var};
+use candle_core::{
+    backprop::GradStore, safetensors::MmapedSafetensors, DType, Device, Shape, Tensor, Var,
+};
 use candle_nn::{var_builder::SimpleBackend, Init, VarBuilder};
 use rand::{Rng, SeedableRng};
 use std::collections::HashMap;
@@ -36,6 +39,9 @@ pub trait CausalLm: Send + Sync {
         attention_mask: &Tensor,
         cache: &mut cache::KvCache,
     ) -> candle_core::Result<Tensor>;
+    /// Activation checkpointing of [`CausalLm::forward_hidden`]'s blocks, collecting weight
+    /// gradients in `sink` ([`checkpoint`]); `None` turns it off.
+    fn set_checkpointing(&mut self, sink: Option<checkpoint::GradSink>);
 }
 
 /// A named trainable tensor.
@@ -200,6 +206,9 @@ pub struct Model {
     pub net: Box<dyn CausalLm>,
     pub params: Vec<Param>,
     pub config_json: serde_json::Value,
+    /// Set while activation checkpointing is on: where the blocks' weight gradients wait for
+    /// [`Model::backward`].
+    grad_sink: Option<checkpoint::GradSink>,
 }
 
 impl Model {
@@ -246,6 +255,7 @@ impl Model {
             net,
             params,
             config_json,
+            grad_sink: None,
         })
     }
 
@@ -286,11 +296,14 @@ impl Model {
         for p in &mut params {
             p.master = Some(Var::from_tensor(&masters[&p.name])?);
         }
-        Ok(Model {
+        let mut model = Model {
             net,
             params,
             config_json: self.config_json,
-        })
+            grad_sink: None,
+        };
+        model.set_gradient_checkpointing(self.grad_sink.is_some());
+        Ok(model)
     }
 
     /// A frozen copy of the current weights (for the reference model): same values, no graph.
@@ -320,7 +333,38 @@ impl Model {
             net,
             params: Vec::new(),
             config_json: self.config_json.clone(),
+            grad_sink: None,
         })
+    }
+
+    /// Turns activation checkpointing per block on or off (`training.gradient_checkpointing`);
+    /// it needs trainable weights, and gradients must then come from [`Model::backward`].
+    pub fn set_gradient_checkpointing(&mut self, on: bool) {
+        self.grad_sink = (on && !self.params.is_empty())
+            .then(|| checkpoint::GradSink::new(self.params.iter().map(|p| p.var.id())));
+        self.net.set_checkpointing(self.grad_sink.clone());
+    }
+
+    /// The gradients of `loss`: `loss.backward()`, plus, under checkpointing, the block
+    /// weights' gradients that the recomputations collected.
+    pub fn backward(&self, loss: &Tensor) -> candle_core::Result<GradStore> {
+        let Some(sink) = &self.grad_sink else {
+            return loss.backward();
+        };
+        // Leftovers of a backward that failed half-way must not leak into this one.
+        sink.drain();
+        let mut grads = loss.backward()?;
+        let mut collected = sink.drain();
+        for p in &self.params {
+            if let Some(g) = collected.remove(&p.var.id()) {
+                let sum = match grads.get(p.var.as_tensor()) {
+                    Some(prev) => (prev + g)?,
+                    None => g,
+                };
+                grads.insert(p.var.as_tensor(), sum);
+            }
+        }
+        Ok(grads)
     }
 }
 

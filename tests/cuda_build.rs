@@ -23,10 +23,8 @@ fn cuda_feature_builds() {
         .output()
         .expect("run bash");
     let stderr = String::from_utf8_lossy(&out.stderr);
-    eprintln!(
-        "{}",
-        stderr.lines().rev().take(5).collect::<Vec<_>>().join("\n")
-    );
+    let lines: Vec<&str> = stderr.lines().collect();
+    eprintln!("{}", lines[lines.len().saturating_sub(5)..].join("\n"));
     assert!(
         out.status.success(),
         "scripts/build-cuda.sh failed:\n{stderr}"

@@ -1,4 +1,5 @@
-//! Device selection: `--device cpu|cuda[:N]`, shared by every subcommand.
+//! Device selection: `--device cpu|cuda[:N]`, shared by every subcommand; and the host
+//! allocator's settings for CPU training.
 
 use anyhow::{bail, Result};
 use candle_core::Device;
@@ -51,5 +52,20 @@ mod tests {
             let err = parse("cuda:0").unwrap_err().to_string();
             assert!(err.contains("without CUDA"), "{err}");
         }
+    }
+}
+
+/// Makes glibc's malloc keep freed tensor buffers for reuse. By default it returns every
+/// buffer above its mmap threshold to the kernel at once and trims the heap top, so each
+/// training step faults in and zeroes its activations afresh: that was 10–15% of a CPU step's
+/// time (`clear_page` in a profile). Buffers up to 32 MiB (glibc's ceiling) now come from the
+/// heap, and up to 1 GiB of free heap is kept.
+pub fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator tunables; it is called before any other thread
+    // exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
     }
 }

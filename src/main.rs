@@ -45,6 +45,7 @@ enum Command {
 }
 
 fn main() {
+    dpo_sam::device::keep_freed_memory();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Bench(args) => dpo_sam::bench::run(args),

@@ -307,14 +307,7 @@ fn assert_all_weights_get_gradients(dir: &Path) {
 
 #[test]
 fn every_weight_of_every_architecture_gets_a_gradient() {
-    for name in [
-        "gpt2-random",
-        "gpt-neox-parallel",
-        "gpt-neox-sequential",
-        "mistral-window-untied",
-        "mistral-window-tied",
-        "llama-bias-headdim",
-    ] {
+    for name in FIXTURES {
         assert_all_weights_get_gradients(&fixture(name));
     }
 }

@@ -8,6 +8,9 @@ use dpo_sam::config::Config;
 use dpo_sam::data::batch::PreferenceBatch;
 use dpo_sam::refcache::{self, Split};
 use dpo_sam::train::Trainer;
+
+mod common;
+use common::max_abs_diff;
 use std::path::Path;
 
 fn config(dir: &Path, overrides: &[&str]) -> Config {
@@ -44,21 +47,6 @@ fn batch(tr: &Trainer, n: usize) -> PreferenceBatch {
 
 fn vals(t: &Tensor) -> Vec<f64> {
     t.to_dtype(DType::F64).unwrap().to_vec1::<f64>().unwrap()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_dtype(DType::F64)
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap()
 }
 
 #[test]

@@ -3,29 +3,12 @@
 //! for bf16, and a short run learns.
 
 use candle_core::{DType, Tensor};
-use dpo_sam::config::Config;
 use dpo_sam::data::batch::PreferenceBatch;
 use dpo_sam::optim::GradAccumulator;
 use dpo_sam::train::Trainer;
 
-fn config(overrides: &[&str]) -> anyhow::Result<Config> {
-    let text = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/configs/tiny_gpt2.toml"
-    ))
-    .unwrap();
-    let dir = tempfile::tempdir().unwrap().keep();
-    let mut ov: Vec<String> = vec![
-        format!("output_dir=\"{}\"", dir.display()),
-        "data.builtin_pairs=64".into(),
-    ];
-    ov.extend(overrides.iter().map(|s| s.to_string()));
-    Config::parse(&text, "tiny_gpt2.toml", &ov)
-}
-
-fn trainer(overrides: &[&str]) -> Trainer {
-    Trainer::new(config(overrides).unwrap()).unwrap()
-}
+mod common;
+use common::{tiny_config as config, tiny_trainer as trainer};
 
 fn flat_grads(tr: &Trainer, store: &candle_core::backprop::GradStore) -> Tensor {
     let parts: Vec<Tensor> = tr

@@ -2,25 +2,12 @@
 //! match finite differences, logits-SAM follows Algorithm 1, and a short run learns.
 
 use candle_core::{DType, Tensor, Var};
-use dpo_sam::config::Config;
 use dpo_sam::data::batch::PreferenceBatch;
 use dpo_sam::output::OutputLayer;
 use dpo_sam::train::{response_hidden, Trainer};
 
-fn trainer(overrides: &[&str]) -> Trainer {
-    let text = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/configs/tiny_gpt2.toml"
-    ))
-    .unwrap();
-    let dir = tempfile::tempdir().unwrap().keep();
-    let mut ov: Vec<String> = vec![
-        format!("output_dir=\"{}\"", dir.display()),
-        "data.builtin_pairs=64".into(),
-    ];
-    ov.extend(overrides.iter().map(|s| s.to_string()));
-    Trainer::new(Config::parse(&text, "tiny_gpt2.toml", &ov).unwrap()).unwrap()
-}
+mod common;
+use common::{max_abs_diff, tiny_trainer as trainer};
 
 fn batch(tr: &Trainer, n: usize) -> PreferenceBatch {
     PreferenceBatch::new(&tr.train_pairs[..n], tr.tok.pad_id, &tr.device).unwrap()
@@ -37,21 +24,6 @@ fn grads_by_name(tr: &Trainer, store: &candle_core::backprop::GradStore) -> Vec<
             )
         })
         .collect()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_dtype(DType::F64)
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap()
 }
 
 fn norm(t: &Tensor) -> f64 {

@@ -12,6 +12,9 @@ use rand::SeedableRng;
 use std::path::Path;
 use std::process::Command;
 
+mod common;
+use common::max_abs_diff;
+
 fn load(spec: &str) -> Model {
     let source = ModelSource::resolve(spec, &BuiltinModel::default(), 0).unwrap();
     Model::load(&source, false, DType::F32, &Device::Cpu).unwrap()
@@ -19,19 +22,6 @@ fn load(spec: &str) -> Model {
 
 fn fixture(name: &str) -> String {
     format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"))
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 /// Logits `[b, t, vocab]` of hidden states `[b, t, hidden]`.
@@ -80,7 +70,7 @@ fn check_cache_matches_full_forward(spec: &str, t: usize) {
         let hidden = net.forward_cached(&ids(&step), &mask, &mut cache).unwrap();
         let got = logits(net, &hidden);
         let want = full.narrow(1, start, len).unwrap();
-        let d = max_diff(&got, &want);
+        let d = max_abs_diff(&got, &want);
         assert!(
             d <= 1e-4,
             "{spec}: positions {start}..{}: max |Δlogit| {d}",
@@ -145,7 +135,7 @@ fn check_left_padding(spec: &str) {
             .unwrap()
             .narrow(1, pad, row.len())
             .unwrap();
-        let d = max_diff(&got, &alone);
+        let d = max_abs_diff(&got, &alone);
         assert!(d <= 1e-4, "{spec}: row {r}: max |Δlogit| {d}");
     }
 }

@@ -1,4 +1,4 @@
-//! Helpers shared by the integration tests that train the built-in tiny GPT-2.
+//! Helpers shared by integration tests: the built-in tiny GPT-2 config and trainer, tensor diffs.
 #![allow(dead_code)] // each test binary uses its own subset
 
 use candle_core::{DType, Tensor};

@@ -48,8 +48,9 @@ fn step(tr: &mut Trainer, batch: &PreferenceBatch, idx: &[usize]) -> Result<f64>
         &tr.policy.params,
         ms.grads.as_ref().expect("backward was requested"),
     )?;
-    acc.clip(1.0)?;
-    tr.optimizer.apply(&tr.policy.params, acc.grads(), 1e-4)?;
+    let (_, scale) = acc.clip(1.0)?;
+    tr.optimizer
+        .apply(&tr.policy.params, acc.grads(), scale, 1e-4)?;
     Ok(started.elapsed().as_secs_f64())
 }
 

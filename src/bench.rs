@@ -219,10 +219,10 @@ pub fn bench(args: &BenchArgs) -> Result<serde_json::Value> {
                 &trainer.policy.params,
                 ms.grads.as_ref().expect("backward requested"),
             )?;
-            acc.clip(1.0)?;
+            let (_, scale) = acc.clip(1.0)?;
             trainer
                 .optimizer
-                .apply(&trainer.policy.params, acc.grads(), 1e-6)?;
+                .apply(&trainer.policy.params, acc.grads(), scale, 1e-6)?;
             trainer.device.synchronize()?;
             if round > 0 {
                 times[i].push(started.elapsed().as_secs_f64());

@@ -11,7 +11,9 @@
 //! matmuls of the unfused path and logits-SAM two more, the paper's bound.
 //! Elsewhere, and as the reference the tests compare against, the unfused composition runs.
 
-use crate::models::fast_ops::{self, by_dtype, par_blocks, slice, Real};
+use crate::models::fast_ops::{
+    self, by_dtype, par_blocks, row_max, row_sum, slice, vectorized, Real,
+};
 use crate::models::ops::{accum_dtype, log_softmax_last_dim};
 use candle_core::{
     bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, D,
@@ -329,13 +331,15 @@ impl Chunked {
             let b = bias.as_ref().map(|b| &b[v0..v0 + vn]);
             let mut stats: Vec<(T, T)> = (r0..r0 + rn).map(|i| (max[i], sum[i])).collect();
             par_blocks(&mut stats, 1, vn, |first, block| {
-                for (r, (m, s)) in block.iter_mut().enumerate() {
-                    let (tile_max, tile_sum) =
-                        row_stats(&x[(first + r) * vn..(first + r + 1) * vn], b);
-                    let new_max = if tile_max > *m { tile_max } else { *m };
-                    *s = *s * (*m - new_max).exp() + tile_sum * (tile_max - new_max).exp();
-                    *m = new_max;
-                }
+                vectorized(|| {
+                    for (r, (m, s)) in block.iter_mut().enumerate() {
+                        let (tile_max, tile_sum) =
+                            row_stats(&x[(first + r) * vn..(first + r + 1) * vn], b);
+                        let new_max = if tile_max > *m { tile_max } else { *m };
+                        *s = *s * (*m - new_max).exp() + tile_sum * (tile_max - new_max).exp();
+                        *m = new_max;
+                    }
+                })
             });
             for (r, (m, s)) in stats.into_iter().enumerate() {
                 let i = r0 + r;
@@ -386,28 +390,30 @@ impl Chunked {
             };
             let b = bias.as_ref().map(|b| &b[v0..v0 + vn]);
             let partials = par_blocks(&mut g, vn, vn, |first, block| {
-                let mut db = b.map(|_| vec![T::zero(); vn]);
-                for (r, row) in block.chunks_mut(vn).enumerate() {
-                    let i = r0 + first + r;
-                    let (coef, lse) = (dlogp[i], lse[i]);
-                    match b {
-                        Some(b) => row
-                            .iter_mut()
-                            .zip(b)
-                            .for_each(|(z, &b)| *z = T::zero() - coef * (*z + b - lse).exp()),
-                        None => row
-                            .iter_mut()
-                            .for_each(|z| *z = T::zero() - coef * (*z - lse).exp()),
+                vectorized(|| {
+                    let mut db = b.map(|_| vec![T::zero(); vn]);
+                    for (r, row) in block.chunks_mut(vn).enumerate() {
+                        let i = r0 + first + r;
+                        let (coef, lse) = (dlogp[i], lse[i]);
+                        match b {
+                            Some(b) => row
+                                .iter_mut()
+                                .zip(b)
+                                .for_each(|(z, &b)| *z = T::zero() - coef * (*z + b - lse).exp()),
+                            None => row
+                                .iter_mut()
+                                .for_each(|z| *z = T::zero() - coef * (*z - lse).exp()),
+                        }
+                        let t = self.targets[i] as usize;
+                        if (v0..v0 + vn).contains(&t) {
+                            row[t - v0] += coef;
+                        }
+                        if let Some(db) = &mut db {
+                            db.iter_mut().zip(row.iter()).for_each(|(d, &z)| *d += z);
+                        }
                     }
-                    let t = self.targets[i] as usize;
-                    if (v0..v0 + vn).contains(&t) {
-                        row[t - v0] += coef;
-                    }
-                    if let Some(db) = &mut db {
-                        db.iter_mut().zip(row.iter()).for_each(|(d, &z)| *d += z);
-                    }
-                }
-                db
+                    db
+                })
             });
             if let Some(db) = &mut db {
                 for p in partials.into_iter().flatten() {
@@ -448,24 +454,16 @@ impl Chunked {
 }
 
 /// (max, Σ exp(z − max)) of a row of logits, z = x + bias.
+#[inline(always)]
 fn row_stats<T: Real>(x: &[T], bias: Option<&[T]>) -> (T, T) {
-    let mut max = T::from_f64(f64::NEG_INFINITY);
-    let mut sum = T::zero();
+    let stats = |z: &[T]| {
+        let max = row_max(z);
+        (max, row_sum(z, |v| (v - max).exp()))
+    };
     match bias {
-        Some(b) => {
-            x.iter()
-                .zip(b)
-                .for_each(|(&x, &b)| max = if x + b > max { x + b } else { max });
-            x.iter()
-                .zip(b)
-                .for_each(|(&x, &b)| sum += (x + b - max).exp());
-        }
-        None => {
-            x.iter().for_each(|&x| max = if x > max { x } else { max });
-            x.iter().for_each(|&x| sum += (x - max).exp());
-        }
+        Some(b) => stats(&x.iter().zip(b).map(|(&x, &b)| x + b).collect::<Vec<T>>()),
+        None => stats(x),
     }
-    (max, sum)
 }
 
 /// Token log-probs as one graph node over (h, weight[, bias]). The chunked forward is written

@@ -600,8 +600,8 @@ impl Trainer {
                 )?;
                 tally.add(&ms, &batch);
             }
-            let grad_norm = if nonfinite.is_some() {
-                f64::NAN
+            let (grad_norm, grad_scale) = if nonfinite.is_some() {
+                (f64::NAN, 1.0)
             } else {
                 acc.clip(t.max_grad_norm)?
             };
@@ -618,7 +618,9 @@ impl Trainer {
                     self.nonfinite_skipped += 1;
                     bar.suspend(|| eprintln!("warning: {what}: update skipped"));
                 }
-                None => self.optimizer.apply(&self.policy.params, acc.grads(), lr)?,
+                None => self
+                    .optimizer
+                    .apply(&self.policy.params, acc.grads(), grad_scale, lr)?,
             }
             self.step = step;
             let elapsed = started.elapsed().as_secs_f64();

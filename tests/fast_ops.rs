@@ -1,8 +1,10 @@
-//! The fused CPU ops with a backward (softmax, layer norm, RMS norm, rotary, attention core)
-//! against the reference compositions in `ops.rs` (forward and every gradient, f32) and
-//! against central finite differences (f64).
+//! The fused CPU ops with a backward (softmax, layer norm, RMS norm, rotary, attention core,
+//! dense layer, activations) against the reference compositions in `ops.rs` (forward and every
+//! gradient, f32) and against central finite differences (f64).
 
 use candle_core::{DType, Device, Result, Tensor, Var};
+use dpo_sam::models::fast_dense::{self, WeightLayout};
+use dpo_sam::models::ops::Activation;
 use dpo_sam::models::{fast_ops, ops};
 
 fn max_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
@@ -52,7 +54,7 @@ fn checks(dtype: DType) -> Result<Vec<Check>> {
         })
         .collect();
     let pad_mask = Tensor::from_vec(pad_mask, (b, 1, t, t), &dev)?.to_dtype(dtype)?;
-    Ok(vec![
+    Ok([
         Check {
             name: "softmax",
             fused: Box::new(|x| fast_ops::softmax_last_dim(&x[0])),
@@ -116,7 +118,64 @@ fn checks(dtype: DType) -> Result<Vec<Check>> {
             ],
             trainable: 3,
         },
-    ])
+    ]
+    .into_iter()
+    .chain(dense_checks(&randn)?)
+    .chain(activation_checks(&randn)?)
+    .collect())
+}
+
+/// The dense layer in both weight layouts, with and without bias, on a `[b, t, in]` input.
+fn dense_checks(randn: &dyn Fn(&[usize], f32) -> Result<Tensor>) -> Result<Vec<Check>> {
+    let (n_in, n_out) = (6, 5);
+    let mut out = Vec::new();
+    for (name, layout, bias) in [
+        ("dense [out, in] + bias", WeightLayout::OutIn, true),
+        ("dense [out, in]", WeightLayout::OutIn, false),
+        ("dense [in, out] + bias", WeightLayout::InOut, true),
+    ] {
+        let w = match layout {
+            WeightLayout::OutIn => randn(&[n_out, n_in], 0.0)?,
+            WeightLayout::InOut => randn(&[n_in, n_out], 0.0)?,
+        };
+        let mut inputs = vec![randn(&[2, 3, n_in], 0.0)?, w];
+        if bias {
+            inputs.push(randn(&[n_out], 0.0)?);
+        }
+        out.push(Check {
+            name,
+            fused: Box::new(move |x| fast_dense::dense(&x[0], &x[1], x.get(2), layout)),
+            composed: Box::new(move |x| ops::dense_composed(&x[0], &x[1], x.get(2), layout)),
+            trainable: inputs.len(),
+            inputs,
+        });
+    }
+    Ok(out)
+}
+
+/// Every activation against candle's, over inputs spread across the range where they bend.
+fn activation_checks(randn: &dyn Fn(&[usize], f32) -> Result<Tensor>) -> Result<Vec<Check>> {
+    let kinds = [
+        ("gelu (erf)", Activation::GeluErf),
+        ("gelu (tanh)", Activation::GeluTanh),
+        ("silu", Activation::Silu),
+        ("relu", Activation::Relu),
+    ];
+    kinds
+        .into_iter()
+        .map(|(name, kind)| {
+            Ok(Check {
+                name,
+                fused: Box::new(move |x| {
+                    fast_dense::activation(&x[0], kind)
+                        .map(|y| y.expect("f32/f64 on the CPU take the fused kernel"))
+                }),
+                composed: Box::new(move |x| kind.apply_composed(&x[0])),
+                inputs: vec![(randn(&[4, 50], 0.0)? * 3.0)?],
+                trainable: 1,
+            })
+        })
+        .collect()
 }
 
 /// Forward output and the gradients of the trainable inputs.

@@ -118,7 +118,7 @@ fn masters_keep_updates_too_small_for_bf16() {
     // Far below bf16's resolution for weights of size ~0.02: the bf16 copy cannot move.
     mixed
         .optimizer
-        .apply(&mixed.policy.params, acc.grads(), 1e-9)
+        .apply(&mixed.policy.params, acc.grads(), 1.0, 1e-9)
         .unwrap();
     let moved = |a: &Tensor, b: &Tensor| {
         (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap())

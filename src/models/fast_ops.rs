@@ -14,35 +14,144 @@ use candle_core::{
     WithDType, D,
 };
 
-/// The float types the kernels are written for.
+/// The float types the kernels are written for. f32 takes the vectorisable [`exp_f32`] and
+/// [`erf_f32`]; f64 (the gradient checks' type) the exact functions.
 pub(crate) trait Real: WithDType {
     fn exp(self) -> Self;
     fn ln(self) -> Self;
     fn sqrt(self) -> Self;
+    fn erf(self) -> Self;
 }
 
 impl Real for f32 {
+    #[inline(always)]
     fn exp(self) -> Self {
-        f32::exp(self)
+        exp_f32(self)
     }
+    #[inline(always)]
     fn ln(self) -> Self {
         f32::ln(self)
     }
+    #[inline(always)]
     fn sqrt(self) -> Self {
         f32::sqrt(self)
+    }
+    #[inline(always)]
+    fn erf(self) -> Self {
+        erf_f32(self)
     }
 }
 
 impl Real for f64 {
+    #[inline(always)]
     fn exp(self) -> Self {
         f64::exp(self)
     }
+    #[inline(always)]
     fn ln(self) -> Self {
         f64::ln(self)
     }
+    #[inline(always)]
     fn sqrt(self) -> Self {
         f64::sqrt(self)
     }
+    #[inline(always)]
+    fn erf(self) -> Self {
+        candle_core::cpu::erf::erf_f64(self)
+    }
+}
+
+/// Runs `f` compiled a second time for AVX2 + FMA, where the CPU has them: the crate targets
+/// baseline x86-64 (SSE2), where the elementwise loops vectorise four lanes wide at best. `f`
+/// and what it calls must be inlined into it (closures are; helpers here are `inline(always)`).
+#[inline(always)]
+pub(crate) fn vectorized<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU supports the features the function is compiled for.
+        return unsafe { vectorized_avx2(f) };
+    }
+    f()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn vectorized_avx2<R>(f: impl FnOnce() -> R) -> R {
+    f()
+}
+
+/// Lanes of the reductions below: independent accumulators, so that the loop vectorises
+/// (a single float accumulator fixes the order of the additions and forbids it).
+const LANES: usize = 16;
+
+/// The largest value of a row (−∞ for an empty one).
+#[inline(always)]
+pub(crate) fn row_max<T: Real>(x: &[T]) -> T {
+    let mut lanes = [T::from_f64(f64::NEG_INFINITY); LANES];
+    let chunks = x.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for (l, &v) in lanes.iter_mut().zip(c) {
+            *l = if v > *l { v } else { *l };
+        }
+    }
+    rest.iter().chain(&lanes).fold(
+        T::from_f64(f64::NEG_INFINITY),
+        |m, &v| if v > m { v } else { m },
+    )
+}
+
+/// Σ f(x_i) over a row, in [`LANES`] partial sums.
+#[inline(always)]
+pub(crate) fn row_sum<T: Real>(x: &[T], f: impl Fn(T) -> T) -> T {
+    let mut lanes = [T::from_f64(0.0); LANES];
+    let chunks = x.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for (l, &v) in lanes.iter_mut().zip(c) {
+            *l += f(v);
+        }
+    }
+    lanes.iter().fold(T::from_f64(0.0), |a, &v| a + v)
+        + rest.iter().fold(T::from_f64(0.0), |a, &v| a + f(v))
+}
+
+/// eˣ in f32 to within 2 ulp, branch-free so that loops over it vectorise (libm's `expf` is a
+/// call per element): Cody–Waite reduction x = n ln 2 + r, Cephes' degree-6 polynomial for eʳ,
+/// 2ⁿ built in the exponent bits. Exactly 0 below −87.3 (where eˣ leaves the normal range).
+#[inline(always)]
+pub(crate) fn exp_f32(x: f32) -> f32 {
+    const ROUND: f32 = 12_582_912.0; // 1.5 · 2²³: adding it rounds to an integer
+    let xc = x.clamp(-87.3, 88.3);
+    let n = (xc * std::f32::consts::LOG2_E + ROUND) - ROUND;
+    let r = xc - n * 0.693_359_4 - n * -2.121_944_4e-4;
+    let p = ((((1.987_569_1e-4 * r + 1.398_2e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
+        + 0.166_666_65)
+        * r
+        + 0.5;
+    let e = (p * r * r + r + 1.0) * f32::from_bits(((n as i32 + 127) as u32) << 23);
+    if x < -87.3 {
+        0.0
+    } else {
+        e
+    }
+}
+
+/// erf in f32 to within 3e-7 absolute, branch-free like [`exp_f32`]: 1 − erfc(|x|) with
+/// Numerical Recipes' Chebyshev fit of erfc (relative error below 1.2e-7), sign restored.
+#[inline(always)]
+pub(crate) fn erf_f32(x: f32) -> f32 {
+    let z = x.abs();
+    let t = 1.0 / (1.0 + 0.5 * z);
+    let poly = -1.265_512_2
+        + t * (1.000_023_7
+            + t * (0.374_091_96
+                + t * (0.096_784_18
+                    + t * (-0.186_288_06
+                        + t * (0.278_868_07
+                            + t * (-1.135_203_98
+                                + t * (1.488_515_87 + t * (-0.822_152_23 + t * 0.170_872_77))))))));
+    (1.0 - t * exp_f32(poly - z * z)).copysign(x)
 }
 
 /// Runs `$body` with `$t` bound to the Rust type of `$dtype` (f32 or f64).
@@ -88,6 +197,16 @@ fn values<T: WithDType>(t: &Tensor) -> Result<Vec<T>> {
     t.flatten_all()?.to_vec1::<T>()
 }
 
+/// Calls `f` on a CPU tensor's values, in order, without copying them when it is contiguous.
+pub(crate) fn with_values<T: WithDType, R>(t: &Tensor, f: impl FnOnce(&[T]) -> R) -> Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        bail!("fused CPU op: tensor is not on the CPU")
+    };
+    Ok(f(slice::<T>(cpu, layout)?))
+}
+
 /// Below this many elements a kernel runs on the calling thread: spawning costs more.
 const PARALLEL_MIN: usize = 1 << 15;
 
@@ -100,30 +219,40 @@ pub(crate) fn par_blocks<T: Send, R: Send>(
     row_cost: usize,
     f: impl Fn(usize, &mut [T]) -> R + Sync,
 ) -> Vec<R> {
+    use rayon::prelude::*;
     let rows = if row_len == 0 { 0 } else { out.len() / row_len };
-    let threads = candle_core::utils::get_num_threads().clamp(1, rows.max(1));
-    if threads == 1 || rows * row_cost < PARALLEL_MIN {
+    let Some(per) = rows_per_thread(rows, row_cost) else {
         return vec![f(0, out)];
-    }
-    let per = rows.div_ceil(threads);
-    std::thread::scope(|scope| {
-        let handles: Vec<_> = out
-            .chunks_mut(per * row_len)
-            .enumerate()
-            .map(|(i, block)| {
-                let f = &f;
-                scope.spawn(move || f(i * per, block))
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("fused op worker panicked"))
-            .collect()
-    })
+    };
+    out.par_chunks_mut(per * row_len)
+        .enumerate()
+        .map(|(i, block)| f(i * per, block))
+        .collect()
+}
+
+/// Rows per thread when `rows` rows of `row_cost` elements are worth splitting, else `None`.
+fn rows_per_thread(rows: usize, row_cost: usize) -> Option<usize> {
+    let threads = candle_core::utils::get_num_threads().clamp(1, rows.max(1));
+    (threads > 1 && rows * row_cost >= PARALLEL_MIN).then(|| rows.div_ceil(threads))
+}
+
+/// Read-only companion of [`par_blocks`]: calls `f` on one range of `0..len` per thread.
+pub(crate) fn par_ranges<R: Send>(
+    len: usize,
+    f: impl Fn(std::ops::Range<usize>) -> R + Sync,
+) -> Vec<R> {
+    use rayon::prelude::*;
+    let Some(per) = rows_per_thread(len, 1) else {
+        return vec![f(0..len)];
+    };
+    (0..len.div_ceil(per))
+        .into_par_iter()
+        .map(|i| f(i * per..((i + 1) * per).min(len)))
+        .collect()
 }
 
 /// Sums per-thread partial vectors (weight and bias gradients of the norms).
-fn sum_partials<T: WithDType>(partials: Vec<Vec<T>>, len: usize) -> Vec<T> {
+pub(crate) fn sum_partials<T: WithDType>(partials: Vec<Vec<T>>, len: usize) -> Vec<T> {
     let mut total = vec![T::from_f64(0.0); len];
     for p in partials {
         for (t, v) in total.iter_mut().zip(p) {
@@ -150,11 +279,9 @@ impl CustomOp1 for Softmax {
         let out = by_dtype!(s.dtype(), T => {
             let x = slice::<T>(s, l)?;
             let mut y = x.to_vec();
-            par_blocks(&mut y, d, d, |_, block| {
-                for row in block.chunks_mut(d) {
-                    softmax_row(row);
-                }
-            });
+            par_blocks(&mut y, d, d, |_, block| vectorized(|| {
+                block.chunks_mut(d).for_each(softmax_row)
+            }));
             T::to_cpu_storage_owned(y)
         });
         Ok((out, l.shape().clone()))
@@ -166,37 +293,35 @@ impl CustomOp1 for Softmax {
 }
 
 /// In place: row ← softmax(row), the max subtracted first (as the composition does).
+#[inline(always)]
 fn softmax_row<T: Real>(row: &mut [T]) {
-    let max = row
-        .iter()
-        .copied()
-        .fold(row[0], |m, v| if v > m { v } else { m });
-    let mut sum = T::from_f64(0.0);
-    for v in row.iter_mut() {
-        *v = (*v - max).exp();
-        sum += *v;
-    }
-    for v in row.iter_mut() {
-        *v /= sum;
-    }
+    let max = row_max(row);
+    row.iter_mut().for_each(|v| *v = (*v - max).exp());
+    let sum = row_sum(row, |v| v);
+    row.iter_mut().for_each(|v| *v /= sum);
 }
 
 /// dx = scale · p ⊙ (g − Σ g p), per row: the softmax Jacobian applied to g.
 fn softmax_bwd(p: &Tensor, g: &Tensor, scale: f64) -> Result<Tensor> {
     let d = p.dim(D::Minus1)?;
     by_dtype!(p.dtype(), T => {
-        let p_v = values::<T>(p)?;
         let mut dx = values::<T>(g)?;
         let scale = T::from_f64(scale);
-        par_blocks(&mut dx, d, d, |first, block| {
+        with_values::<T, _>(p, |p_v| par_blocks(&mut dx, d, d, |first, block| vectorized(|| {
             for (r, row) in block.chunks_mut(d).enumerate() {
                 let pr = &p_v[(first + r) * d..(first + r + 1) * d];
-                let dot = row.iter().zip(pr).fold(T::from_f64(0.0), |acc, (&g, &p)| acc + g * p);
+                let mut lanes = [T::from_f64(0.0); LANES];
+                for (gc, pc) in row.chunks(LANES).zip(pr.chunks(LANES)) {
+                    for ((l, &g), &p) in lanes.iter_mut().zip(gc).zip(pc) {
+                        *l += g * p;
+                    }
+                }
+                let dot = lanes.iter().fold(T::from_f64(0.0), |a, &v| a + v);
                 for (g, &p) in row.iter_mut().zip(pr) {
                     *g = scale * p * (*g - dot);
                 }
             }
-        });
+        })))?;
         Tensor::from_vec(dx, p.shape(), p.device())
     })
 }
@@ -231,7 +356,7 @@ impl CustomOp2 for MaskedSoftmax {
             let mask_rows = mask.len() / d;
             let scale = T::from_f64(self.scale);
             let mut y = x.to_vec();
-            par_blocks(&mut y, d, d, |first, block| {
+            par_blocks(&mut y, d, d, |first, block| vectorized(|| {
                 for (r, row) in block.chunks_mut(d).enumerate() {
                     let m = (first + r) % mask_rows;
                     for (v, &mv) in row.iter_mut().zip(&mask[m * d..(m + 1) * d]) {
@@ -239,7 +364,7 @@ impl CustomOp2 for MaskedSoftmax {
                     }
                     softmax_row(row);
                 }
-            });
+            }));
             T::to_cpu_storage_owned(y)
         });
         Ok((out, l.shape().clone()))
@@ -536,4 +661,50 @@ pub fn rotary_applies(xs: &Tensor, cos: &Tensor) -> bool {
 pub fn rotary(xs: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     xs.contiguous()?
         .apply_op3(&cos.contiguous()?, &sin.contiguous()?, Rotary)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Relative error in units of f32's epsilon, against the f64 functions.
+    fn ulps(approx: f32, exact: f64) -> f64 {
+        (approx as f64 - exact).abs()
+            / (exact.abs().max(f32::MIN_POSITIVE as f64) * f32::EPSILON as f64)
+    }
+
+    #[test]
+    fn exp_f32_is_within_two_ulp_and_zero_below_range() {
+        let mut worst = 0f64;
+        for i in 0..=200_000 {
+            let x = -87.0 + 175.0 * i as f32 / 200_000.0;
+            worst = worst.max(ulps(exp_f32(x), (x as f64).exp()));
+        }
+        assert!(worst <= 2.0, "exp_f32 is off by {worst} ulp");
+        assert_eq!(exp_f32(-1e9), 0.0);
+        assert_eq!(exp_f32(-88.0), 0.0);
+        assert_eq!(exp_f32(0.0), 1.0);
+    }
+
+    #[test]
+    fn erf_f32_is_within_3e7_absolute() {
+        let mut worst = 0f64;
+        for i in 0..=100_000 {
+            let x = -6.0 + 12.0 * i as f32 / 100_000.0;
+            let exact = candle_core::cpu::erf::erf_f64(x as f64);
+            worst = worst.max((erf_f32(x) as f64 - exact).abs());
+        }
+        println!("erf_f32 worst {worst:e}");
+        assert!(worst < 3e-7, "erf_f32 is off by {worst}");
+        assert_eq!(erf_f32(0.0), 0.0);
+        assert!(erf_f32(-10.0) == -1.0 && erf_f32(10.0) == 1.0);
+    }
+
+    #[test]
+    fn lane_reductions_cover_remainders() {
+        let x: Vec<f64> = (0..37).map(|i| ((i * 7) % 11) as f64 - 3.0).collect();
+        assert_eq!(row_max(&x), 7.0);
+        assert_eq!(row_sum(&x, |v| v * 2.0), 2.0 * x.iter().sum::<f64>());
+        assert_eq!(row_max::<f64>(&[]), f64::NEG_INFINITY);
+    }
 }

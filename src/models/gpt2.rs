@@ -5,8 +5,9 @@
 
 use super::cache::{KvCache, Step};
 use super::checkpoint::{run_blocks, GradSink};
+use super::fast_dense::WeightLayout;
 use super::ops::LayerNorm;
-use super::ops::{attention, causal_mask};
+use super::ops::{attention, causal_mask, Activation, Linear};
 use super::CausalLm;
 use crate::output::OutputLayer;
 use candle_core::{Module, Result, Tensor};
@@ -79,72 +80,26 @@ impl Config {
     }
 }
 
-/// HF's Conv1D: weight `[in, out]`.
-struct Conv1D {
-    weight: Tensor,
-    bias: Tensor,
-}
-
-impl Conv1D {
-    fn new(n_in: usize, n_out: usize, std: f64, vb: VarBuilder) -> Result<Self> {
-        Ok(Self {
-            weight: vb.get_with_hints(
-                (n_in, n_out),
-                "weight",
-                Init::Randn {
-                    mean: 0.0,
-                    stdev: std,
-                },
-            )?,
-            bias: vb.get_with_hints(n_out, "bias", Init::Const(0.0))?,
-        })
-    }
-
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, t, n_in) = x.dims3()?;
-        let y = x
-            .reshape((b * t, n_in))?
-            .matmul(&self.weight)?
-            .broadcast_add(&self.bias)?;
-        y.reshape((b, t, ()))
-    }
+/// HF's Conv1D: a dense layer with weight `[in, out]`.
+fn conv1d(n_in: usize, n_out: usize, std: f64, vb: VarBuilder) -> Result<Linear> {
+    let init = Init::Randn {
+        mean: 0.0,
+        stdev: std,
+    };
+    let weight = vb.get_with_hints((n_in, n_out), "weight", init)?;
+    let bias = vb.get_with_hints(n_out, "bias", Init::Const(0.0))?;
+    Ok(Linear::new(weight, Some(bias), WeightLayout::InOut))
 }
 
 struct Block {
     ln_1: LayerNorm,
-    c_attn: Conv1D,
-    attn_proj: Conv1D,
+    c_attn: Linear,
+    attn_proj: Linear,
     ln_2: LayerNorm,
-    c_fc: Conv1D,
-    mlp_proj: Conv1D,
+    c_fc: Linear,
+    mlp_proj: Linear,
     n_head: usize,
     act: Activation,
-}
-
-#[derive(Clone, Copy)]
-enum Activation {
-    GeluTanh,
-    GeluErf,
-    Relu,
-}
-
-impl Activation {
-    fn parse(name: &str) -> Result<Self> {
-        match name {
-            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Ok(Self::GeluTanh),
-            "gelu" => Ok(Self::GeluErf),
-            "relu" => Ok(Self::Relu),
-            other => candle_core::bail!("unsupported activation_function `{other}`"),
-        }
-    }
-
-    fn apply(self, x: &Tensor) -> Result<Tensor> {
-        match self {
-            Self::GeluTanh => x.gelu(),
-            Self::GeluErf => x.gelu_erf(),
-            Self::Relu => x.relu(),
-        }
-    }
 }
 
 impl Block {
@@ -156,13 +111,13 @@ impl Block {
         let proj_std = std / (2.0 * cfg.n_layer as f64).sqrt();
         Ok(Self {
             ln_1: LayerNorm::new(n, cfg.layer_norm_epsilon, vb.pp("ln_1"))?,
-            c_attn: Conv1D::new(n, 3 * n, std, vb.pp("attn.c_attn"))?,
-            attn_proj: Conv1D::new(n, n, proj_std, vb.pp("attn.c_proj"))?,
+            c_attn: conv1d(n, 3 * n, std, vb.pp("attn.c_attn"))?,
+            attn_proj: conv1d(n, n, proj_std, vb.pp("attn.c_proj"))?,
             ln_2: LayerNorm::new(n, cfg.layer_norm_epsilon, vb.pp("ln_2"))?,
-            c_fc: Conv1D::new(n, inner, std, vb.pp("mlp.c_fc"))?,
-            mlp_proj: Conv1D::new(inner, n, proj_std, vb.pp("mlp.c_proj"))?,
+            c_fc: conv1d(n, inner, std, vb.pp("mlp.c_fc"))?,
+            mlp_proj: conv1d(inner, n, proj_std, vb.pp("mlp.c_proj"))?,
             n_head: cfg.n_head,
-            act: Activation::parse(&cfg.activation_function)?,
+            act: Activation::parse("activation_function", &cfg.activation_function)?,
         })
     }
 

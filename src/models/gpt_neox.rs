@@ -9,11 +9,11 @@ use super::cache::{KvCache, Step};
 use super::checkpoint::{run_blocks, GradSink};
 use super::ops::LayerNorm;
 use super::ops::{attention, causal_mask, linear, rope_settings, rotary, rotary_tables};
-use super::ops::{Activation, RopeParameters};
+use super::ops::{Activation, Linear, RopeParameters};
 use super::CausalLm;
 use crate::output::OutputLayer;
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Init, Linear, VarBuilder};
+use candle_nn::{Init, VarBuilder};
 use serde::Deserialize;
 use std::sync::Arc;
 
@@ -100,7 +100,7 @@ impl Layer {
             dense_4h_to_h: linear(inner, n, true, std, vb.pp("mlp.dense_4h_to_h"))?,
             n_head: cfg.num_attention_heads,
             parallel: cfg.use_parallel_residual,
-            act: Activation::parse(&cfg.hidden_act)?,
+            act: Activation::parse("hidden_act", &cfg.hidden_act)?,
         })
     }
 

@@ -13,11 +13,11 @@ use super::checkpoint::{run_blocks, GradSink};
 use super::ops::{
     attention, causal_mask, linear, repeat_kv, rms_norm, rope_settings, rotary, rotary_tables,
 };
-use super::ops::{Activation, RopeParameters};
+use super::ops::{Activation, Linear, RopeParameters};
 use super::CausalLm;
 use crate::output::OutputLayer;
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Init, Linear, VarBuilder};
+use candle_nn::{Init, VarBuilder};
 use serde::Deserialize;
 use std::sync::Arc;
 
@@ -138,7 +138,7 @@ impl Layer {
             n_head: shape.n_head,
             n_kv_head: shape.n_kv_head,
             head_dim: shape.head_dim,
-            act: Activation::parse(&cfg.hidden_act)?,
+            act: Activation::parse("hidden_act", &cfg.hidden_act)?,
         })
     }
 

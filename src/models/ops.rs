@@ -4,6 +4,7 @@
 //! and drop gradients silently, so the models use these compositions of differentiable ops
 //! (`*_composed`) or, on CPU in f32/f64, the fused kernels with a backward in [`super::fast_ops`].
 
+use super::fast_dense::{self, WeightLayout};
 use super::fast_ops;
 use candle_core::{DType, Result, Tensor, D};
 use candle_nn::{Init, VarBuilder};
@@ -196,25 +197,70 @@ pub fn repeat_kv(xs: Tensor, n_rep: usize) -> Result<Tensor> {
     Tensor::cat(&vec![&xs; n_rep], 2)?.reshape((b, n_kv * n_rep, t, d))
 }
 
-/// A dense layer in Hugging Face's `nn.Linear` layout (weight `[out, in]`), built from plain
-/// tensors so that it stays differentiable when they are Vars.
-pub fn linear(
-    n_in: usize,
-    n_out: usize,
-    bias: bool,
-    std: f64,
-    vb: candle_nn::VarBuilder,
-) -> Result<candle_nn::Linear> {
-    let init = candle_nn::Init::Randn {
+/// A dense layer over the last dimension, weight in Hugging Face's `nn.Linear` layout
+/// (`[out, in]`) or GPT-2 Conv1D's (`[in, out]`), built from plain tensors so that it stays
+/// differentiable when they are Vars.
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    layout: WeightLayout,
+}
+
+impl Linear {
+    pub fn new(weight: Tensor, bias: Option<Tensor>, layout: WeightLayout) -> Self {
+        Self {
+            weight,
+            bias,
+            layout,
+        }
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mut tensors = vec![x, &self.weight];
+        tensors.extend(&self.bias);
+        if fast_ops::supports(&tensors) {
+            return fast_dense::dense(x, &self.weight, self.bias.as_ref(), self.layout);
+        }
+        dense_composed(x, &self.weight, self.bias.as_ref(), self.layout)
+    }
+}
+
+/// A dense layer as a composition. The leading dimensions fold into rows, so that the weight is
+/// not broadcast over them (whose gradient candle would then sum in a strided reduction).
+pub fn dense_composed(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    layout: WeightLayout,
+) -> Result<Tensor> {
+    let n_in = x.dim(D::Minus1)?;
+    let rows = x.reshape(((), n_in))?;
+    let y = match layout {
+        WeightLayout::OutIn => rows.matmul(&weight.t()?)?,
+        WeightLayout::InOut => rows.matmul(weight)?,
+    };
+    let y = match bias {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    };
+    let mut dims = x.dims().to_vec();
+    *dims.last_mut().expect("rank ≥ 1") = y.dim(1)?;
+    y.reshape(dims)
+}
+
+/// An `nn.Linear` (weight `[out, in]`, bias `[out]`) named like Hugging Face's, initialised as
+/// `transformers` does (normal weights of `std`, zero bias).
+pub fn linear(n_in: usize, n_out: usize, bias: bool, std: f64, vb: VarBuilder) -> Result<Linear> {
+    let init = Init::Randn {
         mean: 0.0,
         stdev: std,
     };
     let weight = vb.get_with_hints((n_out, n_in), "weight", init)?;
     let bias = match bias {
-        true => Some(vb.get_with_hints(n_out, "bias", candle_nn::Init::Const(0.0))?),
+        true => Some(vb.get_with_hints(n_out, "bias", Init::Const(0.0))?),
         false => None,
     };
-    Ok(candle_nn::Linear::new(weight, bias))
+    Ok(Linear::new(weight, bias, WeightLayout::OutIn))
 }
 
 /// RoPE settings as `config.json` nests them: `rope_parameters` (transformers ≥ 5) or the older
@@ -259,17 +305,26 @@ pub enum Activation {
 }
 
 impl Activation {
-    pub fn parse(name: &str) -> Result<Self> {
+    /// The activation a config's `key` names.
+    pub fn parse(key: &str, name: &str) -> Result<Self> {
         match name {
             "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Ok(Self::GeluTanh),
             "gelu" => Ok(Self::GeluErf),
             "relu" => Ok(Self::Relu),
             "silu" | "swish" => Ok(Self::Silu),
-            other => candle_core::bail!("unsupported hidden_act `{other}` (supported: gelu, gelu_new, gelu_pytorch_tanh, gelu_fast, relu, silu)"),
+            other => candle_core::bail!("{key}: unsupported activation `{other}` (supported: gelu, gelu_new, gelu_pytorch_tanh, gelu_fast, relu, silu)"),
         }
     }
 
     pub fn apply(self, x: &Tensor) -> Result<Tensor> {
+        match fast_dense::activation(x, self)? {
+            Some(y) => Ok(y),
+            None => self.apply_composed(x),
+        }
+    }
+
+    /// candle's own (single-threaded, composed backward) activations.
+    pub fn apply_composed(self, x: &Tensor) -> Result<Tensor> {
         match self {
             Self::GeluTanh => x.gelu(),
             Self::GeluErf => x.gelu_erf(),

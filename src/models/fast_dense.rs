@@ -1,0 +1,310 @@
+//! Fused CPU kernels, with a backward, for the dense layers and MLP activations of the models.
+//!
+//! A dense layer composed of candle ops (broadcast weight, transpose, matmul, broadcast bias) is
+//! four graph nodes; candle's backward then sums the broadcast weight's gradient over the batch
+//! in a strided reduction and adds every node's gradient onto a fresh tensor of zeros. Here the
+//! layer is one node: the bias is written into the output before gemm accumulates onto it, and
+//! the backward is two matmuls and a column sum. The activations (GELU, SiLU, ReLU) are one
+//! multi-threaded pass each way, where candle's are single-threaded (and its GELU's backward is
+//! a dozen elementwise ops). CPU, f32 and f64 only, like [`super::fast_ops`].
+
+use super::fast_ops::{
+    by_dtype, par_blocks, par_ranges, slice, sum_partials, vectorized, with_values, Real,
+};
+use super::ops::Activation;
+use candle_core::backend::BackendStorage;
+use candle_core::{
+    bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
+    WithDType, D,
+};
+
+/// How a dense layer stores its weight: `nn.Linear`'s `[out, in]` or GPT-2 Conv1D's `[in, out]`.
+#[derive(Clone, Copy, Debug)]
+pub enum WeightLayout {
+    OutIn,
+    InOut,
+}
+
+struct Dense {
+    layout: WeightLayout,
+}
+
+impl Dense {
+    /// (rows, inputs, outputs) of `x · W`, checking the weight's shape.
+    fn dims(&self, x: &Layout, w: &Layout) -> Result<(usize, usize, usize)> {
+        let n_in = x.dims().last().copied().unwrap_or(1);
+        let rows = x.shape().elem_count() / n_in.max(1);
+        let (w_in, n_out) = match (self.layout, w.dims()) {
+            (WeightLayout::OutIn, &[o, i]) => (i, o),
+            (WeightLayout::InOut, &[i, o]) => (i, o),
+            (_, other) => bail!("dense layer: weight of shape {other:?} is not a matrix"),
+        };
+        if w_in != n_in {
+            bail!("dense layer: input has {n_in} features, the weight expects {w_in}");
+        }
+        Ok((rows, n_in, n_out))
+    }
+
+    fn forward(
+        &self,
+        x: (&CpuStorage, &Layout),
+        w: (&CpuStorage, &Layout),
+        bias: Option<(&CpuStorage, &Layout)>,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (rows, n_in, n_out) = self.dims(x.1, w.1)?;
+        let mut dims = x.1.dims().to_vec();
+        *dims.last_mut().expect("rank ≥ 1") = n_out;
+        let out = by_dtype!(x.0.dtype(), T => {
+            let (xs, ws) = (slice::<T>(x.0, x.1)?, slice::<T>(w.0, w.1)?);
+            // gemm accumulates onto the destination when it reads it: start from the bias rows.
+            let mut y = match bias {
+                Some((bs, bl)) => slice::<T>(bs, bl)?.repeat(rows),
+                None => vec![T::from_f64(0.0); rows * n_out],
+            };
+            let (rhs_cs, rhs_rs) = match self.layout {
+                WeightLayout::OutIn => (n_in as isize, 1),
+                WeightLayout::InOut => (1, n_out as isize),
+            };
+            if rows > 0 && n_in > 0 {
+                // SAFETY: y is rows × n_out, xs rows × n_in, ws n_in × n_out under the strides
+                // above; the pointers stay valid for the call.
+                unsafe {
+                    gemm::gemm(
+                        rows, n_out, n_in,
+                        y.as_mut_ptr(), 1, n_out as isize, bias.is_some(),
+                        xs.as_ptr(), 1, n_in as isize,
+                        ws.as_ptr(), rhs_cs, rhs_rs,
+                        T::from_f64(1.0), T::from_f64(1.0), false, false, false,
+                        parallelism(),
+                    )
+                }
+            }
+            T::to_cpu_storage_owned(y)
+        });
+        Ok((out, Shape::from(dims)))
+    }
+
+    /// (dx, dW, db) from the output gradient `g`.
+    fn backward(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        g: &Tensor,
+        bias: bool,
+    ) -> Result<(Tensor, Tensor, Option<Tensor>)> {
+        let (x, w) = (x.detach(), w.detach());
+        let n_out = g.dim(D::Minus1)?;
+        let x2 = x.flatten_to(x.rank().saturating_sub(2))?;
+        let g2 = g.contiguous()?.reshape(((), n_out))?;
+        let (dx, dw) = match self.layout {
+            WeightLayout::OutIn => (g2.matmul(&w)?, g2.t()?.matmul(&x2)?),
+            WeightLayout::InOut => (g2.matmul(&w.t()?)?, x2.t()?.matmul(&g2)?),
+        };
+        let db = match bias {
+            true => Some(column_sums(&g2)?),
+            false => None,
+        };
+        Ok((dx.reshape(x.shape())?, dw, db))
+    }
+}
+
+/// gemm's threading, as candle's own matmul sets it.
+fn parallelism() -> gemm::Parallelism {
+    match candle_core::utils::get_num_threads() {
+        0 | 1 => gemm::Parallelism::None,
+        n => gemm::Parallelism::Rayon(n),
+    }
+}
+
+/// Σ over rows of a contiguous `[rows, n]` matrix.
+fn column_sums(g: &Tensor) -> Result<Tensor> {
+    let n = g.dim(1)?;
+    by_dtype!(g.dtype(), T => {
+        let sums = with_values::<T, _>(g, |v| {
+            let partials = par_ranges(v.len() / n.max(1), |rows| {
+                let mut acc = vec![T::from_f64(0.0); n];
+                for row in v[rows.start * n..rows.end * n].chunks(n) {
+                    acc.iter_mut().zip(row).for_each(|(a, &r)| *a += r);
+                }
+                acc
+            });
+            sum_partials(partials, n)
+        })?;
+        Tensor::from_vec(sums, n, g.device())
+    })
+}
+
+impl CustomOp2 for Dense {
+    fn name(&self) -> &'static str {
+        "fast-dense"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.forward((xs, xl), (ws, wl), None)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, _) = self.backward(x, w, g, false)?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+impl CustomOp3 for Dense {
+    fn name(&self) -> &'static str {
+        "fast-dense-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.forward((xs, xl), (ws, wl), Some((bs, bl)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, db) = self.backward(x, w, g, true)?;
+        Ok((Some(dx), Some(dw), db))
+    }
+}
+
+/// `x · Wᵀ + b` (or `x · W + b` for [`WeightLayout::InOut`]) over the last dimension of `x`,
+/// differentiable in all three.
+pub fn dense(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    layout: WeightLayout,
+) -> Result<Tensor> {
+    let (x, w) = (x.contiguous()?, w.contiguous()?);
+    match bias {
+        Some(b) => x.apply_op3(&w, &b.contiguous()?, Dense { layout }),
+        None => x.apply_op2(&w, Dense { layout }),
+    }
+}
+
+/// x Φ(x) and its derivative Φ(x) + x φ(x), φ(x) = exp(−x²/2) / √(2π).
+#[inline(always)]
+fn gelu_erf<T: Real>(x: T) -> (T, T) {
+    let c = T::from_f64;
+    let cdf = c(0.5) * (c(1.0) + (x * c(std::f64::consts::FRAC_1_SQRT_2)).erf());
+    let pdf = (c(-0.5) * x * x).exp() * c(0.398_942_280_401_432_7);
+    (x * cdf, cdf + x * pdf)
+}
+
+/// 0.5 x (1 + tanh u), u = √(2/π) (x + 0.044715 x³), and its derivative.
+#[inline(always)]
+fn gelu_tanh<T: Real>(x: T) -> (T, T) {
+    let c = T::from_f64;
+    let k = c(0.797_884_560_802_865_4);
+    let u = k * (x + c(0.044715) * x * x * x);
+    let th = c(1.0) - c(2.0) / ((c(2.0) * u).exp() + c(1.0));
+    let du = k * (c(1.0) + c(3.0 * 0.044715) * x * x);
+    let half = c(0.5) * (c(1.0) + th);
+    (x * half, half + c(0.5) * x * (c(1.0) - th * th) * du)
+}
+
+/// x σ(x) and its derivative σ(x) (1 + x (1 − σ(x))).
+#[inline(always)]
+fn silu<T: Real>(x: T) -> (T, T) {
+    let one = T::from_f64(1.0);
+    let s = one / (one + (T::from_f64(0.0) - x).exp());
+    (x * s, s * (one + x * (one - s)))
+}
+
+#[inline(always)]
+fn relu<T: Real>(x: T) -> (T, T) {
+    match x > T::from_f64(0.0) {
+        true => (x, T::from_f64(1.0)),
+        false => (T::from_f64(0.0), T::from_f64(0.0)),
+    }
+}
+
+/// Runs `$body` with `$f` bound to the activation's (value, derivative) function, so that each
+/// loop is compiled (and vectorised) for one activation.
+macro_rules! by_activation {
+    ($kind:expr, $t:ty, $f:ident => $body:expr) => {
+        match $kind {
+            Activation::GeluErf => {
+                let $f = gelu_erf::<$t>;
+                $body
+            }
+            Activation::GeluTanh => {
+                let $f = gelu_tanh::<$t>;
+                $body
+            }
+            Activation::Silu => {
+                let $f = silu::<$t>;
+                $body
+            }
+            Activation::Relu => {
+                let $f = relu::<$t>;
+                $body
+            }
+        }
+    };
+}
+
+struct Act(Activation);
+
+impl CustomOp1 for Act {
+    fn name(&self) -> &'static str {
+        "fast-activation"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let out = by_dtype!(s.dtype(), T => {
+            let mut y = slice::<T>(s, l)?.to_vec();
+            by_activation!(self.0, T, f => par_blocks(&mut y, 1, 8, |_, block| vectorized(|| {
+                block.iter_mut().for_each(|x| *x = f(*x).0)
+            })));
+            T::to_cpu_storage_owned(y)
+        });
+        Ok((out, l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        by_dtype!(x.dtype(), T => {
+            let mut dx = g.flatten_all()?.to_vec1::<T>()?;
+            with_values::<T, _>(x, |xs| {
+                by_activation!(self.0, T, f => par_blocks(&mut dx, 1, 8, |first, block| vectorized(|| {
+                    let xs = &xs[first..first + block.len()];
+                    block.iter_mut().zip(xs).for_each(|(g, &x)| *g *= f(x).1)
+                })))
+            })?;
+            Tensor::from_vec(dx, x.shape(), x.device()).map(Some)
+        })
+    }
+}
+
+/// The activation, differentiable; `None` where the fused kernel does not apply (not on the
+/// CPU, or not f32/f64).
+pub fn activation(x: &Tensor, kind: Activation) -> Result<Option<Tensor>> {
+    if !matches!(x.dtype(), DType::F32 | DType::F64) || !x.device().is_cpu() {
+        return Ok(None);
+    }
+    x.contiguous()?.apply_op1(Act(kind)).map(Some)
+}

@@ -331,70 +331,222 @@ pub fn softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
     xs.contiguous()?.apply_op1(Softmax)
 }
 
-/// The attention core: softmax(scale · scores + mask) over the last dimension, with the mask a
-/// constant of `mask_rows` rows that repeat down the scores' rows.
-struct MaskedSoftmax {
+/// Scaled dot-product attention, one task per (batch, head) on rayon's pool: scores = q kᵀ ·
+/// scale + mask, p = softmax(scores), y = p v. candle's batched matmul would run the heads one
+/// after the other, each small gemm split over the threads, and leave five graph nodes; here the
+/// heads run side by side on one thread each and the whole core is one node. The backward
+/// recomputes p per head (as FlashAttention does) instead of keeping `[b, h, t, s]` alive.
+struct Attention {
+    /// The additive mask `[mb, mh, t, s]`, mb ∈ {1, b} and mh ∈ {1, heads}, contiguous.
+    mask: Tensor,
     scale: f64,
 }
 
-impl CustomOp2 for MaskedSoftmax {
+/// `[b, h, rows, d]` sizes of q, k and v, checked against each other.
+struct Heads {
+    b: usize,
+    h: usize,
+    t: usize,
+    s: usize,
+    d: usize,
+}
+
+impl Attention {
+    fn heads(&self, q: &Layout, k: &Layout, v: &Layout) -> Result<Heads> {
+        let (&[b, h, t, d], &[kb, kh, s, kd]) = (q.dims(), k.dims()) else {
+            bail!("attention: q and k must be [b, heads, t, head_dim]")
+        };
+        if (kb, kh, kd) != (b, h, d) || v.dims() != k.dims() {
+            bail!(
+                "attention: q {:?}, k {:?} and v {:?} do not match",
+                q.dims(),
+                k.dims(),
+                v.dims()
+            );
+        }
+        let m = self.mask.dims();
+        if m.len() != 4
+            || m[2..] != [t, s]
+            || !(m[0] == 1 || m[0] == b)
+            || !(m[1] == 1 || m[1] == h)
+        {
+            bail!("attention: mask {m:?} does not broadcast to [{b}, {h}, {t}, {s}]");
+        }
+        Ok(Heads { b, h, t, s, d })
+    }
+
+    /// p = softmax(q kᵀ · scale + mask) of head `i` into `p` (t × s).
+    fn probs<T: Real>(&self, hs: &Heads, i: usize, q: &[T], k: &[T], mask: &[T], p: &mut [T]) {
+        let Heads { h, t, s, d, .. } = *hs;
+        let (mb, mh) = (self.mask.dims()[0], self.mask.dims()[1]);
+        // q (t × d) · kᵀ: k is s × d, so kᵀ's (row, col) = k[col, row].
+        gemm_head(p, (t, s, d), (q, 1, d), (k, d, 1), false);
+        let m = ((i / h) % mb) * mh + (i % h) % mh;
+        let mask = &mask[m * t * s..(m + 1) * t * s];
+        let scale = T::from_f64(self.scale);
+        vectorized(|| {
+            for (row, mrow) in p.chunks_mut(s).zip(mask.chunks(s)) {
+                row.iter_mut()
+                    .zip(mrow)
+                    .for_each(|(v, &mv)| *v = *v * scale + mv);
+                softmax_row(row);
+            }
+        });
+    }
+}
+
+/// dst (m × n) = lhs (m × k) · rhs (k × n) on the calling thread; operands as (data, column
+/// stride, row stride); `accumulate` adds onto dst instead of overwriting it.
+fn gemm_head<T: WithDType>(
+    dst: &mut [T],
+    (m, n, k): (usize, usize, usize),
+    lhs: (&[T], usize, usize),
+    rhs: (&[T], usize, usize),
+    accumulate: bool,
+) {
+    assert!(dst.len() >= m * n && lhs.0.len() >= (m - 1) * lhs.2 + (k - 1) * lhs.1 + 1);
+    assert!(rhs.0.len() >= (k - 1) * rhs.2 + (n - 1) * rhs.1 + 1);
+    // SAFETY: the asserts bound every index gemm reads or writes under these strides.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            lhs.0.as_ptr(),
+            lhs.1 as isize,
+            lhs.2 as isize,
+            rhs.0.as_ptr(),
+            rhs.1 as isize,
+            rhs.2 as isize,
+            T::from_f64(1.0),
+            T::from_f64(1.0),
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
+}
+
+impl CustomOp3 for Attention {
     fn name(&self) -> &'static str {
-        "fast-masked-softmax"
+        "fast-attention"
     }
 
     fn cpu_fwd(
         &self,
-        s: &CpuStorage,
-        l: &Layout,
-        ms: &CpuStorage,
-        ml: &Layout,
+        qs: &CpuStorage,
+        ql: &Layout,
+        ks: &CpuStorage,
+        kl: &Layout,
+        vs: &CpuStorage,
+        vl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let d = last_dim(l);
-        let out = by_dtype!(s.dtype(), T => {
-            let x = slice::<T>(s, l)?;
-            let mask = slice::<T>(ms, ml)?;
-            let mask_rows = mask.len() / d;
-            let scale = T::from_f64(self.scale);
-            let mut y = x.to_vec();
-            par_blocks(&mut y, d, d, |first, block| vectorized(|| {
-                for (r, row) in block.chunks_mut(d).enumerate() {
-                    let m = (first + r) % mask_rows;
-                    for (v, &mv) in row.iter_mut().zip(&mask[m * d..(m + 1) * d]) {
-                        *v = *v * scale + mv;
-                    }
-                    softmax_row(row);
-                }
-            }));
+        use rayon::prelude::*;
+        let hs = self.heads(ql, kl, vl)?;
+        let Heads { b, h, t, s, d } = hs;
+        let out = by_dtype!(qs.dtype(), T => {
+            let (q, k, v) = (slice::<T>(qs, ql)?, slice::<T>(ks, kl)?, slice::<T>(vs, vl)?);
+            let mut y = vec![T::from_f64(0.0); b * h * t * d];
+            with_values::<T, _>(&self.mask, |mask| {
+                y.par_chunks_mut((t * d).max(1)).enumerate().for_each(|(i, y)| {
+                    let mut p = vec![T::from_f64(0.0); t * s];
+                    let (qi, ki) = (&q[i * t * d..(i + 1) * t * d], &k[i * s * d..(i + 1) * s * d]);
+                    self.probs(&hs, i, qi, ki, mask, &mut p);
+                    let vi = &v[i * s * d..(i + 1) * s * d];
+                    gemm_head(y, (t, d, s), (&p, 1, s), (vi, 1, d), false);
+                })
+            })?;
             T::to_cpu_storage_owned(y)
         });
-        Ok((out, l.shape().clone()))
+        Ok((out, ql.shape().clone()))
     }
 
+    /// Per head, with p recomputed: dv = pᵀ g, dp = g vᵀ, ds = scale · p ⊙ (dp − Σ dp p),
+    /// dq = ds k, dk = dsᵀ q.
     fn bwd(
         &self,
-        _x: &Tensor,
-        _mask: &Tensor,
-        p: &Tensor,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _y: &Tensor,
         g: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(softmax_bwd(p, g, self.scale)?), None))
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        use rayon::prelude::*;
+        let hs = self.heads(q.layout(), k.layout(), v.layout())?;
+        let Heads { b, h, t, s, d } = hs;
+        by_dtype!(q.dtype(), T => {
+            let zeros = |n: usize| vec![T::from_f64(0.0); n];
+            let (mut dq, mut dk, mut dv) = (zeros(b * h * t * d), zeros(b * h * s * d), zeros(b * h * s * d));
+            let scale = T::from_f64(self.scale);
+            // Copies of the operands (a few MiB) keep the borrows simple; the work is the gemms.
+            let (qv, kv, vv, g) = (values::<T>(q)?, values::<T>(k)?, values::<T>(v)?, values::<T>(g)?);
+            let mask = values::<T>(&self.mask)?;
+            dq.par_chunks_mut((t * d).max(1))
+                .zip(dk.par_chunks_mut((s * d).max(1)))
+                .zip(dv.par_chunks_mut((s * d).max(1)))
+                .enumerate()
+                .for_each(|(i, ((dq, dk), dv))| {
+                    let qi = &qv[i * t * d..(i + 1) * t * d];
+                    let (ki, vi) = (&kv[i * s * d..(i + 1) * s * d], &vv[i * s * d..(i + 1) * s * d]);
+                    let gi = &g[i * t * d..(i + 1) * t * d];
+                    let mut p = zeros(t * s);
+                    self.probs(&hs, i, qi, ki, &mask, &mut p);
+                    // dv (s × d) = pᵀ (s × t) · g (t × d)
+                    gemm_head(dv, (s, d, t), (&p, s, 1), (gi, 1, d), false);
+                    // dp (t × s) = g (t × d) · vᵀ (d × s), then ds in place
+                    let mut ds = zeros(t * s);
+                    gemm_head(&mut ds, (t, s, d), (gi, 1, d), (vi, d, 1), false);
+                    vectorized(|| {
+                        for (dsr, pr) in ds.chunks_mut(s).zip(p.chunks(s)) {
+                            let mut lanes = [T::from_f64(0.0); LANES];
+                            for (dc, pc) in dsr.chunks(LANES).zip(pr.chunks(LANES)) {
+                                for ((l, &x), &y) in lanes.iter_mut().zip(dc).zip(pc) {
+                                    *l += x * y;
+                                }
+                            }
+                            let dot = lanes.iter().fold(T::from_f64(0.0), |a, &v| a + v);
+                            for (x, &y) in dsr.iter_mut().zip(pr) {
+                                *x = scale * y * (*x - dot);
+                            }
+                        }
+                    });
+                    // dq (t × d) = ds (t × s) · k (s × d); dk (s × d) = dsᵀ (s × t) · q (t × d)
+                    gemm_head(dq, (t, d, s), (&ds, 1, s), (ki, 1, d), false);
+                    gemm_head(dk, (s, d, t), (&ds, s, 1), (qi, 1, d), false);
+                });
+            let dev = q.device();
+            Ok((
+                Some(Tensor::from_vec(dq, q.shape(), dev)?),
+                Some(Tensor::from_vec(dk, k.shape(), dev)?),
+                Some(Tensor::from_vec(dv, v.shape(), dev)?),
+            ))
+        })
     }
 }
 
 /// Scaled dot-product attention over `[b, heads, t, head_dim]` with an additive mask that
-/// broadcasts to `[b, heads, t, s]`; the scores' scale, mask and softmax are one fused op.
+/// broadcasts to `[b, heads, t, s]`, differentiable in q, k and v.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Tensor> {
     let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
-    let scores = q.matmul(&k.t()?)?;
-    let (t, s) = (scores.dim(D::Minus2)?, scores.dim(D::Minus1)?);
-    // A [t, s] mask repeats every t rows; any other broadcast is spelled out once.
-    let mask = if mask.dims() == [t, s] {
-        mask.contiguous()?
-    } else {
-        mask.broadcast_as(scores.shape())?.contiguous()?
+    let (t, s) = (q.dim(D::Minus2)?, k.dim(D::Minus2)?);
+    let mask = match mask.rank() {
+        2 => mask.reshape((1, 1, t, s))?,
+        4 => mask.clone(),
+        r => bail!("attention: a mask of rank {r} (expected [t, s] or [b, heads, t, s])"),
     };
-    let probs = scores.apply_op2(&mask, MaskedSoftmax { scale })?;
-    probs.matmul(v)
+    q.contiguous()?.apply_op3(
+        &k.contiguous()?,
+        &v.contiguous()?,
+        Attention {
+            mask: mask.detach().contiguous()?,
+            scale,
+        },
+    )
 }
 
 /// LayerNorm over the last dimension: (x − mean) / sqrt(var + eps) · weight + bias.

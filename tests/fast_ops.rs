@@ -107,6 +107,19 @@ fn checks(dtype: DType) -> Result<Vec<Check>> {
             trainable: 3,
         },
         Check {
+            // 70 query rows: two row blocks, the first of which skips the keys past row 63.
+            name: "attention (causal, two row blocks)",
+            fused: Box::new(|x| fast_ops::attention(&x[0], &x[1], &x[2], &x[3])),
+            composed: Box::new(|x| ops::attention_composed(&x[0], &x[1], &x[2], &x[3])),
+            inputs: vec![
+                randn(&[1, 1, 70, 4], 0.0)?,
+                randn(&[1, 1, 70, 4], 0.0)?,
+                randn(&[1, 1, 70, 4], 0.0)?,
+                ops::causal_mask(70, Some(50), dtype, &dev)?,
+            ],
+            trainable: 3,
+        },
+        Check {
             name: "attention (per-row mask)",
             fused: Box::new(|x| fast_ops::attention(&x[0], &x[1], &x[2], &x[3])),
             composed: Box::new(|x| ops::attention_composed(&x[0], &x[1], &x[2], &x[3])),

@@ -375,46 +375,93 @@ impl Attention {
         Ok(Heads { b, h, t, s, d })
     }
 
-    /// p = softmax(q kᵀ · scale + mask) of head `i` into `p` (t × s).
-    fn probs<T: Real>(&self, hs: &Heads, i: usize, q: &[T], k: &[T], mask: &[T], p: &mut [T]) {
+    /// p = softmax(q kᵀ · scale + mask) of head `i` into `p` (t × s), block of [`ROW_BLOCK`]
+    /// rows by block; returns each block's rows and the keys it attends to, `0..end`. Keys
+    /// past `end` are masked for every row of the block (≤ −1e8: their probability is exactly
+    /// 0), so neither their scores nor anything after is computed — half the work under a
+    /// causal mask. Those entries of `p` are left unwritten.
+    fn probs<T: Real>(
+        &self,
+        hs: &Heads,
+        i: usize,
+        q: &[T],
+        k: &[T],
+        mask: &[T],
+        p: &mut [T],
+    ) -> Vec<(std::ops::Range<usize>, usize)> {
         let Heads { h, t, s, d, .. } = *hs;
         let (mb, mh) = (self.mask.dims()[0], self.mask.dims()[1]);
-        // q (t × d) · kᵀ: k is s × d, so kᵀ's (row, col) = k[col, row].
-        gemm_head(p, (t, s, d), (q, 1, d), (k, d, 1), false);
         let m = ((i / h) % mb) * mh + (i % h) % mh;
         let mask = &mask[m * t * s..(m + 1) * t * s];
+        let masked = T::from_f64(-1e8);
         let scale = T::from_f64(self.scale);
-        vectorized(|| {
-            for (row, mrow) in p.chunks_mut(s).zip(mask.chunks(s)) {
-                row.iter_mut()
-                    .zip(mrow)
-                    .for_each(|(v, &mv)| *v = *v * scale + mv);
-                softmax_row(row);
-            }
-        });
+        let mut blocks = Vec::with_capacity(t.div_ceil(ROW_BLOCK));
+        for r0 in (0..t).step_by(ROW_BLOCK) {
+            let rows = r0..(r0 + ROW_BLOCK).min(t);
+            let end = mask[rows.start * s..rows.end * s]
+                .chunks(s)
+                .map(|row| match row.iter().rposition(|&v| v > masked) {
+                    Some(j) => j + 1,
+                    None => s, // a fully masked row: softmax spreads over every key
+                })
+                .max()
+                .unwrap_or(s);
+            // q rows · kᵀ: k is s × d, so kᵀ's (row, col) = k[col, row].
+            let n = rows.len();
+            gemm_head(
+                (&mut p[r0 * s..], s),
+                (n, end, d),
+                (&q[r0 * d..], 1, d),
+                (k, d, 1),
+                false,
+            );
+            vectorized(|| {
+                let rows = p[r0 * s..]
+                    .chunks_mut(s)
+                    .zip(mask[r0 * s..].chunks(s))
+                    .take(n);
+                for (row, mrow) in rows {
+                    let row = &mut row[..end];
+                    row.iter_mut()
+                        .zip(mrow)
+                        .for_each(|(v, &mv)| *v = *v * scale + mv);
+                    softmax_row(row);
+                }
+            });
+            blocks.push((rows, end));
+        }
+        blocks
     }
 }
 
-/// dst (m × n) = lhs (m × k) · rhs (k × n) on the calling thread; operands as (data, column
-/// stride, row stride); `accumulate` adds onto dst instead of overwriting it.
+/// Query rows per block of [`Attention::probs`].
+const ROW_BLOCK: usize = 64;
+
+/// dst (m × n) = lhs (m × k) · rhs (k × n) on the calling thread; dst as (data, row stride),
+/// operands as (data, column stride, row stride); `accumulate` adds onto dst.
 fn gemm_head<T: WithDType>(
-    dst: &mut [T],
+    dst: (&mut [T], usize),
     (m, n, k): (usize, usize, usize),
     lhs: (&[T], usize, usize),
     rhs: (&[T], usize, usize),
     accumulate: bool,
 ) {
-    assert!(dst.len() >= m * n && lhs.0.len() >= (m - 1) * lhs.2 + (k - 1) * lhs.1 + 1);
-    assert!(rhs.0.len() >= (k - 1) * rhs.2 + (n - 1) * rhs.1 + 1);
-    // SAFETY: the asserts bound every index gemm reads or writes under these strides.
+    if m == 0 || n == 0 {
+        return;
+    }
+    let last = |(data, cs, rs): (&[T], usize, usize), rows: usize, cols: usize| {
+        data.len() > (rows - 1) * rs + (cols - 1) * cs
+    };
+    assert!(dst.0.len() >= (m - 1) * dst.1 + n && (k == 0 || last(lhs, m, k) && last(rhs, k, n)));
+    // SAFETY: the assert bounds every index gemm reads or writes under these strides.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            dst.as_mut_ptr(),
+            dst.0.as_mut_ptr(),
             1,
-            n as isize,
+            dst.1 as isize,
             accumulate,
             lhs.0.as_ptr(),
             lhs.1 as isize,
@@ -456,9 +503,12 @@ impl CustomOp3 for Attention {
                 y.par_chunks_mut((t * d).max(1)).enumerate().for_each(|(i, y)| {
                     let mut p = vec![T::from_f64(0.0); t * s];
                     let (qi, ki) = (&q[i * t * d..(i + 1) * t * d], &k[i * s * d..(i + 1) * s * d]);
-                    self.probs(&hs, i, qi, ki, mask, &mut p);
                     let vi = &v[i * s * d..(i + 1) * s * d];
-                    gemm_head(y, (t, d, s), (&p, 1, s), (vi, 1, d), false);
+                    for (rows, end) in self.probs(&hs, i, qi, ki, mask, &mut p) {
+                        let (r0, n) = (rows.start, rows.len());
+                        // y rows = p rows (· × end) · v (end × d)
+                        gemm_head((&mut y[r0 * d..], d), (n, d, end), (&p[r0 * s..], 1, s), (vi, 1, d), false);
+                    }
                 })
             })?;
             T::to_cpu_storage_owned(y)
@@ -494,30 +544,35 @@ impl CustomOp3 for Attention {
                     let qi = &qv[i * t * d..(i + 1) * t * d];
                     let (ki, vi) = (&kv[i * s * d..(i + 1) * s * d], &vv[i * s * d..(i + 1) * s * d]);
                     let gi = &g[i * t * d..(i + 1) * t * d];
-                    let mut p = zeros(t * s);
-                    self.probs(&hs, i, qi, ki, &mask, &mut p);
-                    // dv (s × d) = pᵀ (s × t) · g (t × d)
-                    gemm_head(dv, (s, d, t), (&p, s, 1), (gi, 1, d), false);
-                    // dp (t × s) = g (t × d) · vᵀ (d × s), then ds in place
-                    let mut ds = zeros(t * s);
-                    gemm_head(&mut ds, (t, s, d), (gi, 1, d), (vi, d, 1), false);
-                    vectorized(|| {
-                        for (dsr, pr) in ds.chunks_mut(s).zip(p.chunks(s)) {
-                            let mut lanes = [T::from_f64(0.0); LANES];
-                            for (dc, pc) in dsr.chunks(LANES).zip(pr.chunks(LANES)) {
-                                for ((l, &x), &y) in lanes.iter_mut().zip(dc).zip(pc) {
-                                    *l += x * y;
+                    let (mut p, mut ds) = (zeros(t * s), zeros(t * s));
+                    for (rows, end) in self.probs(&hs, i, qi, ki, &mask, &mut p) {
+                        let (r0, n) = (rows.start, rows.len());
+                        let (pb, gb, qb) = (&p[r0 * s..], &gi[r0 * d..], &qi[r0 * d..]);
+                        // dv[..end] += pᵀ (end × n) · g rows (n × d)
+                        gemm_head((&mut *dv, d), (end, d, n), (pb, s, 1), (gb, 1, d), true);
+                        // dp (n × end) = g rows (n × d) · vᵀ (d × end), then ds in place
+                        gemm_head((&mut ds[r0 * s..], s), (n, end, d), (gb, 1, d), (vi, d, 1), false);
+                        vectorized(|| {
+                            let rows = ds[r0 * s..].chunks_mut(s).zip(pb.chunks(s)).take(n);
+                            for (dsr, pr) in rows {
+                                let (dsr, pr) = (&mut dsr[..end], &pr[..end]);
+                                let mut lanes = [T::from_f64(0.0); LANES];
+                                for (dc, pc) in dsr.chunks(LANES).zip(pr.chunks(LANES)) {
+                                    for ((l, &x), &y) in lanes.iter_mut().zip(dc).zip(pc) {
+                                        *l += x * y;
+                                    }
+                                }
+                                let dot = lanes.iter().fold(T::from_f64(0.0), |a, &v| a + v);
+                                for (x, &y) in dsr.iter_mut().zip(pr) {
+                                    *x = scale * y * (*x - dot);
                                 }
                             }
-                            let dot = lanes.iter().fold(T::from_f64(0.0), |a, &v| a + v);
-                            for (x, &y) in dsr.iter_mut().zip(pr) {
-                                *x = scale * y * (*x - dot);
-                            }
-                        }
-                    });
-                    // dq (t × d) = ds (t × s) · k (s × d); dk (s × d) = dsᵀ (s × t) · q (t × d)
-                    gemm_head(dq, (t, d, s), (&ds, 1, s), (ki, 1, d), false);
-                    gemm_head(dk, (s, d, t), (&ds, s, 1), (qi, 1, d), false);
+                        });
+                        let dsb = &ds[r0 * s..];
+                        // dq rows = ds (n × end) · k[..end]; dk[..end] += dsᵀ (end × n) · q rows
+                        gemm_head((&mut dq[r0 * d..], d), (n, d, end), (dsb, 1, s), (ki, 1, d), false);
+                        gemm_head((&mut *dk, d), (end, d, n), (dsb, s, 1), (qb, 1, d), true);
+                    }
                 });
             let dev = q.device();
             Ok((

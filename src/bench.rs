@@ -302,6 +302,7 @@ fn step_memory(
     let vocab = trainer.policy.net.output_layer().vocab_size()?;
     let logits = crate::plan::logits_bytes(2 * args.pairs * args.seq_len, vocab);
     let activations = acts.total(args.gradient_checkpointing);
+    crate::device::release_free_memory();
     let before = proc_status_kib("VmRSS:");
     // Linux ≥ 4.0: writing 5 resets the peak (VmHWM) to the current resident size.
     let reset = std::fs::write("/proc/self/clear_refs", "5").is_ok();

@@ -367,22 +367,32 @@ mod in_place {
             s2: &CpuStorage,
             l2: &Layout,
         ) -> Result<()> {
-            let m = data_mut(s1, l1)?;
-            let g = slice::<f32>(s2, l2)?;
             let (beta, rest, scale) = (
                 self.beta as f32,
                 (1.0 - self.beta) as f32,
                 self.scale as f32,
             );
-            par_blocks(m, 1, 3, |first, block| {
-                let g = &g[first..first + block.len()];
-                for (m, &g) in block.iter_mut().zip(g) {
-                    let g = g * scale;
-                    *m = beta * *m + rest * if self.square { g * g } else { g };
-                }
-            });
-            Ok(())
+            update_with((s1, l1), (s2, l2), |m, g| {
+                let g = g * scale;
+                beta * m + rest * if self.square { g * g } else { g }
+            })
         }
+    }
+
+    /// `dst[i] ← f(dst[i], src[i])` over two contiguous f32 tensors, split over the threads.
+    fn update_with(
+        (s1, l1): (&mut CpuStorage, &Layout),
+        (s2, l2): (&CpuStorage, &Layout),
+        f: impl Fn(f32, f32) -> f32 + Sync,
+    ) -> Result<()> {
+        let dst = data_mut(s1, l1)?;
+        let src = slice::<f32>(s2, l2)?;
+        par_blocks(dst, 1, 3, |first, block| {
+            for (d, &s) in block.iter_mut().zip(&src[first..]) {
+                *d = f(*d, s);
+            }
+        });
+        Ok(())
     }
 
     /// AdamW: w ← w·(1 − lr·decay) − lr · (m / bc1) / (√(v / bc2) + eps).
@@ -431,16 +441,9 @@ mod in_place {
             s2: &CpuStorage,
             l2: &Layout,
         ) -> Result<()> {
-            let w = data_mut(s1, l1)?;
-            let g = slice::<f32>(s2, l2)?;
             let (keep, lr) = self.factors();
             let step = lr * self.grad_scale as f32;
-            par_blocks(w, 1, 2, |first, block| {
-                for (w, &g) in block.iter_mut().zip(&g[first..]) {
-                    *w = *w * keep - step * g;
-                }
-            });
-            Ok(())
+            update_with((s1, l1), (s2, l2), |w, g| w * keep - step * g)
         }
     }
 }
@@ -535,6 +538,65 @@ mod tests {
             (b[0] - 0.99).abs() < 1e-6 && (b[1] - 1.01).abs() < 1e-6,
             "{b:?}"
         );
+        Ok(())
+    }
+
+    /// The in-place CPU kernels and the tensor path (CUDA, non-contiguous gradients) agree.
+    #[test]
+    fn in_place_and_tensor_updates_agree() -> Result<()> {
+        let dev = Device::Cpu;
+        let w0 = Tensor::randn(0f32, 1.0, (3, 4), &dev)?;
+        let b0 = Tensor::randn(0f32, 1.0, 4, &dev)?;
+        let params = || -> Result<Vec<Param>> {
+            Ok(vec![
+                Param {
+                    name: "w".into(),
+                    var: Var::from_tensor(&w0)?,
+                    master: None,
+                },
+                Param {
+                    name: "b".into(),
+                    var: Var::from_tensor(&b0)?,
+                    master: None,
+                },
+            ])
+        };
+        for kind in [
+            OptimizerKind::AdamW {
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+                weight_decay: 0.1,
+            },
+            OptimizerKind::Sgd { weight_decay: 0.1 },
+        ] {
+            let (fused, plain) = (params()?, params()?);
+            let mut opt_f = Optimizer::new(kind.clone(), &fused)?;
+            let mut opt_p = Optimizer::new(kind.clone(), &plain)?;
+            for step in 0..3 {
+                let g = Tensor::randn(0f32, 1.0, (4, 3), &dev)?;
+                let gb = Tensor::randn(0f32, 1.0, 4, &dev)?;
+                // A transposed view is not contiguous: it takes the tensor path.
+                assert!(
+                    in_place::applies(&[&g.t()?.contiguous()?]) && !in_place::applies(&[&g.t()?])
+                );
+                opt_f.apply(
+                    &fused,
+                    &[Some(g.t()?.contiguous()?), Some(gb.clone())],
+                    0.5,
+                    0.01,
+                )?;
+                opt_p.apply(&plain, &[Some(g.t()?), Some(gb)], 0.5, 0.01)?;
+                for (a, b) in fused.iter().zip(&plain) {
+                    let d = (a.var.as_tensor() - b.var.as_tensor())?
+                        .abs()?
+                        .flatten_all()?
+                        .max(0)?
+                        .to_scalar::<f32>()?;
+                    assert!(d < 1e-6, "{kind:?} step {step} {}: differ by {d}", a.name);
+                }
+            }
+        }
         Ok(())
     }
 

@@ -203,8 +203,8 @@ impl Activations {
 }
 
 /// [`Activations`] of the model `config_json` describes for `rows` sequences of `t` tokens,
-/// computing in `e`-byte floats; `fused`: with the CPU kernels of `models::fast_ops` (CPU, f32
-/// or f64), which keep only their outputs.
+/// computing in `e`-byte floats; `fused`: with the CPU kernels of `models::fast_ops` and
+/// `models::fast_dense` (CPU, f32 or f64), which keep only their outputs.
 pub fn activations(
     config_json: &serde_json::Value,
     rows: usize,
@@ -240,11 +240,12 @@ pub fn activations(
             4.5 * r * w * e + if r < 1.0 { e * w } else { 0.0 }
         }
     };
-    let linear = |w: f64, bias: bool| if bias { 2.0 * e * w } else { e * w };
-    // Per head and element of the [t, t] scores: the scores and the probabilities, or, composed,
-    // each step of scale, mask and softmax (in f32 for half inputs).
+    // The fused dense layer adds its bias inside the matmul; composed, the sum is a second tensor.
+    let linear = |w: f64, bias: bool| if bias && !fused { 2.0 * e * w } else { e * w };
+    // Per head and element of the [t, t] scores: none fused (the backward recomputes them per
+    // head); composed, each step of scale, mask and softmax (in f32 for half inputs).
     let core = if fused {
-        2.0 * e
+        0.0
     } else {
         3.0 * e + 3.0 * f + casts
     };
@@ -257,9 +258,14 @@ pub fn activations(
             // attention output and its copy, c_proj (+bias), residual; c_fc (+bias),
             // activation, c_proj (+bias), residual.
             let tok = 2.0 * layer_norm(h)
-                + e * (6.0 + 6.0 + 2.0 + 2.0 + 1.0) * h
-                + e * 3.0 * i
-                + e * 3.0 * h;
+                + linear(3.0 * h, true)
+                + e * (6.0 + 2.0) * h
+                + linear(h, true)
+                + e * h
+                + linear(i, true)
+                + e * i
+                + linear(h, true)
+                + e * h;
             (c.n_embd, c.n_layer, c.n_head, tok)
         }
         Some("gpt_neox") => {

@@ -93,8 +93,8 @@ impl Dense {
         bias: bool,
     ) -> Result<(Tensor, Tensor, Option<Tensor>)> {
         let (x, w) = (x.detach(), w.detach());
-        let n_out = g.dim(D::Minus1)?;
-        let x2 = x.flatten_to(x.rank().saturating_sub(2))?;
+        let (n_in, n_out) = (x.dim(D::Minus1)?, g.dim(D::Minus1)?);
+        let x2 = x.reshape(((), n_in))?;
         let g2 = g.contiguous()?.reshape(((), n_out))?;
         let (dx, dw) = match self.layout {
             WeightLayout::OutIn => (g2.matmul(&w)?, g2.t()?.matmul(&x2)?),

@@ -1,6 +1,7 @@
 //! Fused CPU kernels, with a backward, for the differentiable building blocks of
 //! [`super::ops`]: softmax, layer norm, RMS norm, rotary embedding and the attention core
-//! (scaled, masked softmax of the scores).
+//! (q kᵀ, scale, mask, softmax and · v, per head), plus the threading and vectorising helpers
+//! the fused kernels share (`fast_dense.rs`, `output.rs`, the optimiser).
 //!
 //! candle's own fused versions have no backward, so the models used to compose them from
 //! elementwise ops: one pass over memory (and one graph node, kept alive until the backward)

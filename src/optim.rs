@@ -257,7 +257,7 @@ impl Optimizer {
 /// quarter of a Pythia-160M step on CPU.
 mod in_place {
     use super::OptimizerKind;
-    use crate::models::fast_ops::{par_blocks, par_ranges, slice};
+    use crate::models::fast_ops::{par_blocks, par_ranges, slice, with_values};
     use candle_core::{bail, CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Result, Tensor};
 
     /// Whether the in-place kernels take these tensors: f32, on the CPU, contiguous.
@@ -276,18 +276,15 @@ mod in_place {
 
     /// Σ x², accumulated in f64 per block of 4096 so that a 40M-element gradient keeps its digits.
     pub fn sum_of_squares(t: &Tensor) -> Result<f64> {
-        let (storage, layout) = t.storage_and_layout();
-        let candle_core::Storage::Cpu(cpu) = &*storage else {
-            bail!("optimizer: expected a CPU tensor")
-        };
-        let x = slice::<f32>(cpu, layout)?;
-        let partials = par_ranges(x.len(), |range| {
-            x[range]
-                .chunks(4096)
-                .map(|c| c.iter().map(|v| v * v).sum::<f32>() as f64)
-                .sum::<f64>()
-        });
-        Ok(partials.into_iter().sum())
+        with_values::<f32, _>(t, |x| {
+            let partials = par_ranges(x.len(), |range| {
+                x[range]
+                    .chunks(4096)
+                    .map(|c| c.iter().map(|v| v * v).sum::<f32>() as f64)
+                    .sum::<f64>()
+            });
+            partials.into_iter().sum()
+        })
     }
 
     /// One parameter's update (AdamW or SGD), as the tensor path computes it.

@@ -302,6 +302,22 @@ fn softmax_row<T: Real>(row: &mut [T]) {
     row.iter_mut().for_each(|v| *v /= sum);
 }
 
+/// In place: g ← scale · p ⊙ (g − Σ g p), the softmax Jacobian of one row applied to g (the
+/// dot product in [`LANES`] partial sums).
+#[inline(always)]
+fn softmax_bwd_row<T: Real>(g: &mut [T], p: &[T], scale: T) {
+    let mut lanes = [T::from_f64(0.0); LANES];
+    for (gc, pc) in g.chunks(LANES).zip(p.chunks(LANES)) {
+        for ((l, &g), &p) in lanes.iter_mut().zip(gc).zip(pc) {
+            *l += g * p;
+        }
+    }
+    let dot = lanes.iter().fold(T::from_f64(0.0), |a, &v| a + v);
+    for (g, &p) in g.iter_mut().zip(p) {
+        *g = scale * p * (*g - dot);
+    }
+}
+
 /// dx = scale · p ⊙ (g − Σ g p), per row: the softmax Jacobian applied to g.
 fn softmax_bwd(p: &Tensor, g: &Tensor, scale: f64) -> Result<Tensor> {
     let d = p.dim(D::Minus1)?;
@@ -310,17 +326,7 @@ fn softmax_bwd(p: &Tensor, g: &Tensor, scale: f64) -> Result<Tensor> {
         let scale = T::from_f64(scale);
         with_values::<T, _>(p, |p_v| par_blocks(&mut dx, d, d, |first, block| vectorized(|| {
             for (r, row) in block.chunks_mut(d).enumerate() {
-                let pr = &p_v[(first + r) * d..(first + r + 1) * d];
-                let mut lanes = [T::from_f64(0.0); LANES];
-                for (gc, pc) in row.chunks(LANES).zip(pr.chunks(LANES)) {
-                    for ((l, &g), &p) in lanes.iter_mut().zip(gc).zip(pc) {
-                        *l += g * p;
-                    }
-                }
-                let dot = lanes.iter().fold(T::from_f64(0.0), |a, &v| a + v);
-                for (g, &p) in row.iter_mut().zip(pr) {
-                    *g = scale * p * (*g - dot);
-                }
+                softmax_bwd_row(row, &p_v[(first + r) * d..(first + r + 1) * d], scale);
             }
         })))?;
         Tensor::from_vec(dx, p.shape(), p.device())
@@ -556,17 +562,7 @@ impl CustomOp3 for Attention {
                         vectorized(|| {
                             let rows = ds[r0 * s..].chunks_mut(s).zip(pb.chunks(s)).take(n);
                             for (dsr, pr) in rows {
-                                let (dsr, pr) = (&mut dsr[..end], &pr[..end]);
-                                let mut lanes = [T::from_f64(0.0); LANES];
-                                for (dc, pc) in dsr.chunks(LANES).zip(pr.chunks(LANES)) {
-                                    for ((l, &x), &y) in lanes.iter_mut().zip(dc).zip(pc) {
-                                        *l += x * y;
-                                    }
-                                }
-                                let dot = lanes.iter().fold(T::from_f64(0.0), |a, &v| a + v);
-                                for (x, &y) in dsr.iter_mut().zip(pr) {
-                                    *x = scale * y * (*x - dot);
-                                }
+                                softmax_bwd_row(&mut dsr[..end], &pr[..end], scale);
                             }
                         });
                         let dsb = &ds[r0 * s..];

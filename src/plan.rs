@@ -254,12 +254,13 @@ pub fn activations(
         Some("gpt2") => {
             let c: gpt2::Config = serde_json::from_value(json)?;
             let (h, i) = (c.n_embd as f64, c.n_inner.unwrap_or(4 * c.n_embd) as f64);
-            // c_attn (+bias), q/k/v copied twice (reshaping a narrowed tensor copies),
-            // attention output and its copy, c_proj (+bias), residual; c_fc (+bias),
-            // activation, c_proj (+bias), residual.
+            // c_attn (+bias), then the merged attention output (fused) or q/k/v copied
+            // twice (reshaping a narrowed tensor copies), the attention output and its merged
+            // copy; c_proj (+bias), residual; c_fc (+bias), activation, c_proj (+bias), residual.
+            let attention = if fused { e * h } else { e * (6.0 + 2.0) * h };
             let tok = 2.0 * layer_norm(h)
                 + linear(3.0 * h, true)
-                + e * (6.0 + 2.0) * h
+                + attention
                 + linear(h, true)
                 + e * h
                 + linear(i, true)
@@ -281,13 +282,17 @@ pub fn activations(
                 c.intermediate_size as f64,
                 c.attention_bias,
             );
-            // query_key_value, q/k/v copies, rotary on q and k, attention output and its copy,
-            // dense; the MLP (biased) and its activation; two residual sums.
+            // query_key_value, then the merged attention output (fused) or q/k/v copies,
+            // rotary on q and k, the attention output and its merged copy; dense; the MLP
+            // (biased) and its activation; two residual sums.
+            let attention = if fused {
+                e * h
+            } else {
+                3.0 * e * h + 2.0 * rotary(h, pct.unwrap_or(0.25)) + 2.0 * e * h
+            };
             let tok = 2.0 * layer_norm(h)
                 + linear(3.0 * h, bias)
-                + 3.0 * e * h
-                + 2.0 * rotary(h, pct.unwrap_or(0.25))
-                + 2.0 * e * h
+                + attention
                 + linear(h, bias)
                 + linear(i, true)
                 + e * i

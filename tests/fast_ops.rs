@@ -1,11 +1,11 @@
 //! The fused CPU ops with a backward (softmax, layer norm, RMS norm, rotary, attention core,
-//! dense layer, activations) against the reference compositions in `ops.rs` (forward and every
+//! attention from a packed q/k/v projection, dense layer, activations) against the reference compositions in `ops.rs` (forward and every
 //! gradient, f32) and against central finite differences (f64).
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 use dpo_sam::models::fast_dense::{self, WeightLayout};
-use dpo_sam::models::ops::Activation;
-use dpo_sam::models::{fast_ops, ops};
+use dpo_sam::models::ops::{Activation, QkvPacking};
+use dpo_sam::models::{fast_attention, fast_ops, ops};
 
 fn max_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
     (a - b)?
@@ -96,7 +96,7 @@ fn checks(dtype: DType) -> Result<Vec<Check>> {
         },
         Check {
             name: "attention (causal)",
-            fused: Box::new(|x| fast_ops::attention(&x[0], &x[1], &x[2], &x[3])),
+            fused: Box::new(|x| fast_attention::attention(&x[0], &x[1], &x[2], &x[3])),
             composed: Box::new(|x| ops::attention_composed(&x[0], &x[1], &x[2], &x[3])),
             inputs: vec![
                 randn(&[b, heads, t, d], 0.0)?,
@@ -109,7 +109,7 @@ fn checks(dtype: DType) -> Result<Vec<Check>> {
         Check {
             // 70 query rows: two row blocks, the first of which skips the keys past row 63.
             name: "attention (causal, two row blocks)",
-            fused: Box::new(|x| fast_ops::attention(&x[0], &x[1], &x[2], &x[3])),
+            fused: Box::new(|x| fast_attention::attention(&x[0], &x[1], &x[2], &x[3])),
             composed: Box::new(|x| ops::attention_composed(&x[0], &x[1], &x[2], &x[3])),
             inputs: vec![
                 randn(&[1, 1, 70, 4], 0.0)?,
@@ -121,7 +121,7 @@ fn checks(dtype: DType) -> Result<Vec<Check>> {
         },
         Check {
             name: "attention (per-row mask)",
-            fused: Box::new(|x| fast_ops::attention(&x[0], &x[1], &x[2], &x[3])),
+            fused: Box::new(|x| fast_attention::attention(&x[0], &x[1], &x[2], &x[3])),
             composed: Box::new(|x| ops::attention_composed(&x[0], &x[1], &x[2], &x[3])),
             inputs: vec![
                 randn(&[b, heads, t, d], 0.0)?,
@@ -133,9 +133,84 @@ fn checks(dtype: DType) -> Result<Vec<Check>> {
         },
     ]
     .into_iter()
+    .chain(packed_attention_checks(&randn, dtype)?)
     .chain(dense_checks(&randn)?)
     .chain(activation_checks(&randn)?)
     .collect())
+}
+
+/// Attention from a fused projection `[b, t, 3 · heads · d]` in both packings: GPT-NeoX's with
+/// partial rotary and a causal mask, GPT-2's without rotary under a per-row padding mask, and
+/// one head over 70 rows (two row blocks) with a sliding window.
+fn packed_attention_checks(
+    randn: &dyn Fn(&[usize], f32) -> Result<Tensor>,
+    dtype: DType,
+) -> Result<Vec<Check>> {
+    let dev = Device::Cpu;
+    let (b, heads, t, d) = (2, 3, 5, 8);
+    let (cos, sin) = ops::rotary_tables(t, 4, 10000.0, dtype, &dev)?;
+    let pad: Vec<f32> = (0..b * t * t)
+        .map(|k| {
+            let (bi, i, j) = (k / (t * t), k / t % t, k % t);
+            if j > i || (bi == 1 && j < 2 && i > 1) {
+                -1e9
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    let pad = Tensor::from_vec(pad, (b, 1, t, t), &dev)?.to_dtype(dtype)?;
+    let cases = [
+        (
+            "packed attention (per head, partial rotary)",
+            QkvPacking::PerHead,
+            heads,
+            vec![
+                randn(&[b, t, 3 * heads * d], 0.0)?,
+                ops::causal_mask(t, None, dtype, &dev)?,
+                cos,
+                sin,
+            ],
+        ),
+        (
+            "packed attention (blocked, padding mask)",
+            QkvPacking::Blocked,
+            heads,
+            vec![randn(&[b, t, 3 * heads * d], 0.0)?, pad],
+        ),
+        (
+            "packed attention (two row blocks, window)",
+            QkvPacking::PerHead,
+            1,
+            vec![
+                randn(&[1, 70, 12], 0.0)?,
+                ops::causal_mask(70, Some(50), dtype, &dev)?,
+            ],
+        ),
+    ];
+    Ok(cases
+        .into_iter()
+        .map(|(name, packing, heads, inputs)| {
+            let rope = |x: &[Tensor]| -> Option<(Tensor, Tensor)> {
+                x.get(2).map(|cos| (cos.clone(), x[3].clone()))
+            };
+            Check {
+                name,
+                fused: Box::new(move |x| {
+                    let rope = rope(x);
+                    let rope = rope.as_ref().map(|(c, s)| (c, s));
+                    fast_attention::packed_attention(&x[0], packing, heads, rope, &x[1])
+                }),
+                composed: Box::new(move |x| {
+                    let rope = rope(x);
+                    let rope = rope.as_ref().map(|(c, s)| (c, s));
+                    ops::packed_attention_composed(&x[0], packing, heads, rope, &x[1])
+                }),
+                inputs,
+                trainable: 1,
+            }
+        })
+        .collect())
 }
 
 /// The dense layer in both weight layouts, with and without bias, on a `[b, t, in]` input.

@@ -1,7 +1,7 @@
 //! Fused CPU kernels, with a backward, for the differentiable building blocks of
-//! [`super::ops`]: softmax, layer norm, RMS norm, rotary embedding and the attention core
-//! (q kᵀ, scale, mask, softmax and · v, per head), plus the threading and vectorising helpers
-//! the fused kernels share (`fast_dense.rs`, `output.rs`, the optimiser).
+//! [`super::ops`]: softmax, layer norm, RMS norm and rotary embedding, plus the threading and
+//! vectorising helpers the fused kernels share (`fast_attention.rs`, `fast_dense.rs`,
+//! `output.rs`, the optimiser).
 //!
 //! candle's own fused versions have no backward, so the models used to compose them from
 //! elementwise ops: one pass over memory (and one graph node, kept alive until the backward)
@@ -194,7 +194,7 @@ pub(crate) fn slice<'a, T: WithDType>(s: &'a CpuStorage, layout: &Layout) -> Res
 }
 
 /// A tensor's values, in order (the backward passes read their operands this way).
-fn values<T: WithDType>(t: &Tensor) -> Result<Vec<T>> {
+pub(crate) fn values<T: WithDType>(t: &Tensor) -> Result<Vec<T>> {
     t.flatten_all()?.to_vec1::<T>()
 }
 
@@ -295,7 +295,7 @@ impl CustomOp1 for Softmax {
 
 /// In place: row ← softmax(row), the max subtracted first (as the composition does).
 #[inline(always)]
-fn softmax_row<T: Real>(row: &mut [T]) {
+pub(crate) fn softmax_row<T: Real>(row: &mut [T]) {
     let max = row_max(row);
     row.iter_mut().for_each(|v| *v = (*v - max).exp());
     let sum = row_sum(row, |v| v);
@@ -305,7 +305,7 @@ fn softmax_row<T: Real>(row: &mut [T]) {
 /// In place: g ← scale · p ⊙ (g − Σ g p), the softmax Jacobian of one row applied to g (the
 /// dot product in [`LANES`] partial sums).
 #[inline(always)]
-fn softmax_bwd_row<T: Real>(g: &mut [T], p: &[T], scale: T) {
+pub(crate) fn softmax_bwd_row<T: Real>(g: &mut [T], p: &[T], scale: T) {
     let mut lanes = [T::from_f64(0.0); LANES];
     for (gc, pc) in g.chunks(LANES).zip(p.chunks(LANES)) {
         for ((l, &g), &p) in lanes.iter_mut().zip(gc).zip(pc) {
@@ -336,269 +336,6 @@ fn softmax_bwd(p: &Tensor, g: &Tensor, scale: f64) -> Result<Tensor> {
 /// Softmax over the last dimension, differentiable.
 pub fn softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
     xs.contiguous()?.apply_op1(Softmax)
-}
-
-/// Scaled dot-product attention, one task per (batch, head) on rayon's pool: scores = q kᵀ ·
-/// scale + mask, p = softmax(scores), y = p v. candle's batched matmul would run the heads one
-/// after the other, each small gemm split over the threads, and leave five graph nodes; here the
-/// heads run side by side on one thread each and the whole core is one node. The backward
-/// recomputes p per head (as FlashAttention does) instead of keeping `[b, h, t, s]` alive.
-struct Attention {
-    /// The additive mask `[mb, mh, t, s]`, mb ∈ {1, b} and mh ∈ {1, heads}, contiguous.
-    mask: Tensor,
-    scale: f64,
-}
-
-/// `[b, h, rows, d]` sizes of q, k and v, checked against each other.
-struct Heads {
-    b: usize,
-    h: usize,
-    t: usize,
-    s: usize,
-    d: usize,
-}
-
-impl Attention {
-    fn heads(&self, q: &Layout, k: &Layout, v: &Layout) -> Result<Heads> {
-        let (&[b, h, t, d], &[kb, kh, s, kd]) = (q.dims(), k.dims()) else {
-            bail!("attention: q and k must be [b, heads, t, head_dim]")
-        };
-        if (kb, kh, kd) != (b, h, d) || v.dims() != k.dims() {
-            bail!(
-                "attention: q {:?}, k {:?} and v {:?} do not match",
-                q.dims(),
-                k.dims(),
-                v.dims()
-            );
-        }
-        let m = self.mask.dims();
-        if m.len() != 4
-            || m[2..] != [t, s]
-            || !(m[0] == 1 || m[0] == b)
-            || !(m[1] == 1 || m[1] == h)
-        {
-            bail!("attention: mask {m:?} does not broadcast to [{b}, {h}, {t}, {s}]");
-        }
-        Ok(Heads { b, h, t, s, d })
-    }
-
-    /// p = softmax(q kᵀ · scale + mask) of head `i` into `p` (t × s), block of [`ROW_BLOCK`]
-    /// rows by block; returns each block's rows and the keys it attends to, `0..end`. Keys
-    /// past `end` are masked for every row of the block (≤ −1e8: their probability is exactly
-    /// 0), so neither their scores nor anything after is computed — half the work under a
-    /// causal mask. Those entries of `p` are left unwritten.
-    fn probs<T: Real>(
-        &self,
-        hs: &Heads,
-        i: usize,
-        q: &[T],
-        k: &[T],
-        mask: &[T],
-        p: &mut [T],
-    ) -> Vec<(std::ops::Range<usize>, usize)> {
-        let Heads { h, t, s, d, .. } = *hs;
-        let (mb, mh) = (self.mask.dims()[0], self.mask.dims()[1]);
-        let m = ((i / h) % mb) * mh + (i % h) % mh;
-        let mask = &mask[m * t * s..(m + 1) * t * s];
-        let masked = T::from_f64(-1e8);
-        let scale = T::from_f64(self.scale);
-        let mut blocks = Vec::with_capacity(t.div_ceil(ROW_BLOCK));
-        for r0 in (0..t).step_by(ROW_BLOCK) {
-            let rows = r0..(r0 + ROW_BLOCK).min(t);
-            let end = mask[rows.start * s..rows.end * s]
-                .chunks(s)
-                .map(|row| match row.iter().rposition(|&v| v > masked) {
-                    Some(j) => j + 1,
-                    None => s, // a fully masked row: softmax spreads over every key
-                })
-                .max()
-                .unwrap_or(s);
-            // q rows · kᵀ: k is s × d, so kᵀ's (row, col) = k[col, row].
-            let n = rows.len();
-            gemm_head(
-                (&mut p[r0 * s..], s),
-                (n, end, d),
-                (&q[r0 * d..], 1, d),
-                (k, d, 1),
-                false,
-            );
-            vectorized(|| {
-                let rows = p[r0 * s..]
-                    .chunks_mut(s)
-                    .zip(mask[r0 * s..].chunks(s))
-                    .take(n);
-                for (row, mrow) in rows {
-                    let row = &mut row[..end];
-                    row.iter_mut()
-                        .zip(mrow)
-                        .for_each(|(v, &mv)| *v = *v * scale + mv);
-                    softmax_row(row);
-                }
-            });
-            blocks.push((rows, end));
-        }
-        blocks
-    }
-}
-
-/// Query rows per block of [`Attention::probs`].
-const ROW_BLOCK: usize = 64;
-
-/// dst (m × n) = lhs (m × k) · rhs (k × n) on the calling thread; dst as (data, row stride),
-/// operands as (data, column stride, row stride); `accumulate` adds onto dst.
-fn gemm_head<T: WithDType>(
-    dst: (&mut [T], usize),
-    (m, n, k): (usize, usize, usize),
-    lhs: (&[T], usize, usize),
-    rhs: (&[T], usize, usize),
-    accumulate: bool,
-) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    let last = |(data, cs, rs): (&[T], usize, usize), rows: usize, cols: usize| {
-        data.len() > (rows - 1) * rs + (cols - 1) * cs
-    };
-    assert!(dst.0.len() >= (m - 1) * dst.1 + n && (k == 0 || last(lhs, m, k) && last(rhs, k, n)));
-    // SAFETY: the assert bounds every index gemm reads or writes under these strides.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.0.as_mut_ptr(),
-            1,
-            dst.1 as isize,
-            accumulate,
-            lhs.0.as_ptr(),
-            lhs.1 as isize,
-            lhs.2 as isize,
-            rhs.0.as_ptr(),
-            rhs.1 as isize,
-            rhs.2 as isize,
-            T::from_f64(1.0),
-            T::from_f64(1.0),
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        )
-    }
-}
-
-impl CustomOp3 for Attention {
-    fn name(&self) -> &'static str {
-        "fast-attention"
-    }
-
-    fn cpu_fwd(
-        &self,
-        qs: &CpuStorage,
-        ql: &Layout,
-        ks: &CpuStorage,
-        kl: &Layout,
-        vs: &CpuStorage,
-        vl: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        use rayon::prelude::*;
-        let hs = self.heads(ql, kl, vl)?;
-        let Heads { b, h, t, s, d } = hs;
-        let out = by_dtype!(qs.dtype(), T => {
-            let (q, k, v) = (slice::<T>(qs, ql)?, slice::<T>(ks, kl)?, slice::<T>(vs, vl)?);
-            let mut y = vec![T::from_f64(0.0); b * h * t * d];
-            with_values::<T, _>(&self.mask, |mask| {
-                y.par_chunks_mut((t * d).max(1)).enumerate().for_each(|(i, y)| {
-                    let mut p = vec![T::from_f64(0.0); t * s];
-                    let (qi, ki) = (&q[i * t * d..(i + 1) * t * d], &k[i * s * d..(i + 1) * s * d]);
-                    let vi = &v[i * s * d..(i + 1) * s * d];
-                    for (rows, end) in self.probs(&hs, i, qi, ki, mask, &mut p) {
-                        let (r0, n) = (rows.start, rows.len());
-                        // y rows = p rows (· × end) · v (end × d)
-                        gemm_head((&mut y[r0 * d..], d), (n, d, end), (&p[r0 * s..], 1, s), (vi, 1, d), false);
-                    }
-                })
-            })?;
-            T::to_cpu_storage_owned(y)
-        });
-        Ok((out, ql.shape().clone()))
-    }
-
-    /// Per head, with p recomputed: dv = pᵀ g, dp = g vᵀ, ds = scale · p ⊙ (dp − Σ dp p),
-    /// dq = ds k, dk = dsᵀ q.
-    fn bwd(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        _y: &Tensor,
-        g: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        use rayon::prelude::*;
-        let hs = self.heads(q.layout(), k.layout(), v.layout())?;
-        let Heads { b, h, t, s, d } = hs;
-        by_dtype!(q.dtype(), T => {
-            let zeros = |n: usize| vec![T::from_f64(0.0); n];
-            let (mut dq, mut dk, mut dv) = (zeros(b * h * t * d), zeros(b * h * s * d), zeros(b * h * s * d));
-            let scale = T::from_f64(self.scale);
-            // Copies of the operands (a few MiB) keep the borrows simple; the work is the gemms.
-            let (qv, kv, vv, g) = (values::<T>(q)?, values::<T>(k)?, values::<T>(v)?, values::<T>(g)?);
-            let mask = values::<T>(&self.mask)?;
-            dq.par_chunks_mut((t * d).max(1))
-                .zip(dk.par_chunks_mut((s * d).max(1)))
-                .zip(dv.par_chunks_mut((s * d).max(1)))
-                .enumerate()
-                .for_each(|(i, ((dq, dk), dv))| {
-                    let qi = &qv[i * t * d..(i + 1) * t * d];
-                    let (ki, vi) = (&kv[i * s * d..(i + 1) * s * d], &vv[i * s * d..(i + 1) * s * d]);
-                    let gi = &g[i * t * d..(i + 1) * t * d];
-                    let (mut p, mut ds) = (zeros(t * s), zeros(t * s));
-                    for (rows, end) in self.probs(&hs, i, qi, ki, &mask, &mut p) {
-                        let (r0, n) = (rows.start, rows.len());
-                        let (pb, gb, qb) = (&p[r0 * s..], &gi[r0 * d..], &qi[r0 * d..]);
-                        // dv[..end] += pᵀ (end × n) · g rows (n × d)
-                        gemm_head((&mut *dv, d), (end, d, n), (pb, s, 1), (gb, 1, d), true);
-                        // dp (n × end) = g rows (n × d) · vᵀ (d × end), then ds in place
-                        gemm_head((&mut ds[r0 * s..], s), (n, end, d), (gb, 1, d), (vi, d, 1), false);
-                        vectorized(|| {
-                            let rows = ds[r0 * s..].chunks_mut(s).zip(pb.chunks(s)).take(n);
-                            for (dsr, pr) in rows {
-                                softmax_bwd_row(&mut dsr[..end], &pr[..end], scale);
-                            }
-                        });
-                        let dsb = &ds[r0 * s..];
-                        // dq rows = ds (n × end) · k[..end]; dk[..end] += dsᵀ (end × n) · q rows
-                        gemm_head((&mut dq[r0 * d..], d), (n, d, end), (dsb, 1, s), (ki, 1, d), false);
-                        gemm_head((&mut *dk, d), (end, d, n), (dsb, s, 1), (qb, 1, d), true);
-                    }
-                });
-            let dev = q.device();
-            Ok((
-                Some(Tensor::from_vec(dq, q.shape(), dev)?),
-                Some(Tensor::from_vec(dk, k.shape(), dev)?),
-                Some(Tensor::from_vec(dv, v.shape(), dev)?),
-            ))
-        })
-    }
-}
-
-/// Scaled dot-product attention over `[b, heads, t, head_dim]` with an additive mask that
-/// broadcasts to `[b, heads, t, s]`, differentiable in q, k and v.
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Tensor> {
-    let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
-    let (t, s) = (q.dim(D::Minus2)?, k.dim(D::Minus2)?);
-    let mask = match mask.rank() {
-        2 => mask.reshape((1, 1, t, s))?,
-        4 => mask.clone(),
-        r => bail!("attention: a mask of rank {r} (expected [t, s] or [b, heads, t, s])"),
-    };
-    q.contiguous()?.apply_op3(
-        &k.contiguous()?,
-        &v.contiguous()?,
-        Attention {
-            mask: mask.detach().contiguous()?,
-            scale,
-        },
-    )
 }
 
 /// LayerNorm over the last dimension: (x − mean) / sqrt(var + eps) · weight + bias.
@@ -783,10 +520,54 @@ pub fn rms_norm(xs: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
         .apply_op2(&weight.contiguous()?, RmsNorm { eps })
 }
 
-/// Rotate-half rotary embedding of the first `rot_dim` features of `[.., t, head_dim]` rows
-/// with `[t, rot_dim]` tables: for i < rot_dim/2 = h,
-/// y_i = x_i cos_i − x_{i+h} sin_i and y_{i+h} = x_{i+h} cos_{i+h} + x_i sin_{i+h}.
-struct Rotary;
+/// cos and sin tables `[t, rot]` of a rotary embedding.
+#[derive(Clone, Copy)]
+pub(crate) struct RopeTables<'a, T> {
+    cos: &'a [T],
+    sin: &'a [T],
+    rot: usize,
+}
+
+impl<'a, T: Real> RopeTables<'a, T> {
+    pub(crate) fn new(cos: &'a [T], sin: &'a [T], t: usize) -> Self {
+        let rot = cos.len() / t.max(1);
+        Self { cos, sin, rot }
+    }
+
+    /// Rotate-half in place on the first `rot` features of each `d`-wide row of `x`, whose first
+    /// row sits at position `first` (positions wrap every t rows): for i < rot/2 = h,
+    /// y_i = x_i cos_i − x_{i+h} sin_i and y_{i+h} = x_{i+h} cos_{i+h} + x_i sin_{i+h}.
+    /// `transpose` applies the rotation's transpose (its backward) instead:
+    /// dx_i = g_i cos_i + g_{i+h} sin_{i+h}, dx_{i+h} = g_{i+h} cos_{i+h} − g_i sin_i.
+    #[inline(always)]
+    pub(crate) fn rotate_rows(&self, x: &mut [T], first: usize, d: usize, transpose: bool) {
+        let (rot, half) = (self.rot, self.rot / 2);
+        let t = self.cos.len() / rot.max(1);
+        if rot == 0 {
+            return;
+        }
+        for (r, row) in x.chunks_mut(d).enumerate() {
+            let pos = (first + r) % t;
+            let (c, s) = (&self.cos[pos * rot..][..rot], &self.sin[pos * rot..][..rot]);
+            for i in 0..half {
+                let (x1, x2) = (row[i], row[i + half]);
+                if transpose {
+                    row[i] = x1 * c[i] + x2 * s[i + half];
+                    row[i + half] = x2 * c[i + half] - x1 * s[i];
+                } else {
+                    row[i] = x1 * c[i] - x2 * s[i];
+                    row[i + half] = x2 * c[i + half] + x1 * s[i + half];
+                }
+            }
+        }
+    }
+}
+
+/// Rotary embedding of `[.., t, head_dim]` rows with `[t, rot_dim]` tables (see
+/// [`RopeTables::rotate_rows`]); `transpose`: the rotation's transpose, which is its backward.
+struct Rotary {
+    transpose: bool,
+}
 
 impl CustomOp3 for Rotary {
     fn name(&self) -> &'static str {
@@ -803,30 +584,16 @@ impl CustomOp3 for Rotary {
         sl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let d = last_dim(l);
-        let rot = last_dim(cl);
+        let t = cl.dims().first().copied().unwrap_or(1);
         let out = by_dtype!(s.dtype(), T => {
-            let (cos, sin) = (slice::<T>(cs, cl)?, slice::<T>(ss, sl)?);
-            let t = cos.len() / rot;
+            let rope = RopeTables::new(slice::<T>(cs, cl)?, slice::<T>(ss, sl)?, t);
             let mut y = slice::<T>(s, l)?.to_vec();
-            let half = rot / 2;
-            par_blocks(&mut y, d, d, |first, block| {
-                for (r, row) in block.chunks_mut(d).enumerate() {
-                    let pos = (first + r) % t;
-                    let (c, sn) = (&cos[pos * rot..(pos + 1) * rot], &sin[pos * rot..(pos + 1) * rot]);
-                    for i in 0..half {
-                        let (x1, x2) = (row[i], row[i + half]);
-                        row[i] = x1 * c[i] - x2 * sn[i];
-                        row[i + half] = x2 * c[i + half] + x1 * sn[i + half];
-                    }
-                }
-            });
+            par_blocks(&mut y, d, d, |first, block| rope.rotate_rows(block, first, d, self.transpose));
             T::to_cpu_storage_owned(y)
         });
         Ok((out, l.shape().clone()))
     }
 
-    /// The rotation's transpose is the same rotation with sin ← −[sin₂, sin₁] (halves swapped):
-    /// dx_i = g_i cos_i + g_{i+h} sin_{i+h}, dx_{i+h} = g_{i+h} cos_{i+h} − g_i sin_i.
     fn bwd(
         &self,
         _x: &Tensor,
@@ -835,19 +602,10 @@ impl CustomOp3 for Rotary {
         _y: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let half = sin.dim(D::Minus1)? / 2;
-        let sin_t = Tensor::cat(
-            &[
-                sin.narrow(D::Minus1, half, half)?,
-                sin.narrow(D::Minus1, 0, half)?,
-            ],
-            D::Minus1,
-        )?
-        .neg()?
-        .contiguous()?;
-        let dx = g
-            .contiguous()?
-            .apply_op3_no_bwd(&cos.contiguous()?, &sin_t, self)?;
+        let transpose = Rotary {
+            transpose: !self.transpose,
+        };
+        let dx = g.contiguous()?.apply_op3_no_bwd(cos, sin, &transpose)?;
         Ok((Some(dx), None, None))
     }
 }
@@ -863,8 +621,11 @@ pub fn rotary_applies(xs: &Tensor, cos: &Tensor) -> bool {
 
 /// Rotary embedding (see [`rotary_applies`] for the shapes), differentiable in x.
 pub fn rotary(xs: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    xs.contiguous()?
-        .apply_op3(&cos.contiguous()?, &sin.contiguous()?, Rotary)
+    xs.contiguous()?.apply_op3(
+        &cos.contiguous()?,
+        &sin.contiguous()?,
+        Rotary { transpose: false },
+    )
 }
 
 #[cfg(test)]

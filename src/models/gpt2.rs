@@ -7,7 +7,8 @@ use super::cache::{KvCache, Step};
 use super::checkpoint::{run_blocks, GradSink};
 use super::fast_dense::WeightLayout;
 use super::ops::LayerNorm;
-use super::ops::{attention, causal_mask, Activation, Linear};
+use super::ops::{attention, causal_mask, merge_heads, packed_attention, split_qkv};
+use super::ops::{Activation, Linear, QkvPacking};
 use super::CausalLm;
 use crate::output::OutputLayer;
 use candle_core::{Module, Result, Tensor};
@@ -129,21 +130,15 @@ impl Block {
         mask: &Tensor,
         cache: Option<(&mut KvCache, usize)>,
     ) -> Result<Tensor> {
-        let (b, t, n) = x.dims3()?;
-        let hd = n / self.n_head;
         let qkv = self.c_attn.forward(&self.ln_1.forward(x)?)?;
-        let heads = |i: usize| -> Result<Tensor> {
-            qkv.narrow(2, i * n, n)?
-                .reshape((b, t, self.n_head, hd))?
-                .transpose(1, 2)?
-                .contiguous()
+        let y = match cache {
+            None => packed_attention(&qkv, QkvPacking::Blocked, self.n_head, None, mask)?,
+            Some((cache, layer)) => {
+                let (q, k, v) = split_qkv(&qkv, QkvPacking::Blocked, self.n_head)?;
+                let (k, v) = cache.append(layer, &k, &v)?;
+                merge_heads(&attention(&q, &k, &v, mask)?)?
+            }
         };
-        let (k, v) = match cache {
-            Some((cache, layer)) => cache.append(layer, &heads(1)?, &heads(2)?)?,
-            None => (heads(1)?, heads(2)?),
-        };
-        let y = attention(&heads(0)?, &k, &v, mask)?;
-        let y = y.transpose(1, 2)?.reshape((b, t, n))?;
         let x = (x + self.attn_proj.forward(&y)?)?;
         let h = self
             .act

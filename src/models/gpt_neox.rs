@@ -8,8 +8,9 @@
 use super::cache::{KvCache, Step};
 use super::checkpoint::{run_blocks, GradSink};
 use super::ops::LayerNorm;
-use super::ops::{attention, causal_mask, linear, rope_settings, rotary, rotary_tables};
-use super::ops::{Activation, Linear, RopeParameters};
+use super::ops::RopeParameters;
+use super::ops::{attention, causal_mask, linear, merge_heads, packed_attention, split_qkv};
+use super::ops::{rope_settings, rotary, rotary_tables, Activation, Linear, QkvPacking};
 use super::CausalLm;
 use crate::output::OutputLayer;
 use candle_core::{Module, Result, Tensor};
@@ -113,26 +114,21 @@ impl Layer {
         mask: &Tensor,
         cache: Option<(&mut KvCache, usize)>,
     ) -> Result<Tensor> {
-        let (b, t, n) = x.dims3()?;
-        let hd = n / self.n_head;
-        let qkv = self
-            .query_key_value
-            .forward(x)?
-            .reshape((b, t, self.n_head, 3 * hd))?
-            .transpose(1, 2)?;
-        let part = |i: usize| -> Result<Tensor> {
-            let p = qkv.narrow(3, i * hd, hd)?.contiguous()?;
-            match (i, rope) {
-                (0 | 1, Some((cos, sin))) => rotary(&p, cos, sin),
-                _ => Ok(p),
+        let qkv = self.query_key_value.forward(x)?;
+        let rope = rope.map(|(cos, sin)| (cos, sin));
+        let y = match cache {
+            None => packed_attention(&qkv, QkvPacking::PerHead, self.n_head, rope, mask)?,
+            Some((cache, layer)) => {
+                let (q, k, v) = split_qkv(&qkv, QkvPacking::PerHead, self.n_head)?;
+                let (q, k) = match rope {
+                    Some((cos, sin)) => (rotary(&q, cos, sin)?, rotary(&k, cos, sin)?),
+                    None => (q, k),
+                };
+                let (k, v) = cache.append(layer, &k, &v)?;
+                merge_heads(&attention(&q, &k, &v, mask)?)?
             }
         };
-        let (k, v) = match cache {
-            Some((cache, layer)) => cache.append(layer, &part(1)?, &part(2)?)?,
-            None => (part(1)?, part(2)?),
-        };
-        let y = attention(&part(0)?, &k, &v, mask)?;
-        self.dense.forward(&y.transpose(1, 2)?.reshape((b, t, n))?)
+        self.dense.forward(&y)
     }
 
     fn mlp(&self, x: &Tensor) -> Result<Tensor> {

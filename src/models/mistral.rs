@@ -13,7 +13,7 @@ use super::checkpoint::{run_blocks, GradSink};
 use super::ops::{
     attention, causal_mask, linear, repeat_kv, rms_norm, rope_settings, rotary, rotary_tables,
 };
-use super::ops::{Activation, Linear, RopeParameters};
+use super::ops::{merge_heads, Activation, Linear, RopeParameters};
 use super::CausalLm;
 use crate::output::OutputLayer;
 use candle_core::{Module, Result, Tensor};
@@ -168,10 +168,7 @@ impl Layer {
         };
         let rep = self.n_head / self.n_kv_head;
         let y = attention(&q, &repeat_kv(k, rep)?, &repeat_kv(v, rep)?, mask)?;
-        self.o_proj.forward(
-            &y.transpose(1, 2)?
-                .reshape((b, t, self.n_head * self.head_dim))?,
-        )
+        self.o_proj.forward(&merge_heads(&y)?)
     }
 
     fn forward(

@@ -6,6 +6,7 @@
 
 pub mod cache;
 pub mod checkpoint;
+pub mod fast_attention;
 pub mod fast_dense;
 pub mod fast_ops;
 pub mod gpt2;

@@ -2,10 +2,11 @@
 //!
 //! candle's fused `softmax_last_dim`, `layer_norm`, `rms_norm`, `rope` and `sdpa` have no backward
 //! and drop gradients silently, so the models use these compositions of differentiable ops
-//! (`*_composed`) or, on CPU in f32/f64, the fused kernels with a backward in [`super::fast_ops`].
+//! (`*_composed`) or, on CPU in f32/f64, the fused kernels with a backward in
+//! [`super::fast_ops`], [`super::fast_attention`] and [`super::fast_dense`].
 
 use super::fast_dense::{self, WeightLayout};
-use super::fast_ops;
+use super::{fast_attention, fast_ops};
 use candle_core::{DType, Result, Tensor, D};
 use candle_nn::{Init, VarBuilder};
 
@@ -111,9 +112,95 @@ pub fn causal_mask(
 /// broadcasts to [b, heads, t, t].
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Tensor> {
     if fast_ops::supports(&[q, k, v, mask]) {
-        return fast_ops::attention(q, k, v, mask);
+        return fast_attention::attention(q, k, v, mask);
     }
     attention_composed(q, k, v, mask)
+}
+
+/// How a fused q/k/v projection lays out its `3 · heads · head_dim` features per token.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QkvPacking {
+    /// `[q | k | v]` per head, head after head (GPT-NeoX's `query_key_value`).
+    PerHead,
+    /// `[all q | all k | all v]`, each `heads · head_dim` wide (GPT-2's `c_attn`).
+    Blocked,
+}
+
+impl QkvPacking {
+    /// Where `part` (0 q, 1 k, 2 v) of head `head` starts within a token's features.
+    pub fn offset(self, part: usize, head: usize, heads: usize, head_dim: usize) -> usize {
+        match self {
+            QkvPacking::PerHead => (head * 3 + part) * head_dim,
+            QkvPacking::Blocked => (part * heads + head) * head_dim,
+        }
+    }
+}
+
+/// q, k and v `[b, heads, t, head_dim]` (contiguous) out of a fused projection `[b, t, 3 · heads
+/// · head_dim]`.
+pub fn split_qkv(
+    qkv: &Tensor,
+    packing: QkvPacking,
+    heads: usize,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (b, t, w) = qkv.dims3()?;
+    let d = w / (3 * heads);
+    let part = |i: usize| -> Result<Tensor> {
+        match packing {
+            QkvPacking::PerHead => qkv.reshape((b, t, heads, 3 * d))?.narrow(3, i * d, d)?,
+            QkvPacking::Blocked => qkv
+                .narrow(2, i * heads * d, heads * d)?
+                .reshape((b, t, heads, d))?,
+        }
+        .transpose(1, 2)?
+        .contiguous()
+    };
+    Ok((part(0)?, part(1)?, part(2)?))
+}
+
+/// `[b, heads, t, head_dim]` → `[b, t, heads · head_dim]`.
+pub fn merge_heads(y: &Tensor) -> Result<Tensor> {
+    let (b, h, t, d) = y.dims4()?;
+    y.transpose(1, 2)?.reshape((b, t, h * d))
+}
+
+/// Self-attention from a fused q/k/v projection `[b, t, 3 · heads · head_dim]` to the merged
+/// heads `[b, t, heads · head_dim]`, with rotary tables `[t, rot_dim]` (cos, sin) on q and k and
+/// a mask that broadcasts to `[b, heads, t, t]`: one fused op on CPU in f32/f64
+/// ([`fast_attention::packed_attention`]), else the composition.
+pub fn packed_attention(
+    qkv: &Tensor,
+    packing: QkvPacking,
+    heads: usize,
+    rope: Option<(&Tensor, &Tensor)>,
+    mask: &Tensor,
+) -> Result<Tensor> {
+    let mut tensors = vec![qkv, mask];
+    tensors.extend(rope.iter().flat_map(|(c, s)| [*c, *s]));
+    let tables_fit = rope.is_none_or(|(c, _)| c.rank() == 2 && c.dim(0).ok() == qkv.dim(1).ok());
+    if fast_ops::supports(&tensors) && tables_fit {
+        return fast_attention::packed_attention(qkv, packing, heads, rope, mask);
+    }
+    packed_attention_composed(qkv, packing, heads, rope, mask)
+}
+
+/// [`packed_attention`] as a composition (the reference the fused op is tested against).
+pub fn packed_attention_composed(
+    qkv: &Tensor,
+    packing: QkvPacking,
+    heads: usize,
+    rope: Option<(&Tensor, &Tensor)>,
+    mask: &Tensor,
+) -> Result<Tensor> {
+    let (q, k, v) = split_qkv(qkv, packing, heads)?;
+    let (q, k) = match rope {
+        Some((cos, sin)) => (
+            rotary_composed(&q, cos, sin)?,
+            rotary_composed(&k, cos, sin)?,
+        ),
+        None => (q, k),
+    };
+    merge_heads(&attention_composed(&q, &k, &v, mask)?)
 }
 
 /// Attention as a composition (scores and softmax in [`accum_dtype`]).

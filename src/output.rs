@@ -331,15 +331,18 @@ impl Chunked {
             let b = bias.as_ref().map(|b| &b[v0..v0 + vn]);
             let mut stats: Vec<(T, T)> = (r0..r0 + rn).map(|i| (max[i], sum[i])).collect();
             par_blocks(&mut stats, 1, vn, |first, block| {
-                vectorized(|| {
-                    for (r, (m, s)) in block.iter_mut().enumerate() {
-                        let (tile_max, tile_sum) =
-                            row_stats(&x[(first + r) * vn..(first + r + 1) * vn], b);
-                        let new_max = if tile_max > *m { tile_max } else { *m };
-                        *s = *s * (*m - new_max).exp() + tile_sum * (tile_max - new_max).exp();
-                        *m = new_max;
-                    }
-                })
+                vectorized(
+                    #[inline(always)]
+                    || {
+                        for (r, (m, s)) in block.iter_mut().enumerate() {
+                            let (tile_max, tile_sum) =
+                                row_stats(&x[(first + r) * vn..(first + r + 1) * vn], b);
+                            let new_max = if tile_max > *m { tile_max } else { *m };
+                            *s = *s * (*m - new_max).exp() + tile_sum * (tile_max - new_max).exp();
+                            *m = new_max;
+                        }
+                    },
+                )
             });
             for (r, (m, s)) in stats.into_iter().enumerate() {
                 let i = r0 + r;
@@ -390,30 +393,32 @@ impl Chunked {
             };
             let b = bias.as_ref().map(|b| &b[v0..v0 + vn]);
             let partials = par_blocks(&mut g, vn, vn, |first, block| {
-                vectorized(|| {
-                    let mut db = b.map(|_| vec![T::zero(); vn]);
-                    for (r, row) in block.chunks_mut(vn).enumerate() {
-                        let i = r0 + first + r;
-                        let (coef, lse) = (dlogp[i], lse[i]);
-                        match b {
-                            Some(b) => row
-                                .iter_mut()
-                                .zip(b)
-                                .for_each(|(z, &b)| *z = T::zero() - coef * (*z + b - lse).exp()),
-                            None => row
-                                .iter_mut()
-                                .for_each(|z| *z = T::zero() - coef * (*z - lse).exp()),
+                vectorized(
+                    #[inline(always)]
+                    || {
+                        let mut db = b.map(|_| vec![T::zero(); vn]);
+                        for (r, row) in block.chunks_mut(vn).enumerate() {
+                            let i = r0 + first + r;
+                            let (coef, lse) = (dlogp[i], lse[i]);
+                            match b {
+                                Some(b) => row.iter_mut().zip(b).for_each(|(z, &b)| {
+                                    *z = T::zero() - coef * (*z + b - lse).exp()
+                                }),
+                                None => row
+                                    .iter_mut()
+                                    .for_each(|z| *z = T::zero() - coef * (*z - lse).exp()),
+                            }
+                            let t = self.targets[i] as usize;
+                            if (v0..v0 + vn).contains(&t) {
+                                row[t - v0] += coef;
+                            }
+                            if let Some(db) = &mut db {
+                                db.iter_mut().zip(row.iter()).for_each(|(d, &z)| *d += z);
+                            }
                         }
-                        let t = self.targets[i] as usize;
-                        if (v0..v0 + vn).contains(&t) {
-                            row[t - v0] += coef;
-                        }
-                        if let Some(db) = &mut db {
-                            db.iter_mut().zip(row.iter()).for_each(|(d, &z)| *d += z);
-                        }
-                    }
-                    db
-                })
+                        db
+                    },
+                )
             });
             if let Some(db) = &mut db {
                 for p in partials.into_iter().flatten() {

@@ -109,19 +109,22 @@ impl Attention {
                 (k, d, 1),
                 false,
             );
-            vectorized(|| {
-                let rows = p[r0 * s..]
-                    .chunks_mut(s)
-                    .zip(mask[r0 * s..].chunks(s))
-                    .take(n);
-                for (row, mrow) in rows {
-                    let row = &mut row[..end];
-                    row.iter_mut()
-                        .zip(mrow)
-                        .for_each(|(v, &mv)| *v = *v * scale + mv);
-                    softmax_row(row);
-                }
-            });
+            vectorized(
+                #[inline(always)]
+                || {
+                    let rows = p[r0 * s..]
+                        .chunks_mut(s)
+                        .zip(mask[r0 * s..].chunks(s))
+                        .take(n);
+                    for (row, mrow) in rows {
+                        let row = &mut row[..end];
+                        row.iter_mut()
+                            .zip(mrow)
+                            .for_each(|(v, &mv)| *v = *v * scale + mv);
+                        softmax_row(row);
+                    }
+                },
+            );
             blocks.push((rows, end));
         }
         blocks
@@ -175,12 +178,15 @@ impl Attention {
                 (v, d, 1),
                 false,
             );
-            vectorized(|| {
-                let rows = ds[r0 * s..].chunks_mut(s).zip(pb.chunks(s)).take(n);
-                for (dsr, pr) in rows {
-                    softmax_bwd_row(&mut dsr[..end], &pr[..end], scale);
-                }
-            });
+            vectorized(
+                #[inline(always)]
+                || {
+                    let rows = ds[r0 * s..].chunks_mut(s).zip(pb.chunks(s)).take(n);
+                    for (dsr, pr) in rows {
+                        softmax_bwd_row(&mut dsr[..end], &pr[..end], scale);
+                    }
+                },
+            );
             let dsb = &ds[r0 * s..];
             // dq rows = ds (n × end) · k[..end]; dk[..end] += dsᵀ (end × n) · q rows
             gemm_head(

@@ -278,7 +278,7 @@ impl CustomOp1 for Act {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let out = by_dtype!(s.dtype(), T => {
             let mut y = slice::<T>(s, l)?.to_vec();
-            by_activation!(self.0, T, f => par_blocks(&mut y, 1, 8, |_, block| vectorized(|| {
+            by_activation!(self.0, T, f => par_blocks(&mut y, 1, 8, |_, block| vectorized(#[inline(always)] || {
                 block.iter_mut().for_each(|x| *x = f(*x).0)
             })));
             T::to_cpu_storage_owned(y)
@@ -290,7 +290,7 @@ impl CustomOp1 for Act {
         by_dtype!(x.dtype(), T => {
             let mut dx = g.flatten_all()?.to_vec1::<T>()?;
             with_values::<T, _>(x, |xs| {
-                by_activation!(self.0, T, f => par_blocks(&mut dx, 1, 8, |first, block| vectorized(|| {
+                by_activation!(self.0, T, f => par_blocks(&mut dx, 1, 8, |first, block| vectorized(#[inline(always)] || {
                     let xs = &xs[first..first + block.len()];
                     block.iter_mut().zip(xs).for_each(|(g, &x)| *g *= f(x).1)
                 })))

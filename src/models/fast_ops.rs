@@ -64,7 +64,8 @@ impl Real for f64 {
 
 /// Runs `f` compiled a second time for AVX2 + FMA, where the CPU has them: the crate targets
 /// baseline x86-64 (SSE2), where the elementwise loops vectorise four lanes wide at best. `f`
-/// and what it calls must be inlined into it (closures are; helpers here are `inline(always)`).
+/// and what it calls must be inlined into it, or they run as baseline code: LLVM leaves a large
+/// closure out of line, so callers mark theirs `#[inline(always)]`, as are the helpers here.
 #[inline(always)]
 pub(crate) fn vectorized<R>(f: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]
@@ -280,7 +281,7 @@ impl CustomOp1 for Softmax {
         let out = by_dtype!(s.dtype(), T => {
             let x = slice::<T>(s, l)?;
             let mut y = x.to_vec();
-            par_blocks(&mut y, d, d, |_, block| vectorized(|| {
+            par_blocks(&mut y, d, d, |_, block| vectorized(#[inline(always)] || {
                 block.chunks_mut(d).for_each(softmax_row)
             }));
             T::to_cpu_storage_owned(y)
@@ -324,7 +325,7 @@ fn softmax_bwd(p: &Tensor, g: &Tensor, scale: f64) -> Result<Tensor> {
     by_dtype!(p.dtype(), T => {
         let mut dx = values::<T>(g)?;
         let scale = T::from_f64(scale);
-        with_values::<T, _>(p, |p_v| par_blocks(&mut dx, d, d, |first, block| vectorized(|| {
+        with_values::<T, _>(p, |p_v| par_blocks(&mut dx, d, d, |first, block| vectorized(#[inline(always)] || {
             for (r, row) in block.chunks_mut(d).enumerate() {
                 softmax_bwd_row(row, &p_v[(first + r) * d..(first + r + 1) * d], scale);
             }

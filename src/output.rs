@@ -401,19 +401,25 @@ impl Chunked {
                             let i = r0 + first + r;
                             let (coef, lse) = (dlogp[i], lse[i]);
                             match b {
-                                Some(b) => row.iter_mut().zip(b).for_each(|(z, &b)| {
-                                    *z = T::zero() - coef * (*z + b - lse).exp()
-                                }),
-                                None => row
-                                    .iter_mut()
-                                    .for_each(|z| *z = T::zero() - coef * (*z - lse).exp()),
+                                Some(b) => {
+                                    for (z, &b) in row.iter_mut().zip(b) {
+                                        *z = T::zero() - coef * (*z + b - lse).exp()
+                                    }
+                                }
+                                None => {
+                                    for z in row.iter_mut() {
+                                        *z = T::zero() - coef * (*z - lse).exp()
+                                    }
+                                }
                             }
                             let t = self.targets[i] as usize;
                             if (v0..v0 + vn).contains(&t) {
                                 row[t - v0] += coef;
                             }
                             if let Some(db) = &mut db {
-                                db.iter_mut().zip(row.iter()).for_each(|(d, &z)| *d += z);
+                                for (d, &z) in db.iter_mut().zip(row.iter()) {
+                                    *d += z;
+                                }
                             }
                         }
                         db

@@ -118,9 +118,9 @@ impl Attention {
                         .take(n);
                     for (row, mrow) in rows {
                         let row = &mut row[..end];
-                        row.iter_mut()
-                            .zip(mrow)
-                            .for_each(|(v, &mv)| *v = *v * scale + mv);
+                        for (v, &mv) in row.iter_mut().zip(mrow) {
+                            *v = *v * scale + mv;
+                        }
                         softmax_row(row);
                     }
                 },

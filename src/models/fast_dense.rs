@@ -279,7 +279,9 @@ impl CustomOp1 for Act {
         let out = by_dtype!(s.dtype(), T => {
             let mut y = slice::<T>(s, l)?.to_vec();
             by_activation!(self.0, T, f => par_blocks(&mut y, 1, 8, |_, block| vectorized(#[inline(always)] || {
-                block.iter_mut().for_each(|x| *x = f(*x).0)
+                for x in block.iter_mut() {
+                    *x = f(*x).0
+                }
             })));
             T::to_cpu_storage_owned(y)
         });
@@ -292,7 +294,9 @@ impl CustomOp1 for Act {
             with_values::<T, _>(x, |xs| {
                 by_activation!(self.0, T, f => par_blocks(&mut dx, 1, 8, |first, block| vectorized(#[inline(always)] || {
                     let xs = &xs[first..first + block.len()];
-                    block.iter_mut().zip(xs).for_each(|(g, &x)| *g *= f(x).1)
+                    for (g, &x) in block.iter_mut().zip(xs) {
+                        *g *= f(x).1
+                    }
                 })))
             })?;
             Tensor::from_vec(dx, x.shape(), x.device()).map(Some)

@@ -282,7 +282,9 @@ impl CustomOp1 for Softmax {
             let x = slice::<T>(s, l)?;
             let mut y = x.to_vec();
             par_blocks(&mut y, d, d, |_, block| vectorized(#[inline(always)] || {
-                block.chunks_mut(d).for_each(softmax_row)
+                for row in block.chunks_mut(d) {
+                    softmax_row(row)
+                }
             }));
             T::to_cpu_storage_owned(y)
         });
@@ -298,9 +300,13 @@ impl CustomOp1 for Softmax {
 #[inline(always)]
 pub(crate) fn softmax_row<T: Real>(row: &mut [T]) {
     let max = row_max(row);
-    row.iter_mut().for_each(|v| *v = (*v - max).exp());
+    for v in row.iter_mut() {
+        *v = (*v - max).exp();
+    }
     let sum = row_sum(row, |v| v);
-    row.iter_mut().for_each(|v| *v /= sum);
+    for v in row.iter_mut() {
+        *v /= sum;
+    }
 }
 
 /// In place: g ← scale · p ⊙ (g − Σ g p), the softmax Jacobian of one row applied to g (the

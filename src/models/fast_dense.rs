@@ -56,35 +56,32 @@ impl Dense {
         *dims.last_mut().expect("rank ≥ 1") = n_out;
         let out = by_dtype!(x.0.dtype(), T => {
             let (xs, ws) = (slice::<T>(x.0, x.1)?, slice::<T>(w.0, w.1)?);
-            // gemm accumulates onto the destination when it reads it: start from the bias rows.
-            let mut y = match bias {
-                Some((bs, bl)) => slice::<T>(bs, bl)?.repeat(rows),
-                None => vec![T::from_f64(0.0); rows * n_out],
-            };
-            let (rhs_cs, rhs_rs) = match self.layout {
-                WeightLayout::OutIn => (n_in as isize, 1),
-                WeightLayout::InOut => (1, n_out as isize),
-            };
-            if rows > 0 && n_in > 0 {
-                // SAFETY: y is rows × n_out, xs rows × n_in, ws n_in × n_out under the strides
-                // above; the pointers stay valid for the call.
-                unsafe {
-                    gemm::gemm(
-                        rows, n_out, n_in,
-                        y.as_mut_ptr(), 1, n_out as isize, bias.is_some(),
-                        xs.as_ptr(), 1, n_in as isize,
-                        ws.as_ptr(), rhs_cs, rhs_rs,
-                        T::from_f64(1.0), T::from_f64(1.0), false, false, false,
-                        parallelism(),
-                    )
-                }
-            }
+            let bias = bias.map(|(bs, bl)| slice::<T>(bs, bl)).transpose()?;
+            let y = product((rows, n_out, n_in), (xs, 1, n_in), self.weight(ws, n_in, n_out, false), bias);
             T::to_cpu_storage_owned(y)
         });
         Ok((out, Shape::from(dims)))
     }
 
-    /// (dx, dW, db) from the output gradient `g`.
+    /// W as the (column stride, row stride) operand of `x · W` (n_in × n_out), or of its
+    /// transpose (n_out × n_in) for `x`'s gradient.
+    fn weight<'a, T>(
+        &self,
+        w: &'a [T],
+        n_in: usize,
+        n_out: usize,
+        transpose: bool,
+    ) -> Operand<'a, T> {
+        match (self.layout, transpose) {
+            (WeightLayout::OutIn, false) => (w, n_in, 1),
+            (WeightLayout::OutIn, true) => (w, 1, n_in),
+            (WeightLayout::InOut, false) => (w, 1, n_out),
+            (WeightLayout::InOut, true) => (w, n_out, 1),
+        }
+    }
+
+    /// (dx, dW, db) from the output gradient `g`: dx = g Wᵀ, dW = gᵀ x (or xᵀ g for `[in,
+    /// out]`), db = Σ rows of g.
     fn backward(
         &self,
         x: &Tensor,
@@ -92,20 +89,85 @@ impl Dense {
         g: &Tensor,
         bias: bool,
     ) -> Result<(Tensor, Tensor, Option<Tensor>)> {
-        let (x, w) = (x.detach(), w.detach());
         let (n_in, n_out) = (x.dim(D::Minus1)?, g.dim(D::Minus1)?);
-        let x2 = x.reshape(((), n_in))?;
-        let g2 = g.contiguous()?.reshape(((), n_out))?;
-        let (dx, dw) = match self.layout {
-            WeightLayout::OutIn => (g2.matmul(&w)?, g2.t()?.matmul(&x2)?),
-            WeightLayout::InOut => (g2.matmul(&w.t()?)?, x2.t()?.matmul(&g2)?),
-        };
+        let rows = x.elem_count() / n_in.max(1);
+        let (dx, dw) = by_dtype!(x.dtype(), T => {
+            let (dx, dw) = with_values::<T, _>(g, |g| with_values::<T, _>(x, |x| with_values::<T, _>(w, |w| {
+                let dx = product((rows, n_in, n_out), (g, 1, n_out), self.weight(w, n_in, n_out, true), None);
+                let dw = match self.layout {
+                    WeightLayout::OutIn => product((n_out, n_in, rows), (g, n_out, 1), (x, 1, n_in), None),
+                    WeightLayout::InOut => product((n_in, n_out, rows), (x, n_in, 1), (g, 1, n_out), None),
+                };
+                (dx, dw)
+            })))???;
+            (Tensor::from_vec(dx, x.shape(), x.device())?, Tensor::from_vec(dw, w.shape(), w.device())?)
+        });
         let db = match bias {
-            true => Some(column_sums(&g2)?),
+            true => Some(column_sums(&g.reshape(((), n_out))?)?),
             false => None,
         };
-        Ok((dx.reshape(x.shape())?, dw, db))
+        Ok((dx, dw, db))
     }
+}
+
+/// A matrix operand: its data, column stride and row stride.
+type Operand<'a, T> = (&'a [T], usize, usize);
+
+/// lhs (m × k) · rhs (k × n) as a new row-major m × n matrix, on candle's threads. With `rows`
+/// (a bias), each row starts as it and the product is added on; without, the buffer is not
+/// written before gemm overwrites it (a zeroing pass would be one more trip through memory, on
+/// one thread).
+fn product<T: WithDType>(
+    (m, n, k): (usize, usize, usize),
+    lhs: Operand<T>,
+    rhs: Operand<T>,
+    rows: Option<&[T]>,
+) -> Vec<T> {
+    let fits = |(data, cs, rs): Operand<T>, r: usize, c: usize| {
+        r == 0 || c == 0 || data.len() > (r - 1) * rs + (c - 1) * cs
+    };
+    assert!(fits(lhs, m, k) && fits(rhs, k, n) && rows.is_none_or(|b| b.len() == n));
+    let zero = T::from_f64(0.0);
+    let mut y = match rows {
+        Some(b) => {
+            let mut y = vec![zero; m * n];
+            par_blocks(&mut y, n, n, |_, block| {
+                block.chunks_mut(n).for_each(|r| r.copy_from_slice(b))
+            });
+            y
+        }
+        None if k == 0 => vec![zero; m * n],
+        None => Vec::with_capacity(m * n),
+    };
+    if m > 0 && n > 0 && k > 0 {
+        // SAFETY: the assert bounds every operand index under its strides; y has room for
+        // m × n, which gemm writes in full (reading it first only when it was filled).
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                y.as_mut_ptr(),
+                1,
+                n as isize,
+                rows.is_some(),
+                lhs.0.as_ptr(),
+                lhs.1 as isize,
+                lhs.2 as isize,
+                rhs.0.as_ptr(),
+                rhs.1 as isize,
+                rhs.2 as isize,
+                T::from_f64(1.0),
+                T::from_f64(1.0),
+                false,
+                false,
+                false,
+                parallelism(),
+            );
+            y.set_len(m * n);
+        }
+    }
+    y
 }
 
 /// gemm's threading, as candle's own matmul sets it.

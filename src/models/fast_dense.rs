@@ -113,22 +113,22 @@ impl Dense {
 /// A matrix operand: its data, column stride and row stride.
 type Operand<'a, T> = (&'a [T], usize, usize);
 
-/// lhs (m × k) · rhs (k × n) as a new row-major m × n matrix, on candle's threads. With `rows`
-/// (a bias), each row starts as it and the product is added on; without, the buffer is not
+/// lhs (m × k) · rhs (k × n) as a new row-major m × n matrix, on candle's threads. With a
+/// `bias` row, each row starts as it and the product is added on; without, the buffer is not
 /// written before gemm overwrites it (a zeroing pass would be one more trip through memory, on
 /// one thread).
 fn product<T: WithDType>(
     (m, n, k): (usize, usize, usize),
     lhs: Operand<T>,
     rhs: Operand<T>,
-    rows: Option<&[T]>,
+    bias: Option<&[T]>,
 ) -> Vec<T> {
     let fits = |(data, cs, rs): Operand<T>, r: usize, c: usize| {
         r == 0 || c == 0 || data.len() > (r - 1) * rs + (c - 1) * cs
     };
-    assert!(fits(lhs, m, k) && fits(rhs, k, n) && rows.is_none_or(|b| b.len() == n));
+    assert!(fits(lhs, m, k) && fits(rhs, k, n) && bias.is_none_or(|b| b.len() == n));
     let zero = T::from_f64(0.0);
-    let mut y = match rows {
+    let mut y = match bias {
         Some(b) => {
             let mut y = vec![zero; m * n];
             par_blocks(&mut y, n, n, |_, block| {
@@ -150,7 +150,7 @@ fn product<T: WithDType>(
                 y.as_mut_ptr(),
                 1,
                 n as isize,
-                rows.is_some(),
+                bias.is_some(),
                 lhs.0.as_ptr(),
                 lhs.1 as isize,
                 lhs.2 as isize,

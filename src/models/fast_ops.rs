@@ -131,7 +131,10 @@ pub(crate) fn exp_f32(x: f32) -> f32 {
         + 0.166_666_65)
         * r
         + 0.5;
-    let e = (p * r * r + r + 1.0) * f32::from_bits(((n as i32 + 127) as u32) << 23);
+    // 2ⁿ from its biased exponent n + 127 (in 1..=254), read out of the mantissa of n + 127 + 2²³
+    // and shifted into place: float-to-int `as` casts saturate, which does not vectorise.
+    let two_n = f32::from_bits((n + (127.0 + 8_388_608.0)).to_bits() << 23);
+    let e = (p * r * r + r + 1.0) * two_n;
     if x < -87.3 {
         0.0
     } else {

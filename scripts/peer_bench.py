@@ -9,7 +9,9 @@ step. Variants, interleaved as in `dpo-sam bench`:
   none    plain DPO;
   logits  logits-SAM as the paper's Algorithm 1: from the final hidden states H, with H and W
           detached, loss_pre and g = grad(loss_pre, W); e = rho g/||g||; logits from
-          linear(H, W + e); loss_post; one backward.
+          linear(H, W + e); loss_post; one backward;
+  full    SAM on every weight: forward and backward at W, every weight moved by
+          rho g/||g|| (global norm), forward and backward there, weights restored.
 Prints a table (or `--json`) of median step times. With `--trl`, also times TRL's DPOTrainer
 (plain DPO; TRL has no logits-SAM) on the same batch through a word-level tokenizer whose
 tokens map one-to-one to ids, so that it sees exactly `seq_len` tokens per sequence.
@@ -66,6 +68,15 @@ def torch_steps(args):
             ref = seq_logps(reference(ids).logits, ids)
         if variant == "none":
             loss = dpo_loss(seq_logps(policy(ids).logits, ids), ref, args.pairs)
+        elif variant == "full":
+            dpo_loss(seq_logps(policy(ids).logits, ids), ref, args.pairs).backward()
+            params = [p for p in policy.parameters() if p.grad is not None]
+            scale = args.rho / torch.norm(torch.stack([p.grad.norm() for p in params])).clamp_min(1e-12)
+            with torch.no_grad():
+                shifts = [p.grad * scale for p in params]
+                torch._foreach_add_(params, shifts)
+            opt.zero_grad(set_to_none=True)
+            loss = dpo_loss(seq_logps(policy(ids).logits, ids), ref, args.pairs)
         else:
             h = policy.base_model(ids).last_hidden_state
             # Algorithm 1, lines 1-4: the gradient at W from H and W detached.
@@ -76,6 +87,9 @@ def torch_steps(args):
             # Lines 5-7: the perturbed logits, e constant, and the single backward.
             loss = dpo_loss(seq_logps(F.linear(h, head + e), ids), ref, args.pairs)
         loss.backward()
+        if variant == "full":
+            with torch.no_grad():
+                torch._foreach_sub_(params, shifts)
         torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -149,6 +163,9 @@ def main():
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     args.variants = args.variants.split(",")
+    unknown = sorted(set(args.variants) - {"none", "logits", "full"})
+    if unknown:
+        ap.error(f"--variants: unknown {', '.join(unknown)} (expected none, logits, full)")
     torch.set_num_threads(args.threads)
 
     medians = torch_steps(args)

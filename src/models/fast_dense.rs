@@ -337,12 +337,15 @@ impl CustomOp1 for Act {
         "fast-activation"
     }
 
+    // Both passes write a fresh buffer from their inputs on the threads (copying the input
+    // first and working in place would be one more trip through memory, on one thread).
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let out = by_dtype!(s.dtype(), T => {
-            let mut y = slice::<T>(s, l)?.to_vec();
-            by_activation!(self.0, T, f => par_blocks(&mut y, 1, 8, |_, block| vectorized(#[inline(always)] || {
-                for x in block.iter_mut() {
-                    *x = f(*x).0
+            let x = slice::<T>(s, l)?;
+            let mut y = vec![T::from_f64(0.0); x.len()];
+            by_activation!(self.0, T, f => par_blocks(&mut y, 1, 8, |first, block| vectorized(#[inline(always)] || {
+                for (y, &x) in block.iter_mut().zip(&x[first..]) {
+                    *y = f(x).0
                 }
             })));
             T::to_cpu_storage_owned(y)
@@ -352,15 +355,15 @@ impl CustomOp1 for Act {
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
         by_dtype!(x.dtype(), T => {
-            let mut dx = g.flatten_all()?.to_vec1::<T>()?;
-            with_values::<T, _>(x, |xs| {
+            let mut dx = vec![T::from_f64(0.0); x.elem_count()];
+            with_values::<T, _>(x, |xs| with_values::<T, _>(g, |gs| {
                 by_activation!(self.0, T, f => par_blocks(&mut dx, 1, 8, |first, block| vectorized(#[inline(always)] || {
-                    let xs = &xs[first..first + block.len()];
-                    for (g, &x) in block.iter_mut().zip(xs) {
-                        *g *= f(x).1
+                    let (xs, gs) = (&xs[first..], &gs[first..]);
+                    for ((dx, &x), &g) in block.iter_mut().zip(xs).zip(gs) {
+                        *dx = g * f(x).1
                     }
                 })))
-            })?;
+            }))??;
             Tensor::from_vec(dx, x.shape(), x.device()).map(Some)
         })
     }

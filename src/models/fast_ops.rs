@@ -369,14 +369,14 @@ impl CustomOp3 for LayerNorm {
     ) -> Result<(CpuStorage, Shape)> {
         let d = last_dim(l);
         let out = by_dtype!(s.dtype(), T => {
-            let (w, b) = (slice::<T>(ws, wl)?, slice::<T>(bs, bl)?);
-            let mut y = slice::<T>(s, l)?.to_vec();
+            let (x, w, b) = (slice::<T>(s, l)?, slice::<T>(ws, wl)?, slice::<T>(bs, bl)?);
+            let mut y = vec![T::from_f64(0.0); x.len()];
             let eps = T::from_f64(self.eps);
-            par_blocks(&mut y, d, d, |_, block| {
-                for row in block.chunks_mut(d) {
+            par_blocks(&mut y, d, d, |first, block| {
+                for (out, row) in block.chunks_mut(d).zip(x[first * d..].chunks(d)) {
                     let (mean, rstd) = moments(row, eps);
-                    for ((v, &w), &b) in row.iter_mut().zip(w).zip(b) {
-                        *v = (*v - mean) * rstd * w + b;
+                    for (((y, &x), &w), &b) in out.iter_mut().zip(row).zip(w).zip(b) {
+                        *y = (x - mean) * rstd * w + b;
                     }
                 }
             });
@@ -428,13 +428,11 @@ fn norm_bwd(
 ) -> Result<(Tensor, Tensor, Option<Tensor>)> {
     let d = x.dim(D::Minus1)?;
     by_dtype!(x.dtype(), T => {
-        let x_v = values::<T>(x)?;
         let w_v = values::<T>(w)?;
-        let g_v = values::<T>(g)?;
         let eps = T::from_f64(eps);
         let n = T::from_f64(d as f64);
-        let mut dx = vec![T::from_f64(0.0); x_v.len()];
-        let partials = par_blocks(&mut dx, d, d, |first, block| {
+        let mut dx = vec![T::from_f64(0.0); x.elem_count()];
+        let partials = with_values::<T, _>(x, |x_v| with_values::<T, _>(g, |g_v| par_blocks(&mut dx, d, d, |first, block| {
             let mut dw = vec![T::from_f64(0.0); d];
             let mut db = vec![T::from_f64(0.0); d];
             let mut xhat = vec![T::from_f64(0.0); d];
@@ -458,7 +456,7 @@ fn norm_bwd(
                 }
             }
             (dw, db)
-        });
+        })))??;
         let (dws, dbs): (Vec<_>, Vec<_>) = partials.into_iter().unzip();
         let dev = x.device();
         let dx = Tensor::from_vec(dx, x.shape(), dev)?;
@@ -496,14 +494,14 @@ impl CustomOp2 for RmsNorm {
     ) -> Result<(CpuStorage, Shape)> {
         let d = last_dim(l);
         let out = by_dtype!(s.dtype(), T => {
-            let w = slice::<T>(ws, wl)?;
-            let mut y = slice::<T>(s, l)?.to_vec();
+            let (x, w) = (slice::<T>(s, l)?, slice::<T>(ws, wl)?);
+            let mut y = vec![T::from_f64(0.0); x.len()];
             let eps = T::from_f64(self.eps);
-            par_blocks(&mut y, d, d, |_, block| {
-                for row in block.chunks_mut(d) {
+            par_blocks(&mut y, d, d, |first, block| {
+                for (out, row) in block.chunks_mut(d).zip(x[first * d..].chunks(d)) {
                     let r = rms(row, eps);
-                    for (v, &w) in row.iter_mut().zip(w) {
-                        *v = *v * r * w;
+                    for ((y, &x), &w) in out.iter_mut().zip(row).zip(w) {
+                        *y = x * r * w;
                     }
                 }
             });

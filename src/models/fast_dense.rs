@@ -9,7 +9,7 @@
 //! a dozen elementwise ops). CPU, f32 and f64 only, like [`super::fast_ops`].
 
 use super::fast_ops::{
-    by_dtype, par_blocks, par_ranges, slice, sum_partials, vectorized, with_values, Real,
+    by_dtype, par_blocks, par_ranges, slice, sum_partials, threads, vectorized, with_values, Real,
 };
 use super::ops::Activation;
 use candle_core::backend::BackendStorage;
@@ -170,9 +170,9 @@ fn product<T: WithDType>(
     y
 }
 
-/// gemm's threading, as candle's own matmul sets it.
+/// gemm's threading: rayon's pool, as in candle's own matmul.
 fn parallelism() -> gemm::Parallelism {
-    match candle_core::utils::get_num_threads() {
+    match threads() {
         0 | 1 => gemm::Parallelism::None,
         n => gemm::Parallelism::Rayon(n),
     }

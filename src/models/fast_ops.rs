@@ -212,6 +212,12 @@ pub(crate) fn with_values<T: WithDType, R>(t: &Tensor, f: impl FnOnce(&[T]) -> R
     Ok(f(slice::<T>(cpu, layout)?))
 }
 
+/// Threads of rayon's global pool, which the fused kernels and gemm run on. (candle's
+/// `get_num_threads` asks the OS, reading cgroup files, on every call.)
+pub(crate) fn threads() -> usize {
+    rayon::current_num_threads()
+}
+
 /// Below this many elements a kernel runs on the calling thread: spawning costs more.
 const PARALLEL_MIN: usize = 1 << 15;
 
@@ -237,7 +243,7 @@ pub(crate) fn par_blocks<T: Send, R: Send>(
 
 /// Rows per thread when `rows` rows of `row_cost` elements are worth splitting, else `None`.
 fn rows_per_thread(rows: usize, row_cost: usize) -> Option<usize> {
-    let threads = candle_core::utils::get_num_threads().clamp(1, rows.max(1));
+    let threads = threads().clamp(1, rows.max(1));
     (threads > 1 && rows * row_cost >= PARALLEL_MIN).then(|| rows.div_ceil(threads))
 }
 

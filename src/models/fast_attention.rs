@@ -12,8 +12,8 @@
 //! keeping `[b, h, t, s]` alive. CPU, f32 and f64, like [`super::fast_ops`].
 
 use super::fast_ops::{
-    by_dtype, slice, softmax_bwd_row, softmax_row, values, vectorized, with_values, Real,
-    RopeTables,
+    by_dtype, gemm_into, slice, softmax_bwd_row, softmax_row, values, vectorized, with_values,
+    Operand, Real, RopeTables,
 };
 use super::ops::QkvPacking;
 use candle_core::backend::BackendStorage;
@@ -218,43 +218,26 @@ impl Attention {
     }
 }
 
-/// dst (m × n) = lhs (m × k) · rhs (k × n) on the calling thread; dst as (data, row stride),
-/// operands as (data, column stride, row stride); `accumulate` adds onto dst.
+/// dst (m × n) = lhs (m × k) · rhs (k × n) on the calling thread; dst as (data, row stride);
+/// `accumulate` adds onto dst. k = 0 leaves dst as it is (callers accumulate or fill it anew).
 fn gemm_head<T: WithDType>(
     dst: (&mut [T], usize),
-    (m, n, k): (usize, usize, usize),
-    lhs: (&[T], usize, usize),
-    rhs: (&[T], usize, usize),
+    shape: (usize, usize, usize),
+    lhs: Operand<T>,
+    rhs: Operand<T>,
     accumulate: bool,
 ) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    let last = |(data, cs, rs): (&[T], usize, usize), rows: usize, cols: usize| {
-        data.len() > (rows - 1) * rs + (cols - 1) * cs
-    };
-    assert!(dst.0.len() >= (m - 1) * dst.1 + n && (k == 0 || last(lhs, m, k) && last(rhs, k, n)));
-    // SAFETY: the assert bounds every index gemm reads or writes under these strides.
+    let (m, n, _) = shape;
+    assert!(m == 0 || n == 0 || dst.0.len() >= (m - 1) * dst.1 + n);
+    // SAFETY: dst holds every entry written, and it is initialised (a slice).
     unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
+        gemm_into(
             dst.0.as_mut_ptr(),
-            1,
-            dst.1 as isize,
+            dst.1,
+            shape,
+            lhs,
+            rhs,
             accumulate,
-            lhs.0.as_ptr(),
-            lhs.1 as isize,
-            lhs.2 as isize,
-            rhs.0.as_ptr(),
-            rhs.1 as isize,
-            rhs.2 as isize,
-            T::from_f64(1.0),
-            T::from_f64(1.0),
-            false,
-            false,
-            false,
             gemm::Parallelism::None,
         )
     }

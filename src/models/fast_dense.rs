@@ -9,7 +9,8 @@
 //! a dozen elementwise ops). CPU, f32 and f64 only, like [`super::fast_ops`].
 
 use super::fast_ops::{
-    by_dtype, par_blocks, par_ranges, slice, sum_partials, threads, vectorized, with_values, Real,
+    by_dtype, gemm_into, par_blocks, par_ranges, slice, sum_partials, threads, vectorized,
+    with_values, Operand, Real,
 };
 use super::ops::Activation;
 use candle_core::backend::BackendStorage;
@@ -110,10 +111,7 @@ impl Dense {
     }
 }
 
-/// A matrix operand: its data, column stride and row stride.
-type Operand<'a, T> = (&'a [T], usize, usize);
-
-/// lhs (m × k) · rhs (k × n) as a new row-major m × n matrix, on candle's threads. With a
+/// lhs (m × k) · rhs (k × n) as a new row-major m × n matrix, on rayon's pool. With a
 /// `bias` row, each row starts as it and the product is added on; without, the buffer is not
 /// written before gemm overwrites it (a zeroing pass would be one more trip through memory, on
 /// one thread).
@@ -123,10 +121,7 @@ fn product<T: WithDType>(
     rhs: Operand<T>,
     bias: Option<&[T]>,
 ) -> Vec<T> {
-    let fits = |(data, cs, rs): Operand<T>, r: usize, c: usize| {
-        r == 0 || c == 0 || data.len() > (r - 1) * rs + (c - 1) * cs
-    };
-    assert!(fits(lhs, m, k) && fits(rhs, k, n) && bias.is_none_or(|b| b.len() == n));
+    assert!(bias.is_none_or(|b| b.len() == n));
     let zero = T::from_f64(0.0);
     let mut y = match bias {
         Some(b) => {
@@ -139,33 +134,19 @@ fn product<T: WithDType>(
         None if k == 0 => vec![zero; m * n],
         None => Vec::with_capacity(m * n),
     };
-    if m > 0 && n > 0 && k > 0 {
-        // SAFETY: the assert bounds every operand index under its strides; y has room for
-        // m × n, which gemm writes in full (reading it first only when it was filled).
-        unsafe {
-            gemm::gemm(
-                m,
-                n,
-                k,
-                y.as_mut_ptr(),
-                1,
-                n as isize,
-                bias.is_some(),
-                lhs.0.as_ptr(),
-                lhs.1 as isize,
-                lhs.2 as isize,
-                rhs.0.as_ptr(),
-                rhs.1 as isize,
-                rhs.2 as isize,
-                T::from_f64(1.0),
-                T::from_f64(1.0),
-                false,
-                false,
-                false,
-                parallelism(),
-            );
-            y.set_len(m * n);
-        }
+    // SAFETY: y has room for m × n, which gemm writes in full (reading it first only when it
+    // was filled); with k = 0 it was filled above.
+    unsafe {
+        gemm_into(
+            y.as_mut_ptr(),
+            n,
+            (m, n, k),
+            lhs,
+            rhs,
+            bias.is_some(),
+            parallelism(),
+        );
+        y.set_len(m * n);
     }
     y
 }

@@ -212,6 +212,57 @@ pub(crate) fn with_values<T: WithDType, R>(t: &Tensor, f: impl FnOnce(&[T]) -> R
     Ok(f(slice::<T>(cpu, layout)?))
 }
 
+/// A matrix operand: its data, column stride and row stride.
+pub(crate) type Operand<'a, T> = (&'a [T], usize, usize);
+
+/// dst (m × n, rows `dst_rs` apart) = lhs (m × k) · rhs (k × n), or dst + lhs · rhs with
+/// `accumulate`; gemm on `threads` (`None`: the calling thread). Checks the operands' bounds.
+///
+/// # Safety
+/// `dst` must be valid for writes of (m − 1) · dst_rs + n elements, initialised where
+/// `accumulate` reads them; unread entries may be uninitialised (gemm writes them all).
+pub(crate) unsafe fn gemm_into<T: WithDType>(
+    dst: *mut T,
+    dst_rs: usize,
+    (m, n, k): (usize, usize, usize),
+    lhs: Operand<T>,
+    rhs: Operand<T>,
+    accumulate: bool,
+    threads: gemm::Parallelism,
+) {
+    let fits = |(data, cs, rs): Operand<T>, r: usize, c: usize| {
+        r == 0 || c == 0 || data.len() > (r - 1) * rs + (c - 1) * cs
+    };
+    assert!(fits(lhs, m, k) && fits(rhs, k, n));
+    if m == 0 || n == 0 || k == 0 {
+        return;
+    }
+    // SAFETY: the operands are bounded above; dst is the caller's promise.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            1,
+            dst_rs as isize,
+            accumulate,
+            lhs.0.as_ptr(),
+            lhs.1 as isize,
+            lhs.2 as isize,
+            rhs.0.as_ptr(),
+            rhs.1 as isize,
+            rhs.2 as isize,
+            T::from_f64(1.0),
+            T::from_f64(1.0),
+            false,
+            false,
+            false,
+            threads,
+        )
+    }
+}
+
 /// Threads of rayon's global pool, which the fused kernels and gemm run on. (candle's
 /// `get_num_threads` asks the OS, reading cgroup files, on every call.)
 pub(crate) fn threads() -> usize {

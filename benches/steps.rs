@@ -8,8 +8,8 @@
 use anyhow::Result;
 use dpo_sam::config::Config;
 use dpo_sam::data::batch::PreferenceBatch;
+use dpo_sam::data::Split;
 use dpo_sam::optim::GradAccumulator;
-use dpo_sam::refcache::Split;
 use dpo_sam::train::Trainer;
 use std::time::Instant;
 
@@ -43,14 +43,12 @@ fn step(tr: &mut Trainer, batch: &PreferenceBatch, idx: &[usize]) -> Result<f64>
     let started = Instant::now();
     let reference = tr.reference_for(batch, Some((Split::Train, idx)))?;
     let ms = tr.micro_step_with(batch, reference, Some(1.0))?;
-    let mut acc = GradAccumulator::new(tr.policy.params.len());
+    let mut acc = GradAccumulator::new(tr.policy().params.len());
     acc.add(
-        &tr.policy.params,
+        &tr.policy().params,
         ms.grads.as_ref().expect("backward was requested"),
     )?;
-    let (_, scale) = acc.clip(1.0)?;
-    tr.optimizer
-        .apply(&tr.policy.params, acc.grads(), scale, 1e-4)?;
+    tr.apply_gradients(&acc, 1e-4)?;
     Ok(started.elapsed().as_secs_f64())
 }
 
@@ -76,8 +74,8 @@ fn main() -> Result<()> {
         }
     }
     let idx: Vec<usize> = (0..PAIRS).collect();
-    let pairs = variants[0].1.train_pairs[..PAIRS].to_vec();
-    let batch = PreferenceBatch::new(&pairs, variants[0].1.tok.pad_id, &variants[0].1.device)?;
+    let pairs = variants[0].1.train_pairs()[..PAIRS].to_vec();
+    let batch = PreferenceBatch::new(&pairs, variants[0].1.tok().pad_id, variants[0].1.device())?;
     for round in 0..WARMUP + ROUNDS {
         for (_, tr, times) in variants.iter_mut() {
             let t = step(tr, &batch, &idx)?;

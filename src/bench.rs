@@ -4,7 +4,7 @@
 //! the share of a matmul peak measured on the spot; and the first step's measured memory beside
 //! the `--dry-run` plan's estimate of it.
 
-use crate::config::Config;
+use crate::config::{Config, MixedPrecision, SamKind};
 use crate::data::batch::{PreferenceBatch, Sequence, TokenizedPair};
 use crate::train::Trainer;
 use anyhow::{bail, Context, Result};
@@ -116,16 +116,17 @@ pub fn run(args: BenchArgs) -> Result<()> {
 
 /// Runs the benchmark and returns the report as JSON.
 pub fn bench(args: &BenchArgs) -> Result<serde_json::Value> {
-    let variants: Vec<String> = args
+    let variants = args
         .variants
         .split(',')
-        .map(|s| s.trim().to_string())
-        .collect();
-    for v in &variants {
-        if !["none", "logits", "full"].contains(&v.as_str()) {
-            bail!("--variants: unknown variant `{v}` (expected none, logits, full)");
-        }
-    }
+        .map(|v| {
+            v.trim().parse::<SamKind>().map_err(|_| {
+                anyhow::anyhow!("--variants: unknown variant `{v}` (expected none, logits, full)")
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mixed_precision: MixedPrecision =
+        args.mixed_precision.parse().context("--mixed-precision")?;
     if args.pairs == 0 || args.seq_len < 2 || args.steps == 0 {
         bail!("--pairs, --steps must be > 0 and --seq-len >= 2");
     }
@@ -156,19 +157,19 @@ pub fn bench(args: &BenchArgs) -> Result<serde_json::Value> {
         dev = args.device,
         pos = args.seq_len.max(64),
         pairs = args.pairs,
-        mp = args.mixed_precision,
+        mp = mixed_precision.as_str(),
         gc = args.gradient_checkpointing,
     );
     let cfg = Config::parse(&toml, "bench", &[])?;
     let mut trainer = Trainer::new(cfg)?;
-    let head = trainer.policy.net.output_layer();
+    let head = trainer.policy().net.output_layer();
     let (vocab, hidden) = (head.vocab_size()?, head.hidden_size()?);
     let batch = random_batch(
         args.pairs,
         args.seq_len,
         vocab,
-        trainer.tok.pad_id,
-        &trainer.device,
+        trainer.tok().pad_id,
+        trainer.device(),
     )?;
 
     // lm_head's share of the linear-layer work; embeddings are lookups, not matmuls.
@@ -185,14 +186,14 @@ pub fn bench(args: &BenchArgs) -> Result<serde_json::Value> {
         .any(|e| n.contains(e))
     };
     let body: usize = trainer
-        .policy
+        .policy()
         .params
         .iter()
         .filter(|p| p.var.rank() == 2 && !is_embedding(&p.name))
         .map(|p| p.var.elem_count())
         .sum();
     let total_params: usize = trainer
-        .policy
+        .policy()
         .params
         .iter()
         .map(|p| p.var.elem_count())
@@ -206,30 +207,25 @@ pub fn bench(args: &BenchArgs) -> Result<serde_json::Value> {
     let plain_flops = 4.0 * forward;
     let extra_logits_sam = 2.0 * 2.0 * head_params as f64 * scored;
 
-    let memory = step_memory(&mut trainer, &batch, args)?;
+    let memory = step_memory(&mut trainer, &batch, args, mixed_precision)?;
 
     let mut times: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
     for round in 0..=args.steps {
-        for (i, v) in variants.iter().enumerate() {
-            trainer.cfg.sam.kind = v.clone();
+        for (i, &v) in variants.iter().enumerate() {
+            trainer.set_sam_kind(v);
             let started = Instant::now();
             let ms = trainer.micro_step(&batch, Some(1.0))?;
-            let mut acc = crate::optim::GradAccumulator::new(trainer.policy.params.len());
-            acc.add(
-                &trainer.policy.params,
-                ms.grads.as_ref().expect("backward requested"),
-            )?;
-            let (_, scale) = acc.clip(1.0)?;
-            trainer
-                .optimizer
-                .apply(&trainer.policy.params, acc.grads(), scale, 1e-6)?;
-            trainer.device.synchronize()?;
+            let params = &trainer.policy().params;
+            let mut acc = crate::optim::GradAccumulator::new(params.len());
+            acc.add(params, ms.grads.as_ref().expect("backward requested"))?;
+            trainer.apply_gradients(&acc, 1e-6)?;
+            trainer.device().synchronize()?;
             if round > 0 {
                 times[i].push(started.elapsed().as_secs_f64());
             }
         }
     }
-    let peak = matmul_peak_gflops(&trainer.device)?;
+    let peak = matmul_peak_gflops(trainer.device())?;
     let median = |v: &[f64]| {
         let mut s = v.to_vec();
         s.sort_by(f64::total_cmp);
@@ -237,23 +233,23 @@ pub fn bench(args: &BenchArgs) -> Result<serde_json::Value> {
     };
     let plain = variants
         .iter()
-        .position(|v| v == "none")
+        .position(|&v| v == SamKind::None)
         .map(|i| median(&times[i]));
     let rows: Vec<serde_json::Value> = variants
         .iter()
         .zip(&times)
-        .map(|(v, t)| {
+        .map(|(&v, t)| {
             let m = median(t);
-            let flops = match v.as_str() {
-                "logits" => plain_flops + extra_logits_sam,
-                "full" => 2.0 * plain_flops - forward,
-                _ => plain_flops,
+            let flops = match v {
+                SamKind::Logits => plain_flops + extra_logits_sam,
+                SamKind::Full => 2.0 * plain_flops - forward,
+                SamKind::None => plain_flops,
             };
             json!({
                 "variant": v,
                 "median_s": m,
                 "ratio_to_plain": plain.map(|p| m / p),
-                "flop_bound": (v == "logits").then_some(1.0 + 2.0 / 3.0 * share),
+                "flop_bound": (v == SamKind::Logits).then_some(1.0 + 2.0 / 3.0 * share),
                 "gflops": flops / m / 1e9,
                 "peak_share": flops / m / 1e9 / peak,
                 "tokens_per_second": tokens / m,
@@ -283,35 +279,37 @@ fn step_memory(
     trainer: &mut Trainer,
     batch: &PreferenceBatch,
     args: &BenchArgs,
+    mixed_precision: MixedPrecision,
 ) -> Result<serde_json::Value> {
     const MIB: f64 = 1024.0 * 1024.0;
-    let half = args.mixed_precision == "bf16";
+    let half = mixed_precision == MixedPrecision::Bf16;
     let acts = crate::plan::activations(
-        &trainer.policy.config_json,
+        &trainer.policy().config_json,
         2 * args.pairs,
         args.seq_len,
         if half { 2.0 } else { 4.0 },
-        trainer.device.is_cpu() && !half,
+        trainer.device().is_cpu() && !half,
     )?;
     let params: usize = trainer
-        .policy
+        .policy()
         .params
         .iter()
         .map(|p| p.var.elem_count())
         .sum();
-    let vocab = trainer.policy.net.output_layer().vocab_size()?;
+    let vocab = trainer.policy().net.output_layer().vocab_size()?;
     let logits = crate::plan::logits_bytes(2 * args.pairs * args.seq_len, vocab);
     let activations = acts.total(args.gradient_checkpointing);
     crate::device::release_free_memory();
     let before = proc_status_kib("VmRSS:");
     // Linux ≥ 4.0: writing 5 resets the peak (VmHWM) to the current resident size.
     let reset = std::fs::write("/proc/self/clear_refs", "5").is_ok();
-    let kind = std::mem::replace(&mut trainer.cfg.sam.kind, "none".into());
+    let kind = trainer.config().sam.kind;
+    trainer.set_sam_kind(SamKind::None);
     let step = trainer.micro_step(batch, Some(1.0)).map(drop);
-    trainer.cfg.sam.kind = kind;
+    trainer.set_sam_kind(kind);
     step?;
     let measured = match (reset, before, proc_status_kib("VmHWM:")) {
-        (true, Some(b), Some(p)) if trainer.device.is_cpu() => {
+        (true, Some(b), Some(p)) if trainer.device().is_cpu() => {
             Some((p.saturating_sub(b)) as f64 / 1024.0)
         }
         _ => None,

@@ -12,11 +12,12 @@
 //! as the newest good one.
 
 use crate::config::Config;
+use crate::data::DataCursor;
 use crate::models::Model;
+use crate::optim::{Optimizer, Schedule};
 use crate::tokenizer::Tok;
-use crate::train::{DataCursor, Trainer};
 use anyhow::{anyhow, bail, Context, Result};
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashMap};
@@ -30,19 +31,6 @@ pub struct SaveOptions {
     /// `None` keeps each weight's own dtype (f32 masters under mixed precision).
     pub dtype: Option<DType>,
     pub max_shard_size: u64,
-}
-
-impl SaveOptions {
-    pub fn from_config(t: &crate::config::TrainingConfig) -> Result<SaveOptions> {
-        let dtype = match t.save_dtype.as_str() {
-            "auto" => None,
-            other => Some(crate::models::parse_dtype(other)?),
-        };
-        Ok(SaveOptions {
-            dtype,
-            max_shard_size: crate::config::parse_size(&t.max_shard_size)?,
-        })
-    }
 }
 
 /// Writes the model's current weights (HF tensor names, tied weights once) in the chosen dtype,
@@ -183,15 +171,17 @@ pub struct TrainerState {
     pub nonfinite_skipped: usize,
     /// The learning-rate schedule in force (recomputed from the config on resume; recorded so
     /// that a reader of the checkpoint sees it).
-    pub schedule: ScheduleState,
+    pub schedule: Schedule,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct ScheduleState {
-    pub peak: f64,
-    pub warmup: usize,
-    pub total: usize,
-    pub kind: String,
+/// What a checkpoint holds: the policy (with its f32 masters), its tokenizer, the optimiser's
+/// state, the loop's state and the resolved config.
+pub struct Snapshot<'a> {
+    pub model: &'a Model,
+    pub tok: &'a Tok,
+    pub optimizer: &'a Optimizer,
+    pub state: &'a TrainerState,
+    pub config: &'a Config,
 }
 
 /// `manifest.json`: written last, so its presence and agreement with the files is what makes a
@@ -223,13 +213,19 @@ pub fn dir_name(step: usize) -> String {
     format!("checkpoint-{step}")
 }
 
-/// Saves a checkpoint of `trainer` at its current step under `out_dir`, then deletes the oldest
-/// complete checkpoints beyond `training.save_total_limit`. Returns the checkpoint directory.
-pub fn save(trainer: &Trainer, out_dir: &Path) -> Result<PathBuf> {
-    let step = trainer.step;
+/// Saves `snap` at its step under `out_dir` with the model written as `opts` says, then deletes
+/// the oldest complete checkpoints beyond the newest `keep` (`training.save_total_limit`).
+/// Returns the checkpoint directory.
+pub fn save(
+    snap: &Snapshot,
+    out_dir: &Path,
+    opts: &SaveOptions,
+    keep: Option<usize>,
+) -> Result<PathBuf> {
+    let step = snap.state.step;
     let final_dir = out_dir.join(dir_name(step));
     let tmp = out_dir.join(format!("{}.tmp", dir_name(step)));
-    let written = write_tmp(trainer, &tmp).and_then(|()| {
+    let written = write_tmp(snap, opts, &tmp).and_then(|()| {
         // A complete checkpoint of the same step exists when a run resumed from an earlier one
         // reaches this step again; it is replaced only once the new one is whole.
         let old = out_dir.join(format!("{}.old", dir_name(step)));
@@ -252,7 +248,7 @@ pub fn save(trainer: &Trainer, out_dir: &Path) -> Result<PathBuf> {
             out_dir.display()
         )));
     }
-    if let Some(limit) = trainer.cfg.training.save_total_limit {
+    if let Some(limit) = keep {
         let (complete, _) = list(out_dir)?;
         for (_, old) in complete.iter().rev().skip(limit) {
             std::fs::remove_dir_all(old)
@@ -262,13 +258,12 @@ pub fn save(trainer: &Trainer, out_dir: &Path) -> Result<PathBuf> {
     Ok(final_dir)
 }
 
-fn write_tmp(trainer: &Trainer, tmp: &Path) -> Result<()> {
+fn write_tmp(snap: &Snapshot, opts: &SaveOptions, tmp: &Path) -> Result<()> {
     remove_path(tmp)?;
     std::fs::create_dir_all(tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-    let opts = SaveOptions::from_config(&trainer.cfg.training)?;
-    save_model(&trainer.policy, &trainer.tok, tmp, &opts)?;
-    let rounded: HashMap<String, Tensor> = trainer
-        .policy
+    save_model(snap.model, snap.tok, tmp, opts)?;
+    let rounded: HashMap<String, Tensor> = snap
+        .model
         .params
         .iter()
         .map(|p| {
@@ -286,29 +281,13 @@ fn write_tmp(trainer: &Trainer, tmp: &Path) -> Result<()> {
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
     let opt = tmp.join(OPTIMIZER);
-    candle_core::safetensors::save(
-        &trainer.optimizer.state_tensors(&trainer.policy.params)?,
-        &opt,
-    )
-    .with_context(|| format!("cannot write {}", opt.display()))?;
-    let s = &trainer.schedule;
-    let state = TrainerState {
-        step: trainer.step,
-        data: trainer.data_pos.clone(),
-        metrics_lines: trainer.metrics_lines,
-        nonfinite_skipped: trainer.nonfinite_skipped,
-        schedule: ScheduleState {
-            peak: s.peak,
-            warmup: s.warmup,
-            total: s.total,
-            kind: s.kind.clone(),
-        },
-    };
+    candle_core::safetensors::save(&snap.optimizer.state_tensors(&snap.model.params)?, &opt)
+        .with_context(|| format!("cannot write {}", opt.display()))?;
     write_file(
         &tmp.join(STATE),
-        serde_json::to_string_pretty(&state)?.as_bytes(),
+        serde_json::to_string_pretty(snap.state)?.as_bytes(),
     )?;
-    let config = toml::to_string(&trainer.cfg).context("cannot serialise the config")?;
+    let config = toml::to_string(snap.config).context("cannot serialise the config")?;
     write_file(&tmp.join(CONFIG), config.as_bytes())?;
 
     let mut files = BTreeMap::new();
@@ -325,7 +304,7 @@ fn write_tmp(trainer: &Trainer, tmp: &Path) -> Result<()> {
         files.insert(name, hash_file(&path)?);
     }
     let manifest = Manifest {
-        step: trainer.step,
+        step: snap.state.step,
         files,
     };
     write_file(
@@ -414,10 +393,13 @@ pub fn verify(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The complete checkpoints of a directory as (step, path), and the incomplete ones' paths.
+pub type Listing = (Vec<(usize, PathBuf)>, Vec<PathBuf>);
+
 /// Checkpoints under `out_dir` by step, oldest first: the complete ones (manifest present;
 /// checksums are checked by [`latest`]), and the paths of incomplete ones (`.tmp` leftovers,
 /// directories without a manifest).
-pub fn list(out_dir: &Path) -> Result<(Vec<(usize, PathBuf)>, Vec<PathBuf>)> {
+pub fn list(out_dir: &Path) -> Result<Listing> {
     let mut complete = Vec::new();
     let mut incomplete = Vec::new();
     let entries =
@@ -534,9 +516,14 @@ fn flatten(cfg: &Config) -> Result<BTreeMap<String, toml::Value>> {
     Ok(out)
 }
 
-/// Loads a verified checkpoint into a freshly built trainer: weights (and f32 masters),
-/// optimiser moments and step, data position and counters.
-pub fn restore(trainer: &mut Trainer, dir: &Path) -> Result<TrainerState> {
+/// Loads a verified checkpoint's weights into `model` (and its f32 masters) and its moments and
+/// step into `optimizer`; returns the loop's state for the caller to continue from.
+pub fn restore(
+    dir: &Path,
+    model: &Model,
+    optimizer: &mut Optimizer,
+    device: &Device,
+) -> Result<TrainerState> {
     let state = load_state(dir)?;
     let mut weights = HashMap::new();
     let mut from = HashMap::new();
@@ -544,12 +531,12 @@ pub fn restore(trainer: &mut Trainer, dir: &Path) -> Result<TrainerState> {
     let files = crate::models::weight_files(dir)?;
     // Exact weights last: they replace the rounded copies of the same tensors.
     for path in files.iter().chain(exact.is_file().then_some(&exact)) {
-        let loaded = candle_core::safetensors::load(path, &trainer.device)
+        let loaded = candle_core::safetensors::load(path, device)
             .with_context(|| format!("cannot read {}", path.display()))?;
         from.extend(loaded.keys().map(|k| (k.clone(), path.clone())));
         weights.extend(loaded);
     }
-    for p in &trainer.policy.params {
+    for p in &model.params {
         let t = weights.get(&p.name).ok_or_else(|| {
             anyhow!(
                 "{}: tensor `{}` is missing from the model weights",
@@ -582,15 +569,10 @@ pub fn restore(trainer: &mut Trainer, dir: &Path) -> Result<TrainerState> {
     }
     let opt_path = dir.join(OPTIMIZER);
     let tensors: HashMap<String, candle_core::Tensor> =
-        candle_core::safetensors::load(&opt_path, &trainer.device)
+        candle_core::safetensors::load(&opt_path, device)
             .with_context(|| format!("cannot read {}", opt_path.display()))?;
-    trainer
-        .optimizer
-        .load_state(&trainer.policy.params, &tensors)
+    optimizer
+        .load_state(&model.params, &tensors)
         .with_context(|| format!("{}", opt_path.display()))?;
-    trainer.step = state.step;
-    trainer.data_pos = state.data.clone();
-    trainer.metrics_lines = state.metrics_lines;
-    trainer.nonfinite_skipped = state.nonfinite_skipped;
     Ok(state)
 }

@@ -1,12 +1,176 @@
 //! Run configuration: the TOML schema, `--set key=value` overrides, and validation.
 //!
 //! Field names follow TRL's `DPOConfig` where one exists (`beta`, `loss_type`, `learning_rate`,
-//! `max_length`, …). Every table rejects unknown keys, and every error names the file and the
-//! dotted key, so a typo never silently falls back to a default.
+//! `max_length`, …). Every table rejects unknown keys, every closed choice is an enum parsed
+//! here once, and every error names the file and the dotted key, so a typo never silently falls
+//! back to a default.
+//!
+//! This module is a leaf: it describes settings and knows nothing of the modules that act on
+//! them, which take the enums defined here and their own small parameter structs.
 
 use anyhow::{anyhow, bail, Context, Result};
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::path::{Path, PathBuf};
+
+/// A closed choice: a unit enum written in configs, flags and saved files as one of its names.
+/// Parsing (TOML, `--set`, command-line flags) fails with "expected one of …, got `x`", which
+/// the config loader prefixes with the dotted key.
+macro_rules! choice {
+    ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $variant:ident = $text:literal),+ $(,)? }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum $name {
+            $($(#[$vmeta])* $variant),+
+        }
+
+        impl $name {
+            /// Every accepted name, in declaration order.
+            pub const NAMES: &'static [&'static str] = &[$($text),+];
+
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $text),+
+                }
+            }
+        }
+
+        impl std::str::FromStr for $name {
+            type Err = anyhow::Error;
+            fn from_str(s: &str) -> Result<Self> {
+                match s {
+                    $($text => Ok($name::$variant),)+
+                    other => bail!("expected one of {}, got `{other}`", Self::NAMES.join(", ")),
+                }
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl Serialize for $name {
+            fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+                s.serialize_str(self.as_str())
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+                let text = String::deserialize(d)?;
+                text.parse().map_err(|e: anyhow::Error| serde::de::Error::custom(e))
+            }
+        }
+    };
+}
+
+choice! {
+    /// `model.dtype`: the dtype the weights are held and trained in.
+    Dtype { F32 = "f32", Bf16 = "bf16", F16 = "f16", F64 = "f64" }
+}
+
+impl Dtype {
+    pub fn dtype(self) -> candle_core::DType {
+        match self {
+            Dtype::F32 => candle_core::DType::F32,
+            Dtype::Bf16 => candle_core::DType::BF16,
+            Dtype::F16 => candle_core::DType::F16,
+            Dtype::F64 => candle_core::DType::F64,
+        }
+    }
+}
+
+choice! {
+    /// `training.mixed_precision` (accelerate's name).
+    MixedPrecision { No = "no", Bf16 = "bf16" }
+}
+
+choice! {
+    /// `training.optimizer`.
+    OptimizerType { Adamw = "adamw", Sgd = "sgd" }
+}
+
+choice! {
+    /// `training.lr_scheduler_type`: the shape after warmup.
+    SchedulerType { Constant = "constant", Linear = "linear", Cosine = "cosine" }
+}
+
+choice! {
+    /// `training.save_dtype`: `auto` keeps each weight's own dtype.
+    SaveDtype { Auto = "auto", F32 = "f32", Bf16 = "bf16", F16 = "f16" }
+}
+
+impl SaveDtype {
+    /// The dtype weights are converted to when saved; `None` keeps theirs.
+    pub fn dtype(self) -> Option<candle_core::DType> {
+        match self {
+            SaveDtype::Auto => None,
+            SaveDtype::F32 => Some(candle_core::DType::F32),
+            SaveDtype::Bf16 => Some(candle_core::DType::BF16),
+            SaveDtype::F16 => Some(candle_core::DType::F16),
+        }
+    }
+}
+
+choice! {
+    /// `sam.kind`.
+    SamKind {
+        /// Plain training.
+        None = "none",
+        /// The paper's logits-SAM: the output layer only, one backward.
+        Logits = "logits",
+        /// SAM over every trainable parameter: two forward/backward passes per micro-batch.
+        Full = "full",
+    }
+}
+
+choice! {
+    /// `data.truncation_mode`: which end of a long prompt is kept.
+    TruncationMode { KeepEnd = "keep_end", KeepStart = "keep_start" }
+}
+
+choice! {
+    /// `data.format`: how a record becomes a pair (the rules are in `data::format`).
+    DataFormat {
+        /// Chosen per record from its fields.
+        Auto = "auto",
+        /// Full dialogues in `chosen`/`rejected`; prompt up to the last `\n\nAssistant:`.
+        Hh = "hh",
+        /// `prompt`, `chosen`, `rejected` strings.
+        Explicit = "explicit",
+        /// `chosen`/`rejected` strings without a prompt: the prompt is their common prefix.
+        Implicit = "implicit",
+        /// Lists of `{role, content}` messages rendered with the tokenizer's chat template.
+        Conversational = "conversational",
+        /// Reddit TL;DR: `subreddit`/`title`/`post` (top level or under `info`) → TRL's prompt.
+        Tldr = "tldr",
+    }
+}
+
+choice! {
+    /// `training.loss_type`: the losses of `losses.rs` (TRL's names where TRL has them).
+    LossType {
+        /// DPO, conservative with `label_smoothing`.
+        Sigmoid = "sigmoid",
+        /// Robust DPO.
+        Robust = "robust",
+        /// DPO's hinge variant.
+        Hinge = "hinge",
+        /// IPO on length-averaged log-ratios.
+        Ipo = "ipo",
+        /// SLiC-HF (reference-free).
+        Slic = "slic",
+        /// CPO (reference-free).
+        Cpo = "cpo",
+        /// SimPO (reference-free).
+        Simpo = "simpo",
+        /// DPO-Positive.
+        Dpop = "dpop",
+        /// NLL of the chosen response (reference-free).
+        Sft = "sft",
+    }
+}
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -35,7 +199,7 @@ pub struct ModelConfig {
     pub ref_name_or_path: Option<String>,
     /// Training dtype: `f32`, `bf16` or `f16` (`f64` for gradient checks).
     #[serde(default = "default_dtype")]
-    pub dtype: String,
+    pub dtype: Dtype,
     /// Shape of the built-in GPT-2 (used only with `builtin:tiny-gpt2`).
     #[serde(default)]
     pub builtin: BuiltinModel,
@@ -80,11 +244,11 @@ pub struct DataConfig {
     pub max_prompt_length: Option<usize>,
     /// `keep_end` cuts prompts from the left (default), `keep_start` from the right.
     #[serde(default = "default_truncation_mode")]
-    pub truncation_mode: String,
+    pub truncation_mode: TruncationMode,
     /// Record format: `auto` (detected per record), `hh`, `explicit`, `implicit`,
     /// `conversational` or `tldr` (see `dpo-sam data inspect --help`).
     #[serde(default = "default_format")]
-    pub format: String,
+    pub format: DataFormat,
     /// Without `eval`, hold out this fraction of the training rows (by a seeded hash of each
     /// row's file and line) as the eval split; 0 holds out nothing.
     #[serde(default)]
@@ -186,7 +350,7 @@ pub struct TrainingConfig {
     pub num_train_epochs: f64,
     /// `adamw` or `sgd`.
     #[serde(default = "default_optimizer")]
-    pub optimizer: String,
+    pub optimizer: OptimizerType,
     #[serde(default)]
     pub weight_decay: f64,
     #[serde(default = "default_beta1")]
@@ -197,7 +361,7 @@ pub struct TrainingConfig {
     pub adam_epsilon: f64,
     /// `constant`, `linear` or `cosine` (after warmup).
     #[serde(default = "default_scheduler")]
-    pub lr_scheduler_type: String,
+    pub lr_scheduler_type: SchedulerType,
     #[serde(default)]
     pub warmup_steps: usize,
     #[serde(default)]
@@ -213,7 +377,7 @@ pub struct TrainingConfig {
     /// `no` or `bf16` (accelerate's name): bf16 weights and matmuls, with f32 master weights,
     /// optimiser state, log-softmax and loss. Needs `model.dtype = "f32"` (the masters' dtype).
     #[serde(default = "default_mixed_precision")]
-    pub mixed_precision: String,
+    pub mixed_precision: MixedPrecision,
     /// Activation checkpointing per transformer block (TRL's name): keep only each block's
     /// input and recompute the block in the backward, trading about one more forward of
     /// compute for most of the activation memory. Gradients are the same as without.
@@ -233,12 +397,12 @@ pub struct TrainingConfig {
     /// dtype of saved model weights (checkpoints and the final model): `auto` (the training
     /// weights' dtype; f32 masters under mixed precision), `f32`, `bf16` or `f16`.
     #[serde(default = "default_save_dtype")]
-    pub save_dtype: String,
+    pub save_dtype: SaveDtype,
     /// Largest safetensors shard (`save_pretrained`'s `max_shard_size`): bytes, or a size such
     /// as `"5GB"` (10⁹) or `"4GiB"` (2³⁰). Bigger models are split into
     /// `model-0000i-of-0000n.safetensors` with `model.safetensors.index.json`.
     #[serde(default = "default_max_shard_size")]
-    pub max_shard_size: String,
+    pub max_shard_size: ByteSize,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -247,7 +411,7 @@ pub struct SamConfig {
     /// `none`, `logits` (the paper's logits-SAM: output layer only, one backward) or `full`
     /// (SAM over every trainable parameter: two forward/backward passes per micro-batch).
     #[serde(default = "default_sam_kind")]
-    pub kind: String,
+    pub kind: SamKind,
     /// Perturbation radius ρ (paper's Table 6: 1e-4 for Pythia-2.8B, 1e-5 for Mistral-7B).
     #[serde(default)]
     pub rho: f64,
@@ -266,11 +430,14 @@ impl Default for SamConfig {
     }
 }
 
-fn default_save_dtype() -> String {
-    "auto".into()
+fn default_save_dtype() -> SaveDtype {
+    SaveDtype::Auto
 }
-fn default_max_shard_size() -> String {
-    "5GB".into()
+fn default_max_shard_size() -> ByteSize {
+    ByteSize {
+        bytes: 5_000_000_000,
+        text: "5GB".into(),
+    }
 }
 fn default_seed() -> u64 {
     42
@@ -278,8 +445,8 @@ fn default_seed() -> u64 {
 fn default_device() -> String {
     "cpu".into()
 }
-fn default_dtype() -> String {
-    "f32".into()
+fn default_dtype() -> Dtype {
+    Dtype::F32
 }
 fn default_builtin_pairs() -> usize {
     1024
@@ -287,11 +454,11 @@ fn default_builtin_pairs() -> usize {
 fn default_max_length() -> usize {
     512
 }
-fn default_truncation_mode() -> String {
-    "keep_end".into()
+fn default_truncation_mode() -> TruncationMode {
+    TruncationMode::KeepEnd
 }
-fn default_format() -> String {
-    "auto".into()
+fn default_format() -> DataFormat {
+    DataFormat::Auto
 }
 fn default_shuffle_buffer() -> usize {
     10_000
@@ -303,7 +470,7 @@ fn default_eval_split() -> String {
     "test".into()
 }
 fn default_loss_type() -> LossTypes {
-    LossTypes::One("sigmoid".into())
+    LossTypes::One(LossType::Sigmoid)
 }
 fn default_simpo_gamma() -> f64 {
     0.5
@@ -315,19 +482,54 @@ fn default_dpop_lambda() -> f64 {
     50.0
 }
 
-/// `loss_type = "sigmoid"` or `loss_type = ["sigmoid", "sft"]`.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+impl LossType {
+    /// A `loss_type` name, or an error listing the losses.
+    pub fn from_name(name: &str) -> Result<LossType> {
+        name.parse().map_err(|_| {
+            anyhow!(
+                "unknown loss `{name}`; expected one of {}",
+                Self::NAMES.join(", ")
+            )
+        })
+    }
+}
+
+/// `loss_type = "sigmoid"` or `loss_type = ["sigmoid", "sft"]` (saved back in the same form).
+#[derive(Debug, Clone, Serialize, PartialEq)]
 #[serde(untagged)]
 pub enum LossTypes {
-    One(String),
-    Many(Vec<String>),
+    One(LossType),
+    Many(Vec<LossType>),
 }
 
 impl LossTypes {
-    pub fn names(&self) -> Vec<&str> {
+    pub fn kinds(&self) -> Vec<LossType> {
         match self {
-            LossTypes::One(s) => vec![s.as_str()],
-            LossTypes::Many(v) => v.iter().map(String::as_str).collect(),
+            LossTypes::One(k) => vec![*k],
+            LossTypes::Many(v) => v.clone(),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for LossTypes {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Names {
+            One(String),
+            Many(Vec<String>),
+        }
+        let parse = |name: &str| LossType::from_name(name).map_err(serde::de::Error::custom);
+        match Names::deserialize(d)
+            .map_err(|_| serde::de::Error::custom("expected a loss name or a list of loss names"))?
+        {
+            Names::One(name) => Ok(LossTypes::One(parse(&name)?)),
+            Names::Many(names) => Ok(LossTypes::Many(
+                names
+                    .iter()
+                    .map(|n| parse(n))
+                    .collect::<std::result::Result<_, _>>()?,
+            )),
         }
     }
 }
@@ -337,8 +539,8 @@ fn default_beta() -> f64 {
 fn default_epochs() -> f64 {
     1.0
 }
-fn default_optimizer() -> String {
-    "adamw".into()
+fn default_optimizer() -> OptimizerType {
+    OptimizerType::Adamw
 }
 fn default_beta1() -> f64 {
     0.9
@@ -349,11 +551,11 @@ fn default_beta2() -> f64 {
 fn default_eps() -> f64 {
     1e-8
 }
-fn default_mixed_precision() -> String {
-    "no".into()
+fn default_mixed_precision() -> MixedPrecision {
+    MixedPrecision::No
 }
-fn default_scheduler() -> String {
-    "linear".into()
+fn default_scheduler() -> SchedulerType {
+    SchedulerType::Linear
 }
 fn default_max_grad_norm() -> f64 {
     1.0
@@ -361,8 +563,8 @@ fn default_max_grad_norm() -> f64 {
 fn default_one() -> usize {
     1
 }
-fn default_sam_kind() -> String {
-    "none".into()
+fn default_sam_kind() -> SamKind {
+    SamKind::None
 }
 
 impl Config {
@@ -381,8 +583,8 @@ impl Config {
         for ov in overrides {
             apply_override(&mut value, ov).with_context(|| format!("--set {ov}"))?;
         }
-        let cfg: Config = Config::deserialize(value)
-            .map_err(|e| anyhow!("{origin}: {}", e.to_string().trim_end()))?;
+        let cfg: Config =
+            Config::deserialize(value).map_err(|e| anyhow!("{origin}: {}", keyed(&e)))?;
         cfg.validate().map_err(|e| anyhow!("{origin}: {e}"))?;
         Ok(cfg)
     }
@@ -411,7 +613,7 @@ impl Config {
         )?;
         if let Some(m) = t.micro_batch_size {
             check(m > 0, "training.micro_batch_size", "must be > 0", m)?;
-            if t.batch_size % m != 0 {
+            if !t.batch_size.is_multiple_of(m) {
                 bail!(
                     "training.micro_batch_size: batch_size {} is not divisible by micro_batch_size {m}",
                     t.batch_size
@@ -427,7 +629,15 @@ impl Config {
             "must be > 0",
             t.num_train_epochs,
         )?;
-        crate::losses::Loss::from_config(t)?;
+        let kinds = t.loss_type.kinds();
+        match &t.loss_weights {
+            Some(w) if w.len() != kinds.len() => bail!(
+                "training.loss_weights: {} weights for {} loss types",
+                w.len(),
+                kinds.len()
+            ),
+            _ => {}
+        }
         if let Some(w) = t.loss_weights.iter().flatten().find(|w| !w.is_finite()) {
             bail!("training.loss_weights: must be finite, got {w}");
         }
@@ -475,18 +685,7 @@ impl Config {
             "must be >= 0",
             t.dpop_lambda,
         )?;
-        one_of("training.optimizer", &t.optimizer, &["adamw", "sgd"])?;
-        one_of(
-            "training.lr_scheduler_type",
-            &t.lr_scheduler_type,
-            &["constant", "linear", "cosine"],
-        )?;
-        one_of(
-            "training.mixed_precision",
-            &t.mixed_precision,
-            &["no", "bf16"],
-        )?;
-        if t.mixed_precision == "bf16" && self.model.dtype != "f32" {
+        if t.mixed_precision == MixedPrecision::Bf16 && self.model.dtype != Dtype::F32 {
             bail!(
                 "training.mixed_precision = \"bf16\" keeps f32 master weights, so model.dtype must be \"f32\" (got \"{}\")",
                 self.model.dtype
@@ -534,12 +733,6 @@ impl Config {
             "must be > 0",
             t.logging_steps,
         )?;
-        one_of(
-            "training.save_dtype",
-            &t.save_dtype,
-            &["auto", "f32", "bf16", "f16"],
-        )?;
-        parse_size(&t.max_shard_size).map_err(|e| anyhow!("training.max_shard_size: {e}"))?;
         if let Some(n) = t.save_total_limit {
             check(
                 n > 0,
@@ -562,11 +755,6 @@ impl Config {
                 p,
             )?;
         }
-        one_of(
-            "data.truncation_mode",
-            &d.truncation_mode,
-            &["keep_end", "keep_start"],
-        )?;
         check(
             d.builtin_pairs >= 8,
             "data.builtin_pairs",
@@ -576,7 +764,6 @@ impl Config {
         if d.train.paths().is_empty() {
             bail!("data.train: expected at least one source");
         }
-        one_of("data.format", &d.format, crate::data::format::Format::NAMES)?;
         check(
             (0.0..1.0).contains(&d.eval_fraction),
             "data.eval_fraction",
@@ -604,11 +791,6 @@ impl Config {
             "must not be empty",
             "\"\"",
         )?;
-        one_of(
-            "model.dtype",
-            &self.model.dtype,
-            &["f32", "bf16", "f16", "f64"],
-        )?;
         let b = &self.model.builtin;
         check(
             b.n_layer > 0,
@@ -622,7 +804,7 @@ impl Config {
             "must be > 0",
             b.n_head,
         )?;
-        if b.n_embd == 0 || b.n_embd % b.n_head != 0 {
+        if b.n_embd == 0 || !b.n_embd.is_multiple_of(b.n_head) {
             bail!(
                 "model.builtin.n_embd: must be a positive multiple of n_head ({}), got {}",
                 b.n_head,
@@ -635,7 +817,6 @@ impl Config {
             "must be >= 2",
             b.n_positions,
         )?;
-        one_of("sam.kind", &self.sam.kind, &["none", "logits", "full"])?;
         check(
             self.sam.rho >= 0.0 && self.sam.rho.is_finite(),
             "sam.rho",
@@ -651,6 +832,25 @@ impl Config {
         self.training
             .micro_batch_size
             .unwrap_or(self.training.batch_size)
+    }
+
+    /// The configured losses and their weights: `loss_type` × `loss_weights` (default all 1),
+    /// plus `rpo_alpha` × sft when set, as in TRL.
+    pub fn loss_terms(&self) -> Vec<(LossType, f64)> {
+        let t = &self.training;
+        let kinds = t.loss_type.kinds();
+        let weights = t.loss_weights.clone().unwrap_or(vec![1.0; kinds.len()]);
+        let mut terms: Vec<(LossType, f64)> = kinds.into_iter().zip(weights).collect();
+        terms.extend(t.rpo_alpha.map(|alpha| (LossType::Sft, alpha)));
+        terms
+    }
+
+    /// The dtype the policy computes in: bf16 under mixed precision, else the weights'.
+    pub fn compute_dtype(&self) -> candle_core::DType {
+        match self.training.mixed_precision {
+            MixedPrecision::Bf16 => candle_core::DType::BF16,
+            MixedPrecision::No => self.model.dtype.dtype(),
+        }
     }
 
     /// The reference model's source (the policy's when not set).
@@ -670,16 +870,51 @@ fn check<T: std::fmt::Display>(ok: bool, key: &str, what: &str, got: T) -> Resul
     }
 }
 
-fn one_of(key: &str, got: &str, allowed: &[&str]) -> Result<()> {
-    if allowed.contains(&got) {
-        Ok(())
-    } else {
-        bail!("{key}: expected one of {}, got `{got}`", allowed.join(", "))
+/// A deserialisation error as the user has always seen it: this module's own parsers (closed
+/// choices, loss lists, sizes) read `key: message`, like [`Config::validate`]'s errors; serde's
+/// (unknown keys, wrong types) keep toml's layout, the message then "in `key`".
+fn keyed(e: &toml::de::Error) -> String {
+    const OURS: &[&str] = &[
+        "expected one of ",
+        "unknown loss ",
+        "expected a loss name",
+        "expected bytes ",
+        "expected a positive size ",
+    ];
+    let text = e.to_string();
+    let text = text.trim_end();
+    match text.rsplit_once("\nin `") {
+        Some((msg, key)) if key.ends_with('`') && OURS.iter().any(|o| msg.starts_with(o)) => {
+            format!("{}: {}", &key[..key.len() - 1], msg.trim_end())
+        }
+        _ => text.to_string(),
     }
 }
 
-/// A byte size as `transformers` writes `max_shard_size`: plain bytes, or a number with
-/// `KB`/`MB`/`GB` (powers of 10) or `KiB`/`MiB`/`GiB` (powers of 2).
+/// A byte size as `transformers` writes `max_shard_size`: parsed when the config is read, and
+/// saved back as it was written.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ByteSize {
+    pub bytes: u64,
+    text: String,
+}
+
+impl Serialize for ByteSize {
+    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(&self.text)
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        let bytes = parse_size(&text).map_err(serde::de::Error::custom)?;
+        Ok(ByteSize { bytes, text })
+    }
+}
+
+/// Plain bytes, or a number with `KB`/`MB`/`GB` (powers of 10) or `KiB`/`MiB`/`GiB` (powers
+/// of 2).
 pub fn parse_size(text: &str) -> Result<u64> {
     let t = text.trim();
     let split = t
@@ -755,8 +990,8 @@ batch_size = 8
     fn minimal_config_gets_trl_defaults() {
         let cfg = Config::parse(MINIMAL, "cfg.toml", &[]).unwrap();
         assert_eq!(cfg.training.beta, 0.1);
-        assert_eq!(cfg.training.loss_type.names(), vec!["sigmoid"]);
-        assert_eq!(cfg.sam.kind, "none");
+        assert_eq!(cfg.training.loss_type.kinds(), vec![LossType::Sigmoid]);
+        assert_eq!(cfg.sam.kind, SamKind::None);
         assert_eq!(cfg.micro_batch_size(), 8);
         assert_eq!(cfg.ref_name_or_path(), "builtin:tiny-gpt2");
         assert_eq!(
@@ -806,7 +1041,7 @@ batch_size = 8
         ];
         let cfg = Config::parse(MINIMAL, "cfg.toml", &ov).unwrap();
         assert_eq!(cfg.training.beta, 0.5);
-        assert_eq!(cfg.sam.kind, "logits");
+        assert_eq!(cfg.sam.kind, SamKind::Logits);
     }
 
     #[test]
@@ -822,10 +1057,13 @@ batch_size = 8
         .map(|s| s.to_string())
         .collect();
         let cfg = Config::parse(MINIMAL, "cfg.toml", &ov).unwrap();
-        assert_eq!(cfg.training.loss_type.names(), vec!["sigmoid", "sft"]);
+        assert_eq!(
+            cfg.training.loss_type.kinds(),
+            vec![LossType::Sigmoid, LossType::Sft]
+        );
         assert_eq!(cfg.training.loss_weights, Some(vec![1.0, 0.5]));
         assert!(cfg.training.precompute_ref_log_probs && cfg.sam.adaptive);
-        assert_eq!(cfg.sam.kind, "full");
+        assert_eq!(cfg.sam.kind, SamKind::Full);
     }
 
     #[test]

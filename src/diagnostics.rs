@@ -51,7 +51,7 @@ pub fn squeeze(
     )?;
     let others = (&probs * (1.0 - target_mask)?)?.max(D::Minus1)?;
     let sum =
-        |t: &Tensor| -> Result<f64> { Ok(t.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?) };
+        |t: &Tensor| -> Result<f64> { t.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>() };
     Ok(Squeeze {
         top_nontarget_prob: sum(&others.narrow(0, 0, chosen_tokens.min(n))?)?,
         chosen_tokens: chosen_tokens.min(n),

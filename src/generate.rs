@@ -6,11 +6,10 @@
 //! draws from its own ChaCha8 stream (the seed, stream = the prompt's index), so a completion
 //! does not depend on the batch size or on which prompts share its batch.
 
-use crate::config::BuiltinModel;
-use crate::data::format::Format;
-use crate::data::source;
+use crate::config::{BuiltinModel, DataFormat, Dtype};
+use crate::data::{format, source};
 use crate::models::cache::KvCache;
-use crate::models::{parse_dtype, CausalLm, Model, ModelSource};
+use crate::models::{CausalLm, Model, ModelSource};
 use crate::tokenizer::Tok;
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{Device, Tensor};
@@ -378,7 +377,7 @@ pub struct PromptRecord {
 /// Prompts of a data source, read as training reads it, with skipped rows counted by reason.
 pub fn read_prompts(
     spec: &str,
-    format: &str,
+    format: DataFormat,
     split: &str,
     chat_template: Option<&Path>,
     tok: &Tok,
@@ -413,11 +412,11 @@ pub fn read_prompts(
                     // A prompt needs no responses: prompt-only files, or pairs that training
                     // rejects (identical or empty responses), still give their prompt.
                     let format = match converter.format {
-                        Format::Auto => Format::detect(&record),
+                        DataFormat::Auto => format::detect(&record),
                         f => f,
                     };
                     match record.get("prompt") {
-                        Some(Value::String(p)) if format == Format::Explicit => p.clone(),
+                        Some(Value::String(p)) if format == DataFormat::Explicit => p.clone(),
                         _ => {
                             *skipped.entry(e.reason).or_default() += 1;
                             continue;
@@ -504,7 +503,8 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         bail!("--max-prompt-length: must be at least 1");
     }
     let device = crate::device::parse(&args.device)?;
-    let dtype = parse_dtype(&args.dtype).context("--dtype")?;
+    let dtype = args.dtype.parse::<Dtype>().context("--dtype")?.dtype();
+    let format: DataFormat = args.format.parse().context("--format")?;
     let source = ModelSource::resolve(&args.model, &BuiltinModel::default(), 0)?;
     let tok = source.tokenizer()?;
     let model = Model::load(&source, false, dtype, &device)?;
@@ -520,7 +520,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         ),
         (Some(spec), None) => read_prompts(
             spec,
-            &args.format,
+            format,
             &args.split,
             args.chat_template.as_deref(),
             &tok,

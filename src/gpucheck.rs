@@ -82,15 +82,15 @@ fn outputs(config: &Value, device: &str, args: &GpuCheckArgs) -> Result<Outputs>
         pairs = args.pairs,
     );
     let trainer = Trainer::new(Config::parse(&toml, "gpu-check", &[])?)?;
-    let head = trainer.policy.net.output_layer();
+    let head = trainer.policy().net.output_layer();
     let batch = crate::bench::random_batch(
         args.pairs,
         args.seq_len,
         head.vocab_size()?,
-        trainer.tok.pad_id,
-        &trainer.device,
+        trainer.tok().pad_id,
+        trainer.device(),
     )?;
-    let h = trainer.policy.net.forward_hidden(&batch.input_ids)?;
+    let h = trainer.policy().net.forward_hidden(&batch.input_ids)?;
     let (rows, t, hidden) = h.dims3()?;
     let logits = head
         .logits(&h.reshape((rows * t, hidden))?, None)?
@@ -98,7 +98,7 @@ fn outputs(config: &Value, device: &str, args: &GpuCheckArgs) -> Result<Outputs>
     let ms = trainer.micro_step(&batch, Some(1.0))?;
     let store = ms.grads.as_ref().expect("backward requested");
     let grads = trainer
-        .policy
+        .policy()
         .params
         .iter()
         .map(|p| {

@@ -1,6 +1,14 @@
 //! dpo-sam: preference optimisation (DPO and its relatives) with logits-SAM, on candle.
 //!
-//! One module per concern; `main.rs` maps each subcommand onto one of them.
+//! One module per concern; `main.rs` maps each subcommand onto one of them. Imports run one
+//! way (`tests/layering.rs` checks it):
+//!
+//! - commands: `bench`, `eval`, `generate`, `gpucheck`, `plot`, `score`, `toy`, `train` (whose
+//!   `mod.rs` is the command and the loop) and `data inspect`;
+//! - what the training run uses: `plan` (`--dry-run`), `refcache`, `checkpoint`;
+//! - what a step is made of: `sam`, `losses`, `logps`, `diagnostics`, `optim`, `data`, `models`;
+//! - `kernels`: the hand-written fused ops, which import nothing of the crate;
+//! - settings and utilities: `config`, `tokenizer`, `hub`, `device`.
 
 pub mod bench;
 pub mod checkpoint;
@@ -12,6 +20,7 @@ pub mod eval;
 pub mod generate;
 pub mod gpucheck;
 pub mod hub;
+pub mod logps;
 pub mod losses;
 pub mod models;
 pub mod optim;

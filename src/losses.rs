@@ -4,8 +4,9 @@
 //! Every loss is a function of [`PairLogps`] (policy sequence log-probs, and where it needs them
 //! the reference log-probs and response lengths) returning per-pair losses and the implicit
 //! rewards that TRL logs. The trainer only ever calls [`Loss::compute`], so logits-SAM's
-//! perturbation is shaped by whatever mix is configured.
+//! perturbation is shaped by whatever mix is configured. The names are `config::LossType`'s.
 
+use crate::config::LossType;
 use anyhow::{bail, Result};
 use candle_core::Tensor;
 
@@ -57,73 +58,33 @@ pub struct LossOutput {
     pub rejected_rewards: Tensor,
 }
 
-/// The losses this crate implements; `loss_type` names as in TRL where TRL has them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LossKind {
-    /// [`sigmoid`]: DPO, conservative with `label_smoothing`.
-    Sigmoid,
-    /// [`robust`]: robust DPO.
-    Robust,
-    /// [`hinge`]: DPO's hinge variant.
-    Hinge,
-    /// [`ipo`]: IPO on length-averaged log-ratios.
-    Ipo,
-    /// [`slic`]: SLiC-HF (reference-free).
-    Slic,
-    /// [`cpo`]: CPO (reference-free).
-    Cpo,
-    /// [`simpo`]: SimPO (reference-free).
-    Simpo,
-    /// [`dpop`]: DPO-Positive.
-    Dpop,
-    /// [`sft`]: NLL of the chosen response (reference-free).
-    Sft,
-}
-
-impl LossKind {
-    /// Every accepted `loss_type` name.
-    pub const NAMES: &'static [&'static str] = &[
-        "sigmoid", "robust", "hinge", "ipo", "slic", "cpo", "simpo", "dpop", "sft",
-    ];
-
-    pub fn parse(name: &str) -> Result<LossKind> {
-        Ok(match name {
-            "sigmoid" => LossKind::Sigmoid,
-            "robust" => LossKind::Robust,
-            "hinge" => LossKind::Hinge,
-            "ipo" => LossKind::Ipo,
-            "slic" => LossKind::Slic,
-            "cpo" => LossKind::Cpo,
-            "simpo" => LossKind::Simpo,
-            "dpop" => LossKind::Dpop,
-            "sft" => LossKind::Sft,
-            other => bail!(
-                "training.loss_type: unknown loss `{other}`; expected one of {}",
-                Self::NAMES.join(", ")
-            ),
-        })
-    }
-
+/// What each `training.loss_type` computes.
+impl LossType {
     pub fn needs_reference(self) -> bool {
         !matches!(
             self,
-            LossKind::Slic | LossKind::Cpo | LossKind::Simpo | LossKind::Sft
+            LossType::Slic | LossType::Cpo | LossType::Simpo | LossType::Sft
         )
     }
 
     pub fn compute(self, lp: &PairLogps, p: &LossParams) -> Result<LossOutput> {
         match self {
-            LossKind::Sigmoid => sigmoid(lp, p),
-            LossKind::Robust => robust(lp, p),
-            LossKind::Hinge => hinge(lp, p),
-            LossKind::Ipo => ipo(lp, p),
-            LossKind::Slic => slic(lp, p),
-            LossKind::Cpo => cpo(lp, p),
-            LossKind::Simpo => simpo(lp, p),
-            LossKind::Dpop => dpop(lp, p),
-            LossKind::Sft => sft(lp, p),
+            LossType::Sigmoid => sigmoid(lp, p),
+            LossType::Robust => robust(lp, p),
+            LossType::Hinge => hinge(lp, p),
+            LossType::Ipo => ipo(lp, p),
+            LossType::Slic => slic(lp, p),
+            LossType::Cpo => cpo(lp, p),
+            LossType::Simpo => simpo(lp, p),
+            LossType::Dpop => dpop(lp, p),
+            LossType::Sft => sft(lp, p),
         }
     }
+}
+
+/// Whether any of these terms needs reference-model log-probs (if not, no reference is loaded).
+pub fn needs_reference(terms: &[(LossType, f64)]) -> bool {
+    terms.iter().any(|(k, _)| k.needs_reference())
 }
 
 /// Hyper-parameters shared by the registry; each loss reads only its own (see its doc).
@@ -164,57 +125,22 @@ impl Default for LossParams {
 /// A configured loss: a weighted sum of registry terms.
 #[derive(Debug, Clone)]
 pub struct Loss {
-    pub terms: Vec<(LossKind, f64)>,
+    pub terms: Vec<(LossType, f64)>,
     pub params: LossParams,
 }
 
 impl Loss {
     /// One unweighted term.
-    pub fn single(kind: LossKind, params: LossParams) -> Loss {
+    pub fn single(kind: LossType, params: LossParams) -> Loss {
         Loss {
             terms: vec![(kind, 1.0)],
             params,
         }
     }
 
-    /// `loss_type` (one name or a list) × `loss_weights` (default all 1), plus `rpo_alpha` × sft
-    /// when set, as in TRL.
-    pub fn from_config(t: &crate::config::TrainingConfig) -> Result<Loss> {
-        let names = t.loss_type.names();
-        let weights = match &t.loss_weights {
-            Some(w) if w.len() != names.len() => {
-                bail!(
-                    "training.loss_weights: {} weights for {} loss types",
-                    w.len(),
-                    names.len()
-                )
-            }
-            Some(w) => w.clone(),
-            None => vec![1.0; names.len()],
-        };
-        let mut terms = names
-            .iter()
-            .zip(weights)
-            .map(|(n, w)| Ok((LossKind::parse(n)?, w)))
-            .collect::<Result<Vec<_>>>()?;
-        if let Some(alpha) = t.rpo_alpha {
-            terms.push((LossKind::Sft, alpha));
-        }
-        let params = LossParams {
-            beta: t.beta,
-            label_smoothing: t.label_smoothing,
-            simpo_gamma: t.simpo_gamma,
-            cpo_alpha: t.cpo_alpha,
-            slic_delta: t.slic_delta,
-            slic_lambda: t.slic_lambda,
-            dpop_lambda: t.dpop_lambda,
-        };
-        Ok(Loss { terms, params })
-    }
-
     /// Whether any term needs reference-model log-probs (if not, no reference is loaded).
     pub fn needs_reference(&self) -> bool {
-        self.terms.iter().any(|(k, _)| k.needs_reference())
+        needs_reference(&self.terms)
     }
 
     /// Σ wᵢ · lossᵢ per pair. The rewards are those of the first term that uses the reference
@@ -415,7 +341,7 @@ mod tests {
             rejected_tokens: t(&[5.0, 2.0]),
         };
         let out = Loss::single(
-            LossKind::Sigmoid,
+            LossType::Sigmoid,
             LossParams {
                 beta: 0.5,
                 ..Default::default()

@@ -4,9 +4,11 @@
 //! candle-nn's AdamW keeps its moments private and decays every tensor; this one follows
 //! `transformers`' Trainer: no weight decay on biases and norm weights (rank-1 tensors).
 
+use crate::config::SchedulerType;
 use crate::models::Param;
 use anyhow::{anyhow, bail, Result};
 use candle_core::{backprop::GradStore, DType, Tensor};
+use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 
 /// Sum of per-micro-batch gradients, one slot per parameter.
@@ -110,22 +112,6 @@ impl Optimizer {
             m,
             v,
         })
-    }
-
-    pub fn from_config(t: &crate::config::TrainingConfig, params: &[Param]) -> Result<Self> {
-        let kind = match t.optimizer.as_str() {
-            "adamw" => OptimizerKind::AdamW {
-                beta1: t.adam_beta1,
-                beta2: t.adam_beta2,
-                eps: t.adam_epsilon,
-                weight_decay: t.weight_decay,
-            },
-            "sgd" => OptimizerKind::Sgd {
-                weight_decay: t.weight_decay,
-            },
-            other => bail!("training.optimizer: unknown optimizer `{other}`"),
-        };
-        Self::new(kind, params)
     }
 
     /// The state to save: `m.<param>` and `v.<param>` (AdamW) and `step`.
@@ -446,13 +432,14 @@ mod in_place {
 }
 
 /// Learning rate at an optimiser step: linear warmup from 0, then constant, linear decay to 0, or
-/// cosine decay to 0 over the remaining steps (as `transformers`' schedulers).
-#[derive(Debug, Clone)]
+/// cosine decay to 0 over the remaining steps (as `transformers`' schedulers). A checkpoint's
+/// `trainer_state.json` records it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Schedule {
     pub peak: f64,
     pub warmup: usize,
     pub total: usize,
-    pub kind: String,
+    pub kind: SchedulerType,
 }
 
 impl Schedule {
@@ -462,10 +449,12 @@ impl Schedule {
         }
         let span = self.total.saturating_sub(self.warmup).max(1) as f64;
         let progress = ((step - self.warmup) as f64 / span).min(1.0);
-        match self.kind.as_str() {
-            "linear" => self.peak * (1.0 - progress),
-            "cosine" => self.peak * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()),
-            _ => self.peak,
+        match self.kind {
+            SchedulerType::Linear => self.peak * (1.0 - progress),
+            SchedulerType::Cosine => {
+                self.peak * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
+            }
+            SchedulerType::Constant => self.peak,
         }
     }
 }
@@ -481,20 +470,20 @@ mod tests {
             peak: 1.0,
             warmup: 10,
             total: 110,
-            kind: "linear".into(),
+            kind: SchedulerType::Linear,
         };
         assert_eq!(s.lr(0), 0.0);
         assert!((s.lr(5) - 0.5).abs() < 1e-12);
         assert!((s.lr(10) - 1.0).abs() < 1e-12);
         assert!((s.lr(60) - 0.5).abs() < 1e-12);
         let c = Schedule {
-            kind: "cosine".into(),
+            kind: SchedulerType::Cosine,
             ..s.clone()
         };
         assert!((c.lr(60) - 0.5).abs() < 1e-12);
         assert!(c.lr(110).abs() < 1e-12);
         let k = Schedule {
-            kind: "constant".into(),
+            kind: SchedulerType::Constant,
             ..s
         };
         assert_eq!(k.lr(100), 1.0);

@@ -3,7 +3,7 @@
 //! output layer's logits and the policy's activations (with and without
 //! `training.gradient_checkpointing`), and steps per epoch — without loading any weights.
 
-use crate::config::Config;
+use crate::config::{Config, OptimizerType};
 use crate::models::{param_shapes, ModelSource};
 use anyhow::{Context, Result};
 use serde_json::json;
@@ -78,21 +78,16 @@ pub fn plan(cfg: &Config) -> Result<serde_json::Value> {
         - embeddings;
     let linear_share = head_params as f64 / (head_params + body_linear).max(1) as f64;
 
-    let dtype_bytes = match cfg.model.dtype.as_str() {
-        "bf16" | "f16" => 2.0,
-        "f64" => 8.0,
-        _ => 4.0,
-    };
-    let loss = crate::losses::Loss::from_config(&cfg.training)?;
+    let dtype_bytes = cfg.model.dtype.dtype().size_in_bytes() as f64;
     let p = total as f64;
     let weights = p * dtype_bytes;
     let grads = p * 4.0; // accumulated in f32
-    let optimizer = if cfg.training.optimizer == "adamw" {
+    let optimizer = if cfg.training.optimizer == OptimizerType::Adamw {
         8.0 * p
     } else {
         0.0
     };
-    let reference = if loss.needs_reference() {
+    let reference = if crate::losses::needs_reference(&cfg.loss_terms()) {
         p * dtype_bytes
     } else {
         0.0
@@ -103,11 +98,7 @@ pub fn plan(cfg: &Config) -> Result<serde_json::Value> {
         vocab as usize,
     );
 
-    let compute_bytes = if cfg.training.mixed_precision == "bf16" {
-        2.0
-    } else {
-        dtype_bytes
-    };
+    let compute_bytes = cfg.compute_dtype().size_in_bytes() as f64;
     // The fused CPU kernels keep less than the compositions used elsewhere (see models::ops).
     let fused = cfg.device == "cpu" && compute_bytes >= 4.0;
     let acts = activations(

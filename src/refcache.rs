@@ -8,7 +8,9 @@
 //! truncation settings and every tokenised pair. A file whose header does not match, or whose
 //! lengths differ from the data, is reported and recomputed, never used.
 
-use crate::data::batch::{PreferenceBatch, TokenizedPair};
+use crate::data::batch::{PreferenceBatch, TokenizedPair, Truncation};
+use crate::data::Split;
+use crate::logps::pair_logps;
 use crate::models::{Model, ModelSource};
 use crate::tokenizer::Tok;
 use anyhow::{bail, Context, Result};
@@ -22,14 +24,7 @@ use std::path::{Path, PathBuf};
 /// a cache.
 const FORMAT: &str = "dpo-sam ref_logps v1";
 
-/// Which pairs a cached value belongs to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Split {
-    Train,
-    Eval,
-}
-
-/// Per-pair reference log-probs, indexed like `Trainer::train_pairs` / `eval_pairs`.
+/// Per-pair reference log-probs, indexed like the trainer's training and eval pairs.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RefLogps {
     pub fingerprint: String,
@@ -70,40 +65,12 @@ impl RefLogps {
     }
 }
 
-/// Sequence log-probs `[2b]` of a batch's rows (chosen rows first), without a graph.
-pub fn row_logps(model: &Model, batch: &PreferenceBatch) -> Result<Tensor> {
-    let h = crate::train::response_hidden(
-        model.net.forward_hidden(&batch.input_ids)?,
-        &batch.positions,
-    )?;
-    let token_logps = model
-        .net
-        .output_layer()
-        .token_logps(&h, &batch.targets, None)?
-        .detach();
-    let rows = 2 * batch.num_pairs;
-    Ok(
-        Tensor::zeros(rows, token_logps.dtype(), token_logps.device())?.index_add(
-            &batch.rows,
-            &token_logps,
-            0,
-        )?,
-    )
-}
-
-/// Reference sequence log-probs (chosen, rejected) `[b]` of one batch, without a graph.
-pub fn pair_logps(model: &Model, batch: &PreferenceBatch) -> Result<(Tensor, Tensor)> {
-    let seq = row_logps(model, batch)?;
-    let b = batch.num_pairs;
-    Ok((seq.narrow(0, 0, b)?, seq.narrow(0, b, b)?))
-}
-
 /// What the cached values depend on.
 pub struct FingerprintInputs<'a> {
     pub reference: &'a ModelSource,
     pub dtype: DType,
     pub tok: &'a Tok,
-    pub data: &'a crate::config::DataConfig,
+    pub truncation: &'a Truncation,
     pub train: &'a [TokenizedPair],
     pub eval: &'a [TokenizedPair],
 }
@@ -143,11 +110,8 @@ pub fn fingerprint(inputs: &FingerprintInputs) -> Result<String> {
         "special_ids",
         &[tok.eos_id, tok.pad_id].map(u32::to_le_bytes).concat(),
     );
-    let d = inputs.data;
-    let trunc = format!(
-        "{} {:?} {}",
-        d.max_length, d.max_prompt_length, d.truncation_mode
-    );
+    let t = inputs.truncation;
+    let trunc = format!("{} {:?} {}", t.max_length, t.max_prompt_length, t.mode);
     field("truncation", trunc.as_bytes());
     for (name, pairs) in [("train", inputs.train), ("eval", inputs.eval)] {
         field(name, &(pairs.len() as u64).to_le_bytes());

@@ -2,10 +2,11 @@
 //! reference) on a preference file, without training: to check log-probs against Python, or to
 //! see how a checkpoint ranks a dataset's pairs.
 
-use crate::config::{BuiltinModel, DataConfig};
+use crate::config::{BuiltinModel, DataConfig, DataFormat, Dtype, LossType};
 use crate::data::batch::PreferenceBatch;
-use crate::losses::{Loss, LossKind, LossParams, PairLogps};
-use crate::models::{parse_dtype, Model, ModelSource};
+use crate::logps::{pair_logps, row_logps};
+use crate::losses::{Loss, LossParams, PairLogps};
+use crate::models::{Model, ModelSource};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
 use serde_json::json;
@@ -70,11 +71,11 @@ pub fn score(args: &ScoreArgs) -> Result<serde_json::Value> {
     if args.batch_size == 0 {
         bail!("--batch-size: must be > 0");
     }
-    crate::data::format::Format::parse(&args.format).context("--format")?;
+    let format: DataFormat = args.format.parse().context("--format")?;
     let terms = args
         .loss_type
         .split(',')
-        .map(|n| Ok((LossKind::parse(n.trim()).context("--loss-type")?, 1.0)))
+        .map(|n| Ok((LossType::from_name(n.trim()).context("--loss-type")?, 1.0)))
         .collect::<Result<Vec<_>>>()?;
     let loss = Loss {
         terms,
@@ -84,7 +85,7 @@ pub fn score(args: &ScoreArgs) -> Result<serde_json::Value> {
         },
     };
     let device = crate::device::parse(&args.device)?;
-    let dtype = parse_dtype(&args.dtype).context("--dtype")?;
+    let dtype = args.dtype.parse::<Dtype>().context("--dtype")?.dtype();
 
     // Built-in models are initialised from the training configs' default seed.
     let resolve = |spec: &str| ModelSource::resolve(spec, &BuiltinModel::default(), 42);
@@ -108,7 +109,7 @@ pub fn score(args: &ScoreArgs) -> Result<serde_json::Value> {
     };
 
     let data_cfg: DataConfig = serde_json::from_value(
-        json!({"train": args.data, "format": args.format, "max_length": args.max_length}),
+        json!({"train": args.data, "format": format, "max_length": args.max_length}),
     )
     .context("--data")?;
     let data = crate::data::load_tokenized(&data_cfg, &tok, 42, src.dir())?;
@@ -121,10 +122,8 @@ pub fn score(args: &ScoreArgs) -> Result<serde_json::Value> {
     let (mut n, mut loss_sum, mut correct, mut margin_sum) = (0usize, 0f64, 0usize, 0f64);
     for chunk in data.train.chunks(args.batch_size) {
         let batch = PreferenceBatch::new(chunk, tok.pad_id, &device)?;
-        let seq = crate::refcache::row_logps(&policy, &batch)?;
-        let ref_logps = reference
-            .map(|m| crate::refcache::pair_logps(m, &batch))
-            .transpose()?;
+        let seq = row_logps(&policy, &batch)?;
+        let ref_logps = reference.map(|m| pair_logps(m, &batch)).transpose()?;
         let lp = PairLogps::from_rows(&seq, ref_logps.as_ref(), &batch.response_lens)?;
         let o = loss.compute(&lp)?;
         let col =

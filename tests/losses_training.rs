@@ -6,8 +6,9 @@
 use candle_core::{DType, Tensor};
 use dpo_sam::config::Config;
 use dpo_sam::data::batch::PreferenceBatch;
-use dpo_sam::refcache::{self, Split};
-use dpo_sam::train::Trainer;
+use dpo_sam::data::Split;
+use dpo_sam::refcache;
+use dpo_sam::train::{Reference, Trainer};
 
 mod common;
 use common::max_abs_diff;
@@ -42,7 +43,7 @@ fn trainer(dir: &Path, overrides: &[&str]) -> Trainer {
 }
 
 fn batch(tr: &Trainer, n: usize) -> PreferenceBatch {
-    PreferenceBatch::new(&tr.train_pairs[..n], tr.tok.pad_id, &tr.device).unwrap()
+    PreferenceBatch::new(&tr.train_pairs()[..n], tr.tok().pad_id, tr.device()).unwrap()
 }
 
 fn vals(t: &Tensor) -> Vec<f64> {
@@ -60,12 +61,13 @@ fn reference_free_losses_create_no_reference_model() {
         "[\"cpo\", \"sft\"]",
     ] {
         let tr = trainer(dir.path(), &[&format!("training.loss_type={lt}")]);
-        assert!(tr.reference.is_none() && tr.ref_cache.is_none(), "{lt}");
+        assert!(matches!(tr.reference(), Reference::None), "{lt}");
     }
     for lt in ["\"sigmoid\"", "[\"simpo\", \"dpop\"]"] {
         assert!(
             trainer(dir.path(), &[&format!("training.loss_type={lt}")])
-                .reference
+                .reference()
+                .model()
                 .is_some(),
             "{lt}"
         );
@@ -128,19 +130,17 @@ fn cached_reference_log_probs_equal_on_the_fly_ones() {
     let dir = tempfile::tempdir().unwrap();
     let live = trainer(dir.path(), &[]);
     let cached = trainer(dir.path(), &["training.precompute_ref_log_probs=true"]);
-    assert!(
-        cached.reference.is_none(),
-        "the reference model is freed after caching"
-    );
-    let cache = cached.ref_cache.as_ref().unwrap();
-    assert_eq!(cache.train_chosen.len(), live.train_pairs.len());
-    assert_eq!(cache.eval_chosen.len(), live.eval_pairs.len());
+    let Reference::Cache(cache) = cached.reference() else {
+        panic!("the reference model is freed after caching")
+    };
+    assert_eq!(cache.train_chosen.len(), live.train_pairs().len());
+    assert_eq!(cache.eval_chosen.len(), live.eval_pairs().len());
     for (split, pairs) in [
-        (Split::Train, &live.train_pairs),
-        (Split::Eval, &live.eval_pairs),
+        (Split::Train, live.train_pairs()),
+        (Split::Eval, live.eval_pairs()),
     ] {
         let idx: Vec<usize> = (0..pairs.len()).collect();
-        let b = PreferenceBatch::new(pairs, live.tok.pad_id, &live.device).unwrap();
+        let b = PreferenceBatch::new(pairs, live.tok().pad_id, live.device()).unwrap();
         let (c, r) = live.reference_for(&b, None).unwrap().unwrap();
         let (cc, cr) = cached
             .reference_for(&b, Some((split, &idx)))
@@ -170,7 +170,7 @@ fn cached_reference_log_probs_equal_on_the_fly_ones() {
 
     // A second run loads the file instead of recomputing: identical values.
     let again = trainer(dir.path(), &["training.precompute_ref_log_probs=true"]);
-    assert_eq!(again.ref_cache.as_ref().unwrap(), cache);
+    assert_eq!(again.reference().cache().unwrap(), cache);
     // Training and evaluation run on the cache alone.
     let mut run = trainer(
         dir.path(),
@@ -186,7 +186,7 @@ fn cached_reference_log_probs_equal_on_the_fly_ones() {
 fn changed_model_or_data_invalidates_the_cache() {
     let dir = tempfile::tempdir().unwrap();
     let on = "training.precompute_ref_log_probs=true";
-    let fp = |tr: &Trainer| tr.ref_cache.as_ref().unwrap().fingerprint.clone();
+    let fp = |tr: &Trainer| tr.reference().cache().unwrap().fingerprint.clone();
     let base = fp(&trainer(dir.path(), &[on]));
     let other_model = fp(&trainer(dir.path(), &[on, "model.builtin.n_embd=32"]));
     let other_data = fp(&trainer(dir.path(), &[on, "data.builtin_pairs=20"]));
@@ -203,7 +203,7 @@ fn changed_model_or_data_invalidates_the_cache() {
 
     // A file under the right name with another fingerprint is stale: refused, then replaced.
     let path = refcache::cache_path(dir.path(), &base);
-    let n = trainer(dir.path(), &[]).train_pairs.len();
+    let n = trainer(dir.path(), &[]).train_pairs().len();
     let stale_path = refcache::cache_path(dir.path(), &other_data);
     std::fs::copy(&stale_path, &path).unwrap();
     let err = refcache::load(&path, &base, n, n / 4).unwrap_err();
@@ -214,8 +214,8 @@ fn changed_model_or_data_invalidates_the_cache() {
         refcache::load(
             &path,
             &base,
-            fresh.train_pairs.len(),
-            fresh.eval_pairs.len()
+            fresh.train_pairs().len(),
+            fresh.eval_pairs().len()
         )
         .is_ok(),
         "recomputed and rewritten"
@@ -223,8 +223,8 @@ fn changed_model_or_data_invalidates_the_cache() {
     // Garbage is refused too.
     std::fs::write(&path, b"not safetensors").unwrap();
     assert!(refcache::load(&path, &base, n, n / 4).is_err());
-    let values = trainer(dir.path(), &[on]).ref_cache.unwrap();
-    assert_eq!(&values, fresh.ref_cache.as_ref().unwrap());
+    let again = trainer(dir.path(), &[on]);
+    assert_eq!(again.reference().cache(), fresh.reference().cache());
 }
 
 /// Full SAM against a hand-made perturbation: plain gradient g at W, e = ρ T²g/‖Tg‖ (T = |W|
@@ -245,14 +245,14 @@ fn check_full_sam(adaptive: bool) {
     let plain = trainer(dir.path(), &["model.dtype=\"f64\""]);
     let b = batch(&sam, 4);
     let before: Vec<Vec<u8>> = sam
-        .policy
+        .policy()
         .params
         .iter()
         .map(|p| bytes(p.var.as_tensor()))
         .collect();
     let ms = sam.micro_step(&b, Some(0.5)).unwrap();
     let after: Vec<Vec<u8>> = sam
-        .policy
+        .policy()
         .params
         .iter()
         .map(|p| bytes(p.var.as_tensor()))
@@ -268,7 +268,7 @@ fn check_full_sam(adaptive: bool) {
         }
     };
     let norm: f64 = plain
-        .policy
+        .policy()
         .params
         .iter()
         .map(|p| {
@@ -283,7 +283,7 @@ fn check_full_sam(adaptive: bool) {
         .sum::<f64>()
         .sqrt();
     assert!((ms.sam_grad_norm.unwrap() - norm).abs() < 1e-9 * norm);
-    for p in &plain.policy.params {
+    for p in &plain.policy().params {
         let gp = g.get(p.var.as_tensor()).unwrap();
         let e = (scaled(p, &scaled(p, gp)) * (rho / norm)).unwrap();
         p.var.set(&(p.var.as_tensor() + e).unwrap()).unwrap();
@@ -294,7 +294,7 @@ fn check_full_sam(adaptive: bool) {
         "loss is the one at W + e"
     );
     let (ga, gb) = (ms.grads.unwrap(), at_perturbed.grads.unwrap());
-    for (p, q) in sam.policy.params.iter().zip(&plain.policy.params) {
+    for (p, q) in sam.policy().params.iter().zip(&plain.policy().params) {
         let (a, b) = (
             ga.get(p.var.as_tensor()).unwrap(),
             gb.get(q.var.as_tensor()).unwrap(),

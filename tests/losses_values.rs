@@ -2,8 +2,8 @@
 //! without overflow), and weighted combinations as `loss_type` lists configure them.
 
 use candle_core::{Device, Tensor, Var};
-use dpo_sam::config::Config;
-use dpo_sam::losses::{Loss, LossKind, LossParams, PairLogps};
+use dpo_sam::config::{Config, LossType};
+use dpo_sam::losses::{Loss, LossParams, PairLogps};
 
 fn t(v: &[f64]) -> Tensor {
     Tensor::new(v, &Device::Cpu).unwrap()
@@ -35,7 +35,7 @@ fn pairs(c: &[f64], r: &[f64], rc: &[f64], rr: &[f64], nc: &[f64], nr: &[f64]) -
     }
 }
 
-fn loss(kind: LossKind, params: LossParams, lp: &PairLogps) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+fn loss(kind: LossType, params: LossParams, lp: &PairLogps) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
     let out = Loss::single(kind, params).compute(lp).unwrap();
     (
         v(&out.losses),
@@ -62,7 +62,7 @@ fn p() -> LossParams {
 fn sigmoid_with_label_smoothing() {
     // z = β(2 − (−1)) = 1.5; cDPO: 0.9·softplus(−1.5) + 0.1·softplus(1.5)
     let (l, rc, rr) = loss(
-        LossKind::Sigmoid,
+        LossType::Sigmoid,
         LossParams {
             label_smoothing: 0.1,
             ..p()
@@ -71,7 +71,7 @@ fn sigmoid_with_label_smoothing() {
     );
     close(l[0], 0.9 * softplus(-1.5) + 0.1 * softplus(1.5));
     assert_eq!((rc[0], rr[0]), (1.0, -0.5));
-    let (l, _, _) = loss(LossKind::Sigmoid, p(), &pair());
+    let (l, _, _) = loss(LossType::Sigmoid, p(), &pair());
     close(l[0], softplus(-1.5));
 }
 
@@ -79,7 +79,7 @@ fn sigmoid_with_label_smoothing() {
 fn robust_dpo() {
     // [0.9·softplus(−1.5) − 0.1·softplus(1.5)] / (1 − 0.2)
     let (l, _, _) = loss(
-        LossKind::Robust,
+        LossType::Robust,
         LossParams {
             label_smoothing: 0.1,
             ..p()
@@ -88,23 +88,23 @@ fn robust_dpo() {
     );
     close(l[0], (0.9 * softplus(-1.5) - 0.1 * softplus(1.5)) / 0.8);
     // ε = 0 is plain DPO
-    close(loss(LossKind::Robust, p(), &pair()).0[0], softplus(-1.5));
+    close(loss(LossType::Robust, p(), &pair()).0[0], softplus(-1.5));
 }
 
 #[test]
 fn hinge() {
     // β = 0.2: z = 0.6, max(0, 1 − 0.6) = 0.4; β = 0.5: z = 1.5 → 0
     close(
-        loss(LossKind::Hinge, LossParams { beta: 0.2, ..p() }, &pair()).0[0],
+        loss(LossType::Hinge, LossParams { beta: 0.2, ..p() }, &pair()).0[0],
         0.4,
     );
-    close(loss(LossKind::Hinge, p(), &pair()).0[0], 0.0);
+    close(loss(LossType::Hinge, p(), &pair()).0[0], 0.0);
 }
 
 #[test]
 fn ipo_uses_length_averaged_log_ratios() {
     // chosen 2/4 = 0.5, rejected −1/5 = −0.2, h = 0.7; τ = 0.5: (0.7 − 1)² = 0.09
-    let (l, rc, rr) = loss(LossKind::Ipo, p(), &pair());
+    let (l, rc, rr) = loss(LossType::Ipo, p(), &pair());
     close(l[0], 0.09);
     close(rc[0], 0.25);
     close(rr[0], -0.1);
@@ -118,12 +118,12 @@ fn slic_hf_as_in_table_5() {
         ..p()
     };
     // margin met: max(0, 1 + (−10)·(−1) + (−15)) = 0, NLL term −0.1·(−10) = 1
-    let (l, rc, rr) = loss(LossKind::Slic, params.clone(), &pair());
+    let (l, rc, rr) = loss(LossType::Slic, params.clone(), &pair());
     close(l[0], 1.0);
     assert_eq!((rc[0], rr[0]), (-5.0, -7.5), "rewards β·log π");
     // margin violated: max(0, 1 + 12 − 11.5) = 1.5, plus 1.2
     let lp = pairs(&[-12.0], &[-11.5], &[0.0], &[0.0], &[1.0], &[1.0]);
-    close(loss(LossKind::Slic, params, &lp).0[0], 2.7);
+    close(loss(LossType::Slic, params, &lp).0[0], 2.7);
 }
 
 #[test]
@@ -134,7 +134,7 @@ fn cpo_as_in_table_5() {
         ..p()
     };
     close(
-        loss(LossKind::Cpo, params, &pair()).0[0],
+        loss(LossType::Cpo, params, &pair()).0[0],
         softplus(-2.5) + 10.0,
     );
 }
@@ -147,7 +147,7 @@ fn simpo_uses_average_log_probs_and_gamma() {
         simpo_gamma: 0.5,
         ..p()
     };
-    let (l, rc, rr) = loss(LossKind::Simpo, params, &pair());
+    let (l, rc, rr) = loss(LossType::Simpo, params, &pair());
     close(l[0], softplus(-0.5));
     assert_eq!((rc[0], rr[0]), (-5.0, -6.0));
 }
@@ -155,25 +155,25 @@ fn simpo_uses_average_log_probs_and_gamma() {
 #[test]
 fn dpop_penalises_chosen_below_reference() {
     // chosen above its reference: plain DPO
-    close(loss(LossKind::Dpop, p(), &pair()).0[0], softplus(-1.5));
+    close(loss(LossType::Dpop, p(), &pair()).0[0], softplus(-1.5));
     // chosen 1 below: z = 0.5·((−1) − (−1) − 50·1) = −25
     let lp = pairs(&[-13.0], &[-15.0], &[-12.0], &[-14.0], &[4.0], &[5.0]);
-    close(loss(LossKind::Dpop, p(), &lp).0[0], softplus(25.0));
+    close(loss(LossType::Dpop, p(), &lp).0[0], softplus(25.0));
 }
 
 #[test]
 fn sft_is_per_token_chosen_nll() {
-    close(loss(LossKind::Sft, p(), &pair()).0[0], 2.5);
+    close(loss(LossType::Sft, p(), &pair()).0[0], 2.5);
 }
 
 #[test]
 fn equal_log_probs() {
     let lp = pairs(&[-7.0], &[-7.0], &[-7.0], &[-7.0], &[3.0], &[3.0]);
     let ln2 = std::f64::consts::LN_2;
-    close(loss(LossKind::Sigmoid, p(), &lp).0[0], ln2);
+    close(loss(LossType::Sigmoid, p(), &lp).0[0], ln2);
     close(
         loss(
-            LossKind::Robust,
+            LossType::Robust,
             LossParams {
                 label_smoothing: 0.2,
                 ..p()
@@ -183,12 +183,12 @@ fn equal_log_probs() {
         .0[0],
         ln2 * (0.8 - 0.2) / 0.6,
     );
-    close(loss(LossKind::Hinge, p(), &lp).0[0], 1.0);
-    close(loss(LossKind::Ipo, p(), &lp).0[0], 1.0);
-    close(loss(LossKind::Dpop, p(), &lp).0[0], ln2);
+    close(loss(LossType::Hinge, p(), &lp).0[0], 1.0);
+    close(loss(LossType::Ipo, p(), &lp).0[0], 1.0);
+    close(loss(LossType::Dpop, p(), &lp).0[0], ln2);
     close(
         loss(
-            LossKind::Simpo,
+            LossType::Simpo,
             LossParams {
                 simpo_gamma: 0.5,
                 ..p()
@@ -200,7 +200,7 @@ fn equal_log_probs() {
     );
     close(
         loss(
-            LossKind::Cpo,
+            LossType::Cpo,
             LossParams {
                 cpo_alpha: 1.0,
                 ..p()
@@ -212,7 +212,7 @@ fn equal_log_probs() {
     );
     close(
         loss(
-            LossKind::Slic,
+            LossType::Slic,
             LossParams {
                 slic_delta: 1.0,
                 slic_lambda: 0.0,
@@ -229,11 +229,11 @@ fn equal_log_probs() {
 fn huge_margins_neither_overflow_nor_lose_the_gradient() {
     // Margins of ±1e4 nats at β = 1: the losses are 0 and 1e4, the gradients 0 and −1.
     for kind in [
-        LossKind::Sigmoid,
-        LossKind::Robust,
-        LossKind::Dpop,
-        LossKind::Cpo,
-        LossKind::Simpo,
+        LossType::Sigmoid,
+        LossType::Robust,
+        LossType::Dpop,
+        LossType::Cpo,
+        LossType::Simpo,
     ] {
         let chosen = Var::from_tensor(&t(&[0.0, -1e4])).unwrap();
         let lp = PairLogps {
@@ -272,7 +272,7 @@ fn huge_margins_neither_overflow_nor_lose_the_gradient() {
     // The reversed pair: the sigmoid loss grows linearly instead of overflowing.
     let lp = pairs(&[-1e4], &[0.0], &[0.0], &[0.0], &[1.0], &[1.0]);
     close(
-        loss(LossKind::Sigmoid, LossParams { beta: 1.0, ..p() }, &lp).0[0],
+        loss(LossType::Sigmoid, LossParams { beta: 1.0, ..p() }, &lp).0[0],
         1e4,
     );
 }
@@ -281,7 +281,7 @@ fn huge_margins_neither_overflow_nor_lose_the_gradient() {
 fn weighted_combination_sums_terms_and_keeps_reference_rewards() {
     // sft listed first, sigmoid second: loss = 0.5·2.5 + 1·softplus(−1.5); rewards from sigmoid.
     let mix = Loss {
-        terms: vec![(LossKind::Sft, 0.5), (LossKind::Sigmoid, 1.0)],
+        terms: vec![(LossType::Sft, 0.5), (LossType::Sigmoid, 1.0)],
         params: p(),
     };
     let out = mix.compute(&pair()).unwrap();
@@ -292,7 +292,7 @@ fn weighted_combination_sums_terms_and_keeps_reference_rewards() {
     );
     assert!(mix.needs_reference());
     let free = Loss {
-        terms: vec![(LossKind::Cpo, 1.0), (LossKind::Sft, 2.0)],
+        terms: vec![(LossType::Cpo, 1.0), (LossType::Sft, 2.0)],
         params: p(),
     };
     assert!(!free.needs_reference());
@@ -321,13 +321,13 @@ fn loss_type_list_weights_and_rpo_alpha_from_config() {
     .map(|s| s.to_string())
     .collect();
     let cfg = Config::parse(MINIMAL, "cfg.toml", &ov).unwrap();
-    let loss = Loss::from_config(&cfg.training).unwrap();
+    let loss = dpo_sam::train::configured_loss(&cfg);
     assert_eq!(
         loss.terms,
         vec![
-            (LossKind::Sigmoid, 0.8),
-            (LossKind::Ipo, 0.2),
-            (LossKind::Sft, 0.5)
+            (LossType::Sigmoid, 0.8),
+            (LossType::Ipo, 0.2),
+            (LossType::Sft, 0.5)
         ]
     );
     let l = v(&loss.compute(&pair()).unwrap().losses)[0];

@@ -402,19 +402,16 @@ fn an_unwritable_output_dir_fails_the_save_clearly_and_the_previous_checkpoint_l
     // Root ignores permission bits, so the unwritable place is a path under a regular file.
     let file = dir.path().join("a-file");
     std::fs::write(&file, "not a directory").unwrap();
-    let err = format!(
-        "{:#}",
-        checkpoint::save(&tr, &file.join("sub")).unwrap_err()
-    );
+    let err = format!("{:#}", tr.save_checkpoint(&file.join("sub")).unwrap_err());
     assert!(
         err.contains("saving checkpoint at step 3") && err.contains("cannot create"),
         "{err}"
     );
     let ckpt = checkpoint::latest(&good).unwrap();
     let mut fresh = trainer(&good);
-    checkpoint::restore(&mut fresh, &ckpt).unwrap();
-    assert_eq!(fresh.step, 3);
-    let (a, b) = (tr.policy.named_tensors(), fresh.policy.named_tensors());
+    fresh.restore(&ckpt).unwrap();
+    assert_eq!(fresh.step(), 3);
+    let (a, b) = (tr.policy().named_tensors(), fresh.policy().named_tensors());
     for (name, t) in &a {
         let diff = (t - &b[name])
             .unwrap()
@@ -466,8 +463,8 @@ fn a_full_disk_fails_the_save_clearly_and_the_previous_checkpoint_loads() {
         "the failed save's partial files are removed"
     );
     let mut fresh = trainer(&out);
-    checkpoint::restore(&mut fresh, &ckpt).unwrap();
-    assert_eq!(fresh.step, 3);
+    fresh.restore(&ckpt).unwrap();
+    assert_eq!(fresh.step(), 3);
 }
 
 #[test]

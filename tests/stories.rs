@@ -75,19 +75,19 @@ rho = 0.05
     );
     let mut trainer = Trainer::new(Config::parse(&config, "stories.toml", &[]).unwrap()).unwrap();
     assert_eq!(
-        trainer.train_pairs.len(),
+        trainer.train_pairs().len(),
         PAIRS.len(),
         "every pair tokenizes"
     );
     // The policy starts as its own reference, so the DPO loss starts at ln 2.
-    let before = trainer.evaluate().unwrap()["eval_loss"].as_f64().unwrap();
+    let before = trainer.evaluate().unwrap().loss;
     assert!(
         (before - std::f64::consts::LN_2).abs() < 1e-5,
         "initial eval_loss {before}"
     );
     let summary = trainer.train().unwrap();
-    let after = summary["eval"]["eval_loss"].as_f64().unwrap();
-    let accuracy = summary["eval"]["eval_rewards/accuracies"].as_f64().unwrap();
+    let eval = summary.eval().unwrap();
+    let (after, accuracy) = (eval.loss, eval.rewards_accuracies);
     eprintln!("stories260K: eval_loss {before:.4} -> {after:.4}, reward accuracy {accuracy}");
     assert!(
         after < before - 0.1,

@@ -8,7 +8,7 @@ use dpo_sam::checkpoint;
 use dpo_sam::config::{Config, DataConfig};
 use dpo_sam::data::{self, stream, Split};
 use dpo_sam::tokenizer::Tok;
-use dpo_sam::train::Trainer;
+use dpo_sam::train::{Summary, Trainer};
 use std::io::Write;
 use std::path::Path;
 use std::sync::atomic::Ordering;
@@ -80,13 +80,13 @@ fn train(cfg: &Config, stop_each_step: bool) -> serde_json::Value {
     loop {
         let mut tr = Trainer::new(cfg.clone()).unwrap();
         if let Ok(ckpt) = checkpoint::latest(&cfg.output_dir) {
-            checkpoint::restore(&mut tr, &ckpt).unwrap();
+            tr.restore(&ckpt).unwrap();
         }
-        assert!(tr.train_pairs.is_empty(), "streamed pairs are not kept");
-        tr.stop.store(stop_each_step, Ordering::SeqCst);
+        assert!(tr.train_pairs().is_empty(), "streamed pairs are not kept");
+        tr.stop_flag().store(stop_each_step, Ordering::SeqCst);
         let summary = tr.train().unwrap();
-        if summary.get("interrupted_at_step").is_none() {
-            return summary;
+        if let Summary::Finished { .. } = summary {
+            return serde_json::to_value(&summary).unwrap();
         }
     }
 }

@@ -3,18 +3,19 @@
 
 use candle_core::{DType, Tensor, Var};
 use dpo_sam::data::batch::PreferenceBatch;
+use dpo_sam::logps::response_hidden;
 use dpo_sam::output::OutputLayer;
-use dpo_sam::train::{response_hidden, Trainer};
+use dpo_sam::train::Trainer;
 
 mod common;
 use common::{max_abs_diff, tiny_trainer as trainer};
 
 fn batch(tr: &Trainer, n: usize) -> PreferenceBatch {
-    PreferenceBatch::new(&tr.train_pairs[..n], tr.tok.pad_id, &tr.device).unwrap()
+    PreferenceBatch::new(&tr.train_pairs()[..n], tr.tok().pad_id, tr.device()).unwrap()
 }
 
 fn grads_by_name(tr: &Trainer, store: &candle_core::backprop::GradStore) -> Vec<(String, Tensor)> {
-    tr.policy
+    tr.policy()
         .params
         .iter()
         .map(|p| {
@@ -70,7 +71,7 @@ fn gradients_match_finite_differences() {
     let grads = grads_by_name(&tr, ms.grads.as_ref().unwrap());
     let eps = 1e-5;
     let mut checked = 0;
-    for (p, (name, g)) in tr.policy.params.iter().zip(&grads) {
+    for (p, (name, g)) in tr.policy().params.iter().zip(&grads) {
         let flat_g: Vec<f64> = g.flatten_all().unwrap().to_vec1().unwrap();
         let original = p.var.as_tensor().copy().unwrap();
         let n = flat_g.len();
@@ -84,7 +85,7 @@ fn gradients_match_finite_differences() {
                 values[idx] =
                     original.flatten_all().unwrap().to_vec1::<f64>().unwrap()[idx] + delta;
                 p.var
-                    .set(&Tensor::from_vec(values.clone(), original.shape(), &tr.device).unwrap())
+                    .set(&Tensor::from_vec(values.clone(), original.shape(), tr.device()).unwrap())
                     .unwrap();
                 tr.micro_step(&b, None).unwrap().loss
             };
@@ -106,16 +107,16 @@ fn gradients_match_finite_differences() {
 fn sam_perturbation_has_norm_rho_along_the_output_gradient() {
     let tr = trainer(&[]);
     let b = batch(&tr, 4);
-    let head = tr.policy.net.output_layer();
+    let head = tr.policy().net.output_layer();
     let h = response_hidden(
-        tr.policy.net.forward_hidden(&b.input_ids).unwrap(),
+        tr.policy().net.forward_hidden(&b.input_ids).unwrap(),
         &b.positions,
     )
     .unwrap();
     let rho = 0.05;
     // The objective: the mean DPO loss with reference log-probs of the (identical) reference.
     let objective = |token_logps: &Tensor| -> anyhow::Result<Tensor> {
-        let rows = Tensor::zeros(2 * b.num_pairs, DType::F32, &tr.device)?.index_add(
+        let rows = Tensor::zeros(2 * b.num_pairs, DType::F32, tr.device())?.index_add(
             &b.rows,
             token_logps,
             0,
@@ -149,9 +150,9 @@ fn sam_step_gradient_is_the_gradient_at_the_shifted_output_weight() {
     // Independently: recompute e, then evaluate the loss with a separate output weight W + e
     // (the embedding keeps using the unshifted wte) and differentiate.
     let plain = trainer(&["sam.kind=\"none\""]);
-    let head = plain.policy.net.output_layer();
+    let head = plain.policy().net.output_layer();
     let h = response_hidden(
-        plain.policy.net.forward_hidden(&b.input_ids).unwrap(),
+        plain.policy().net.forward_hidden(&b.input_ids).unwrap(),
         &b.positions,
     )
     .unwrap();
@@ -163,9 +164,9 @@ fn sam_step_gradient_is_the_gradient_at_the_shifted_output_weight() {
     let k = b.num_pairs;
     let objective = |token_logps: &Tensor| -> anyhow::Result<Tensor> {
         let rows =
-            Tensor::zeros(2 * k, DType::F32, &tr.device)?.index_add(&b.rows, token_logps, 0)?;
-        let ref_c = Tensor::new(rc.as_slice(), &tr.device)?;
-        let ref_r = Tensor::new(rr.as_slice(), &tr.device)?;
+            Tensor::zeros(2 * k, DType::F32, tr.device())?.index_add(&b.rows, token_logps, 0)?;
+        let ref_c = Tensor::new(rc.as_slice(), tr.device())?;
+        let ref_r = Tensor::new(rr.as_slice(), tr.device())?;
         let margin =
             (((rows.narrow(0, 0, k)? - ref_c)? - (rows.narrow(0, k, k)? - ref_r)?)? * 0.5)?;
         Ok(dpo_sam::losses::neg_log_sigmoid(&margin)?.mean_all()?)
@@ -184,7 +185,7 @@ fn sam_step_gradient_is_the_gradient_at_the_shifted_output_weight() {
         "loss_post differs"
     );
     let store = loss.backward().unwrap();
-    for (p, (name, g_sam)) in plain.policy.params.iter().zip(&sam_grads) {
+    for (p, (name, g_sam)) in plain.policy().params.iter().zip(&sam_grads) {
         let mut g = store.get(p.var.as_tensor()).unwrap().clone();
         if name == "transformer.wte.weight" {
             g = (g + store.get(shifted.as_tensor()).unwrap()).unwrap();
@@ -230,14 +231,10 @@ fn a_short_run_lowers_the_loss_and_raises_reward_accuracy() {
     ]);
     let before = tr.evaluate().unwrap();
     let summary = tr.train().unwrap();
-    let after = &summary["eval"];
-    let get = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap();
-    assert!(
-        get(after, "eval_loss") < get(&before, "eval_loss") - 0.05,
-        "{before} → {after}"
-    );
-    assert!(get(after, "eval_rewards/accuracies") > 0.6, "{after}");
-    let metrics = std::fs::read_to_string(tr.cfg.output_dir.join("metrics.jsonl")).unwrap();
+    let after = summary.eval().unwrap();
+    assert!(after.loss < before.loss - 0.05, "{before:?} → {after:?}");
+    assert!(after.rewards_accuracies > 0.6, "{after:?}");
+    let metrics = std::fs::read_to_string(tr.config().output_dir.join("metrics.jsonl")).unwrap();
     let lines: Vec<serde_json::Value> = metrics
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
@@ -267,15 +264,15 @@ fn a_short_run_lowers_the_loss_and_raises_reward_accuracy() {
     assert_eq!(lines.iter().filter(|l| l.get("loss").is_some()).count(), 60);
     // The saved model reloads to the same weights.
     let saved = dpo_sam::models::Model::load(
-        &dpo_sam::models::ModelSource::Dir(tr.cfg.output_dir.clone()),
+        &dpo_sam::models::ModelSource::Dir(tr.config().output_dir.clone()),
         false,
         DType::F32,
-        &tr.device,
+        tr.device(),
     )
     .unwrap();
     let h1 = saved.net.forward_hidden(&batch(&tr, 2).input_ids).unwrap();
     let h2 = tr
-        .policy
+        .policy()
         .net
         .forward_hidden(&batch(&tr, 2).input_ids)
         .unwrap();
@@ -329,7 +326,7 @@ fn checkpointing_gives_the_same_gradients() {
                 ]);
                 let b = batch(&tr, 4);
                 // The graph the forward leaves behind: checkpointing keeps one node per block.
-                let h = tr.policy.net.forward_hidden(&b.input_ids).unwrap();
+                let h = tr.policy().net.forward_hidden(&b.input_ids).unwrap();
                 let nodes = h.sorted_nodes().len();
                 let ms = tr.micro_step(&b, Some(1.0)).unwrap();
                 (
@@ -366,7 +363,7 @@ fn a_short_checkpointed_run_ends_at_the_same_weights() {
                 &format!("training.gradient_checkpointing={on}"),
             ]);
             tr.train().unwrap();
-            tr.policy.named_tensors()
+            tr.policy().named_tensors()
         };
         let (off, on) = (run(false), run(true));
         for (name, w) in &off {

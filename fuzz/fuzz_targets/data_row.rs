@@ -3,7 +3,7 @@
 //! detection and tokenised. Bad rows must come back as row errors, never as panics.
 #![no_main]
 
-use dpo_sam::config::DataConfig;
+use dpo_sam::config::{DataConfig, DataFormat};
 use dpo_sam::data::{batch::Truncation, format, source, stream};
 use dpo_sam::tokenizer::Tok;
 use libfuzzer_sys::fuzz_target;
@@ -26,7 +26,7 @@ fuzz_target!(|data: &[u8]| {
         toml::from_str("train = \"rows\"\nmax_length = 64").expect("valid [data]");
     let trunc = Truncation::from_config(&cfg);
     let conv = format::Converter {
-        format: format::Format::Auto,
+        format: DataFormat::Auto,
         chat: None,
     };
     let Ok(rows) = source::open(&path) else {

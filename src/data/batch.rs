@@ -4,6 +4,7 @@
 //! after the common prefix of the two token lists. Chosen rows come first, rejected rows after.
 
 use super::PreferencePair;
+use crate::config::TruncationMode;
 use crate::tokenizer::Tok;
 use anyhow::Result;
 use candle_core::{Device, Tensor};
@@ -14,8 +15,8 @@ use candle_core::{Device, Tensor};
 pub struct Truncation {
     pub max_length: usize,
     pub max_prompt_length: Option<usize>,
-    /// `true` keeps the start of long prompts (`keep_start`); `false` keeps the end (`keep_end`).
-    pub keep_start: bool,
+    /// Which end of a long prompt is kept.
+    pub mode: TruncationMode,
 }
 
 impl Truncation {
@@ -23,7 +24,7 @@ impl Truncation {
         Self {
             max_length: d.max_length,
             max_prompt_length: d.max_prompt_length,
-            keep_start: d.truncation_mode == "keep_start",
+            mode: d.truncation_mode,
         }
     }
 }
@@ -112,7 +113,7 @@ pub fn truncate(pair: TokenizedPair, trunc: &Truncation) -> Result<TokenizedPair
     if longest > trunc.max_length {
         if let Some(max_prompt) = trunc.max_prompt_length {
             for seq in [&mut chosen, &mut rejected] {
-                cut_prompt(seq, max_prompt, trunc.keep_start);
+                cut_prompt(seq, max_prompt, trunc.mode);
             }
         }
         if chosen.prompt_len.max(rejected.prompt_len) >= trunc.max_length {
@@ -125,12 +126,12 @@ pub fn truncate(pair: TokenizedPair, trunc: &Truncation) -> Result<TokenizedPair
     Ok(TokenizedPair { chosen, rejected })
 }
 
-fn cut_prompt(seq: &mut Sequence, max_prompt: usize, keep_start: bool) {
+fn cut_prompt(seq: &mut Sequence, max_prompt: usize, mode: TruncationMode) {
     if seq.prompt_len <= max_prompt {
         return;
     }
     let drop = seq.prompt_len - max_prompt;
-    let range = if keep_start {
+    let range = if mode == TruncationMode::KeepStart {
         max_prompt..seq.prompt_len
     } else {
         0..drop
@@ -213,7 +214,7 @@ mod tests {
         let trunc = Truncation {
             max_length: 64,
             max_prompt_length: None,
-            keep_start: false,
+            mode: TruncationMode::KeepEnd,
         };
         let tp = tokenize_pair(&tok, &pair("1+2=", "3", "44"), &trunc)?.unwrap();
         assert_eq!(tp.chosen.prompt_len, 4);
@@ -235,7 +236,7 @@ mod tests {
         let keep_end = Truncation {
             max_length: 8,
             max_prompt_length: Some(4),
-            keep_start: false,
+            mode: TruncationMode::KeepEnd,
         };
         let tp = tokenize_pair(&tok, &p, &keep_end)?.unwrap();
         assert_eq!(tok.decode(&tp.chosen.ids[..4])?, "ghij");
@@ -243,7 +244,7 @@ mod tests {
         assert_eq!(tok.decode(&tp.chosen.ids[4..])?, "klmn");
         assert_eq!(tp.rejected.ids.len(), 7);
         let keep_start = Truncation {
-            keep_start: true,
+            mode: TruncationMode::KeepStart,
             ..keep_end
         };
         let tp = tokenize_pair(&tok, &p, &keep_start)?.unwrap();
@@ -251,7 +252,7 @@ mod tests {
         let no_room = Truncation {
             max_length: 8,
             max_prompt_length: None,
-            keep_start: false,
+            mode: TruncationMode::KeepEnd,
         };
         assert_eq!(
             tokenize_pair(&tok, &p, &no_room)?,

@@ -25,7 +25,7 @@ impl ChatTemplate {
     pub fn load(path: &Path) -> Result<Option<ChatTemplate>> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read chat template {}", path.display()))?;
-        if !path.extension().is_some_and(|e| e == "json") {
+        if path.extension().is_none_or(|e| e != "json") {
             return ChatTemplate::new(&text, "", "")
                 .map(Some)
                 .with_context(|| path.display().to_string());

@@ -5,79 +5,39 @@
 use super::chat::ChatTemplate;
 use super::source::{Origin, RowError};
 use super::PreferencePair;
+use crate::config::DataFormat;
 use anyhow::{bail, Result};
 use serde_json::Value;
 
 /// The separator of Anthropic HH dialogues; the prompt ends with its last occurrence.
 const HH_ASSISTANT: &str = "\n\nAssistant:";
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Format {
-    /// Chosen per record from its fields (see [`Format::detect`]).
-    Auto,
-    /// Full dialogues in `chosen`/`rejected`; prompt up to the last `\n\nAssistant:`.
-    Hh,
-    /// `prompt`, `chosen`, `rejected` strings.
-    Explicit,
-    /// `chosen`/`rejected` strings without a prompt: the prompt is their common prefix.
-    Implicit,
-    /// Lists of `{role, content}` messages rendered with the tokenizer's chat template.
-    Conversational,
-    /// Reddit TL;DR: `subreddit`/`title`/`post` (top level or under `info`) → TRL's prompt.
-    Tldr,
-}
-
-impl Format {
-    pub const NAMES: &'static [&'static str] = &[
-        "auto",
-        "hh",
-        "explicit",
-        "implicit",
-        "conversational",
-        "tldr",
-    ];
-
-    pub fn parse(name: &str) -> Result<Format> {
-        Ok(match name {
-            "auto" => Format::Auto,
-            "hh" => Format::Hh,
-            "explicit" => Format::Explicit,
-            "implicit" => Format::Implicit,
-            "conversational" => Format::Conversational,
-            "tldr" => Format::Tldr,
-            other => bail!(
-                "unknown data format `{other}`; expected one of {}",
-                Format::NAMES.join(", ")
-            ),
-        })
-    }
-
-    /// The format a record's fields imply: message lists → conversational; TL;DR fields → tldr;
-    /// a `prompt` string → explicit; HH dialogue markers → hh; otherwise implicit.
-    pub fn detect(record: &Value) -> Format {
-        let chosen = record.get("chosen");
-        if chosen.is_some_and(Value::is_array) {
-            Format::Conversational
-        } else if record.get("post").is_some()
-            || record.get("info").is_some_and(|i| i.get("post").is_some())
-        {
-            Format::Tldr
-        } else if record.get("prompt").is_some() {
-            Format::Explicit
-        } else if chosen
-            .and_then(Value::as_str)
-            .is_some_and(|c| c.contains(HH_ASSISTANT))
-        {
-            Format::Hh
-        } else {
-            Format::Implicit
-        }
+/// The format a record's fields imply (what `data.format = "auto"` uses): message lists →
+/// conversational; TL;DR fields → tldr; a `prompt` string → explicit; HH dialogue markers → hh;
+/// otherwise implicit.
+pub fn detect(record: &Value) -> DataFormat {
+    let chosen = record.get("chosen");
+    if chosen.is_some_and(Value::is_array) {
+        DataFormat::Conversational
+    } else if record.get("post").is_some()
+        || record.get("info").is_some_and(|i| i.get("post").is_some())
+    {
+        DataFormat::Tldr
+    } else if record.get("prompt").is_some() {
+        DataFormat::Explicit
+    } else if chosen
+        .and_then(Value::as_str)
+        .is_some_and(|c| c.contains(HH_ASSISTANT))
+    {
+        DataFormat::Hh
+    } else {
+        DataFormat::Implicit
     }
 }
 
 /// Turns records into pairs; holds the chat template for conversational records.
 pub struct Converter {
-    pub format: Format,
+    pub format: DataFormat,
     pub chat: Option<ChatTemplate>,
 }
 
@@ -100,12 +60,12 @@ impl Converter {
             );
         }
         let format = match self.format {
-            Format::Auto => Format::detect(record),
+            DataFormat::Auto => detect(record),
             f => f,
         };
         let pair = match format {
-            Format::Auto => unreachable!("detect never returns Auto"),
-            Format::Explicit => {
+            DataFormat::Auto => unreachable!("detect never returns Auto"),
+            DataFormat::Explicit => {
                 let (p, c, r) = (
                     text(record, "prompt"),
                     text(record, "chosen"),
@@ -120,24 +80,24 @@ impl Converter {
                     (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => return bad(e.0, e.1),
                 }
             }
-            Format::Implicit => match (text(record, "chosen"), text(record, "rejected")) {
+            DataFormat::Implicit => match (text(record, "chosen"), text(record, "rejected")) {
                 (Ok(c), Ok(r)) => implicit(c, r),
                 (Err(e), _) | (_, Err(e)) => return bad(e.0, e.1),
             },
-            Format::Hh => match (text(record, "chosen"), text(record, "rejected")) {
+            DataFormat::Hh => match (text(record, "chosen"), text(record, "rejected")) {
                 (Ok(c), Ok(r)) => match hh(c, r) {
                     Ok(p) => p,
                     Err((reason, detail)) => return bad(reason, detail),
                 },
                 (Err(e), _) | (_, Err(e)) => return bad(e.0, e.1),
             },
-            Format::Tldr => match tldr(record) {
+            DataFormat::Tldr => match tldr(record) {
                 Ok(p) => p,
                 Err((reason, detail)) => return bad(reason, detail),
             },
-            Format::Conversational => {
+            DataFormat::Conversational => {
                 let Some(chat) = &self.chat else {
-                    if self.format == Format::Auto {
+                    if self.format == DataFormat::Auto {
                         return bad(
                             "no_chat_template",
                             "message lists, but no chat template (set data.chat_template)".into(),
@@ -352,13 +312,13 @@ mod tests {
             "SUBREDDIT: r/AskReddit\n\nTITLE: T\n\nPOST: P\n\nTL;DR:"
         );
         assert_eq!((p.chosen.as_str(), p.rejected.as_str()), (" b", " a"));
-        assert_eq!(Format::detect(&rec), Format::Tldr);
+        assert_eq!(detect(&rec), DataFormat::Tldr);
     }
 
     #[test]
     fn detection_and_row_errors() {
         let conv = Converter {
-            format: Format::Auto,
+            format: DataFormat::Auto,
             chat: None,
         };
         let o = Origin {
@@ -399,7 +359,7 @@ mod tests {
             .unwrap_err();
         assert_eq!(e.reason, "no_chat_template");
         let conv = Converter {
-            format: Format::Conversational,
+            format: DataFormat::Conversational,
             chat: None,
         };
         let fatal = conv

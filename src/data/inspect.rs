@@ -146,7 +146,7 @@ fn setup(args: &InspectArgs) -> Result<(DataConfig, u64, usize, Tok, Option<Path
         data.train = crate::config::Sources::Many(args.data.clone());
     }
     if let Some(f) = &args.format {
-        data.format = f.clone();
+        data.format = f.parse().context("--format")?;
     }
     if let Some(m) = args.max_length {
         data.max_length = m;
@@ -155,10 +155,7 @@ fn setup(args: &InspectArgs) -> Result<(DataConfig, u64, usize, Tok, Option<Path
         data.max_prompt_length = args.max_prompt_length;
     }
     if let Some(t) = &args.truncation_mode {
-        if !["keep_end", "keep_start"].contains(&t.as_str()) {
-            bail!("--truncation-mode: expected keep_end or keep_start, got `{t}`");
-        }
-        data.truncation_mode = t.clone();
+        data.truncation_mode = t.parse().context("--truncation-mode")?;
     }
     if args.chat_template.is_some() {
         data.chat_template = args.chat_template.clone();

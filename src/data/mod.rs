@@ -29,11 +29,26 @@ pub struct PreferencePair {
     pub rejected: String,
 }
 
-/// Which side of the data a stream reads.
+/// Which side of the data: the training pairs or the held-out ones.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Split {
     Train,
     Eval,
+}
+
+/// The training loop's position in the data, as a checkpoint saves it: the epoch, whose
+/// permutation is [`stream::epoch_order`] of (seed, epoch), and the next index into it;
+/// streamed (`data.streaming`), the pairs drawn so far from the epoch's stream, which a resumed
+/// run re-reads and discards.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DataCursor {
+    pub epoch: usize,
+    pub cursor: usize,
+    /// Streamed training rows skipped, by reason, among the rows read in epoch 0 (later epochs
+    /// re-read the same rows). Saved because a resumed run in a later epoch never re-reads
+    /// epoch 0.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub skipped: BTreeMap<String, usize>,
 }
 
 /// The record converter for `[data]`: its format, and the chat template from
@@ -43,7 +58,6 @@ pub fn converter(
     tok: &Tok,
     model_dir: Option<&Path>,
 ) -> Result<Arc<format::Converter>> {
-    let format = format::Format::parse(&cfg.format).context("data.format")?;
     let template_file = match (&cfg.chat_template, model_dir) {
         (Some(p), _) => Some(p.clone()),
         (None, Some(dir)) => Some(dir.join("tokenizer_config.json")).filter(|p| p.is_file()),
@@ -56,7 +70,10 @@ pub fn converter(
     if let Some(chat) = &mut chat {
         chat.strip_bos = tok.bos_id.is_some() && tok.encode("")?.first() == tok.bos_id.as_ref();
     }
-    Ok(Arc::new(format::Converter { format, chat }))
+    Ok(Arc::new(format::Converter {
+        format: cfg.format,
+        chat,
+    }))
 }
 
 /// The inputs and holdout of one split: `eval` sources if given, else the `eval_fraction`

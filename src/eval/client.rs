@@ -313,7 +313,7 @@ pub fn send(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::eval::judge::{ChatRequest, Message, Position};
+    use crate::eval::judge::{fixtures::comparison, Position};
 
     #[test]
     fn endpoint_and_locality() {
@@ -359,31 +359,12 @@ mod tests {
         assert!(backoff(base, 0, Some(Duration::from_secs(2))) >= Duration::from_secs(2));
     }
 
-    fn comparison(id: &str) -> Comparison {
-        Comparison {
-            id: id.into(),
-            task: "hh".into(),
-            prompt: "p".into(),
-            policy: "a".into(),
-            baseline: "b".into(),
-            policy_position: Position::A,
-            answer_label: "More helpful".into(),
-            judge_prompt: format!("judge {id}"),
-            request: ChatRequest {
-                model: "m".into(),
-                messages: vec![Message {
-                    role: "user".into(),
-                    content: format!("judge {id}"),
-                }],
-                temperature: 0.0,
-                max_tokens: 8,
-            },
-        }
-    }
-
     #[test]
     fn resume_skips_answered_ids_and_cuts_a_partial_line() {
-        let comps: Vec<Comparison> = ["a", "b", "c"].iter().map(|id| comparison(id)).collect();
+        let comps: Vec<Comparison> = ["a", "b", "c"]
+            .iter()
+            .map(|id| comparison(id, Position::A, "a", "b"))
+            .collect();
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("r.jsonl");
         let good = format!(

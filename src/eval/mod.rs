@@ -1,17 +1,21 @@
 //! `dpo-sam eval`: pairwise win-rate evaluation with an LLM judge, in the style of the DPO
 //! paper. Owns the command-line surface and runs the three stages in order: build judge
-//! prompts (`judge`), send them (`client`), score the replies (`winrate`).
+//! prompts (`judge`, from `templates`), send them (`client`), score the replies (verdicts from
+//! `verdict`, statistics from `stats`).
 
 pub mod client;
 pub mod judge;
-pub mod winrate;
+pub mod stats;
+pub mod templates;
+pub mod verdict;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
-use judge::{Baseline, JudgeSettings, MatchBy, Template};
+use judge::{Baseline, JudgeSettings, MatchBy};
+use templates::Template;
 
 const GUIDE: &str = "\
 Pairwise win rate of a policy against a baseline, judged by an LLM in the style of the DPO paper
@@ -241,13 +245,13 @@ pub fn run(args: EvalArgs) -> Result<()> {
     }
     if args.score {
         let comparisons = judge::read_comparisons(&args.comparisons)?;
-        let replies = winrate::read_replies(replies()?, &comparisons)?;
-        let opts = winrate::ScoreOptions {
+        let replies = verdict::read_replies(replies()?, &comparisons)?;
+        let opts = stats::ScoreOptions {
             bootstrap: args.bootstrap,
             seed: args.seed,
             length_bins: args.length_bins,
         };
-        let report = winrate::score(&comparisons, replies, &opts);
+        let report = stats::score(&comparisons, replies, &opts);
         if args.json {
             println!("{}", serde_json::to_string(&report)?);
         } else {

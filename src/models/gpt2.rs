@@ -157,7 +157,7 @@ pub struct Gpt2 {
 
 impl Gpt2 {
     pub fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
-        if cfg.n_embd % cfg.n_head != 0 {
+        if !cfg.n_embd.is_multiple_of(cfg.n_head) {
             candle_core::bail!(
                 "n_embd {} is not divisible by n_head {}",
                 cfg.n_embd,

@@ -168,7 +168,7 @@ pub struct GptNeox {
 
 impl GptNeox {
     pub fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
-        if cfg.hidden_size % cfg.num_attention_heads != 0 {
+        if !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads) {
             candle_core::bail!(
                 "hidden_size {} is not divisible by num_attention_heads {}",
                 cfg.hidden_size,
@@ -184,7 +184,7 @@ impl GptNeox {
         let head_dim = cfg.hidden_size / cfg.num_attention_heads;
         // `int(head_size * rotary_pct)` in transformers: truncation, not rounding.
         let rotary_dim = (head_dim as f64 * pct.unwrap_or(0.25)) as usize;
-        if rotary_dim % 2 != 0 {
+        if !rotary_dim.is_multiple_of(2) {
             candle_core::bail!(
                 "rotary dimension {rotary_dim} (head_dim {head_dim} × rotary_pct) must be even"
             );

@@ -215,14 +215,14 @@ impl Mistral {
         };
         let n_head = cfg.num_attention_heads;
         let n_kv_head = cfg.num_key_value_heads.unwrap_or(n_head);
-        if n_kv_head == 0 || n_head % n_kv_head != 0 {
+        if n_kv_head == 0 || !n_head.is_multiple_of(n_kv_head) {
             candle_core::bail!(
                 "num_attention_heads {n_head} is not a multiple of num_key_value_heads {n_kv_head}"
             );
         }
         let head_dim = match cfg.head_dim {
             Some(d) => d,
-            None if cfg.hidden_size % n_head == 0 => cfg.hidden_size / n_head,
+            None if cfg.hidden_size.is_multiple_of(n_head) => cfg.hidden_size / n_head,
             None => candle_core::bail!(
                 "hidden_size {} is not divisible by num_attention_heads {n_head}",
                 cfg.hidden_size
@@ -235,7 +235,7 @@ impl Mistral {
             cfg.partial_rotary_factor,
         )?;
         let rotary_dim = (head_dim as f64 * partial.unwrap_or(1.0)) as usize;
-        if rotary_dim == 0 || rotary_dim % 2 != 0 {
+        if rotary_dim == 0 || !rotary_dim.is_multiple_of(2) {
             candle_core::bail!("rotary dimension {rotary_dim} (head_dim {head_dim} × partial_rotary_factor) must be even and positive");
         }
         let shape = Shape {

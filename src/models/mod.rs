@@ -563,14 +563,3 @@ fn seeded_init(
     };
     Tensor::from_vec(data, shape.clone(), dev)
 }
-
-/// Parses a dtype name from configs and flags.
-pub fn parse_dtype(name: &str) -> Result<DType> {
-    match name {
-        "f32" | "float32" => Ok(DType::F32),
-        "bf16" | "bfloat16" => Ok(DType::BF16),
-        "f16" | "float16" => Ok(DType::F16),
-        "f64" | "float64" => Ok(DType::F64),
-        other => bail!("dtype `{other}`: expected f32, bf16, f16 or f64"),
-    }
-}

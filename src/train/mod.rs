@@ -1,0 +1,350 @@
+//! `dpo-sam train`: the command (resume, signals) and the training loop. One optimiser step =
+//! `batch_size / micro_batch_size` micro-batches ([`step`]: forward, logits-SAM, loss, one
+//! backward), then clipping, the learning-rate schedule and the update; metrics, evaluation and
+//! checkpoints on their steps.
+//!
+//! - [`trainer`]: what a run holds and how it is built from the config;
+//! - [`step`]: one micro-step, beside the paper's Algorithm 1;
+//! - [`feed`]: the training pairs, micro-batch by micro-batch, from a saveable cursor;
+//! - [`metrics`]: the lines of `metrics.jsonl` and the summary.
+
+mod feed;
+pub mod metrics;
+mod step;
+mod trainer;
+
+pub use metrics::{EvalLine, PairMetrics, Summary, TrainLine};
+pub use step::MicroStep;
+pub use trainer::{configured_loss, Reference, Trainer};
+
+use crate::config::{Config, SamKind};
+use crate::data::batch::PreferenceBatch;
+use crate::data::Split;
+use crate::optim::GradAccumulator;
+use anyhow::{Context, Result};
+use feed::Feed;
+use metrics::{DataLine, MetricsFile, StreamedDataLine, Tally};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+#[derive(clap::Args, Debug)]
+#[command(
+    after_help = "Example:\n  dpo-sam train --config configs/tiny_gpt2.toml --set sam.rho=0.05 --set training.max_steps=50"
+)]
+pub struct TrainArgs {
+    /// TOML run configuration (see configs/ and the README's reference).
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Override a config key, e.g. `--set training.beta=0.2` (repeatable; values in TOML syntax).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub overrides: Vec<String>,
+    /// Override `output_dir`.
+    #[arg(long)]
+    pub output_dir: Option<PathBuf>,
+    /// Override `device` (cpu, cuda, cuda:N).
+    #[arg(long)]
+    pub device: Option<String>,
+    /// No progress bar (metrics still go to metrics.jsonl).
+    #[arg(long)]
+    pub quiet: bool,
+    /// Validate the config and print the plan (parameters, memory, steps) without training.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Continue from the newest complete checkpoint in DIR (default: the config's output_dir).
+    #[arg(long, value_name = "DIR", num_args = 0..=1)]
+    pub resume: Option<Option<PathBuf>>,
+    /// Resume even though the config differs from the checkpoint's in keys that change the
+    /// training trajectory.
+    #[arg(long)]
+    pub allow_config_drift: bool,
+}
+
+pub fn run(args: TrainArgs) -> Result<()> {
+    let mut overrides = args.overrides.clone();
+    if let Some(dir) = &args.output_dir {
+        overrides.push(format!(
+            "output_dir={}",
+            toml::Value::String(dir.display().to_string())
+        ));
+    }
+    if let Some(dev) = &args.device {
+        overrides.push(format!("device={}", toml::Value::String(dev.clone())));
+    }
+    let cfg = Config::load(&args.config, &overrides)?;
+    if args.dry_run {
+        return crate::plan::print(&cfg);
+    }
+    let resume_from = match &args.resume {
+        Some(dir) => Some(resume_checkpoint(
+            &cfg,
+            dir.as_deref(),
+            args.allow_config_drift,
+        )?),
+        None => None,
+    };
+    let mut trainer = Trainer::new(cfg)?;
+    if let Some(ckpt) = &resume_from {
+        trainer.restore(ckpt)?;
+        eprintln!("resuming from {} (step {})", ckpt.display(), trainer.step());
+    }
+    trainer.set_progress(!args.quiet);
+    watch_signals(trainer.stop_flag())?;
+    let summary = trainer.train()?;
+    eprintln!("{}", metrics::to_sorted_json(&summary, true)?);
+    if let Summary::Interrupted {
+        interrupted_at_step: step,
+        ..
+    } = summary
+    {
+        let mut cmd = format!("dpo-sam train --config {}", args.config.display());
+        for ov in &args.overrides {
+            cmd.push_str(&format!(" --set '{ov}'"));
+        }
+        eprintln!(
+            "interrupted after step {step}; checkpoint saved. Resume with:\n  {cmd} --output-dir {dir} --resume {dir}",
+            dir = trainer.config().output_dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// The newest complete checkpoint in `dir` (default: `output_dir`), refusing one saved with a
+/// config that differs in a key that changes the trajectory unless `allow_drift`.
+fn resume_checkpoint(cfg: &Config, dir: Option<&Path>, allow_drift: bool) -> Result<PathBuf> {
+    let ckpt = crate::checkpoint::latest(dir.unwrap_or(&cfg.output_dir))?;
+    let saved = crate::checkpoint::load_config(&ckpt)?;
+    let drift = crate::checkpoint::config_drift(&saved, cfg)?;
+    if !drift.is_empty() {
+        let list = drift
+            .iter()
+            .map(|d| format!("  {d}"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        if !allow_drift {
+            anyhow::bail!(
+                "--resume: the config differs from the one {} was saved with (saved -> now):\n{list}\n\
+                 these keys change the training trajectory; pass --allow-config-drift to resume anyway",
+                ckpt.display()
+            );
+        }
+        eprintln!("warning: resuming with config changes (--allow-config-drift):\n{list}");
+    }
+    Ok(ckpt)
+}
+
+/// SIGINT/SIGTERM set `stop`, which the loop checks after each step (then saves and returns);
+/// a second signal while `stop` is already set exits at once with status 130, before any
+/// further write, so the last complete checkpoint stays as it was.
+pub fn watch_signals(stop: &Arc<AtomicBool>) -> Result<()> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    for sig in [SIGINT, SIGTERM] {
+        // Registered first so that it sees the flag as it was before this signal set it.
+        signal_hook::flag::register_conditional_shutdown(sig, 130, Arc::clone(stop))?;
+        signal_hook::flag::register(sig, Arc::clone(stop))?;
+    }
+    Ok(())
+}
+
+impl Trainer {
+    /// Trains from the current step (0, or a restored checkpoint's) to the configured number of
+    /// steps; writes metrics.jsonl, checkpoints every `save_steps` and at the end, and the
+    /// final model. Stops early, with a checkpoint, when the stop flag is set.
+    pub fn train(&mut self) -> Result<Summary> {
+        let out_dir = self.cfg.output_dir.clone();
+        std::fs::create_dir_all(&out_dir)
+            .with_context(|| format!("cannot create output_dir {}", out_dir.display()))?;
+        let mut metrics = self.open_metrics(&out_dir.join("metrics.jsonl"))?;
+
+        let t = self.cfg.training.clone();
+        let micro = self.cfg.micro_batch_size();
+        let micro_batches = t.batch_size / micro;
+        let total = self.state.schedule.total;
+        let mut feed = Feed::open(self)?;
+        let bar = self.progress_bar(total);
+        let mut last: Option<TrainLine> = None;
+        while self.state.step < total {
+            let step = self.state.step + 1;
+            self.diagnostics = step.is_multiple_of(t.logging_steps) || step == total;
+            let started = Instant::now();
+            let lr = self.state.schedule.lr(step - 1);
+            let mut acc = GradAccumulator::new(self.policy.params.len());
+            let mut tally = Tally::default();
+            // Set by a non-finite loss under `skip_nonfinite`: the rest of the step's batch is
+            // still drawn, so that later steps see the same data as without the skip.
+            let mut nonfinite: Option<String> = None;
+            for mb in 0..micro_batches {
+                let (idx, pairs) = feed.next_micro_batch()?;
+                if nonfinite.is_some() {
+                    continue;
+                }
+                let batch = PreferenceBatch::new(&pairs, self.tok.pad_id, &self.device)?;
+                let weight = micro as f64 / t.batch_size as f64;
+                let reference = self.reference_for(&batch, Some((Split::Train, &idx)))?;
+                let ms = self.micro_step_with(&batch, reference, Some(weight))?;
+                if !ms.loss.is_finite() {
+                    nonfinite = Some(format!(
+                        "non-finite loss ({}) at step {step}, micro-batch {mb} of {micro_batches} (train pairs {idx:?})",
+                        ms.loss
+                    ));
+                    continue;
+                }
+                acc.add(
+                    &self.policy.params,
+                    ms.grads.as_ref().expect("backward was requested"),
+                )?;
+                tally.add(&ms, &batch);
+            }
+            let grad_norm = match nonfinite {
+                Some(_) => f64::NAN,
+                None => self.apply_gradients(&acc, lr)?,
+            };
+            if nonfinite.is_none() && !grad_norm.is_finite() {
+                nonfinite = Some(format!("non-finite gradient norm ({grad_norm}) at step {step} (micro-batches 0..{micro_batches})"));
+            }
+            match &nonfinite {
+                Some(what) if !t.skip_nonfinite => anyhow::bail!(
+                    "{what}; stopped without updating, so the last checkpoint in {} is the last good state \
+                     (training.skip_nonfinite = true skips such steps instead)",
+                    out_dir.display()
+                ),
+                Some(what) => {
+                    self.state.nonfinite_skipped += 1;
+                    bar.suspend(|| eprintln!("warning: {what}: update skipped"));
+                }
+                None => {}
+            }
+            self.state.step = step;
+            self.state.data = feed.cursor().clone();
+            let elapsed = started.elapsed().as_secs_f64();
+            if step.is_multiple_of(t.logging_steps) || step == total {
+                let line = TrainLine {
+                    metrics: tally.metrics(self.cfg.sam.kind != SamKind::None),
+                    grad_norm,
+                    learning_rate: lr,
+                    tokens_per_second: tally.tokens as f64 / elapsed,
+                    step,
+                    // A stream's length is unknown: its lines carry the epoch being read.
+                    epoch: match self.stream {
+                        Some(_) => self.state.data.epoch as f64,
+                        None => (step * t.batch_size) as f64 / self.train_pairs.len() as f64,
+                    },
+                    nonfinite_skipped: t.skip_nonfinite.then_some(self.state.nonfinite_skipped),
+                };
+                metrics.write(&line)?;
+                let m = &line.metrics;
+                bar.set_message(format!(
+                    "loss {:.4} acc {:.2} margin {:.3}",
+                    m.loss, m.rewards_accuracies, m.rewards_margins
+                ));
+                last = Some(line);
+            }
+            let eval_due = t.eval_steps > 0 && step.is_multiple_of(t.eval_steps) && step != total;
+            if eval_due && !self.eval_pairs.is_empty() {
+                let metrics_line = EvalLine {
+                    metrics: self.evaluate()?,
+                    step,
+                };
+                metrics.write(&metrics_line)?;
+            }
+            bar.inc(1);
+            let stop = self.stop.load(Ordering::SeqCst);
+            if (t.save_steps > 0 && step.is_multiple_of(t.save_steps)) || step == total || stop {
+                self.state.metrics_lines = metrics.lines();
+                let checkpoint = self.save_checkpoint(&out_dir)?;
+                if stop {
+                    bar.abandon();
+                    return Ok(Summary::Interrupted {
+                        train: last,
+                        interrupted_at_step: step,
+                        checkpoint,
+                    });
+                }
+            }
+        }
+        bar.finish();
+        let skipped = self.skipped_total();
+        if self.stream.is_some() {
+            metrics.write(&StreamedDataLine {
+                skipped: &skipped,
+                epoch: self.state.data.epoch,
+            })?;
+        }
+        let eval = if self.eval_pairs.is_empty() {
+            None
+        } else {
+            // As after the last step, also when a run resumed from the final checkpoint.
+            self.diagnostics = true;
+            let line = EvalLine {
+                metrics: self.evaluate()?,
+                step: total,
+            };
+            metrics.write(&line)?;
+            Some(line)
+        };
+        crate::checkpoint::save_model(&self.policy, &self.tok, &out_dir, &self.save_options())?;
+        Ok(Summary::Finished {
+            train: last,
+            skipped,
+            output_dir: out_dir,
+            nonfinite_skipped: t.skip_nonfinite.then_some(self.state.nonfinite_skipped),
+            eval,
+        })
+    }
+
+    /// Loss and reward metrics over the held-out pairs (logged with TRL's `eval_` prefix).
+    pub fn evaluate(&self) -> Result<PairMetrics> {
+        let mut tally = Tally::default();
+        let micro = self.cfg.micro_batch_size();
+        for (c, chunk) in self.eval_pairs.chunks(micro).enumerate() {
+            let batch = PreferenceBatch::new(chunk, self.tok.pad_id, &self.device)?;
+            let idx: Vec<usize> = (c * micro..c * micro + chunk.len()).collect();
+            let reference = self.reference_for(&batch, Some((Split::Eval, &idx)))?;
+            tally.add(&self.micro_step_with(&batch, reference, None)?, &batch);
+        }
+        Ok(tally.metrics(false))
+    }
+
+    /// metrics.jsonl for appending: a fresh file starting with the data line, or, resumed, the
+    /// file cut to the lines the checkpoint had seen.
+    fn open_metrics(&mut self, path: &Path) -> Result<MetricsFile> {
+        if self.state.step > 0 {
+            return MetricsFile::open(path, Some(self.state.metrics_lines));
+        }
+        let mut file = MetricsFile::open(path, None)?;
+        file.write(&DataLine {
+            train_pairs: self.stream.is_none().then_some(self.train_pairs.len()),
+            eval_pairs: self.eval_pairs.len(),
+            skipped: &self.skipped,
+            streaming: self.stream.is_some().then_some(true),
+        })?;
+        Ok(file)
+    }
+
+    fn progress_bar(&self, total: usize) -> indicatif::ProgressBar {
+        let bar = match self.progress {
+            true => indicatif::ProgressBar::new(total as u64),
+            false => return indicatif::ProgressBar::hidden(),
+        };
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{elapsed_precise} [{bar:30}] {pos}/{len} {msg}",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
+        );
+        bar.set_position(self.state.step as u64);
+        bar
+    }
+
+    /// Skipped rows by reason: the in-memory splits' and the streamed training rows'.
+    pub fn skipped_total(&self) -> BTreeMap<String, usize> {
+        let mut all = self.state.data.skipped.clone();
+        for (k, v) in &self.skipped {
+            *all.entry(k.to_string()).or_default() += v;
+        }
+        all
+    }
+}

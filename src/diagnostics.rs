@@ -9,7 +9,7 @@
 //! them only on logging steps, since they cost one more output-layer matmul.
 
 use crate::models::ops::softmax_last_dim;
-use crate::output::OutputLayer;
+use crate::models::output::OutputLayer;
 use candle_core::{DType, Result, Tensor, D};
 
 /// Sums over tokens, so micro-batches add up.

@@ -8,9 +8,9 @@
 //! `--release` times this crate's kernels optimised as well).
 
 use candle_core::{DType, Device, Result, Tensor, Var};
-use dpo_sam::models::fast_dense::{self, WeightLayout};
-use dpo_sam::models::ops::{self, Activation, QkvPacking};
-use dpo_sam::models::{fast_attention, fast_ops};
+use dpo_sam::kernels::{attention, dense, norm};
+use dpo_sam::kernels::{attention::QkvPacking, dense::Activation, dense::WeightLayout};
+use dpo_sam::models::ops;
 use std::time::Instant;
 
 const ROUNDS: usize = 7;
@@ -58,7 +58,7 @@ fn cases() -> Result<Vec<Case>> {
     Ok(vec![
         Case {
             name: "dense 768→3072 + bias",
-            fused: Box::new(|x| fast_dense::dense(&x[0], &x[1], Some(&x[2]), WeightLayout::OutIn)),
+            fused: Box::new(|x| dense::dense(&x[0], &x[1], Some(&x[2]), WeightLayout::OutIn)),
             composed: Box::new(|x| {
                 ops::dense_composed(&x[0], &x[1], Some(&x[2]), WeightLayout::OutIn)
             }),
@@ -68,8 +68,7 @@ fn cases() -> Result<Vec<Case>> {
         Case {
             name: "gelu [1024, 3072]",
             fused: Box::new(|x| {
-                fast_dense::activation(&x[0], Activation::GeluErf)
-                    .map(|y| y.expect("f32 on the CPU"))
+                dense::activation(&x[0], Activation::GeluErf).map(|y| y.expect("f32 on the CPU"))
             }),
             composed: Box::new(|x| Activation::GeluErf.apply_composed(&x[0])),
             inputs: vec![randn(&[b * t, inner])?],
@@ -77,14 +76,14 @@ fn cases() -> Result<Vec<Case>> {
         },
         Case {
             name: "layer norm [1024, 768]",
-            fused: Box::new(|x| fast_ops::layer_norm(&x[0], &x[1], &x[2], 1e-5)),
+            fused: Box::new(|x| norm::layer_norm(&x[0], &x[1], &x[2], 1e-5)),
             composed: Box::new(|x| ops::layer_norm_composed(&x[0], &x[1], &x[2], 1e-5)),
             inputs: vec![randn(&[b * t, n])?, randn(&[n])?, randn(&[n])?],
             trainable: 3,
         },
         Case {
             name: "attention core [4, 12, 256, 64]",
-            fused: Box::new(|x| fast_attention::attention(&x[0], &x[1], &x[2], &x[3])),
+            fused: Box::new(|x| attention::attention(&x[0], &x[1], &x[2], &x[3])),
             composed: Box::new(|x| ops::attention_composed(&x[0], &x[1], &x[2], &x[3])),
             inputs: vec![
                 randn(&[b, heads, t, d])?,
@@ -98,7 +97,7 @@ fn cases() -> Result<Vec<Case>> {
             name: "attention from q/k/v [4, 256, 2304], rotary 16",
             fused: Box::new(move |x| {
                 let rope = Some((&x[2], &x[3]));
-                fast_attention::packed_attention(&x[0], QkvPacking::PerHead, heads, rope, &x[1])
+                attention::packed_attention(&x[0], QkvPacking::PerHead, heads, rope, &x[1])
             }),
             composed: Box::new(move |x| {
                 let rope = Some((&x[2], &x[3]));

@@ -37,24 +37,6 @@ pub fn parse(name: &str) -> Result<Device> {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_cpu_and_rejects_junk() {
-        assert!(parse("cpu").unwrap().is_cpu());
-        assert_eq!(parse_name("cuda:3").unwrap(), Some(3));
-        let err = parse("tpu").unwrap_err().to_string();
-        assert!(err.contains("expected `cpu`"), "{err}");
-        assert!(parse_name("cuda:x").is_err());
-        if !candle_core::utils::cuda_is_available() {
-            let err = parse("cuda:0").unwrap_err().to_string();
-            assert!(err.contains("without CUDA"), "{err}");
-        }
-    }
-}
-
 /// Makes glibc's malloc keep freed tensor buffers for reuse. By default it maps every buffer
 /// above its mmap threshold (at most 32 MiB) afresh and unmaps it when freed, and trims the heap
 /// top, so each training step faulted in and zeroed its logits tiles and embedding gradients
@@ -78,5 +60,23 @@ pub fn release_free_memory() {
     // SAFETY: malloc_trim only returns free pages of the allocator's own arenas.
     unsafe {
         libc::malloc_trim(0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_cpu_and_rejects_junk() {
+        assert!(parse("cpu").unwrap().is_cpu());
+        assert_eq!(parse_name("cuda:3").unwrap(), Some(3));
+        let err = parse("tpu").unwrap_err().to_string();
+        assert!(err.contains("expected `cpu`"), "{err}");
+        assert!(parse_name("cuda:x").is_err());
+        if !candle_core::utils::cuda_is_available() {
+            let err = parse("cuda:0").unwrap_err().to_string();
+            assert!(err.contains("without CUDA"), "{err}");
+        }
     }
 }

@@ -9,7 +9,7 @@
 //! them only on logging steps, since they cost one more output-layer matmul.
 
 use crate::models::ops::softmax_last_dim;
-use crate::output::OutputLayer;
+use crate::models::output::OutputLayer;
 use candle_core::{DType, Result, Tensor, D};
 
 /// Sums over tokens, so micro-batches add up.
@@ -50,8 +50,7 @@ pub fn squeeze(
         1,
     )?;
     let others = (&probs * (1.0 - target_mask)?)?.max(D::Minus1)?;
-    let sum =
-        |t: &Tensor| -> Result<f64> { t.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>() };
+    let sum = |t: &Tensor| -> Result<f64> { t.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>() };
     Ok(Squeeze {
         top_nontarget_prob: sum(&others.narrow(0, 0, chosen_tokens.min(n))?)?,
         chosen_tokens: chosen_tokens.min(n),

@@ -5,6 +5,7 @@
 //! `transformers`' Trainer: no weight decay on biases and norm weights (rank-1 tensors).
 
 use crate::config::SchedulerType;
+use crate::kernels::adamw;
 use crate::models::Param;
 use anyhow::{anyhow, bail, Result};
 use candle_core::{backprop::GradStore, DType, Tensor};
@@ -41,8 +42,8 @@ impl GradAccumulator {
     pub fn norm(&self) -> Result<f64> {
         let mut total = 0f64;
         for g in self.grads.iter().flatten() {
-            total += match in_place::applies(&[g]) {
-                true => in_place::sum_of_squares(g)?,
+            total += match adamw::applies(&[g]) {
+                true => adamw::sum_of_squares(g)?,
                 false => g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64,
             };
         }
@@ -177,6 +178,12 @@ impl Optimizer {
         lr: f64,
     ) -> Result<()> {
         self.step += 1;
+        let rule = match self.kind {
+            OptimizerKind::AdamW {
+                beta1, beta2, eps, ..
+            } => adamw::Rule::AdamW { beta1, beta2, eps },
+            OptimizerKind::Sgd { .. } => adamw::Rule::Sgd,
+        };
         for (i, (p, g)) in params.iter().zip(grads).enumerate() {
             let Some(g) = g else { continue };
             // Decoupled decay, skipped for biases and norm weights.
@@ -188,19 +195,19 @@ impl Optimizer {
             } else {
                 0.0
             };
-            let update = in_place::Update {
+            let update = adamw::Update {
                 lr,
                 decay,
                 grad_scale,
-                kind: self.kind.clone(),
+                rule,
                 step: self.step,
             };
             // The f32 weights the update applies to: the master copy, or the parameter itself.
             let target = p.master.as_ref().unwrap_or(&p.var).as_tensor();
             let (m, v) = (self.m.get(i), self.v.get(i));
             let fused = target.dtype() == DType::F32
-                && in_place::applies(&[target, g])
-                && [m, v].iter().flatten().all(|t| in_place::applies(&[t]));
+                && adamw::applies(&[target, g])
+                && [m, v].iter().flatten().all(|t| adamw::applies(&[t]));
             if fused {
                 update.run(target, g, m.zip(v))?;
                 if p.master.is_some() {
@@ -234,200 +241,6 @@ impl Optimizer {
             }
         }
         Ok(())
-    }
-}
-
-/// The CPU fast path: f32 weights and moments updated in place, each by one multi-threaded pass,
-/// with the clipping factor folded into the gradient reads. The tensor path above allocates a
-/// new tensor per elementwise op — about ten passes over every parameter per step, which cost a
-/// quarter of a Pythia-160M step on CPU.
-mod in_place {
-    use super::OptimizerKind;
-    use crate::models::fast_ops::{par_blocks, par_ranges, slice, with_values};
-    use candle_core::{bail, CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Result, Tensor};
-
-    /// Whether the in-place kernels take these tensors: f32, on the CPU, contiguous.
-    pub fn applies(tensors: &[&Tensor]) -> bool {
-        tensors
-            .iter()
-            .all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous())
-    }
-
-    fn data_mut<'a>(s: &'a mut CpuStorage, l: &Layout) -> Result<&'a mut [f32]> {
-        match (s, l.contiguous_offsets()) {
-            (CpuStorage::F32(v), Some((start, end))) => Ok(&mut v[start..end]),
-            _ => bail!("optimizer: expected a contiguous f32 tensor"),
-        }
-    }
-
-    /// Σ x², accumulated in f64 per block of 4096 so that a 40M-element gradient keeps its digits.
-    pub fn sum_of_squares(t: &Tensor) -> Result<f64> {
-        with_values::<f32, _>(t, |x| {
-            let partials = par_ranges(x.len(), |range| {
-                x[range]
-                    .chunks(4096)
-                    .map(|c| c.iter().map(|v| v * v).sum::<f32>() as f64)
-                    .sum::<f64>()
-            });
-            partials.into_iter().sum()
-        })
-    }
-
-    /// One parameter's update (AdamW or SGD), as the tensor path computes it.
-    pub struct Update {
-        pub lr: f64,
-        pub decay: f64,
-        pub grad_scale: f64,
-        pub kind: OptimizerKind,
-        pub step: usize,
-    }
-
-    impl Update {
-        pub fn bias_corrections(&self) -> (f64, f64) {
-            match self.kind {
-                OptimizerKind::AdamW { beta1, beta2, .. } => (
-                    1.0 - beta1.powi(self.step as i32),
-                    1.0 - beta2.powi(self.step as i32),
-                ),
-                OptimizerKind::Sgd { .. } => (1.0, 1.0),
-            }
-        }
-
-        /// Updates `m` and `v` (AdamW) from `g`, then `w` from them (or from `g`, for SGD).
-        pub fn run(
-            &self,
-            w: &Tensor,
-            g: &Tensor,
-            moments: Option<(&Tensor, &Tensor)>,
-        ) -> Result<()> {
-            match (&self.kind, moments) {
-                (OptimizerKind::AdamW { beta1, beta2, .. }, Some((m, v))) => {
-                    m.inplace_op2(
-                        g,
-                        &Moment {
-                            beta: *beta1,
-                            scale: self.grad_scale,
-                            square: false,
-                        },
-                    )?;
-                    v.inplace_op2(
-                        g,
-                        &Moment {
-                            beta: *beta2,
-                            scale: self.grad_scale,
-                            square: true,
-                        },
-                    )?;
-                    w.inplace_op3(m, v, self)
-                }
-                (OptimizerKind::Sgd { .. }, _) => w.inplace_op2(g, self),
-                (OptimizerKind::AdamW { .. }, None) => bail!("optimizer: AdamW moments missing"),
-            }
-        }
-
-        /// The decay factor and the learning rate, in f32 as the kernels use them.
-        fn factors(&self) -> (f32, f32) {
-            ((1.0 - self.lr * self.decay) as f32, self.lr as f32)
-        }
-    }
-
-    /// An exponential moving average of the (scaled) gradient or of its square, in place.
-    struct Moment {
-        beta: f64,
-        scale: f64,
-        square: bool,
-    }
-
-    impl InplaceOp2 for Moment {
-        fn name(&self) -> &'static str {
-            "adamw-moment"
-        }
-
-        fn cpu_fwd(
-            &self,
-            s1: &mut CpuStorage,
-            l1: &Layout,
-            s2: &CpuStorage,
-            l2: &Layout,
-        ) -> Result<()> {
-            let (beta, rest, scale) = (
-                self.beta as f32,
-                (1.0 - self.beta) as f32,
-                self.scale as f32,
-            );
-            update_with((s1, l1), (s2, l2), |m, g| {
-                let g = g * scale;
-                beta * m + rest * if self.square { g * g } else { g }
-            })
-        }
-    }
-
-    /// `dst[i] ← f(dst[i], src[i])` over two contiguous f32 tensors, split over the threads.
-    fn update_with(
-        (s1, l1): (&mut CpuStorage, &Layout),
-        (s2, l2): (&CpuStorage, &Layout),
-        f: impl Fn(f32, f32) -> f32 + Sync,
-    ) -> Result<()> {
-        let dst = data_mut(s1, l1)?;
-        let src = slice::<f32>(s2, l2)?;
-        par_blocks(dst, 1, 3, |first, block| {
-            for (d, &s) in block.iter_mut().zip(&src[first..]) {
-                *d = f(*d, s);
-            }
-        });
-        Ok(())
-    }
-
-    /// AdamW: w ← w·(1 − lr·decay) − lr · (m / bc1) / (√(v / bc2) + eps).
-    impl InplaceOp3 for Update {
-        fn name(&self) -> &'static str {
-            "adamw-update"
-        }
-
-        fn cpu_fwd(
-            &self,
-            s1: &mut CpuStorage,
-            l1: &Layout,
-            s2: &CpuStorage,
-            l2: &Layout,
-            s3: &CpuStorage,
-            l3: &Layout,
-        ) -> Result<()> {
-            let OptimizerKind::AdamW { eps, .. } = self.kind else {
-                bail!("optimizer: the AdamW update needs AdamW settings")
-            };
-            let w = data_mut(s1, l1)?;
-            let (m, v) = (slice::<f32>(s2, l2)?, slice::<f32>(s3, l3)?);
-            let (keep, lr) = self.factors();
-            let (bc1, bc2) = self.bias_corrections();
-            let (inv_bc1, inv_bc2, eps) = ((1.0 / bc1) as f32, (1.0 / bc2) as f32, eps as f32);
-            par_blocks(w, 1, 4, |first, block| {
-                let range = first..first + block.len();
-                for ((w, &m), &v) in block.iter_mut().zip(&m[range.clone()]).zip(&v[range]) {
-                    *w = *w * keep - lr * (m * inv_bc1) / ((v * inv_bc2).sqrt() + eps);
-                }
-            });
-            Ok(())
-        }
-    }
-
-    /// SGD: w ← w·(1 − lr·decay) − lr · scale · g.
-    impl InplaceOp2 for Update {
-        fn name(&self) -> &'static str {
-            "sgd-update"
-        }
-
-        fn cpu_fwd(
-            &self,
-            s1: &mut CpuStorage,
-            l1: &Layout,
-            s2: &CpuStorage,
-            l2: &Layout,
-        ) -> Result<()> {
-            let (keep, lr) = self.factors();
-            let step = lr * self.grad_scale as f32;
-            update_with((s1, l1), (s2, l2), |w, g| w * keep - step * g)
-        }
     }
 }
 
@@ -563,9 +376,7 @@ mod tests {
                 let g = Tensor::randn(0f32, 1.0, (4, 3), &dev)?;
                 let gb = Tensor::randn(0f32, 1.0, 4, &dev)?;
                 // A transposed view is not contiguous: it takes the tensor path.
-                assert!(
-                    in_place::applies(&[&g.t()?.contiguous()?]) && !in_place::applies(&[&g.t()?])
-                );
+                assert!(adamw::applies(&[&g.t()?.contiguous()?]) && !adamw::applies(&[&g.t()?]));
                 opt_f.apply(
                     &fused,
                     &[Some(g.t()?.contiguous()?), Some(gb.clone())],

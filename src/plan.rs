@@ -194,8 +194,8 @@ impl Activations {
 }
 
 /// [`Activations`] of the model `config_json` describes for `rows` sequences of `t` tokens,
-/// computing in `e`-byte floats; `fused`: with the CPU kernels of `models::fast_ops` and
-/// `models::fast_dense` (CPU, f32 or f64), which keep only their outputs.
+/// computing in `e`-byte floats; `fused`: with the CPU kernels of [`crate::kernels`] (CPU, f32
+/// or f64), which keep only their outputs.
 pub fn activations(
     config_json: &serde_json::Value,
     rows: usize,

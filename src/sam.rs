@@ -13,8 +13,8 @@
 //! Also full SAM (`sam.kind = "full"`, [`perturb_params`]), the two-pass baseline the paper
 //! compares against, and the adaptive (ASAM) variant of both (`sam.adaptive`).
 
+use crate::models::output::OutputLayer;
 use crate::models::Param;
-use crate::output::OutputLayer;
 use anyhow::Result;
 use candle_core::{backprop::GradStore, DType, Tensor, Var};
 

@@ -62,7 +62,9 @@ fn every_shared_file_has_exact_counts_and_known_quirks() {
     if !shared_present() {
         return;
     }
-    let cases: &[(&str, usize, &[(&str, usize)])] = &[
+    // (file, rows, skipped rows by reason)
+    type Case<'a> = (&'a str, usize, &'a [(&'a str, usize)]);
+    let cases: &[Case] = &[
         (
             "hh-rlhf/harmless-base-test.jsonl.gz",
             2312,

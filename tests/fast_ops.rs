@@ -3,9 +3,9 @@
 //! gradient, f32) and against central finite differences (f64).
 
 use candle_core::{DType, Device, Result, Tensor, Var};
-use dpo_sam::models::fast_dense::{self, WeightLayout};
-use dpo_sam::models::ops::{Activation, QkvPacking};
-use dpo_sam::models::{fast_attention, fast_ops, ops};
+use dpo_sam::kernels::{self, attention, dense, norm, rotary, softmax};
+use dpo_sam::kernels::{attention::QkvPacking, dense::Activation, dense::WeightLayout};
+use dpo_sam::models::ops;
 
 fn max_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
     (a - b)?
@@ -57,14 +57,14 @@ fn checks(dtype: DType) -> Result<Vec<Check>> {
     Ok([
         Check {
             name: "softmax",
-            fused: Box::new(|x| fast_ops::softmax_last_dim(&x[0])),
+            fused: Box::new(|x| softmax::softmax_last_dim(&x[0])),
             composed: Box::new(|x| ops::softmax_last_dim_composed(&x[0])),
             inputs: vec![randn(&[4, 3, 7], 0.0)?],
             trainable: 1,
         },
         Check {
             name: "layer_norm",
-            fused: Box::new(|x| fast_ops::layer_norm(&x[0], &x[1], &x[2], 1e-5)),
+            fused: Box::new(|x| norm::layer_norm(&x[0], &x[1], &x[2], 1e-5)),
             composed: Box::new(|x| ops::layer_norm_composed(&x[0], &x[1], &x[2], 1e-5)),
             inputs: vec![
                 randn(&[2, 3, 6], 0.5)?,
@@ -75,28 +75,28 @@ fn checks(dtype: DType) -> Result<Vec<Check>> {
         },
         Check {
             name: "rms_norm",
-            fused: Box::new(|x| fast_ops::rms_norm(&x[0], &x[1], 1e-6)),
+            fused: Box::new(|x| norm::rms_norm(&x[0], &x[1], 1e-6)),
             composed: Box::new(|x| ops::rms_norm_composed(&x[0], &x[1], 1e-6)),
             inputs: vec![randn(&[2, 3, 6], 0.5)?, randn(&[6], 1.0)?],
             trainable: 2,
         },
         Check {
             name: "rotary (partial)",
-            fused: Box::new(|x| fast_ops::rotary(&x[0], &x[1], &x[2])),
+            fused: Box::new(|x| rotary::rotary(&x[0], &x[1], &x[2])),
             composed: Box::new(|x| ops::rotary_composed(&x[0], &x[1], &x[2])),
             inputs: vec![randn(&[b, heads, t, d], 0.0)?, cos, sin],
             trainable: 1,
         },
         Check {
             name: "rotary (full, non-contiguous input)",
-            fused: Box::new(|x| fast_ops::rotary(&x[0].transpose(1, 2)?, &x[1], &x[2])),
+            fused: Box::new(|x| rotary::rotary(&x[0].transpose(1, 2)?, &x[1], &x[2])),
             composed: Box::new(|x| ops::rotary_composed(&x[0].transpose(1, 2)?, &x[1], &x[2])),
             inputs: vec![randn(&[b, t, heads, d], 0.0)?, cos_full, sin_full],
             trainable: 1,
         },
         Check {
             name: "attention (causal)",
-            fused: Box::new(|x| fast_attention::attention(&x[0], &x[1], &x[2], &x[3])),
+            fused: Box::new(|x| attention::attention(&x[0], &x[1], &x[2], &x[3])),
             composed: Box::new(|x| ops::attention_composed(&x[0], &x[1], &x[2], &x[3])),
             inputs: vec![
                 randn(&[b, heads, t, d], 0.0)?,
@@ -109,7 +109,7 @@ fn checks(dtype: DType) -> Result<Vec<Check>> {
         Check {
             // 70 query rows: two row blocks, the first of which skips the keys past row 63.
             name: "attention (causal, two row blocks)",
-            fused: Box::new(|x| fast_attention::attention(&x[0], &x[1], &x[2], &x[3])),
+            fused: Box::new(|x| attention::attention(&x[0], &x[1], &x[2], &x[3])),
             composed: Box::new(|x| ops::attention_composed(&x[0], &x[1], &x[2], &x[3])),
             inputs: vec![
                 randn(&[1, 1, 70, 4], 0.0)?,
@@ -121,7 +121,7 @@ fn checks(dtype: DType) -> Result<Vec<Check>> {
         },
         Check {
             name: "attention (per-row mask)",
-            fused: Box::new(|x| fast_attention::attention(&x[0], &x[1], &x[2], &x[3])),
+            fused: Box::new(|x| attention::attention(&x[0], &x[1], &x[2], &x[3])),
             composed: Box::new(|x| ops::attention_composed(&x[0], &x[1], &x[2], &x[3])),
             inputs: vec![
                 randn(&[b, heads, t, d], 0.0)?,
@@ -199,7 +199,7 @@ fn packed_attention_checks(
                 fused: Box::new(move |x| {
                     let rope = rope(x);
                     let rope = rope.as_ref().map(|(c, s)| (c, s));
-                    fast_attention::packed_attention(&x[0], packing, heads, rope, &x[1])
+                    attention::packed_attention(&x[0], packing, heads, rope, &x[1])
                 }),
                 composed: Box::new(move |x| {
                     let rope = rope(x);
@@ -232,7 +232,7 @@ fn dense_checks(randn: &dyn Fn(&[usize], f32) -> Result<Tensor>) -> Result<Vec<C
         }
         out.push(Check {
             name,
-            fused: Box::new(move |x| fast_dense::dense(&x[0], &x[1], x.get(2), layout)),
+            fused: Box::new(move |x| dense::dense(&x[0], &x[1], x.get(2), layout)),
             composed: Box::new(move |x| ops::dense_composed(&x[0], &x[1], x.get(2), layout)),
             trainable: inputs.len(),
             inputs,
@@ -255,7 +255,7 @@ fn activation_checks(randn: &dyn Fn(&[usize], f32) -> Result<Tensor>) -> Result<
             Ok(Check {
                 name,
                 fused: Box::new(move |x| {
-                    fast_dense::activation(&x[0], kind)
+                    dense::activation(&x[0], kind)
                         .map(|y| y.expect("f32/f64 on the CPU take the fused kernel"))
                 }),
                 composed: Box::new(move |x| kind.apply_composed(&x[0])),
@@ -339,8 +339,8 @@ fn fused_ops_match_finite_differences_f64() -> Result<()> {
 fn ops_dispatch_by_dtype() -> Result<()> {
     let dev = Device::Cpu;
     let x = Tensor::randn(0f32, 1.0, (3, 8), &dev)?;
-    assert!(fast_ops::supports(&[&x]));
-    assert!(!fast_ops::supports(&[&x.to_dtype(DType::BF16)?]));
+    assert!(kernels::supports(&[&x]));
+    assert!(!kernels::supports(&[&x.to_dtype(DType::BF16)?]));
     let w = Tensor::ones(8, DType::F32, &dev)?;
     let b = Tensor::zeros(8, DType::F32, &dev)?;
     assert!(

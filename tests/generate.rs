@@ -317,7 +317,7 @@ fn stories260k_greedy_decoding_reproduces_the_published_text() {
     assert_eq!(prompt[0], 1, "the tokenizer adds BOS <s>");
     let out = generate_batch(
         model.net.as_ref(),
-        &[prompt.clone()],
+        std::slice::from_ref(&prompt),
         &[0],
         Some(tok.eos_id),
         0,

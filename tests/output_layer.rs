@@ -4,7 +4,8 @@
 //! bound (one tile of logits at a time unless all of them fit the keep budget).
 
 use candle_core::{DType, Device, Result, Tensor, Var};
-use dpo_sam::output::{take_largest_logits_chunk, OutputLayer, Tile};
+use dpo_sam::kernels::output::{take_largest_logits_chunk, Tile};
+use dpo_sam::models::output::OutputLayer;
 
 const N: usize = 37;
 const HIDDEN: usize = 16;

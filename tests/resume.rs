@@ -366,8 +366,7 @@ fn nonfinite_loss_stops_naming_step_and_batch_or_is_skipped_and_counted() {
         std::fs::read_to_string(skip.join("metrics.jsonl"))
             .unwrap()
             .lines()
-            .filter(|l| l.contains("nonfinite_skipped"))
-            .last()
+            .rfind(|l| l.contains("nonfinite_skipped"))
             .unwrap(),
     )
     .unwrap();

@@ -4,7 +4,7 @@
 use candle_core::{DType, Tensor, Var};
 use dpo_sam::data::batch::PreferenceBatch;
 use dpo_sam::logps::response_hidden;
-use dpo_sam::output::OutputLayer;
+use dpo_sam::models::output::OutputLayer;
 use dpo_sam::train::Trainer;
 
 mod common;

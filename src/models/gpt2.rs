@@ -5,12 +5,12 @@
 
 use super::cache::{KvCache, Step};
 use super::checkpoint::{run_blocks, GradSink};
-use super::fast_dense::WeightLayout;
-use super::ops::LayerNorm;
 use super::ops::{attention, causal_mask, merge_heads, packed_attention, split_qkv};
-use super::ops::{Activation, Linear, QkvPacking};
+use super::ops::{LayerNorm, Linear};
+use super::output::OutputLayer;
 use super::CausalLm;
-use crate::output::OutputLayer;
+use crate::kernels::attention::QkvPacking;
+use crate::kernels::dense::{Activation, WeightLayout};
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 use serde::{Deserialize, Serialize};

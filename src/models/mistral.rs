@@ -13,9 +13,10 @@ use super::checkpoint::{run_blocks, GradSink};
 use super::ops::{
     attention, causal_mask, linear, repeat_kv, rms_norm, rope_settings, rotary, rotary_tables,
 };
-use super::ops::{merge_heads, Activation, Linear, RopeParameters};
+use super::ops::{merge_heads, Linear, RopeParameters};
+use super::output::OutputLayer;
 use super::CausalLm;
-use crate::output::OutputLayer;
+use crate::kernels::dense::Activation;
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 use serde::Deserialize;

@@ -2,24 +2,22 @@
 //! per architecture (weight names mirror Hugging Face's), plus loading and saving.
 //!
 //! Every model returns the final hidden states for every position and keeps its output layer
-//! apart ([`crate::output::OutputLayer`]), so that the logits-SAM step can perturb it alone.
+//! apart ([`output::OutputLayer`]), so that the logits-SAM step can perturb it alone.
 
 pub mod cache;
 pub mod checkpoint;
-pub mod fast_attention;
-pub mod fast_dense;
-pub mod fast_ops;
 pub mod gpt2;
 pub mod gpt_neox;
 pub mod mistral;
 pub mod ops;
+pub mod output;
 
-use crate::output::OutputLayer;
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{
     backprop::GradStore, safetensors::MmapedSafetensors, DType, Device, Shape, Tensor, Var,
 };
 use candle_nn::{var_builder::SimpleBackend, Init, VarBuilder};
+use output::OutputLayer;
 use rand::{Rng, SeedableRng};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

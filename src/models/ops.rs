@@ -2,11 +2,12 @@
 //!
 //! candle's fused `softmax_last_dim`, `layer_norm`, `rms_norm`, `rope` and `sdpa` have no backward
 //! and drop gradients silently, so the models use these compositions of differentiable ops
-//! (`*_composed`) or, on CPU in f32/f64, the fused kernels with a backward in
-//! [`super::fast_ops`], [`super::fast_attention`] and [`super::fast_dense`].
+//! (`*_composed`) or, where [`kernels::supports`] holds (CPU, f32/f64), the fused kernels with a
+//! backward of [`crate::kernels`].
 
-use super::fast_dense::{self, WeightLayout};
-use super::{fast_attention, fast_ops};
+use crate::kernels;
+use crate::kernels::attention::QkvPacking;
+use crate::kernels::dense::{Activation, WeightLayout};
 use candle_core::{DType, Result, Tensor, D};
 use candle_nn::{Init, VarBuilder};
 
@@ -21,8 +22,8 @@ pub fn accum_dtype(dtype: DType) -> DType {
 
 /// Softmax over the last dimension.
 pub fn softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
-    if fast_ops::supports(&[xs]) {
-        return fast_ops::softmax_last_dim(xs);
+    if kernels::supports(&[xs]) {
+        return kernels::softmax::softmax_last_dim(xs);
     }
     softmax_last_dim_composed(xs)
 }
@@ -46,8 +47,8 @@ pub fn log_softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
 
 /// LayerNorm over the last dimension.
 pub fn layer_norm(xs: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
-    if fast_ops::supports(&[xs, weight, bias]) {
-        return fast_ops::layer_norm(xs, weight, bias, eps);
+    if kernels::supports(&[xs, weight, bias]) {
+        return kernels::norm::layer_norm(xs, weight, bias, eps);
     }
     layer_norm_composed(xs, weight, bias, eps)
 }
@@ -72,8 +73,8 @@ pub fn layer_norm_composed(
 
 /// RMSNorm over the last dimension (Llama/Mistral): x / sqrt(mean(x²) + eps) · weight.
 pub fn rms_norm(xs: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
-    if fast_ops::supports(&[xs, weight]) {
-        return fast_ops::rms_norm(xs, weight, eps);
+    if kernels::supports(&[xs, weight]) {
+        return kernels::norm::rms_norm(xs, weight, eps);
     }
     rms_norm_composed(xs, weight, eps)
 }
@@ -111,29 +112,10 @@ pub fn causal_mask(
 /// Scaled dot-product attention over [b, heads, t, head_dim] tensors with an additive mask that
 /// broadcasts to [b, heads, t, t].
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Tensor> {
-    if fast_ops::supports(&[q, k, v, mask]) {
-        return fast_attention::attention(q, k, v, mask);
+    if kernels::supports(&[q, k, v, mask]) {
+        return kernels::attention::attention(q, k, v, mask);
     }
     attention_composed(q, k, v, mask)
-}
-
-/// How a fused q/k/v projection lays out its `3 · heads · head_dim` features per token.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum QkvPacking {
-    /// `[q | k | v]` per head, head after head (GPT-NeoX's `query_key_value`).
-    PerHead,
-    /// `[all q | all k | all v]`, each `heads · head_dim` wide (GPT-2's `c_attn`).
-    Blocked,
-}
-
-impl QkvPacking {
-    /// Where `part` (0 q, 1 k, 2 v) of head `head` starts within a token's features.
-    pub fn offset(self, part: usize, head: usize, heads: usize, head_dim: usize) -> usize {
-        match self {
-            QkvPacking::PerHead => (head * 3 + part) * head_dim,
-            QkvPacking::Blocked => (part * heads + head) * head_dim,
-        }
-    }
 }
 
 /// q, k and v `[b, heads, t, head_dim]` (contiguous) out of a fused projection `[b, t, 3 · heads
@@ -167,7 +149,7 @@ pub fn merge_heads(y: &Tensor) -> Result<Tensor> {
 /// Self-attention from a fused q/k/v projection `[b, t, 3 · heads · head_dim]` to the merged
 /// heads `[b, t, heads · head_dim]`, with rotary tables `[t, rot_dim]` (cos, sin) on q and k and
 /// a mask that broadcasts to `[b, heads, t, t]`: one fused op on CPU in f32/f64
-/// ([`fast_attention::packed_attention`]), else the composition.
+/// ([`kernels::attention::packed_attention`]), else the composition.
 pub fn packed_attention(
     qkv: &Tensor,
     packing: QkvPacking,
@@ -178,8 +160,8 @@ pub fn packed_attention(
     let mut tensors = vec![qkv, mask];
     tensors.extend(rope.iter().flat_map(|(c, s)| [*c, *s]));
     let tables_fit = rope.is_none_or(|(c, _)| c.rank() == 2 && c.dim(0).ok() == qkv.dim(1).ok());
-    if fast_ops::supports(&tensors) && tables_fit {
-        return fast_attention::packed_attention(qkv, packing, heads, rope, mask);
+    if kernels::supports(&tensors) && tables_fit {
+        return kernels::attention::packed_attention(qkv, packing, heads, rope, mask);
     }
     packed_attention_composed(qkv, packing, heads, rope, mask)
 }
@@ -215,8 +197,8 @@ pub fn attention_composed(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> 
 /// Rotate-half rotary embedding on the first `rot_dim` features of the last dimension (GPT-NeoX
 /// and Llama layout). `cos`/`sin` are [t, rot_dim] (or broadcast to `xs`' rows, as in cached decoding).
 pub fn rotary(xs: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    if fast_ops::supports(&[xs, cos, sin]) && fast_ops::rotary_applies(xs, cos) {
-        return fast_ops::rotary(xs, cos, sin);
+    if kernels::supports(&[xs, cos, sin]) && kernels::rotary::rotary_applies(xs, cos) {
+        return kernels::rotary::rotary(xs, cos, sin);
     }
     rotary_composed(xs, cos, sin)
 }
@@ -305,8 +287,8 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let mut tensors = vec![x, &self.weight];
         tensors.extend(&self.bias);
-        if fast_ops::supports(&tensors) {
-            return fast_dense::dense(x, &self.weight, self.bias.as_ref(), self.layout);
+        if kernels::supports(&tensors) {
+            return kernels::dense::dense(x, &self.weight, self.bias.as_ref(), self.layout);
         }
         dense_composed(x, &self.weight, self.bias.as_ref(), self.layout)
     }
@@ -382,15 +364,6 @@ pub fn rope_settings(
     ))
 }
 
-/// The MLP activations of `transformers`' ACT2FN that the models accept (`hidden_act`).
-#[derive(Clone, Copy, Debug)]
-pub enum Activation {
-    GeluTanh,
-    GeluErf,
-    Relu,
-    Silu,
-}
-
 impl Activation {
     /// The activation a config's `key` names.
     pub fn parse(key: &str, name: &str) -> Result<Self> {
@@ -404,7 +377,7 @@ impl Activation {
     }
 
     pub fn apply(self, x: &Tensor) -> Result<Tensor> {
-        match fast_dense::activation(x, self)? {
+        match kernels::dense::activation(x, self)? {
             Some(y) => Ok(y),
             None => self.apply_composed(x),
         }

@@ -9,18 +9,36 @@
 //! rotaries, and candle's backward pads each of their gradients with zeros and sums them. Here
 //! a layer's whole attention is one node, whose backward writes the projection's gradient once.
 //! The backward recomputes the probabilities per head (as FlashAttention does) instead of
-//! keeping `[b, h, t, s]` alive. CPU, f32 and f64, like [`super::fast_ops`].
+//! keeping `[b, h, t, s]` alive. Composition twins: `models::ops::attention_composed` and
+//! `packed_attention_composed`.
 
-use super::fast_ops::{
-    by_dtype, gemm_into, slice, softmax_bwd_row, softmax_row, values, vectorized, with_values,
-    Operand, Real, RopeTables,
-};
-use super::ops::QkvPacking;
+use super::cpu::{by_dtype, gemm_into, slice, values, vectorized, with_values, Operand, Real};
+use super::rotary::RopeTables;
+use super::softmax::{softmax_bwd_row, softmax_row};
 use candle_core::backend::BackendStorage;
 use candle_core::{
-    bail, CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType, D,
+    bail, CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor, WithDType, D,
 };
 use rayon::prelude::*;
+
+/// How a fused q/k/v projection lays out its `3 · heads · head_dim` features per token.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QkvPacking {
+    /// `[q | k | v]` per head, head after head (GPT-NeoX's `query_key_value`).
+    PerHead,
+    /// `[all q | all k | all v]`, each `heads · head_dim` wide (GPT-2's `c_attn`).
+    Blocked,
+}
+
+impl QkvPacking {
+    /// Where `part` (0 q, 1 k, 2 v) of head `head` starts within a token's features.
+    pub fn offset(self, part: usize, head: usize, heads: usize, head_dim: usize) -> usize {
+        match self {
+            QkvPacking::PerHead => (head * 3 + part) * head_dim,
+            QkvPacking::Blocked => (part * heads + head) * head_dim,
+        }
+    }
+}
 
 /// scores = q kᵀ · scale + mask, p = softmax(scores), y = p v, per head.
 struct Attention {

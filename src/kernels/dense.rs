@@ -6,17 +6,16 @@
 //! layer is one node: the bias is written into the output before gemm accumulates onto it, and
 //! the backward is two matmuls and a column sum. The activations (GELU, SiLU, ReLU) are one
 //! multi-threaded pass each way, where candle's are single-threaded (and its GELU's backward is
-//! a dozen elementwise ops). CPU, f32 and f64 only, like [`super::fast_ops`].
+//! a dozen elementwise ops). Composition twins: `models::ops::dense_composed` and
+//! `Activation::apply_composed`.
 
-use super::fast_ops::{
+use super::cpu::{
     by_dtype, gemm_into, par_blocks, par_ranges, slice, sum_partials, threads, vectorized,
     with_values, Operand, Real,
 };
-use super::ops::Activation;
 use candle_core::backend::BackendStorage;
 use candle_core::{
-    bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
-    WithDType, D,
+    bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, WithDType, D,
 };
 
 /// How a dense layer stores its weight: `nn.Linear`'s `[out, in]` or GPT-2 Conv1D's `[in, out]`.
@@ -249,6 +248,15 @@ pub fn dense(
     }
 }
 
+/// The MLP activations of `transformers`' ACT2FN that the models accept (`hidden_act`).
+#[derive(Clone, Copy, Debug)]
+pub enum Activation {
+    GeluTanh,
+    GeluErf,
+    Relu,
+    Silu,
+}
+
 /// x Φ(x) and its derivative Φ(x) + x φ(x), φ(x) = exp(−x²/2) / √(2π).
 #[inline(always)]
 fn gelu_erf<T: Real>(x: T) -> (T, T) {
@@ -353,7 +361,7 @@ impl CustomOp1 for Act {
 /// The activation, differentiable; `None` where the fused kernel does not apply (not on the
 /// CPU, or not f32/f64).
 pub fn activation(x: &Tensor, kind: Activation) -> Result<Option<Tensor>> {
-    if !matches!(x.dtype(), DType::F32 | DType::F64) || !x.device().is_cpu() {
+    if !super::supports(&[x]) {
         return Ok(None);
     }
     x.contiguous()?.apply_op1(Act(kind)).map(Some)

@@ -1,22 +1,17 @@
-//! The output layer: hidden states → per-token log-probs of the target tokens, optionally with
-//! the logits-SAM perturbation added to its weight.
+//! The tiled output layer: the log-probs of the target tokens from hidden states and the output
+//! weight and bias, never holding more than one [`Tile`] of the N×V logits.
 //!
-//! The losses only ever see per-token log-probs, so this is the one place that touches the N×V
-//! logits. On CPU in f32/f64 it never holds more than one [`Tile`] of them: the forward streams
-//! a log-sum-exp over vocabulary slices and keeps only that (n floats), and the backward (a
-//! custom op) recomputes each tile's logits, turns them into ∂L/∂logits and folds them into
-//! ∂L/∂H, ∂L/∂W and ∂L/∂b at once. The trade is one more H Wᵀ matmul per backward for memory
-//! that no longer grows with N×V. When all N×V logits fit in [`Tile::keep_bytes`] the forward
-//! keeps its tiles and the backward reuses them instead, so a plain step costs the three lm_head
-//! matmuls of the unfused path and logits-SAM two more, the paper's bound.
-//! Elsewhere, and as the reference the tests compare against, the unfused composition runs.
+//! The forward streams a log-sum-exp over vocabulary slices and keeps only that (n floats), and
+//! the backward (a custom op) recomputes each tile's logits, turns them into ∂L/∂logits and folds
+//! them into ∂L/∂H, ∂L/∂W and ∂L/∂b at once. The trade is one more H Wᵀ matmul per backward for
+//! memory that no longer grows with N×V. When all N×V logits fit in [`Tile::keep_bytes`] the
+//! forward keeps its tiles and the backward reuses them instead, so a plain step costs the three
+//! lm_head matmuls of the unfused path and logits-SAM two more, the paper's bound. Composition
+//! twins: `OutputLayer::token_logps_unfused` and `sam_gradient_unfused` in `models/output.rs`.
 
-use crate::models::fast_ops::{
-    self, by_dtype, par_blocks, row_max, row_sum, slice, vectorized, Real,
-};
-use crate::models::ops::{accum_dtype, log_softmax_last_dim};
+use super::cpu::{by_dtype, par_blocks, row_max, row_sum, slice, vectorized, Real};
 use candle_core::{
-    bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, D,
+    bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor,
 };
 use std::cell::Cell;
 use std::sync::Mutex;
@@ -42,157 +37,40 @@ impl Tile {
     };
 }
 
-/// `lm_head`: logits = H Wᵀ (+ b). `weight` is `[vocab, hidden]` (HF's layout).
-#[derive(Clone)]
-pub struct OutputLayer {
-    pub weight: Tensor,
-    pub bias: Option<Tensor>,
+/// The log-probs of `targets` `[n]` (u32) under softmax(h wᵀ + bias), `h` `[n, hidden]`,
+/// as one graph node over (h, weight[, bias]); `[n]` in h's dtype. The logits use `perturbed`
+/// where given (W + e under logits-SAM), else `weight`. e is a constant, so the node hangs off
+/// `weight` itself: off W + e, candle's backward would add its gradient onto zero-filled
+/// `[vocab, hidden]` tensors for both W and e.
+pub fn token_logps(
+    h: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    targets: &Tensor,
+    perturbed: Option<&Tensor>,
+    tile: Tile,
+) -> Result<Tensor> {
+    let chunked = Chunked::new(h, perturbed.unwrap_or(weight), bias, targets, tile)?;
+    let (out, lse) = by_dtype!(h.dtype(), T => chunked.forward::<T>()?);
+    let op = TokenLogps { chunked, lse, out };
+    match bias {
+        Some(b) => h.apply_op3(weight, b, op),
+        None => h.apply_op2(weight, op),
+    }
 }
 
-impl OutputLayer {
-    /// Logits `[n, vocab]` (f32 for half-precision weights) for hidden states `[n, hidden]`; `perturbation` (the SAM e, a
-    /// constant) is added to the weight only, never to the bias.
-    pub fn logits(&self, h: &Tensor, perturbation: Option<&Tensor>) -> Result<Tensor> {
-        let mut logits = h.matmul(&self.perturbed_weight(perturbation)?.t()?)?;
-        if let Some(b) = &self.bias {
-            logits = logits.broadcast_add(b)?;
-        }
-        logits.to_dtype(accum_dtype(logits.dtype()))
-    }
-
-    /// W + e, or W.
-    fn perturbed_weight(&self, perturbation: Option<&Tensor>) -> Result<Tensor> {
-        match perturbation {
-            Some(e) => &self.weight + e.to_dtype(self.weight.dtype())?,
-            None => Ok(self.weight.clone()),
-        }
-    }
-
-    /// Whether the fused, chunked path applies (CPU, f32 or f64 throughout).
-    fn fuses(&self, h: &Tensor) -> bool {
-        let mut tensors = vec![h, &self.weight];
-        tensors.extend(self.bias.as_ref());
-        fast_ops::supports(&tensors)
-    }
-
-    /// log π(target_i | h_i) for each row: `[n, hidden]`, `[n]` u32 → `[n]` f32 (f64 for f64),
-    /// differentiable in h, weight and bias; tiled where [`OutputLayer::token_logps_tiled`]
-    /// applies.
-    pub fn token_logps(
-        &self,
-        h: &Tensor,
-        targets: &Tensor,
-        perturbation: Option<&Tensor>,
-    ) -> Result<Tensor> {
-        if self.fuses(h) {
-            self.token_logps_tiled(h, targets, perturbation, Tile::DEFAULT)
-        } else {
-            self.token_logps_unfused(h, targets, perturbation)
-        }
-    }
-
-    /// [`OutputLayer::token_logps`] through the full `[n, vocab]` log-softmax.
-    pub fn token_logps_unfused(
-        &self,
-        h: &Tensor,
-        targets: &Tensor,
-        perturbation: Option<&Tensor>,
-    ) -> Result<Tensor> {
-        let logp = log_softmax_last_dim(&self.logits(h, perturbation)?)?;
-        logp.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)
-    }
-
-    /// [`OutputLayer::token_logps`] one tile of logits at a time (CPU, f32/f64 only).
-    pub fn token_logps_tiled(
-        &self,
-        h: &Tensor,
-        targets: &Tensor,
-        perturbation: Option<&Tensor>,
-        tile: Tile,
-    ) -> Result<Tensor> {
-        let chunked = Chunked::new(self, h, targets, perturbation, tile)?;
-        let (out, lse) = by_dtype!(h.dtype(), T => chunked.forward::<T>()?);
-        let op = TokenLogps { chunked, lse, out };
-        match &self.bias {
-            Some(b) => h.apply_op3(&self.weight, b, op),
-            None => h.apply_op2(&self.weight, op),
-        }
-    }
-
-    /// Token log-probs at the unperturbed weight without a graph, for the SAM pre-pass; on the
-    /// tiled path also the [`PrePass`] (log-sum-exps, and the logits when they fit
-    /// [`Tile::keep_bytes`]) that lets [`OutputLayer::sam_gradient`] skip passes over lm_head.
-    pub fn token_logps_for_sam(
-        &self,
-        h: &Tensor,
-        targets: &Tensor,
-    ) -> Result<(Tensor, Option<PrePass>)> {
-        self.token_logps_for_sam_tiled(h, targets, Tile::DEFAULT)
-    }
-
-    /// [`OutputLayer::token_logps_for_sam`] with a given tile.
-    pub fn token_logps_for_sam_tiled(
-        &self,
-        h: &Tensor,
-        targets: &Tensor,
-        tile: Tile,
-    ) -> Result<(Tensor, Option<PrePass>)> {
-        let frozen = OutputLayer {
-            weight: self.weight.detach(),
-            bias: self.bias.as_ref().map(Tensor::detach),
-        };
-        let h = h.detach();
-        if !frozen.fuses(&h) {
-            return Ok((frozen.token_logps_unfused(&h, targets, None)?, None));
-        }
-        let chunked = Chunked::new(&frozen, &h, targets, None, tile)?;
-        let (out, lse) = by_dtype!(h.dtype(), T => chunked.forward::<T>()?);
-        Ok((out, Some(PrePass { chunked, lse })))
-    }
-
-    /// ∂L/∂W at the unperturbed weight from ∂L/∂(token log-probs) `dlogp` `[n]`, without a
-    /// graph: g = Gᵀ H with G = ∂L/∂logits = dlogp ⊙ (onehot(target) − softmax) (Algorithm 1,
-    /// line 3). Tiled when given the [`PrePass`] of [`OutputLayer::token_logps_for_sam`] (for
-    /// the same `h` and `targets`).
-    pub fn sam_gradient(
-        &self,
-        h: &Tensor,
-        targets: &Tensor,
-        dlogp: &Tensor,
-        pre: Option<&PrePass>,
-    ) -> Result<Tensor> {
-        match pre {
-            Some(pre) => pre.sam_gradient(dlogp),
-            None => self.sam_gradient_unfused(h, targets, dlogp),
-        }
-    }
-
-    /// [`OutputLayer::sam_gradient`] through the full `[n, vocab]` softmax.
-    pub fn sam_gradient_unfused(
-        &self,
-        h: &Tensor,
-        targets: &Tensor,
-        dlogp: &Tensor,
-    ) -> Result<Tensor> {
-        let probs = log_softmax_last_dim(&self.logits(&h.detach(), None)?.detach())?.exp()?;
-        let (n, vocab) = probs.dims2()?;
-        let dt = probs.dtype();
-        let onehot = Tensor::zeros((n, vocab), dt, probs.device())?.scatter_add(
-            &targets.unsqueeze(1)?,
-            &Tensor::ones((n, 1), dt, probs.device())?,
-            1,
-        )?;
-        let g_logits = (onehot - probs)?.broadcast_mul(&dlogp.to_dtype(dt)?.unsqueeze(1)?)?;
-        g_logits.t()?.matmul(&h.detach().to_dtype(dt)?)
-    }
-
-    pub fn vocab_size(&self) -> Result<usize> {
-        self.weight.dim(0)
-    }
-
-    pub fn hidden_size(&self) -> Result<usize> {
-        self.weight.dim(D::Minus1)
-    }
+/// [`token_logps`] without a graph, for the SAM pre-pass, and the [`PrePass`] (log-sum-exps,
+/// and the logits when they fit [`Tile::keep_bytes`]) that [`PrePass::sam_gradient`] reuses.
+pub fn token_logps_for_sam(
+    h: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    targets: &Tensor,
+    tile: Tile,
+) -> Result<(Tensor, PrePass)> {
+    let chunked = Chunked::new(h, weight, bias, targets, tile)?;
+    let (out, lse) = by_dtype!(h.dtype(), T => chunked.forward::<T>()?);
+    Ok((out, PrePass { chunked, lse }))
 }
 
 /// What the SAM pre-pass's forward leaves for line 3 of Algorithm 1.
@@ -202,7 +80,8 @@ pub struct PrePass {
 }
 
 impl PrePass {
-    /// [`OutputLayer::sam_gradient`] one tile at a time (CPU, f32/f64 only).
+    /// ∂L/∂W from ∂L/∂(token log-probs) `dlogp` `[n]`, without a graph: g = Gᵀ H with
+    /// G = ∂L/∂logits = dlogp ⊙ (onehot(target) − softmax) (Algorithm 1, line 3), tile by tile.
     pub fn sam_gradient(&self, dlogp: &Tensor) -> Result<Tensor> {
         let c = &self.chunked;
         let (_, dw, _) = by_dtype!(c.h.dtype(), T => c.backward::<T>(dlogp, &self.lse, false)?);
@@ -238,11 +117,12 @@ struct Chunked {
 type Span = ((usize, usize), (usize, usize));
 
 impl Chunked {
+    /// The operands, `w` the weight the logits are computed with.
     fn new(
-        head: &OutputLayer,
         h: &Tensor,
+        w: &Tensor,
+        bias: Option<&Tensor>,
         targets: &Tensor,
-        e: Option<&Tensor>,
         tile: Tile,
     ) -> Result<Self> {
         let (n, _) = h.dims2()?;
@@ -253,19 +133,15 @@ impl Chunked {
                 targets.len()
             );
         }
-        let vocab = head.vocab_size()?;
+        let vocab = w.dim(0)?;
         let keep = n * vocab * h.dtype().size_in_bytes() <= tile.keep_bytes;
         if let Some(t) = targets.iter().find(|&&t| t as usize >= vocab) {
             bail!("output layer: target {t} outside the vocabulary of {vocab}");
         }
         Ok(Chunked {
             h: h.detach().contiguous()?,
-            w: head.perturbed_weight(e)?.detach().contiguous()?,
-            bias: head
-                .bias
-                .as_ref()
-                .map(|b| b.detach().contiguous())
-                .transpose()?,
+            w: w.detach().contiguous()?,
+            bias: bias.map(|b| b.detach().contiguous()).transpose()?,
             targets,
             tile: Tile {
                 rows: tile.rows.max(1),
@@ -554,65 +430,5 @@ impl CustomOp3 for TokenLogps {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (dh, dw, db) = self.grads(grad)?;
         Ok((dh, Some(dw), db))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use candle_core::{Device, Var};
-
-    const TINY: Tile = Tile {
-        rows: 2,
-        vocab: 3,
-        keep_bytes: 0,
-    };
-
-    #[test]
-    fn sam_gradient_matches_autograd() -> Result<()> {
-        let dev = Device::Cpu;
-        let h = Tensor::randn(0f32, 1.0, (5, 4), &dev)?;
-        let w = Var::from_tensor(&Tensor::randn(0f32, 0.5, (7, 4), &dev)?)?;
-        let b = Tensor::randn(0f32, 0.5, 7, &dev)?;
-        let head = OutputLayer {
-            weight: w.as_tensor().clone(),
-            bias: Some(b),
-        };
-        let targets = Tensor::new(&[1u32, 0, 6, 3, 3], &dev)?;
-        let coef = Tensor::new(&[0.3f32, -1.0, 2.0, 0.5, -0.7], &dev)?;
-        let loss = (head.token_logps_unfused(&h, &targets, None)? * &coef)?.sum_all()?;
-        let auto = loss.backward()?.get(&w).unwrap().clone();
-        for manual in [
-            head.sam_gradient_unfused(&h, &targets, &coef)?,
-            head.token_logps_for_sam_tiled(&h, &targets, TINY)?
-                .1
-                .unwrap()
-                .sam_gradient(&coef)?,
-        ] {
-            let err = (&auto - manual)?.abs()?.max_all()?.to_scalar::<f32>()?;
-            assert!(err < 1e-5, "max abs err {err}");
-        }
-        Ok(())
-    }
-
-    #[test]
-    fn perturbation_shifts_weight_but_not_bias() -> Result<()> {
-        let dev = Device::Cpu;
-        let h = Tensor::randn(0f32, 1.0, (3, 4), &dev)?;
-        let w = Tensor::randn(0f32, 0.5, (6, 4), &dev)?;
-        let b = Tensor::randn(0f32, 0.5, 6, &dev)?;
-        let e = Tensor::randn(0f32, 0.1, (6, 4), &dev)?;
-        let head = OutputLayer {
-            weight: w.clone(),
-            bias: Some(b.clone()),
-        };
-        let shifted = OutputLayer {
-            weight: (&w + &e)?,
-            bias: Some(b),
-        };
-        let a = head.logits(&h, Some(&e))?;
-        let c = shifted.logits(&h, None)?;
-        assert!((a - c)?.abs()?.max_all()?.to_scalar::<f32>()? < 1e-6);
-        Ok(())
     }
 }

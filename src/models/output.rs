@@ -1,0 +1,226 @@
+//! The output layer beside the models: hidden states → per-token log-probs of the target
+//! tokens, optionally with the logits-SAM perturbation added to its weight.
+//!
+//! The losses only ever see per-token log-probs, so this is the one place that touches the N×V
+//! logits. On CPU in f32/f64 it runs the tiled kernel of [`crate::kernels::output`], which never
+//! holds more than one [`Tile`] of them; elsewhere, and as the reference the tests compare
+//! against, the unfused composition here.
+
+use super::ops::{accum_dtype, log_softmax_last_dim};
+use crate::kernels::{
+    self,
+    output::{PrePass, Tile},
+};
+use candle_core::{Result, Tensor, D};
+
+/// `lm_head`: logits = H Wᵀ (+ b). `weight` is `[vocab, hidden]` (HF's layout).
+#[derive(Clone)]
+pub struct OutputLayer {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+impl OutputLayer {
+    /// Logits `[n, vocab]` (f32 for half-precision weights) for hidden states `[n, hidden]`; `perturbation` (the SAM e, a
+    /// constant) is added to the weight only, never to the bias.
+    pub fn logits(&self, h: &Tensor, perturbation: Option<&Tensor>) -> Result<Tensor> {
+        let mut logits = h.matmul(&self.perturbed_weight(perturbation)?.t()?)?;
+        if let Some(b) = &self.bias {
+            logits = logits.broadcast_add(b)?;
+        }
+        logits.to_dtype(accum_dtype(logits.dtype()))
+    }
+
+    /// W + e, or W.
+    fn perturbed_weight(&self, perturbation: Option<&Tensor>) -> Result<Tensor> {
+        match perturbation {
+            Some(e) => &self.weight + e.to_dtype(self.weight.dtype())?,
+            None => Ok(self.weight.clone()),
+        }
+    }
+
+    /// Whether the fused, chunked path applies (CPU, f32 or f64 throughout).
+    fn fuses(&self, h: &Tensor) -> bool {
+        let mut tensors = vec![h, &self.weight];
+        tensors.extend(self.bias.as_ref());
+        kernels::supports(&tensors)
+    }
+
+    /// log π(target_i | h_i) for each row: `[n, hidden]`, `[n]` u32 → `[n]` f32 (f64 for f64),
+    /// differentiable in h, weight and bias; tiled where [`OutputLayer::token_logps_tiled`]
+    /// applies.
+    pub fn token_logps(
+        &self,
+        h: &Tensor,
+        targets: &Tensor,
+        perturbation: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        if self.fuses(h) {
+            self.token_logps_tiled(h, targets, perturbation, Tile::DEFAULT)
+        } else {
+            self.token_logps_unfused(h, targets, perturbation)
+        }
+    }
+
+    /// [`OutputLayer::token_logps`] through the full `[n, vocab]` log-softmax.
+    pub fn token_logps_unfused(
+        &self,
+        h: &Tensor,
+        targets: &Tensor,
+        perturbation: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let logp = log_softmax_last_dim(&self.logits(h, perturbation)?)?;
+        logp.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)
+    }
+
+    /// [`OutputLayer::token_logps`] one tile of logits at a time (CPU, f32/f64 only).
+    pub fn token_logps_tiled(
+        &self,
+        h: &Tensor,
+        targets: &Tensor,
+        perturbation: Option<&Tensor>,
+        tile: Tile,
+    ) -> Result<Tensor> {
+        let perturbed = perturbation
+            .map(|e| self.perturbed_weight(Some(e)))
+            .transpose()?;
+        let bias = self.bias.as_ref();
+        kernels::output::token_logps(h, &self.weight, bias, targets, perturbed.as_ref(), tile)
+    }
+
+    /// Token log-probs at the unperturbed weight without a graph, for the SAM pre-pass; on the
+    /// tiled path also the [`PrePass`] (log-sum-exps, and the logits when they fit
+    /// [`Tile::keep_bytes`]) that lets [`OutputLayer::sam_gradient`] skip passes over lm_head.
+    pub fn token_logps_for_sam(
+        &self,
+        h: &Tensor,
+        targets: &Tensor,
+    ) -> Result<(Tensor, Option<PrePass>)> {
+        self.token_logps_for_sam_tiled(h, targets, Tile::DEFAULT)
+    }
+
+    /// [`OutputLayer::token_logps_for_sam`] with a given tile.
+    pub fn token_logps_for_sam_tiled(
+        &self,
+        h: &Tensor,
+        targets: &Tensor,
+        tile: Tile,
+    ) -> Result<(Tensor, Option<PrePass>)> {
+        let frozen = OutputLayer {
+            weight: self.weight.detach(),
+            bias: self.bias.as_ref().map(Tensor::detach),
+        };
+        let h = h.detach();
+        if !frozen.fuses(&h) {
+            return Ok((frozen.token_logps_unfused(&h, targets, None)?, None));
+        }
+        let bias = frozen.bias.as_ref();
+        let (out, pre) =
+            kernels::output::token_logps_for_sam(&h, &frozen.weight, bias, targets, tile)?;
+        Ok((out, Some(pre)))
+    }
+
+    /// ∂L/∂W at the unperturbed weight from ∂L/∂(token log-probs) `dlogp` `[n]`, without a
+    /// graph: g = Gᵀ H with G = ∂L/∂logits = dlogp ⊙ (onehot(target) − softmax) (Algorithm 1,
+    /// line 3). Tiled when given the [`PrePass`] of [`OutputLayer::token_logps_for_sam`] (for
+    /// the same `h` and `targets`).
+    pub fn sam_gradient(
+        &self,
+        h: &Tensor,
+        targets: &Tensor,
+        dlogp: &Tensor,
+        pre: Option<&PrePass>,
+    ) -> Result<Tensor> {
+        match pre {
+            Some(pre) => pre.sam_gradient(dlogp),
+            None => self.sam_gradient_unfused(h, targets, dlogp),
+        }
+    }
+
+    /// [`OutputLayer::sam_gradient`] through the full `[n, vocab]` softmax.
+    pub fn sam_gradient_unfused(
+        &self,
+        h: &Tensor,
+        targets: &Tensor,
+        dlogp: &Tensor,
+    ) -> Result<Tensor> {
+        let probs = log_softmax_last_dim(&self.logits(&h.detach(), None)?.detach())?.exp()?;
+        let (n, vocab) = probs.dims2()?;
+        let dt = probs.dtype();
+        let onehot = Tensor::zeros((n, vocab), dt, probs.device())?.scatter_add(
+            &targets.unsqueeze(1)?,
+            &Tensor::ones((n, 1), dt, probs.device())?,
+            1,
+        )?;
+        let g_logits = (onehot - probs)?.broadcast_mul(&dlogp.to_dtype(dt)?.unsqueeze(1)?)?;
+        g_logits.t()?.matmul(&h.detach().to_dtype(dt)?)
+    }
+
+    pub fn vocab_size(&self) -> Result<usize> {
+        self.weight.dim(0)
+    }
+
+    pub fn hidden_size(&self) -> Result<usize> {
+        self.weight.dim(D::Minus1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    const TINY: Tile = Tile {
+        rows: 2,
+        vocab: 3,
+        keep_bytes: 0,
+    };
+
+    #[test]
+    fn sam_gradient_matches_autograd() -> Result<()> {
+        let dev = Device::Cpu;
+        let h = Tensor::randn(0f32, 1.0, (5, 4), &dev)?;
+        let w = Var::from_tensor(&Tensor::randn(0f32, 0.5, (7, 4), &dev)?)?;
+        let b = Tensor::randn(0f32, 0.5, 7, &dev)?;
+        let head = OutputLayer {
+            weight: w.as_tensor().clone(),
+            bias: Some(b),
+        };
+        let targets = Tensor::new(&[1u32, 0, 6, 3, 3], &dev)?;
+        let coef = Tensor::new(&[0.3f32, -1.0, 2.0, 0.5, -0.7], &dev)?;
+        let loss = (head.token_logps_unfused(&h, &targets, None)? * &coef)?.sum_all()?;
+        let auto = loss.backward()?.get(&w).unwrap().clone();
+        for manual in [
+            head.sam_gradient_unfused(&h, &targets, &coef)?,
+            head.token_logps_for_sam_tiled(&h, &targets, TINY)?
+                .1
+                .unwrap()
+                .sam_gradient(&coef)?,
+        ] {
+            let err = (&auto - manual)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(err < 1e-5, "max abs err {err}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn perturbation_shifts_weight_but_not_bias() -> Result<()> {
+        let dev = Device::Cpu;
+        let h = Tensor::randn(0f32, 1.0, (3, 4), &dev)?;
+        let w = Tensor::randn(0f32, 0.5, (6, 4), &dev)?;
+        let b = Tensor::randn(0f32, 0.5, 6, &dev)?;
+        let e = Tensor::randn(0f32, 0.1, (6, 4), &dev)?;
+        let head = OutputLayer {
+            weight: w.clone(),
+            bias: Some(b.clone()),
+        };
+        let shifted = OutputLayer {
+            weight: (&w + &e)?,
+            bias: Some(b),
+        };
+        let a = head.logits(&h, Some(&e))?;
+        let c = shifted.logits(&h, None)?;
+        assert!((a - c)?.abs()?.max_all()?.to_scalar::<f32>()? < 1e-6);
+        Ok(())
+    }
+}

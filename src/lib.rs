@@ -3,7 +3,7 @@
 //! One module per concern; `main.rs` maps each subcommand onto one of them. Imports run one
 //! way (`tests/layering.rs` checks it):
 //!
-//! - commands: `bench`, `eval`, `generate`, `gpucheck`, `plot`, `score`, `toy`, `train` (whose
+//! - commands: `bench`, `eval`, `generate`, `gpucheck`, `merge`, `plot`, `score`, `toy`, `train` (whose
 //!   `mod.rs` is the command and the loop) and `data inspect`;
 //! - what the training run uses: `plan` (`--dry-run`), `refcache`, `checkpoint`;
 //! - what a step is made of: `sam`, `losses`, `logps`, `diagnostics`, `optim`, `data`, `models`;
@@ -23,6 +23,7 @@ pub mod hub;
 pub mod kernels;
 pub mod logps;
 pub mod losses;
+pub mod merge;
 pub mod models;
 pub mod optim;
 pub mod plan;

@@ -15,7 +15,8 @@
 //!   differences in f64 (`tests/fast_ops.rs`, `tests/output_layer.rs`).
 //!
 //! The optimiser's kernels ([`adamw`]) update tensors in place and have no backward; their twin
-//! is the tensor path of `optim.rs`, which runs where [`adamw::applies`] does not.
+//! is the tensor path of `optim.rs`, which runs where [`adamw::applies`] does not. [`random`]
+//! holds the counter-based random streams of LoRA dropout and stochastic rounding.
 //!
 //! Imports run one way, `models` → `kernels` and `optim` → `kernels`: the types a kernel takes
 //! ([`dense::Activation`], [`dense::WeightLayout`], [`attention::QkvPacking`]) are defined here.
@@ -28,6 +29,7 @@ mod cpu;
 pub mod dense;
 pub mod norm;
 pub mod output;
+pub mod random;
 pub mod rotary;
 pub mod softmax;
 

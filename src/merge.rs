@@ -26,8 +26,8 @@ pub struct MergeArgs {
     /// Where the merged model goes: config.json, safetensors weights and the tokenizer.
     #[arg(long)]
     pub out: PathBuf,
-    /// dtype of the merged weights: auto (the base's as stored), f32, bf16 or f16. The merge is
-    /// computed in f32 and rounded once.
+    /// dtype of the merged weights: auto (the base's as stored), f32, bf16 or f16. Each merged
+    /// weight W + s·BA is computed in f64 from W in this dtype and rounded once.
     #[arg(long, default_value = "auto")]
     pub dtype: SaveDtype,
     /// Largest safetensors shard, as `training.max_shard_size`.
@@ -45,14 +45,23 @@ pub fn run(args: MergeArgs) -> Result<()> {
         );
     }
     let file = AdapterFile::read(&args.adapter).context("--adapter")?;
-    let model = Model::load(&base, true, DType::F32, &Device::Cpu)?;
-    let model_type = model.config_json["model_type"].as_str().unwrap_or("");
-    lora::merge(&*model.net, model_type, &model.params, &file)
-        .with_context(|| format!("merging {} into {}", args.adapter.display(), args.base))?;
+    let same = |a: &std::path::Path, b: &std::path::Path| {
+        std::fs::canonicalize(a)
+            .ok()
+            .is_some_and(|a| Some(a) == std::fs::canonicalize(b).ok())
+    };
+    if same(&args.out, &args.adapter) {
+        bail!("--out: a full model saved into the adapter's own directory would replace the adapter; choose another directory");
+    }
     let dtype = match args.dtype.dtype() {
         Some(d) => d,
         None => crate::models::stored_dtype(&base)?.unwrap_or(DType::F32),
     };
+    // Loaded in the output dtype, so that each merged weight is rounded once.
+    let model = Model::load(&base, true, dtype, &Device::Cpu)?;
+    let model_type = model.config_json["model_type"].as_str().unwrap_or("");
+    lora::merge(&*model.net, model_type, &model.params, &file)
+        .with_context(|| format!("merging {} into {}", args.adapter.display(), args.base))?;
     // The adapter's tokenizer when it saved one, else the base's.
     let tok = ModelSource::Adapted {
         base: Box::new(base),

@@ -201,6 +201,9 @@ impl AdapterFile {
             "layers_to_transform",
             "trainable_token_indices",
             "target_parameters",
+            "layer_replication",
+            "use_qalora",
+            "alora_invocation_tokens",
         ] {
             if !off(key) {
                 return Err(bad(
@@ -290,29 +293,35 @@ impl AdapterFile {
         self.dir.join(WEIGHTS_FILE)
     }
 
-    /// A and B of `module`, checked against the layer's (inputs, outputs) and the rank.
-    fn factors(&self, module: &str, (n_in, n_out): (usize, usize)) -> Result<(Tensor, Tensor)> {
+    /// The names of A and B of `module`, checked (from the file's header) against the layer's
+    /// (inputs, outputs) and the rank.
+    fn checked(&self, module: &str, (n_in, n_out): (usize, usize)) -> Result<[&str; 2]> {
         let (a_name, b_name) = &self.modules[module];
         let r = self.spec.r;
-        let mut out = Vec::new();
         for (name, want) in [(a_name, [r, n_in]), (b_name, [n_out, r])] {
-            let t = self.weights.load(name, &Device::Cpu).with_context(|| {
+            let view = self.weights.get(name)?;
+            if view.shape() != want {
+                bail!(
+                    "{}: `{name}` has shape {:?}, but this base model's `{module}` takes {want:?} at r = {r} (an adapter for another base model?)",
+                    self.weights_path().display(),
+                    view.shape()
+                );
+            }
+        }
+        Ok([a_name, b_name])
+    }
+
+    /// A and B of `module`, checked as [`AdapterFile::checked`] does.
+    fn factors(&self, module: &str, in_out: (usize, usize)) -> Result<(Tensor, Tensor)> {
+        let [a, b] = self.checked(module, in_out)?.map(|name| {
+            self.weights.load(name, &Device::Cpu).with_context(|| {
                 format!(
                     "cannot read `{name}` from {}",
                     self.weights_path().display()
                 )
-            })?;
-            if t.dims() != want {
-                bail!(
-                    "{}: `{name}` has shape {:?}, but this base model's `{module}` takes {want:?} at r = {r} (an adapter for another base model?)",
-                    self.weights_path().display(),
-                    t.dims()
-                );
-            }
-            out.push(t);
-        }
-        let b = out.pop().expect("two factors");
-        Ok((out.pop().expect("two factors"), b))
+            })
+        });
+        Ok((a?, b?))
     }
 
     /// Which of the layers at `paths` (module paths) the adapter adapts; an error names a module
@@ -589,7 +598,11 @@ pub fn adapted_shapes(
         .filter(|(_, on)| *on)
         .map(|(l, _)| {
             let (i, o) = l.in_out()?;
-            Ok((module_path(model_type, l), i, o))
+            let module = module_path(model_type, l);
+            if let Some(file) = start {
+                file.checked(&module, (i, o))?;
+            }
+            Ok((module, i, o))
         })
         .collect()
 }
@@ -678,8 +691,8 @@ pub fn attach(
     Ok((adapters, params))
 }
 
-/// W + s · B A (its transpose for a Conv1D weight `[in, out]`), computed in f32 and returned in
-/// W's dtype: what `merge_and_unload` leaves in the base layer.
+/// W + s · B A (its transpose for a Conv1D weight `[in, out]`): what `merge_and_unload` leaves in
+/// the base layer, computed in f64 (one layer at a time) and rounded once to W's dtype.
 pub fn merged_weight(
     w: &Tensor,
     a: &Tensor,
@@ -687,13 +700,13 @@ pub fn merged_weight(
     scaling: f64,
     layout: WeightLayout,
 ) -> Result<Tensor> {
-    let f32 = |t: &Tensor| t.to_dtype(DType::F32);
-    let delta = (f32(b)?.matmul(&f32(a)?)? * scaling)?;
+    let f64 = |t: &Tensor| t.to_dtype(DType::F64);
+    let delta = (f64(b)?.matmul(&f64(a)?)? * scaling)?;
     let delta = match layout {
         WeightLayout::OutIn => delta,
         WeightLayout::InOut => delta.t()?,
     };
-    Ok((f32(w)? + delta)?.to_dtype(w.dtype())?)
+    Ok((f64(w)? + delta)?.to_dtype(w.dtype())?)
 }
 
 /// Merges `file` into `net`'s weights: each adapted layer's weight parameter (found by name in

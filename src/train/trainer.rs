@@ -371,17 +371,6 @@ fn load_lora_policy(
             .to_string(),
         _ => name.clone(),
     };
-    if let Some(theirs) = start.and_then(|f| f.base_model.as_deref()) {
-        let canonical = |p: &str| std::fs::canonicalize(p).ok();
-        let same = theirs == base_model
-            || canonical(theirs).is_some_and(|t| Some(t) == canonical(&base_model));
-        if !same {
-            eprintln!(
-                "warning: model.adapter was made for {theirs:?}, model.name_or_path is {name:?}; \
-                 continuing because every adapted layer has the shape the adapter expects"
-            );
-        }
-    }
     let setup = lora::Setup {
         spec,
         targets: cfg.lora.as_ref().and_then(|l| l.target_modules.as_ref()),
@@ -390,8 +379,20 @@ fn load_lora_policy(
         seed: cfg.seed,
         base_model,
     };
-    Model::load_lora(base, &setup, dtype, device).with_context(|| match start {
+    let model = Model::load_lora(base, &setup, dtype, device).with_context(|| match start {
         Some(f) => format!("model.adapter {}", f.dir.display()),
         None => format!("[lora] on {name}"),
-    })
+    })?;
+    if let Some(theirs) = start.and_then(|f| f.base_model.as_deref()) {
+        let canonical = |p: &str| std::fs::canonicalize(p).ok();
+        let same = theirs == setup.base_model
+            || canonical(theirs).is_some_and(|t| Some(t) == canonical(&setup.base_model));
+        if !same {
+            eprintln!(
+                "warning: model.adapter was made for {theirs:?}, model.name_or_path is {name:?}; \
+                 continuing because every adapted layer has the shape the adapter expects"
+            );
+        }
+    }
+    Ok(model)
 }

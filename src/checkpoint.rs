@@ -1,6 +1,6 @@
 //! Saving models in Hugging Face format (`config.json`, `model.safetensors`, tokenizer files),
-//! so that `transformers` and candle-transformers load what `dpo-sam` writes; and training
-//! checkpoints that a run resumes from bit for bit.
+//! so that `transformers` and candle-transformers load what `dpo-sam` writes — or, for LoRA, the
+//! adapters in PEFT's format; and training checkpoints that a run resumes from bit for bit.
 //!
 //! A checkpoint is `output_dir/checkpoint-<step>/` with the model, `optimizer.safetensors`
 //! (AdamW's moments by parameter name, and the step), `trainer_state.json` (step, data

@@ -2,7 +2,9 @@
 //! gradient-norm clipping, and gradient accumulation across micro-batches.
 //!
 //! candle-nn's AdamW keeps its moments private and decays every tensor; this one follows
-//! `transformers`' Trainer: no weight decay on biases and norm weights (rank-1 tensors).
+//! `transformers`' Trainer: no weight decay on biases and norm weights (rank-1 tensors). With
+//! [`Rounding::Stochastic`] (pure bf16) the moments are bf16 too and every update is rounded
+//! stochastically, so that updates below half a bf16 step survive in expectation.
 
 use crate::config::SchedulerType;
 use crate::kernels::{adamw, random};

@@ -1,6 +1,7 @@
 //! `dpo-sam train --dry-run`: validates a config and prints the plan — parameter counts (total,
-//! lm_head share), estimated memory for weights, gradients, optimiser state, reference model, the
-//! output layer's logits and the policy's activations (with and without
+//! lm_head share, LoRA's trainable share), estimated memory for weights (f32 masters and their
+//! compute copy; with LoRA the frozen base in the compute dtype), gradients, optimiser state,
+//! reference model, the output layer's logits and the policy's activations (with and without
 //! `training.gradient_checkpointing`), and steps per epoch — without loading any weights.
 
 use crate::config::{Config, OptimizerType};

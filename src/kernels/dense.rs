@@ -8,6 +8,9 @@
 //! multi-threaded pass each way, where candle's are single-threaded (and its GELU's backward is
 //! a dozen elementwise ops). Composition twins: `models::ops::dense_composed` and
 //! `Activation::apply_composed`.
+//!
+//! A frozen operand (LoRA's base weights, or the first block's input) gets no gradient here,
+//! and [`frozen_dense`] is the device-independent op for a frozen weight off the fused path.
 
 use super::cpu::{
     by_dtype, gemm_into, par_blocks, par_ranges, slice, sum_partials, threads, vectorized,

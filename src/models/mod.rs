@@ -2,7 +2,8 @@
 //! per architecture (weight names mirror Hugging Face's), plus loading and saving.
 //!
 //! Every model returns the final hidden states for every position and keeps its output layer
-//! apart ([`output::OutputLayer`]), so that the logits-SAM step can perturb it alone.
+//! apart ([`output::OutputLayer`]), so that the logits-SAM step can perturb it alone; and lists
+//! its dense layers, on which [`lora`] puts adapters.
 
 pub mod cache;
 pub mod checkpoint;

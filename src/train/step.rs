@@ -1,13 +1,13 @@
 //! One micro-step: the forward pass, logits-SAM, the loss and the single backward pass. Read it
 //! beside the paper's Algorithm 1 (and `sam.rs`, which holds lines 1–4):
 //!
-//! | Algorithm 1                                   | here, in [`Trainer::single_pass`]             |
-//! |-----------------------------------------------|-----------------------------------------------|
-//! | 2: forward → hidden states H                  | `forward_hidden`, then `response_hidden`     |
-//! | 1–4: W, loss_pre, g = Gᵀ H, e = ρ g/‖g‖       | `sam::logits_perturbation_with`              |
-//! | 5: logits_perturbed ← linear(H, W + e)        | `head.token_logps(&h, targets, Some(e))`     |
-//! | 6: loss_post                                  | `batch_loss`                                 |
-//! | 7: loss_post.backward()                       | `policy.backward`                            |
+//! | Algorithm 1                             | here, in `Trainer::single_pass`          |
+//! |-----------------------------------------|------------------------------------------|
+//! | 2: forward → hidden states H            | `forward_hidden`, then `response_hidden` |
+//! | 1–4: W, loss_pre, g = Gᵀ H, e = ρ g/‖g‖ | `sam::logits_perturbation_with`          |
+//! | 5: logits_perturbed ← linear(H, W + e)  | `head.token_logps(&h, targets, Some(e))` |
+//! | 6: loss_post                            | `batch_loss`                             |
+//! | 7: loss_post.backward()                 | `policy.backward`                        |
 //!
 //! Full SAM (`sam.kind = "full"`) wraps two such passes in [`Trainer::full_sam_step`].
 

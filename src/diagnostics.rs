@@ -72,7 +72,12 @@ pub fn diagnostics(
     let others = (&probs * (1.0 - target_mask)?)?.max(D::Minus1)?;
     // H(p) = log Σ e^z − Σ p z, with the log-sum-exp taken from the row max.
     let max = logits.max_keepdim(D::Minus1)?;
-    let lse = (logits.broadcast_sub(&max)?.exp()?.sum_keepdim(D::Minus1)?.log()? + max)?;
+    let lse = (logits
+        .broadcast_sub(&max)?
+        .exp()?
+        .sum_keepdim(D::Minus1)?
+        .log()?
+        + max)?;
     let entropy = (lse.squeeze(1)? - (&probs * &logits)?.sum(D::Minus1)?)?;
     let mean_logits = logits.mean(D::Minus1)?;
     // candle's argmax keeps the first of equal maxima, as TRL's `is_top1` does.
@@ -120,10 +125,16 @@ mod tests {
         );
         assert_eq!(s.tokens, 2);
         // mean logits: row 0 (ln 2)/3 (chosen), row 1 0 (rejected)
-        assert!((s.chosen_mean_logits - 2f64.ln() / 3.0).abs() < 1e-6, "{s:?}");
+        assert!(
+            (s.chosen_mean_logits - 2f64.ln() / 3.0).abs() < 1e-6,
+            "{s:?}"
+        );
         assert_eq!(s.rejected_mean_logits, 0.0);
         // entropy: −Σ p ln p = 1.5 ln 2 for (.5, .25, .25), ln 3 for uniform
-        assert!((s.entropy - (1.5 * 2f64.ln() + 3f64.ln())).abs() < 1e-6, "{s:?}");
+        assert!(
+            (s.entropy - (1.5 * 2f64.ln() + 3f64.ln())).abs() < 1e-6,
+            "{s:?}"
+        );
         // the chosen token's target 1 is not the argmax 0
         assert_eq!(s.chosen_top1, 0);
         let s = diagnostics(&head, &h, &Tensor::new(&[0u32, 0], &dev)?, 2)?;

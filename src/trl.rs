@@ -57,7 +57,11 @@ pub fn run(args: ConfigArgs) -> Result<()> {
         eprintln!(
             "not carried over ({} field{}):",
             converted.dropped.len(),
-            if converted.dropped.len() == 1 { "" } else { "s" }
+            if converted.dropped.len() == 1 {
+                ""
+            } else {
+                "s"
+            }
         );
         for d in &converted.dropped {
             eprintln!("  {}: {} — {}", d.key, d.value, d.reason);
@@ -99,10 +103,7 @@ pub fn from_trl_file(path: &Path, num_processes: usize) -> Result<Converted> {
             .map_err(|e| anyhow!("{}: invalid JSON: {e}", path.display()))?,
         Some("yaml" | "yml") => serde_norway::from_str(&text)
             .map_err(|e| anyhow!("{}: invalid YAML: {e}", path.display()))?,
-        _ => bail!(
-            "{}: expected a .yaml, .yml or .json recipe",
-            path.display()
-        ),
+        _ => bail!("{}: expected a .yaml, .yml or .json recipe", path.display()),
     };
     let Value::Object(map) = recipe else {
         bail!("{}: expected a mapping of recipe fields", path.display());
@@ -141,7 +142,11 @@ const NO_EFFECT: &[&str] = &[
 const DPO_LOSSES: &[&str] = &["sigmoid", "robust", "hinge", "ipo", "sft"];
 
 /// The conversion proper; `origin` names the recipe in messages.
-pub fn convert(recipe: &Map<String, Value>, num_processes: usize, origin: &str) -> Result<Converted> {
+pub fn convert(
+    recipe: &Map<String, Value>,
+    num_processes: usize,
+    origin: &str,
+) -> Result<Converted> {
     if num_processes == 0 {
         bail!("--num-processes: must be >= 1");
     }
@@ -149,8 +154,13 @@ pub fn convert(recipe: &Map<String, Value>, num_processes: usize, origin: &str) 
         fields: recipe.clone(),
         dropped: Vec::new(),
     };
-    let (mut top, mut model, mut data, mut training, mut sam) =
-        (Table::new(), Table::new(), Table::new(), Table::new(), Table::new());
+    let (mut top, mut model, mut data, mut training, mut sam) = (
+        Table::new(),
+        Table::new(),
+        Table::new(),
+        Table::new(),
+        Table::new(),
+    );
 
     top.insert(
         "output_dir".into(),
@@ -371,7 +381,9 @@ pub fn convert(recipe: &Map<String, Value>, num_processes: usize, origin: &str) 
     }
     training.insert(
         "gradient_checkpointing".into(),
-        r.take_bool("gradient_checkpointing")?.unwrap_or(true).into(),
+        r.take_bool("gradient_checkpointing")?
+            .unwrap_or(true)
+            .into(),
     );
     for key in ["precompute_ref_log_probs", "dataloader_drop_last"] {
         if let Some(v) = r.take_bool(key)? {
@@ -419,7 +431,14 @@ pub fn convert(recipe: &Map<String, Value>, num_processes: usize, origin: &str) 
         "# Converted by `dpo-sam config from-trl` from {origin}.\n# {batch_note}.\n{}\n{body}",
         match r.dropped.len() {
             0 => "# Every field was carried over.".to_string(),
-            n => format!("# {n} recipe field(s) not carried over: {}.", r.dropped.iter().map(|d| d.key.as_str()).collect::<Vec<_>>().join(", ")),
+            n => format!(
+                "# {n} recipe field(s) not carried over: {}.",
+                r.dropped
+                    .iter()
+                    .map(|d| d.key.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
         }
     );
     Config::parse(&toml, "the converted config", &[])
@@ -527,10 +546,9 @@ fn datasets(r: &mut Recipe) -> Result<(Vec<String>, Eval)> {
             .ok_or_else(|| anyhow!("dataset_mixture.datasets: expected a list of datasets"))?;
         let mut train = Vec::new();
         for (i, d) in list.iter().enumerate() {
-            let id = d
-                .get("id")
-                .and_then(Value::as_str)
-                .ok_or_else(|| anyhow!("dataset_mixture.datasets[{i}].id: expected a dataset id"))?;
+            let id = d.get("id").and_then(Value::as_str).ok_or_else(|| {
+                anyhow!("dataset_mixture.datasets[{i}].id: expected a dataset id")
+            })?;
             let split = d.get("split").and_then(Value::as_str).unwrap_or("train");
             train.push(hub(id, split));
             dataset_extras(r, &format!("dataset_mixture.datasets[{i}]"), d);
@@ -629,7 +647,10 @@ fn dataset_extras(r: &mut Recipe, at: &str, d: &Value) {
             "dpo-sam reads a dataset's default configuration",
         );
     }
-    if let Some(w) = d.get("weight").filter(|w| !w.is_null() && w.as_f64() != Some(1.0)) {
+    if let Some(w) = d
+        .get("weight")
+        .filter(|w| !w.is_null() && w.as_f64() != Some(1.0))
+    {
         r.dropped.push(Dropped {
             key: format!("{at}.weight"),
             value: short(w),
@@ -645,8 +666,9 @@ fn dataset_extras(r: &mut Recipe, at: &str, d: &Value) {
             r.dropped.push(Dropped {
                 key: format!("{at}.columns"),
                 value: short(&Value::Array(cols.clone())),
-                reason: "dpo-sam reads prompt/chosen/rejected (see data.format), whatever the columns"
-                    .into(),
+                reason:
+                    "dpo-sam reads prompt/chosen/rejected (see data.format), whatever the columns"
+                        .into(),
             });
         }
     }
@@ -674,7 +696,10 @@ fn losses(r: &mut Recipe, training: &mut Table) -> Result<()> {
         None => vec![1.0; names.len()],
         Some(Value::Array(v)) => v
             .iter()
-            .map(|w| w.as_f64().ok_or_else(|| anyhow!("loss_weights: expected numbers")))
+            .map(|w| {
+                w.as_f64()
+                    .ok_or_else(|| anyhow!("loss_weights: expected numbers"))
+            })
             .collect::<Result<Vec<_>>>()?,
         Some(other) => bail!("loss_weights: expected a list of numbers, got {other}"),
     };

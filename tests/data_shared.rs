@@ -403,11 +403,19 @@ fn eos_ends_each_response_once_with_real_tokenizers() {
     let eos_count = |ids: &[u32]| ids.iter().filter(|&&i| i == tok.eos_id).count();
     for seq in [&tp.chosen, &tp.rejected] {
         let response = &seq.ids[seq.prompt_len..];
-        assert_eq!(eos_count(response), 1, "one EOS, the template's: {response:?}");
+        assert_eq!(
+            eos_count(response),
+            1,
+            "one EOS, the template's: {response:?}"
+        );
         // The template's EOS is followed by its newline: nothing was appended after the turn.
         assert_ne!(response.last(), Some(&tok.eos_id), "{response:?}");
     }
-    for dir in [MISTRAL.to_string(), format!("{}/pythia", root.display()), format!("{}/gpt2", root.display())] {
+    for dir in [
+        MISTRAL.to_string(),
+        format!("{}/pythia", root.display()),
+        format!("{}/gpt2", root.display()),
+    ] {
         let tok = Tok::from_dir(Path::new(&dir)).unwrap();
         let eos = tok.inner.id_to_token(tok.eos_id).unwrap();
         let eos_count = |ids: &[u32]| ids.iter().filter(|&&i| i == tok.eos_id).count();

@@ -175,7 +175,10 @@ fn nll_terms_default_to_trl_token_mean_over_the_micro_batch() {
         .unwrap();
     let want = (sigmoid_part(-10.0, -15.0) + sigmoid_part(-3.0, -1.0)) / 2.0 + 0.7 * trl_nll;
     close(cpo.loss.to_scalar::<f64>().unwrap(), want);
-    close(cpo.nll.as_ref().unwrap().to_scalar::<f64>().unwrap(), trl_nll);
+    close(
+        cpo.nll.as_ref().unwrap().to_scalar::<f64>().unwrap(),
+        trl_nll,
+    );
     // Each pair scored alone: its own token mean (10/4 and 3/2).
     let per_pair = v(&cpo.losses);
     close(per_pair[0], sigmoid_part(-10.0, -15.0) + 0.7 * 2.5);

@@ -23,7 +23,10 @@ fn dropped_keys(c: &dpo_sam::trl::Converted) -> Vec<&str> {
 fn zephyr_recipe_with_logits_sam_converts_field_by_field() {
     let c = from_trl_file(&fixture(ZEPHYR), 8).unwrap();
     let cfg = Config::parse(&c.toml, "converted", &[]).unwrap();
-    assert_eq!(cfg.model.name_or_path, "alignment-handbook/zephyr-7b-sft-full");
+    assert_eq!(
+        cfg.model.name_or_path,
+        "alignment-handbook/zephyr-7b-sft-full"
+    );
     assert_eq!(
         cfg.data.train,
         Sources::One("hub:HuggingFaceH4/ultrafeedback_binarized:train_prefs".into())
@@ -31,14 +34,24 @@ fn zephyr_recipe_with_logits_sam_converts_field_by_field() {
     let t = &cfg.training;
     // 8 per device × 2 accumulation × 8 processes.
     assert_eq!((t.batch_size, cfg.micro_batch_size()), (128, 8));
-    assert!(c.batch_note.contains("= training.batch_size 128"), "{}", c.batch_note);
+    assert!(
+        c.batch_note.contains("= training.batch_size 128"),
+        "{}",
+        c.batch_note
+    );
     assert_eq!((t.beta, t.learning_rate), (0.01, 5e-7));
     assert_eq!(t.lr_scheduler_type, SchedulerType::Cosine);
     assert_eq!((t.warmup_ratio, t.num_train_epochs), (0.1, 1.0));
-    assert_eq!((cfg.data.max_length, cfg.data.max_prompt_length), (1024, Some(512)));
+    assert_eq!(
+        (cfg.data.max_length, cfg.data.max_prompt_length),
+        (1024, Some(512))
+    );
     assert_eq!(t.mixed_precision, MixedPrecision::Bf16);
     assert!(t.gradient_checkpointing);
-    assert_eq!((t.logging_steps, t.eval_steps, t.save_steps), (10, 100, 100));
+    assert_eq!(
+        (t.logging_steps, t.eval_steps, t.save_steps),
+        (10, 100, 100)
+    );
     assert_eq!((t.save_total_limit, cfg.seed), (Some(1), 42));
     assert_eq!(t.loss_type.kinds(), vec![LossType::Sigmoid]);
     assert_eq!((cfg.sam.kind, cfg.sam.rho), (SamKind::Logits, 1e-5));
@@ -58,7 +71,9 @@ fn zephyr_recipe_with_logits_sam_converts_field_by_field() {
     }
     assert_eq!(dropped.len(), 7, "{dropped:?}");
     assert!(cfg.data.eval.is_none() && cfg.data.eval_fraction == 0.0);
-    assert!(c.toml.starts_with("# Converted by `dpo-sam config from-trl`"));
+    assert!(c
+        .toml
+        .starts_with("# Converted by `dpo-sam config from-trl`"));
 }
 
 #[test]
@@ -66,8 +81,14 @@ fn pythia_json_recipe_in_the_dataset_mixer_form() {
     let c = from_trl_file(&fixture(PYTHIA), 1).unwrap();
     let cfg = Config::parse(&c.toml, "converted", &[]).unwrap();
     assert_eq!(
-        (cfg.data.train.paths(), cfg.data.eval.as_ref().unwrap().paths()),
-        (vec!["hub:Anthropic/hh-rlhf:train"], vec!["hub:Anthropic/hh-rlhf:test"])
+        (
+            cfg.data.train.paths(),
+            cfg.data.eval.as_ref().unwrap().paths()
+        ),
+        (
+            vec!["hub:Anthropic/hh-rlhf:train"],
+            vec!["hub:Anthropic/hh-rlhf:test"]
+        )
     );
     let t = &cfg.training;
     assert_eq!((t.batch_size, cfg.micro_batch_size()), (32, 4));
@@ -109,10 +130,16 @@ fn trl_defaults_fill_what_the_recipe_leaves_out() {
     let cfg = Config::parse(&c.toml, "converted", &[]).unwrap();
     let t = &cfg.training;
     // DPOConfig 1.x / TrainingArguments defaults.
-    assert_eq!((t.batch_size, t.num_train_epochs, t.logging_steps), (8, 3.0, 10));
+    assert_eq!(
+        (t.batch_size, t.num_train_epochs, t.logging_steps),
+        (8, 3.0, 10)
+    );
     assert_eq!(cfg.data.max_length, 1024);
     assert!(t.gradient_checkpointing && t.mixed_precision == MixedPrecision::Bf16);
-    assert_eq!(t.learning_rate, 1e-6, "a YAML 1.1 string is read as HF reads it");
+    assert_eq!(
+        t.learning_rate, 1e-6,
+        "a YAML 1.1 string is read as HF reads it"
+    );
     assert_eq!(t.loss_type.kinds(), vec![LossType::Sigmoid, LossType::Sft]);
     assert_eq!(t.loss_weights, Some(vec![1.0, 0.05]));
     assert_eq!(
@@ -143,13 +170,16 @@ fn what_cannot_be_converted_is_an_error_naming_the_field() {
             convert(v.as_object().unwrap(), 1, "r.yaml").unwrap_err()
         )
     };
-    let e = err(serde_json::json!({"model_name_or_path": "m", "dataset_name": "d", "loss_type": "apo_zero"}));
+    let e = err(
+        serde_json::json!({"model_name_or_path": "m", "dataset_name": "d", "loss_type": "apo_zero"}),
+    );
     assert!(e.contains("loss_type: `apo_zero` is not computed"), "{e}");
     let e = err(serde_json::json!({"dataset_name": "d"}));
     assert!(e.contains("model_name_or_path: missing"), "{e}");
     let e = err(serde_json::json!({"model_name_or_path": "m"}));
     assert!(e.contains("no dataset"), "{e}");
-    let e = err(serde_json::json!({"model_name_or_path": "m", "dataset_name": "d", "beta": "high"}));
+    let e =
+        err(serde_json::json!({"model_name_or_path": "m", "dataset_name": "d", "beta": "high"}));
     assert!(e.contains("beta: expected a number"), "{e}");
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("bad.yaml");
@@ -164,7 +194,14 @@ fn cli_writes_a_config_that_loads_and_dry_runs() {
     let out = dir.path().join("zephyr.toml");
     let run = Command::new(env!("CARGO_BIN_EXE_dpo-sam"))
         .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .args(["config", "from-trl", ZEPHYR, "--num-processes", "8", "--out"])
+        .args([
+            "config",
+            "from-trl",
+            ZEPHYR,
+            "--num-processes",
+            "8",
+            "--out",
+        ])
         .arg(&out)
         .output()
         .unwrap();

@@ -116,8 +116,9 @@ save_steps = 1
             assert_eq!(seq.prompt_len, prompt.len(), "pair {k}");
         }
         // Each pair's log-probs under the initial policy (TRL's compute_ref_log_probs).
-        let batch = PreferenceBatch::new(std::slice::from_ref(tp), trainer.tok().pad_id, &Device::Cpu)
-            .unwrap();
+        let batch =
+            PreferenceBatch::new(std::slice::from_ref(tp), trainer.tok().pad_id, &Device::Cpu)
+                .unwrap();
         let ms = trainer.micro_step(&batch, None).unwrap();
         close(
             &format!("pair {k} chosen logps"),
@@ -178,8 +179,11 @@ save_steps = 1
             );
         }
         // The updated weights, every tensor TRL saved.
-        let want = candle_core::safetensors::load(fx.join(format!("step{step}.safetensors")), &Device::Cpu)
-            .unwrap();
+        let want = candle_core::safetensors::load(
+            fx.join(format!("step{step}.safetensors")),
+            &Device::Cpu,
+        )
+        .unwrap();
         let got: HashMap<String, Tensor> = candle_core::safetensors::load(
             out.join(format!("checkpoint-{step}/model.safetensors")),
             &Device::Cpu,
@@ -197,8 +201,11 @@ save_steps = 1
                 true => {
                     let n = w.dim(0).unwrap() / 3;
                     let qv = |t: &Tensor| {
-                        Tensor::cat(&[t.narrow(0, 0, n).unwrap(), t.narrow(0, 2 * n, n).unwrap()], 0)
-                            .unwrap()
+                        Tensor::cat(
+                            &[t.narrow(0, 0, n).unwrap(), t.narrow(0, 2 * n, n).unwrap()],
+                            0,
+                        )
+                        .unwrap()
                     };
                     (qv(g), qv(w))
                 }
@@ -214,7 +221,10 @@ save_steps = 1
                 .unwrap()
                 .to_scalar::<f32>()
                 .unwrap();
-            assert!(diff < 2e-6, "step {step}: {name} differs from TRL's by {diff}");
+            assert!(
+                diff < 2e-6,
+                "step {step}: {name} differs from TRL's by {diff}"
+            );
         }
     }
 }

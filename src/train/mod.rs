@@ -205,7 +205,9 @@ impl Trainer {
                 None => self.apply_gradients(&acc, lr)?,
             };
             if nonfinite.is_none() && !grad_norm.is_finite() {
-                nonfinite = Some(format!("non-finite gradient norm ({grad_norm}) at step {step} (micro-batches 0..{n})"));
+                nonfinite = Some(format!(
+                    "non-finite gradient norm ({grad_norm}) at step {step} (micro-batches 0..{n})"
+                ));
             }
             match &nonfinite {
                 Some(what) if !t.skip_nonfinite => anyhow::bail!(

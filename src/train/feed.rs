@@ -163,8 +163,8 @@ impl Feed {
             idx.push(i);
             pairs.push(pair);
         }
-        let short = idx.len() < self.micro;
-        Ok((!idx.is_empty() && !(short && self.drop_last)).then_some((idx, pairs)))
+        let keep = !idx.is_empty() && (idx.len() == self.micro || !self.drop_last);
+        Ok(keep.then_some((idx, pairs)))
     }
 
     /// Moves the cursor to the start of the next epoch.

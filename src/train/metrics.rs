@@ -305,7 +305,7 @@ pub enum Summary {
         #[serde(skip_serializing_if = "Option::is_none")]
         nonfinite_skipped: Option<usize>,
         #[serde(skip_serializing_if = "Option::is_none")]
-        eval: Option<EvalLine>,
+        eval: Option<Box<EvalLine>>,
     },
     /// Stopped by a signal after a step, with a checkpoint.
     Interrupted {

@@ -290,7 +290,7 @@ impl Trainer {
                 step: total,
             };
             metrics.write(&line)?;
-            Some(line)
+            Some(Box::new(line))
         };
         crate::checkpoint::save_model(&self.policy, &self.tok, &out_dir, &self.save_options())?;
         Ok(Summary::Finished {

@@ -118,6 +118,8 @@ impl LossType {
             LossType::Cpo => cpo(lp, p),
             LossType::Simpo => simpo(lp, p),
             LossType::Dpop => dpop(lp, p),
+            // `sft`: the chosen responses' NLL alone (TRL's `sft` loss type; `rpo_alpha` adds
+            // it with that weight, RPO, Pang et al. 2024), see [`PairLogps::chosen_nll`].
             LossType::Sft => Ok(Term {
                 pairwise: None,
                 nll_weight: 1.0,
@@ -380,9 +382,6 @@ fn dpop(lp: &PairLogps, p: &LossParams) -> Result<Term> {
     let z = (((&cr - &rr)? - penalty)? * p.beta)?;
     Term::pairwise(smoothed(&z, p.label_smoothing)?)
 }
-
-// `sft` — the chosen responses' NLL alone (TRL's `sft` loss type; `rpo_alpha` adds it with
-// that weight, RPO, Pang et al. 2024): no pairwise part, see [`PairLogps::chosen_nll`].
 
 #[cfg(test)]
 mod tests {

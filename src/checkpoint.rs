@@ -169,6 +169,10 @@ pub struct TrainerState {
     pub metrics_lines: usize,
     /// Steps skipped for a non-finite loss or gradient norm (`training.skip_nonfinite`).
     pub nonfinite_skipped: usize,
+    /// Training tokens (prompt and responses, both rows of each pair, no padding) seen so far:
+    /// TRL's cumulative `num_tokens` metric.
+    #[serde(default)]
+    pub num_tokens: usize,
     /// The learning-rate schedule in force (recomputed from the config on resume; recorded so
     /// that a reader of the checkpoint sees it).
     pub schedule: Schedule,

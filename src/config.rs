@@ -92,8 +92,26 @@ choice! {
 }
 
 choice! {
-    /// `training.lr_scheduler_type`: the shape after warmup.
-    SchedulerType { Constant = "constant", Linear = "linear", Cosine = "cosine" }
+    /// `training.lr_scheduler_type` (HF's names): `constant` ignores warmup, the others warm up
+    /// linearly over `warmup_steps` / `warmup_ratio` first.
+    SchedulerType {
+        Constant = "constant",
+        ConstantWithWarmup = "constant_with_warmup",
+        Linear = "linear",
+        Cosine = "cosine",
+    }
+}
+
+choice! {
+    /// `training.nll_reduction`: how the chosen responses' NLL in `cpo`, `slic` and `sft` (and
+    /// `rpo_alpha`) is reduced over a micro-batch.
+    NllReduction {
+        /// TRL's: the mean over every chosen-response token of the micro-batch.
+        TokenMean = "token_mean",
+        /// The paper's Table 5 written literally: each chosen response's summed NLL, averaged
+        /// over pairs (100–300× stronger for responses of 100–300 tokens).
+        SequenceSum = "sequence_sum",
+    }
 }
 
 choice! {
@@ -330,6 +348,11 @@ pub struct TrainingConfig {
     /// DPO-Positive's λ (Pal et al. 2024).
     #[serde(default = "default_dpop_lambda")]
     pub dpop_lambda: f64,
+    /// How the NLL of `cpo`, `slic`, `sft` and `rpo_alpha` is reduced: `token_mean` (TRL's: over
+    /// every chosen-response token of a micro-batch) or `sequence_sum` (the paper's Table 5:
+    /// summed per response, averaged over pairs).
+    #[serde(default = "default_nll_reduction")]
+    pub nll_reduction: NllReduction,
     #[serde(default = "default_beta")]
     pub beta: f64,
     /// Compute the reference log-probs once over train + eval before training, cache them in
@@ -343,6 +366,10 @@ pub struct TrainingConfig {
     /// Pairs per forward/backward; `batch_size / micro_batch_size` micro-batches are accumulated.
     #[serde(default)]
     pub micro_batch_size: Option<usize>,
+    /// Drop each epoch's last micro-batch when it has fewer than `micro_batch_size` pairs (HF's
+    /// `dataloader_drop_last`); by default it is kept, smaller, as HF's DataLoader does.
+    #[serde(default)]
+    pub dataloader_drop_last: bool,
     /// Stop after this many optimizer steps (takes precedence over `num_train_epochs`).
     #[serde(default)]
     pub max_steps: Option<usize>,
@@ -359,7 +386,7 @@ pub struct TrainingConfig {
     pub adam_beta2: f64,
     #[serde(default = "default_eps")]
     pub adam_epsilon: f64,
-    /// `constant`, `linear` or `cosine` (after warmup).
+    /// `constant` (no warmup), `constant_with_warmup`, `linear` or `cosine` (HF's names).
     #[serde(default = "default_scheduler")]
     pub lr_scheduler_type: SchedulerType,
     #[serde(default)]
@@ -480,6 +507,9 @@ fn default_one_f() -> f64 {
 }
 fn default_dpop_lambda() -> f64 {
     50.0
+}
+fn default_nll_reduction() -> NllReduction {
+    NllReduction::TokenMean
 }
 
 impl LossType {
@@ -832,6 +862,33 @@ impl Config {
         self.training
             .micro_batch_size
             .unwrap_or(self.training.batch_size)
+    }
+
+    /// Micro-batches in an epoch of `pairs` training pairs, as HF's `len(dataloader)`: the last
+    /// one smaller, or dropped with `training.dataloader_drop_last`.
+    pub fn micro_batches_per_epoch(&self, pairs: usize) -> usize {
+        let micro = self.micro_batch_size();
+        match self.training.dataloader_drop_last {
+            true => pairs / micro,
+            false => pairs.div_ceil(micro),
+        }
+    }
+
+    /// Optimiser steps in an epoch of `pairs` training pairs, as HF's Trainer counts them:
+    /// its micro-batches in groups of `batch_size / micro_batch_size`, the last group smaller.
+    pub fn steps_per_epoch(&self, pairs: usize) -> usize {
+        let accumulation = self.training.batch_size / self.micro_batch_size();
+        self.micro_batches_per_epoch(pairs)
+            .div_ceil(accumulation)
+            .max(1)
+    }
+
+    /// The run's optimiser steps: `max_steps`, else ⌈num_train_epochs × steps per epoch⌉.
+    pub fn total_steps(&self, pairs: usize) -> usize {
+        let t = &self.training;
+        t.max_steps.unwrap_or_else(|| {
+            (t.num_train_epochs * self.steps_per_epoch(pairs) as f64).ceil() as usize
+        })
     }
 
     /// The configured losses and their weights: `loss_type` × `loss_weights` (default all 1),

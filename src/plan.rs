@@ -127,8 +127,8 @@ pub fn plan(cfg: &Config) -> Result<serde_json::Value> {
     let steps = match tokenized {
         Ok(data) => json!({
             "train_pairs": data.train.len(),
-            "steps_per_epoch": data.train.len().div_ceil(cfg.training.batch_size),
-            "total_steps": cfg.training.max_steps.unwrap_or(((cfg.training.num_train_epochs * data.train.len() as f64) / cfg.training.batch_size as f64).ceil() as usize),
+            "steps_per_epoch": cfg.steps_per_epoch(data.train.len()),
+            "total_steps": cfg.total_steps(data.train.len()),
         }),
         Err(err) => json!({ "unknown": format!("{err:#}") }),
     };

@@ -17,6 +17,7 @@ const ORDER: &[&str] = &[
     "eval",
     "toy",
     "plot",
+    "trl",
     // The training run and what only it uses.
     "train",
     "plan",

@@ -1,7 +1,7 @@
 //! `dpo-sam train`: the command (resume, signals) and the training loop. One optimiser step =
-//! `batch_size / micro_batch_size` micro-batches ([`step`]: forward, logits-SAM, loss, one
-//! backward), then clipping, the learning-rate schedule and the update; metrics, evaluation and
-//! checkpoints on their steps.
+//! `batch_size / micro_batch_size` micro-batches (fewer at an epoch's end, as in HF's Trainer;
+//! [`step`]: forward, logits-SAM, loss, one backward), then clipping, the learning-rate
+//! schedule and the update; metrics, evaluation and checkpoints on their steps.
 //!
 //! - [`trainer`]: what a run holds and how it is built from the config;
 //! - [`step`]: one micro-step, beside the paper's Algorithm 1;
@@ -159,8 +159,7 @@ impl Trainer {
         let mut metrics = self.open_metrics(&out_dir.join("metrics.jsonl"))?;
 
         let t = self.cfg.training.clone();
-        let micro = self.cfg.micro_batch_size();
-        let micro_batches = t.batch_size / micro;
+        let accumulation = t.batch_size / self.cfg.micro_batch_size();
         let total = self.state.schedule.total;
         let mut feed = Feed::open(self)?;
         let bar = self.progress_bar(total);
@@ -170,23 +169,27 @@ impl Trainer {
             self.diagnostics = step.is_multiple_of(t.logging_steps) || step == total;
             let started = Instant::now();
             let lr = self.state.schedule.lr(step - 1);
+            let micro_batches = feed.next_step(accumulation)?;
+            let n = micro_batches.len();
+            // HF divides each micro-batch's loss by the step's micro-batch count (fewer at an
+            // epoch's end), so every micro-batch weighs the same, however many pairs it has.
+            let weight = 1.0 / n as f64;
             let mut acc = GradAccumulator::new(self.policy.params.len());
             let mut tally = Tally::default();
             // Set by a non-finite loss under `skip_nonfinite`: the rest of the step's batch is
             // still drawn, so that later steps see the same data as without the skip.
             let mut nonfinite: Option<String> = None;
-            for mb in 0..micro_batches {
-                let (idx, pairs) = feed.next_micro_batch()?;
+            for (mb, (idx, pairs)) in micro_batches.iter().enumerate() {
+                let batch = PreferenceBatch::new(pairs, self.tok.pad_id, &self.device)?;
+                self.state.num_tokens += batch.num_tokens;
                 if nonfinite.is_some() {
                     continue;
                 }
-                let batch = PreferenceBatch::new(&pairs, self.tok.pad_id, &self.device)?;
-                let weight = micro as f64 / t.batch_size as f64;
-                let reference = self.reference_for(&batch, Some((Split::Train, &idx)))?;
+                let reference = self.reference_for(&batch, Some((Split::Train, idx)))?;
                 let ms = self.micro_step_with(&batch, reference, Some(weight))?;
                 if !ms.loss.is_finite() {
                     nonfinite = Some(format!(
-                        "non-finite loss ({}) at step {step}, micro-batch {mb} of {micro_batches} (train pairs {idx:?})",
+                        "non-finite loss ({}) at step {step}, micro-batch {mb} of {n} (train pairs {idx:?})",
                         ms.loss
                     ));
                     continue;
@@ -202,7 +205,9 @@ impl Trainer {
                 None => self.apply_gradients(&acc, lr)?,
             };
             if nonfinite.is_none() && !grad_norm.is_finite() {
-                nonfinite = Some(format!("non-finite gradient norm ({grad_norm}) at step {step} (micro-batches 0..{micro_batches})"));
+                nonfinite = Some(format!(
+                    "non-finite gradient norm ({grad_norm}) at step {step} (micro-batches 0..{n})"
+                ));
             }
             match &nonfinite {
                 Some(what) if !t.skip_nonfinite => anyhow::bail!(
@@ -221,16 +226,16 @@ impl Trainer {
             let elapsed = started.elapsed().as_secs_f64();
             if step.is_multiple_of(t.logging_steps) || step == total {
                 let line = TrainLine {
-                    metrics: tally.metrics(self.cfg.sam.kind != SamKind::None),
+                    metrics: tally.metrics(self.cfg.sam.kind != SamKind::None, false),
                     grad_norm,
                     learning_rate: lr,
                     tokens_per_second: tally.tokens as f64 / elapsed,
+                    num_tokens: self.state.num_tokens,
                     step,
                     // A stream's length is unknown: its lines carry the epoch being read.
-                    epoch: match self.stream {
-                        Some(_) => self.state.data.epoch as f64,
-                        None => (step * t.batch_size) as f64 / self.train_pairs.len() as f64,
-                    },
+                    epoch: feed
+                        .epoch_progress()
+                        .unwrap_or(self.state.data.epoch as f64),
                     nonfinite_skipped: t.skip_nonfinite.then_some(self.state.nonfinite_skipped),
                 };
                 metrics.write(&line)?;
@@ -243,8 +248,10 @@ impl Trainer {
             }
             let eval_due = t.eval_steps > 0 && step.is_multiple_of(t.eval_steps) && step != total;
             if eval_due && !self.eval_pairs.is_empty() {
+                self.diagnostics = true;
                 let metrics_line = EvalLine {
                     metrics: self.evaluate()?,
+                    num_tokens: self.state.num_tokens,
                     step,
                 };
                 metrics.write(&metrics_line)?;
@@ -279,10 +286,11 @@ impl Trainer {
             self.diagnostics = true;
             let line = EvalLine {
                 metrics: self.evaluate()?,
+                num_tokens: self.state.num_tokens,
                 step: total,
             };
             metrics.write(&line)?;
-            Some(line)
+            Some(Box::new(line))
         };
         crate::checkpoint::save_model(&self.policy, &self.tok, &out_dir, &self.save_options())?;
         Ok(Summary::Finished {
@@ -294,7 +302,8 @@ impl Trainer {
         })
     }
 
-    /// Loss and reward metrics over the held-out pairs (logged with TRL's `eval_` prefix).
+    /// Loss, reward and token metrics over the held-out pairs (logged with TRL's `eval_`
+    /// prefix; the token metrics when `diagnostics` is on, as the loop sets it for evaluations).
     pub fn evaluate(&self) -> Result<PairMetrics> {
         let mut tally = Tally::default();
         let micro = self.cfg.micro_batch_size();
@@ -304,7 +313,7 @@ impl Trainer {
             let reference = self.reference_for(&batch, Some((Split::Eval, &idx)))?;
             tally.add(&self.micro_step_with(&batch, reference, None)?, &batch);
         }
-        Ok(tally.metrics(false))
+        Ok(tally.metrics(false, true))
     }
 
     /// metrics.jsonl for appending: a fresh file starting with the data line, or, resumed, the

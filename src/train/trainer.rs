@@ -140,10 +140,14 @@ impl Trainer {
         };
 
         let t = &cfg.training;
-        let steps_per_epoch = train_pairs.len().div_ceil(t.batch_size);
-        let total = t
-            .max_steps
-            .unwrap_or_else(|| (t.num_train_epochs * steps_per_epoch as f64).ceil() as usize);
+        if !cfg.data.streaming && cfg.micro_batches_per_epoch(train_pairs.len()) == 0 {
+            anyhow::bail!(
+                "data.train: {} training pairs make no micro-batch of {} with training.dataloader_drop_last = true",
+                train_pairs.len(),
+                cfg.micro_batch_size()
+            );
+        }
+        let total = cfg.total_steps(train_pairs.len());
         let warmup = if t.warmup_steps > 0 {
             t.warmup_steps
         } else {
@@ -173,6 +177,7 @@ impl Trainer {
                 data: DataCursor::default(),
                 metrics_lines: 0,
                 nonfinite_skipped: 0,
+                num_tokens: 0,
                 schedule,
             },
             progress: false,
@@ -281,6 +286,7 @@ pub fn configured_loss(cfg: &Config) -> Loss {
         slic_delta: t.slic_delta,
         slic_lambda: t.slic_lambda,
         dpop_lambda: t.dpop_lambda,
+        nll_reduction: t.nll_reduction,
     };
     Loss {
         terms: cfg.loss_terms(),

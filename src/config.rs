@@ -378,6 +378,11 @@ pub struct TrainingConfig {
     /// optimiser state, log-softmax and loss. Needs `model.dtype = "f32"` (the masters' dtype).
     #[serde(default = "default_mixed_precision")]
     pub mixed_precision: MixedPrecision,
+    /// TF32 tensor cores for f32 matmuls on Ampere and newer GPUs (HF's `tf32`): several times
+    /// the f32 matmul throughput, with products rounded to a 10-bit mantissa. bf16 and f16
+    /// matmuls are unaffected. Off by default, as in transformers and PyTorch.
+    #[serde(default)]
+    pub tf32: bool,
     /// Activation checkpointing per transformer block (TRL's name): keep only each block's
     /// input and recompute the block in the backward, trading about one more forward of
     /// compute for most of the activation memory. Gradients are the same as without.
@@ -823,7 +828,14 @@ impl Config {
             "must be >= 0",
             self.sam.rho,
         )?;
-        crate::device::parse_name(&self.device).map_err(|e| anyhow!("device: {e}"))?;
+        let ordinal =
+            crate::device::parse_name(&self.device).map_err(|e| anyhow!("device: {e}"))?;
+        if t.tf32 && ordinal.is_none() {
+            bail!(
+                "training.tf32 = true needs a CUDA device (Ampere or newer), but device is \"{}\"",
+                self.device
+            );
+        }
         Ok(())
     }
 

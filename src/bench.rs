@@ -242,7 +242,10 @@ pub fn bench(args: &BenchArgs) -> Result<serde_json::Value> {
             trainer.device().synchronize()?;
             if round > 0 {
                 times[i].push(started.elapsed().as_secs_f64());
-                counts[i] = (crate::kernels::launches() - launched, grads.get_ids().count());
+                counts[i] = (
+                    crate::kernels::launches() - launched,
+                    grads.get_ids().count(),
+                );
             }
         }
     }

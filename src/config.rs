@@ -1132,4 +1132,26 @@ batch_size = 8
         let e = err("output_dir = [", &[]);
         assert!(e.starts_with("cfg.toml: "), "{e}");
     }
+
+    /// `training.tf32` defaults to off, parses as a bool, and is refused off CUDA, as HF
+    /// refuses `--tf32` without an Ampere GPU.
+    #[test]
+    fn tf32_is_off_by_default_and_needs_cuda() {
+        let cfg = Config::parse(MINIMAL, "cfg.toml", &[]).unwrap();
+        assert!(!cfg.training.tf32);
+        let cfg = Config::parse(
+            MINIMAL,
+            "cfg.toml",
+            &["training.tf32=true".into(), "device=\"cuda:1\"".into()],
+        )
+        .unwrap();
+        assert!(cfg.training.tf32);
+        let e = err(MINIMAL, &["training.tf32=true"]);
+        assert!(
+            e.contains("cfg.toml: training.tf32 = true needs a CUDA device"),
+            "{e}"
+        );
+        let e = err(MINIMAL, &["training.tf32=\"yes\""]);
+        assert!(e.contains("training.tf32"), "{e}");
+    }
 }

@@ -51,7 +51,9 @@ impl GradAccumulator {
             }
         }
         if !on_device.is_empty() {
-            total += Tensor::stack(&on_device, 0)?.sum_all()?.to_scalar::<f64>()?;
+            total += Tensor::stack(&on_device, 0)?
+                .sum_all()?
+                .to_scalar::<f64>()?;
         }
         Ok(total.sqrt())
     }

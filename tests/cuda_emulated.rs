@@ -56,6 +56,9 @@ fn cuda_kernels_match_references_on_the_host() {
         .collect();
     let host = dpo_sam::kernels::init::randn_host(99, init.len(), 0.5, 0.02);
     for (k, (a, b)) in init.iter().zip(&host).enumerate() {
-        assert!((a - b).abs() <= 1e-6 * b.abs(), "value {k}: kernel {a}, host {b}");
+        assert!(
+            (a - b).abs() <= 1e-6 * b.abs(),
+            "value {k}: kernel {a}, host {b}"
+        );
     }
 }

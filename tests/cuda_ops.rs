@@ -33,11 +33,17 @@ fn cuda_kernels_match_their_cpu_twins() {
             o.launches,
             errors.join(", "),
             o.tolerance,
-            o.error.as_deref().map(|e| format!("  ({e})")).unwrap_or_default()
+            o.error
+                .as_deref()
+                .map(|e| format!("  ({e})"))
+                .unwrap_or_default()
         );
         if !o.pass {
             failed.push(format!("{} ({})", o.name, o.dtype));
         }
     }
-    assert!(failed.is_empty(), "CUDA kernels differ from their CPU twins: {failed:?}");
+    assert!(
+        failed.is_empty(),
+        "CUDA kernels differ from their CPU twins: {failed:?}"
+    );
 }

@@ -246,7 +246,11 @@ fn dense_checks(randn: &dyn Fn(&[usize], f32) -> Result<Tensor>) -> Result<Vec<C
 fn activation_checks(randn: &dyn Fn(&[usize], f32) -> Result<Tensor>) -> Result<Vec<Check>> {
     let kinds = [
         ("gelu (erf)", "gelu (erf)(gate) ⊙ up", Activation::GeluErf),
-        ("gelu (tanh)", "gelu (tanh)(gate) ⊙ up", Activation::GeluTanh),
+        (
+            "gelu (tanh)",
+            "gelu (tanh)(gate) ⊙ up",
+            Activation::GeluTanh,
+        ),
         ("silu", "silu(gate) ⊙ up", Activation::Silu),
         ("relu", "relu(gate) ⊙ up", Activation::Relu),
     ];

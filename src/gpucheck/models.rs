@@ -47,7 +47,12 @@ struct Outputs {
 }
 
 /// A trainer of `model` (a `name_or_path`) on `device`.
-fn trainer(model: &str, device: &str, scratch: &std::path::Path, args: &GpuCheckArgs) -> Result<Trainer> {
+fn trainer(
+    model: &str,
+    device: &str,
+    scratch: &std::path::Path,
+    args: &GpuCheckArgs,
+) -> Result<Trainer> {
     let toml = format!(
         "output_dir = {out:?}\ndevice = {device:?}\n[model]\nname_or_path = {model:?}\n\
          [data]\ntrain = \"builtin:arith\"\nbuiltin_pairs = 8\n[training]\nlearning_rate = 1e-6\nbatch_size = {pairs}\n[sam]\nkind = \"logits\"\nrho = 0.05\n",
@@ -128,8 +133,14 @@ pub fn check(args: &GpuCheckArgs) -> Result<Value> {
             max_shard_size: u64::MAX,
         };
         crate::checkpoint::save_model(on_cpu.policy(), on_cpu.tok(), &saved, &whole)?;
-        let on_device = trainer(&saved.display().to_string(), &args.device, scratch.path(), args)?;
-        let dev = outputs(&on_device, args).with_context(|| format!("{arch} on {}", args.device))?;
+        let on_device = trainer(
+            &saved.display().to_string(),
+            &args.device,
+            scratch.path(),
+            args,
+        )?;
+        let dev =
+            outputs(&on_device, args).with_context(|| format!("{arch} on {}", args.device))?;
         let logits = rel_err(&cpu.logits, &dev.logits)?;
         let logps = rel_err(
             &Tensor::new(cpu.logps.as_slice(), &Device::Cpu)?,

@@ -241,12 +241,7 @@ fn compare(c: &Case, dtype: DType, device: &Device) -> Result<(Vec<f64>, u64)> {
     Ok((errors, launches))
 }
 
-fn outcome(
-    name: &str,
-    dtype: DType,
-    tolerance: f64,
-    result: Result<(Vec<f64>, u64)>,
-) -> Outcome {
+fn outcome(name: &str, dtype: DType, tolerance: f64, result: Result<(Vec<f64>, u64)>) -> Outcome {
     let dtype_name = if dtype == DType::BF16 { "bf16" } else { "f32" };
     match result {
         Ok((errors, launches)) => Outcome {
@@ -275,7 +270,12 @@ pub fn check(device: &Device) -> Result<Vec<Outcome>> {
     let mut out = Vec::new();
     for (dtype, tolerance) in [(DType::F32, 1e-5), (DType::BF16, 1e-2)] {
         for c in cases()? {
-            out.push(outcome(c.name, dtype, tolerance, compare(&c, dtype, device)));
+            out.push(outcome(
+                c.name,
+                dtype,
+                tolerance,
+                compare(&c, dtype, device),
+            ));
         }
     }
     for mixed in [false, true] {
@@ -296,7 +296,10 @@ fn optimiser(device: &Device, mixed: bool) -> Result<(Vec<f64>, u64)> {
     let mut x = Inputs(rand_chacha::ChaCha8Rng::seed_from_u64(5));
     // One parameter larger than a chunk of the kernels (65536), a matrix, a bias.
     let shapes: [&[usize]; 3] = [&[3, 30_001], &[64, 48], &[48]];
-    let initial: Vec<Tensor> = shapes.iter().map(|s| x.randn(s, 0.0, 0.1)).collect::<Result<_>>()?;
+    let initial: Vec<Tensor> = shapes
+        .iter()
+        .map(|s| x.randn(s, 0.0, 0.1))
+        .collect::<Result<_>>()?;
     let kind = OptimizerKind::AdamW {
         beta1: 0.9,
         beta2: 0.999,
@@ -310,10 +313,17 @@ fn optimiser(device: &Device, mixed: bool) -> Result<(Vec<f64>, u64)> {
             .map(|(i, w)| {
                 let w = w.to_device(dev)?;
                 let (var, master) = match mixed {
-                    true => (Var::from_tensor(&w.to_dtype(DType::BF16)?)?, Some(Var::from_tensor(&w)?)),
+                    true => (
+                        Var::from_tensor(&w.to_dtype(DType::BF16)?)?,
+                        Some(Var::from_tensor(&w)?),
+                    ),
                     false => (Var::from_tensor(&w)?, None),
                 };
-                Ok(Param { name: format!("p{i}"), var, master })
+                Ok(Param {
+                    name: format!("p{i}"),
+                    var,
+                    master,
+                })
             })
             .collect()
     };
@@ -324,7 +334,10 @@ fn optimiser(device: &Device, mixed: bool) -> Result<(Vec<f64>, u64)> {
     let mut launches = 0;
     for step in 0..3 {
         // Gradients of Σ w ⊙ r: r itself, through a real backward on both sides.
-        let rs: Vec<Tensor> = shapes.iter().map(|s| x.randn(s, 0.0, 1.0)).collect::<Result<_>>()?;
+        let rs: Vec<Tensor> = shapes
+            .iter()
+            .map(|s| x.randn(s, 0.0, 1.0))
+            .collect::<Result<_>>()?;
         let grads = |params: &[Param]| -> Result<GradAccumulator> {
             let mut loss: Option<Tensor> = None;
             for (p, r) in params.iter().zip(&rs) {
@@ -351,14 +364,30 @@ fn optimiser(device: &Device, mixed: bool) -> Result<(Vec<f64>, u64)> {
         }
     }
     for (i, (d, c)) in dev_params.iter().zip(&cpu_params).enumerate() {
-        let weights = |p: &Param| p.master.as_ref().unwrap_or(&p.var).as_tensor().to_device(&Device::Cpu);
+        let weights = |p: &Param| {
+            p.master
+                .as_ref()
+                .unwrap_or(&p.var)
+                .as_tensor()
+                .to_device(&Device::Cpu)
+        };
         errors.push(rel_err(&weights(c)?, &weights(d)?)?);
-        errors.push(rel_err(&cpu_opt.m[i], &dev_opt.m[i].to_device(&Device::Cpu)?)?);
-        errors.push(rel_err(&cpu_opt.v[i], &dev_opt.v[i].to_device(&Device::Cpu)?)?);
+        errors.push(rel_err(
+            &cpu_opt.m[i],
+            &dev_opt.m[i].to_device(&Device::Cpu)?,
+        )?);
+        errors.push(rel_err(
+            &cpu_opt.v[i],
+            &dev_opt.v[i].to_device(&Device::Cpu)?,
+        )?);
         if mixed {
             // The bf16 weights the kernel wrote are its f32 master rounded once (to nearest
             // even, as the CPU rounds): exactly, not merely close.
-            let copy = d.var.as_tensor().to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+            let copy = d
+                .var
+                .as_tensor()
+                .to_device(&Device::Cpu)?
+                .to_dtype(DType::F32)?;
             let rounded = weights(d)?.to_dtype(DType::BF16)?.to_dtype(DType::F32)?;
             errors.push(rel_err(&rounded, &copy)?);
         }
@@ -371,7 +400,10 @@ fn init(device: &Device) -> Result<(Vec<f64>, u64)> {
     let shape = candle_core::Shape::from((300, 257));
     let before = kernels::launches();
     let draw = || kernels::init::randn_on_device(99, &shape, 0.5, 0.02, device);
-    let (a, b) = (draw()?.context("no device draw")?, draw()?.context("no device draw")?);
+    let (a, b) = (
+        draw()?.context("no device draw")?,
+        draw()?.context("no device draw")?,
+    );
     let launches = kernels::launches() - before;
     let host = kernels::init::randn_host(99, shape.elem_count(), 0.5, 0.02);
     let host = Tensor::from_vec(host, shape.clone(), &Device::Cpu)?;
@@ -390,7 +422,9 @@ mod tests {
     fn harness_runs_every_case_and_rejects_ops_without_device_kernels() -> Result<()> {
         for c in cases()? {
             let result = compare(&c, DType::F32, &Device::Cpu);
-            let (errors, launches) = result.as_ref().map_err(|e| anyhow::anyhow!("{}: {e:#}", c.name))?;
+            let (errors, launches) = result
+                .as_ref()
+                .map_err(|e| anyhow::anyhow!("{}: {e:#}", c.name))?;
             assert_eq!(errors.len(), 1 + c.trainable, "{}", c.name);
             assert!(errors.iter().all(|e| *e == 0.0), "{}: {errors:?}", c.name);
             assert_eq!(*launches, 0);

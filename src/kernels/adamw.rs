@@ -238,7 +238,9 @@ impl<'a> Fused<'a> {
                     && s.moments.is_none_or(|(m, v)| f32_here(m) && f32_here(v))
                     && s.copy.map(Tensor::dtype) == copy_dtype
                     && s.copy.is_none_or(|c| {
-                        c.is_contiguous() && c.device().same_device(device) && c.elem_count() == s.w.elem_count()
+                        c.is_contiguous()
+                            && c.device().same_device(device)
+                            && c.elem_count() == s.w.elem_count()
                     })
             })
             && matches!(copy_dtype, None | Some(DType::BF16) | Some(DType::F16));
@@ -325,7 +327,11 @@ mod gpu {
     }
 
     fn grid(blocks: usize) -> LaunchConfig {
-        LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
+        LaunchConfig {
+            grid_dim: (blocks as u32, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        }
     }
 
     pub fn clip(slots: &[Slot], max_norm: f64) -> Result<Tensor> {
@@ -343,10 +349,21 @@ mod gpu {
             // one double per chunk and out two floats.
             unsafe {
                 if t.chunks > 0 {
-                    let args = [Arg::Ptr(sp), Arg::Ptr(cp), n, Arg::I32(CHUNK as i32), Arg::Ptr(pp)];
+                    let args = [
+                        Arg::Ptr(sp),
+                        Arg::Ptr(cp),
+                        n,
+                        Arg::I32(CHUNK as i32),
+                        Arg::Ptr(pp),
+                    ];
                     cuda::run(&dev, &ADAMW, "sumsq", grid(t.chunks), &args)?;
                 }
-                let args = [Arg::Ptr(pp), Arg::I32(t.chunks as i32), Arg::F64(max_norm), Arg::Ptr(op)];
+                let args = [
+                    Arg::Ptr(pp),
+                    Arg::I32(t.chunks as i32),
+                    Arg::F64(max_norm),
+                    Arg::Ptr(op),
+                ];
                 cuda::run(&dev, &ADAMW, "clip_factor", grid(1), &args)?;
             }
         }
@@ -365,9 +382,20 @@ mod gpu {
             Some(_) => 2,
         };
         let stream = dev.cuda_stream();
-        let (sh, ch, kh) = (Held::new(&t.slots)?, Held::new(&t.chunk_start)?, Held::new(clip)?);
+        let (sh, ch, kh) = (
+            Held::new(&t.slots)?,
+            Held::new(&t.chunk_start)?,
+            Held::new(clip)?,
+        );
         let ((sp, _s), (cp, _c), (kp, _k)) = (sh.ptr(&stream)?, ch.ptr(&stream)?, kh.ptr(&stream)?);
-        let head = [Arg::Ptr(sp), Arg::Ptr(cp), Arg::I32(slots.len() as i32), Arg::I32(CHUNK as i32), Arg::Ptr(kp), Arg::F32(update.lr as f32)];
+        let head = [
+            Arg::Ptr(sp),
+            Arg::Ptr(cp),
+            Arg::I32(slots.len() as i32),
+            Arg::I32(CHUNK as i32),
+            Arg::Ptr(kp),
+            Arg::F32(update.lr as f32),
+        ];
         let copy = Arg::I32(copy_kind);
         // SAFETY: as in `clip`; the kernel writes w, m, v and the copies in place, which nothing
         // else on the stream touches meanwhile.

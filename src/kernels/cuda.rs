@@ -163,12 +163,23 @@ pub(crate) fn ptr<'s>(
 }
 
 /// The device address of a whole buffer (a kernel's fresh output).
-pub(crate) fn buf<'s>(storage: &'s CudaStorage, stream: &'s CudaStream) -> Result<(u64, SyncOnDrop<'s>)> {
+pub(crate) fn buf<'s>(
+    storage: &'s CudaStorage,
+    stream: &'s CudaStream,
+) -> Result<(u64, SyncOnDrop<'s>)> {
     at(storage, 0, stream)
 }
 
-fn at<'s>(storage: &'s CudaStorage, start: usize, stream: &'s CudaStream) -> Result<(u64, SyncOnDrop<'s>)> {
-    fn typed<'s, T>(s: &'s CudaSlice<T>, start: usize, stream: &'s CudaStream) -> (u64, SyncOnDrop<'s>) {
+fn at<'s>(
+    storage: &'s CudaStorage,
+    start: usize,
+    stream: &'s CudaStream,
+) -> Result<(u64, SyncOnDrop<'s>)> {
+    fn typed<'s, T>(
+        s: &'s CudaSlice<T>,
+        start: usize,
+        stream: &'s CudaStream,
+    ) -> (u64, SyncOnDrop<'s>) {
         let (p, record) = s.device_ptr(stream);
         (p + (start * std::mem::size_of::<T>()) as u64, record)
     }
@@ -222,8 +233,10 @@ pub(crate) fn compute_capability(dev: &CudaDevice) -> Result<(i32, i32)> {
     let stream = dev.cuda_stream();
     let ctx = stream.context();
     Ok((
-        ctx.attribute(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR).w()?,
-        ctx.attribute(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR).w()?,
+        ctx.attribute(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)
+            .w()?,
+        ctx.attribute(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)
+            .w()?,
     ))
 }
 
@@ -299,6 +312,11 @@ pub(crate) struct Gemm {
     pub ldd: usize,
 }
 
+/// cuBLASLt's errors as candle's (candle converts cuBLAS's, not cuBLASLt's).
+fn lt_err(e: lt::CublasError) -> candle_core::Error {
+    candle_core::Error::wrap(e)
+}
+
 /// A cuBLASLt handle and workspace per device (32 MiB: NVIDIA's size for Hopper).
 struct Lt {
     handle: lt_sys::cublasLtHandle_t,
@@ -318,7 +336,7 @@ fn lt_handle(dev: &CudaDevice) -> Result<Arc<Lt>> {
     if let Some((_, lt)) = handles.iter().find(|(id, _)| *id == dev.id()) {
         return Ok(lt.clone());
     }
-    let handle = lt::create_handle().w()?;
+    let handle = lt::create_handle().map_err(candle_core::Error::wrap)?;
     let workspace = dev.alloc_zeros::<u8>(LT_WORKSPACE)?;
     let lt = Arc::new(Lt { handle, workspace });
     handles.push((dev.id(), lt.clone()));
@@ -379,40 +397,70 @@ pub(crate) fn gemm(
     let lt = lt_handle(dev)?;
     let stream = dev.cuda_stream();
     let (workspace, _record) = lt.workspace.device_ptr(&stream);
-    let stored = |trans: bool, rows: usize, cols: usize| if trans { (cols, rows) } else { (rows, cols) };
+    let stored =
+        |trans: bool, rows: usize, cols: usize| if trans { (cols, rows) } else { (rows, cols) };
     let (a_rows, a_cols) = stored(g.transa, g.m, g.k);
     let (b_rows, b_cols) = stored(g.transb, g.k, g.n);
     let layout = |rows: usize, cols: usize, ld: usize| {
-        lt::create_matrix_layout(data, rows as u64, cols as u64, ld as i64).w()
+        lt::create_matrix_layout(data, rows as u64, cols as u64, ld as i64).map_err(lt_err)
     };
     let layouts = [
         layout(a_rows, a_cols, g.lda)?,
         layout(b_rows, b_cols, g.ldb)?,
         layout(g.m, g.n, g.ldd)?,
     ];
-    let desc = lt::create_matmul_desc(compute, lt_sys::cudaDataType_t::CUDA_R_32F).w()?;
-    let pref = lt::create_matmul_pref().w()?;
+    let desc =
+        lt::create_matmul_desc(compute, lt_sys::cudaDataType_t::CUDA_R_32F).map_err(lt_err)?;
+    let pref = lt::create_matmul_pref().map_err(lt_err)?;
     let (epi, bias) = match epilogue {
         Epilogue::None => (lt_sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_DEFAULT, None),
         Epilogue::Bias(p) => (lt_sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS, Some(p)),
-        Epilogue::BiasGradA(p) => (lt_sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BGRADA, Some(p)),
-        Epilogue::BiasGradB(p) => (lt_sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BGRADB, Some(p)),
+        Epilogue::BiasGradA(p) => (
+            lt_sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BGRADA,
+            Some(p),
+        ),
+        Epilogue::BiasGradB(p) => (
+            lt_sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BGRADB,
+            Some(p),
+        ),
     };
     let result = (|| -> Result<Option<lt_sys::cublasLtMatmulHeuristicResult_t>> {
         // SAFETY: each attribute gets a value of the type cuBLASLt documents for it.
         unsafe {
             let set = |attr: Desc, value: *const std::ffi::c_void, size: usize| {
-                lt::set_matmul_desc_attribute(desc, attr, value, size).w()
+                lt::set_matmul_desc_attribute(desc, attr, value, size).map_err(lt_err)
             };
             let (ta, tb) = (g.transa as i32, g.transb as i32);
-            set(Desc::CUBLASLT_MATMUL_DESC_TRANSA, (&ta as *const i32).cast(), 4)?;
-            set(Desc::CUBLASLT_MATMUL_DESC_TRANSB, (&tb as *const i32).cast(), 4)?;
-            set(Desc::CUBLASLT_MATMUL_DESC_EPILOGUE, (&epi as *const lt_sys::cublasLtEpilogue_t).cast(), std::mem::size_of::<lt_sys::cublasLtEpilogue_t>())?;
+            set(
+                Desc::CUBLASLT_MATMUL_DESC_TRANSA,
+                (&ta as *const i32).cast(),
+                4,
+            )?;
+            set(
+                Desc::CUBLASLT_MATMUL_DESC_TRANSB,
+                (&tb as *const i32).cast(),
+                4,
+            )?;
+            set(
+                Desc::CUBLASLT_MATMUL_DESC_EPILOGUE,
+                (&epi as *const lt_sys::cublasLtEpilogue_t).cast(),
+                std::mem::size_of::<lt_sys::cublasLtEpilogue_t>(),
+            )?;
             if let Some(p) = &bias {
-                set(Desc::CUBLASLT_MATMUL_DESC_BIAS_POINTER, (p as *const u64).cast(), 8)?;
+                set(
+                    Desc::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
+                    (p as *const u64).cast(),
+                    8,
+                )?;
             }
             let size = LT_WORKSPACE;
-            lt::set_matmul_pref_attribute(pref, Pref::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, (&size as *const usize).cast(), std::mem::size_of::<usize>()).w()?;
+            lt::set_matmul_pref_attribute(
+                pref,
+                Pref::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                (&size as *const usize).cast(),
+                std::mem::size_of::<usize>(),
+            )
+            .map_err(lt_err)?;
             for (attr, p) in [
                 (Pref::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, a),
                 (Pref::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, b),
@@ -420,12 +468,17 @@ pub(crate) fn gemm(
                 (Pref::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, d),
             ] {
                 let align = alignment(p);
-                lt::set_matmul_pref_attribute(pref, attr, (&align as *const u32).cast(), 4).w()?;
+                lt::set_matmul_pref_attribute(pref, attr, (&align as *const u32).cast(), 4)
+                    .map_err(lt_err)?;
             }
-            match lt::get_matmul_algo_heuristic(lt.handle, desc, layouts[0], layouts[1], layouts[2], layouts[2], pref) {
+            match lt::get_matmul_algo_heuristic(
+                lt.handle, desc, layouts[0], layouts[1], layouts[2], layouts[2], pref,
+            ) {
                 Ok(h) => Ok(Some(h)),
-                Err(e) if bgrad && e.0 == lt_sys::cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED => Ok(None),
-                Err(e) => Err(candle_core::Error::wrap(e)),
+                Err(e) if bgrad && e.0 == lt_sys::cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED => {
+                    Ok(None)
+                }
+                Err(e) => Err(lt_err(e)),
             }
         }
     })();
@@ -454,7 +507,7 @@ pub(crate) fn gemm(
                     LT_WORKSPACE,
                     stream.cu_stream() as *mut _,
                 )
-                .w()
+                .map_err(lt_err)
                 .map(|()| true)
             }
         }
@@ -466,10 +519,10 @@ pub(crate) fn gemm(
     };
     // SAFETY: created above and no longer used.
     unsafe {
-        lt::destroy_matmul_pref(pref).w()?;
-        lt::destroy_matmul_desc(desc).w()?;
+        lt::destroy_matmul_pref(pref).map_err(lt_err)?;
+        lt::destroy_matmul_desc(desc).map_err(lt_err)?;
         for l in layouts {
-            lt::destroy_matrix_layout(l).w()?;
+            lt::destroy_matrix_layout(l).map_err(lt_err)?;
         }
     }
     outcome

@@ -254,7 +254,13 @@ impl CustomOp3 for Dense {
         bs: &candle_core::CudaStorage,
         bl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        gpu::dense_forward(self.layout, self.dims(xl, wl)?, (xs, xl), (ws, wl), Some((bs, bl)))
+        gpu::dense_forward(
+            self.layout,
+            self.dims(xl, wl)?,
+            (xs, xl),
+            (ws, wl),
+            Some((bs, bl)),
+        )
     }
 
     fn bwd(
@@ -556,8 +562,19 @@ mod gpu {
             WeightLayout::OutIn => (true, n_in),
             WeightLayout::InOut => (false, n_out),
         };
-        let gemm = Gemm { transa, transb: false, m: n_out, n: rows, k: n_in, lda, ldb: n_in, ldd: n_out };
-        let epilogue = b.as_ref().map_or(Epilogue::None, |(p, _)| Epilogue::Bias(*p));
+        let gemm = Gemm {
+            transa,
+            transb: false,
+            m: n_out,
+            n: rows,
+            k: n_in,
+            lda,
+            ldb: n_in,
+            ldd: n_out,
+        };
+        let epilogue = b
+            .as_ref()
+            .map_or(Epilogue::None, |(p, _)| Epilogue::Bias(*p));
         cuda::gemm(&dev, dtype, gemm, wp, xp, yp, epilogue)?;
         Ok((out, Shape::from(dims)))
     }
@@ -575,7 +592,9 @@ mod gpu {
         let (n_in, n_out) = (x.dim(D::Minus1)?, g.dim(D::Minus1)?);
         let rows = x.elem_count() / n_in.max(1);
         if rows == 0 || n_in == 0 || n_out == 0 {
-            let db = bias.then(|| Tensor::zeros(n_out, x.dtype(), x.device())).transpose()?;
+            let db = bias
+                .then(|| Tensor::zeros(n_out, x.dtype(), x.device()))
+                .transpose()?;
             return Ok((x.zeros_like()?, w.zeros_like()?, db));
         }
         let (dev, dtype) = (cuda::device_of(x)?, x.dtype());
@@ -585,7 +604,8 @@ mod gpu {
         {
             let stream = dev.cuda_stream();
             let (xh, wh, gh) = (Held::new(x)?, Held::new(w)?, Held::new(&g)?);
-            let ((xp, _x), (wp, _w), (gp, _g)) = (xh.ptr(&stream)?, wh.ptr(&stream)?, gh.ptr(&stream)?);
+            let ((xp, _x), (wp, _w), (gp, _g)) =
+                (xh.ptr(&stream)?, wh.ptr(&stream)?, gh.ptr(&stream)?);
             let ((dxp, _dx), (dwp, _dw)) = (cuda::buf(&dx, &stream)?, cuda::buf(&dw, &stream)?);
             let dbp = db.as_ref().map(|db| cuda::buf(db, &stream)).transpose()?;
             // dxᵀ (n_in × rows) = op(A) (n_in × n_out) · gᵀ (n_out × rows).
@@ -593,18 +613,45 @@ mod gpu {
                 WeightLayout::OutIn => (false, n_in),
                 WeightLayout::InOut => (true, n_out),
             };
-            let gemm = Gemm { transa, transb: false, m: n_in, n: rows, k: n_out, lda, ldb: n_out, ldd: n_in };
+            let gemm = Gemm {
+                transa,
+                transb: false,
+                m: n_in,
+                n: rows,
+                k: n_out,
+                lda,
+                ldb: n_out,
+                ldd: n_in,
+            };
             cuda::gemm(&dev, dtype, gemm, wp, gp, dxp, Epilogue::None)?;
             // `[out, in]`: dWᵀ (n_in × n_out) = xᵀ · g, db = Σ over k of B = g (BGRADB).
             // `[in, out]`: dWᵀ (n_out × n_in) = gᵀ · x, db = Σ over k of A = gᵀ (BGRADA).
             let (gemm, a, b) = match layout {
                 WeightLayout::OutIn => (
-                    Gemm { transa: false, transb: true, m: n_in, n: n_out, k: rows, lda: n_in, ldb: n_out, ldd: n_in },
+                    Gemm {
+                        transa: false,
+                        transb: true,
+                        m: n_in,
+                        n: n_out,
+                        k: rows,
+                        lda: n_in,
+                        ldb: n_out,
+                        ldd: n_in,
+                    },
                     xp,
                     gp,
                 ),
                 WeightLayout::InOut => (
-                    Gemm { transa: false, transb: true, m: n_out, n: n_in, k: rows, lda: n_out, ldb: n_in, ldd: n_out },
+                    Gemm {
+                        transa: false,
+                        transb: true,
+                        m: n_out,
+                        n: n_in,
+                        k: rows,
+                        lda: n_out,
+                        ldb: n_in,
+                        ldd: n_out,
+                    },
                     gp,
                     xp,
                 ),
@@ -616,10 +663,25 @@ mod gpu {
             };
             if !cuda::gemm(&dev, dtype, gemm, a, b, dwp, epilogue)? {
                 cuda::gemm(&dev, dtype, gemm, a, b, dwp, Epilogue::None)?;
-                let (dbp, _) = dbp.as_ref().expect("only a bias-gradient epilogue is refused");
-                let args = [Arg::Ptr(gp), Arg::Ptr(*dbp), Arg::I32(rows as i32), Arg::I32(n_out as i32)];
+                let (dbp, _) = dbp
+                    .as_ref()
+                    .expect("only a bias-gradient epilogue is refused");
+                let args = [
+                    Arg::Ptr(gp),
+                    Arg::Ptr(*dbp),
+                    Arg::I32(rows as i32),
+                    Arg::I32(n_out as i32),
+                ];
                 // SAFETY: g holds rows × n_out elements, db n_out.
-                unsafe { cuda::run(&dev, &DENSE, &cuda::typed("col_sum", dtype)?, cuda::columns_config(n_out), &args)? };
+                unsafe {
+                    cuda::run(
+                        &dev,
+                        &DENSE,
+                        &cuda::typed("col_sum", dtype)?,
+                        cuda::columns_config(n_out),
+                        &args,
+                    )?
+                };
             }
         }
         Ok((
@@ -638,7 +700,15 @@ mod gpu {
             let ((xp, _x), (yp, _y)) = (cuda::ptr(s, l, &stream)?, cuda::buf(&out, &stream)?);
             let args = [Arg::Ptr(xp), Arg::Ptr(yp), Arg::I64(n as i64), kind(a)];
             // SAFETY: x and y hold n elements.
-            unsafe { cuda::run(&dev, &DENSE, &cuda::typed("act_fwd", dtype)?, cuda::elementwise_config(n), &args)? };
+            unsafe {
+                cuda::run(
+                    &dev,
+                    &DENSE,
+                    &cuda::typed("act_fwd", dtype)?,
+                    cuda::elementwise_config(n),
+                    &args,
+                )?
+            };
         }
         Ok((out, l.shape().clone()))
     }
@@ -650,10 +720,25 @@ mod gpu {
         if n > 0 {
             let stream = dev.cuda_stream();
             let (xh, gh) = (Held::new(x)?, Held::new(&g)?);
-            let ((xp, _x), (gp, _g), (dxp, _dx)) = (xh.ptr(&stream)?, gh.ptr(&stream)?, cuda::buf(&dx, &stream)?);
-            let args = [Arg::Ptr(xp), Arg::Ptr(gp), Arg::Ptr(dxp), Arg::I64(n as i64), kind(a)];
+            let ((xp, _x), (gp, _g), (dxp, _dx)) =
+                (xh.ptr(&stream)?, gh.ptr(&stream)?, cuda::buf(&dx, &stream)?);
+            let args = [
+                Arg::Ptr(xp),
+                Arg::Ptr(gp),
+                Arg::Ptr(dxp),
+                Arg::I64(n as i64),
+                kind(a),
+            ];
             // SAFETY: x, g and dx hold n elements.
-            unsafe { cuda::run(&dev, &DENSE, &cuda::typed("act_bwd", dtype)?, cuda::elementwise_config(n), &args)? };
+            unsafe {
+                cuda::run(
+                    &dev,
+                    &DENSE,
+                    &cuda::typed("act_bwd", dtype)?,
+                    cuda::elementwise_config(n),
+                    &args,
+                )?
+            };
         }
         Ok(cuda::tensor(dx, x.shape()))
     }
@@ -669,26 +754,66 @@ mod gpu {
                 cuda::ptr(up.0, up.1, &stream)?,
                 cuda::buf(&out, &stream)?,
             );
-            let args = [Arg::Ptr(gp), Arg::Ptr(up_p), Arg::Ptr(yp), Arg::I64(n as i64), kind(a)];
+            let args = [
+                Arg::Ptr(gp),
+                Arg::Ptr(up_p),
+                Arg::Ptr(yp),
+                Arg::I64(n as i64),
+                kind(a),
+            ];
             // SAFETY: gate, up and y hold n elements.
-            unsafe { cuda::run(&dev, &DENSE, &cuda::typed("glu_fwd", dtype)?, cuda::elementwise_config(n), &args)? };
+            unsafe {
+                cuda::run(
+                    &dev,
+                    &DENSE,
+                    &cuda::typed("glu_fwd", dtype)?,
+                    cuda::elementwise_config(n),
+                    &args,
+                )?
+            };
         }
         Ok((out, gate.1.shape().clone()))
     }
 
-    pub fn gated_backward(a: Activation, gate: &Tensor, up: &Tensor, g: &Tensor) -> Result<(Tensor, Tensor)> {
+    pub fn gated_backward(
+        a: Activation,
+        gate: &Tensor,
+        up: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
         let g = g.contiguous()?;
         let (dev, dtype, n) = (cuda::device_of(gate)?, gate.dtype(), gate.elem_count());
         let (dgate, dup) = (cuda::alloc(&dev, dtype, n)?, cuda::alloc(&dev, dtype, n)?);
         if n > 0 {
             let stream = dev.cuda_stream();
             let (xh, uh, gh) = (Held::new(gate)?, Held::new(up)?, Held::new(&g)?);
-            let ((xp, _x), (up_p, _u), (gp, _g)) = (xh.ptr(&stream)?, uh.ptr(&stream)?, gh.ptr(&stream)?);
-            let ((dgp, _dg), (dup_p, _du)) = (cuda::buf(&dgate, &stream)?, cuda::buf(&dup, &stream)?);
-            let args = [Arg::Ptr(xp), Arg::Ptr(up_p), Arg::Ptr(gp), Arg::Ptr(dgp), Arg::Ptr(dup_p), Arg::I64(n as i64), kind(a)];
+            let ((xp, _x), (up_p, _u), (gp, _g)) =
+                (xh.ptr(&stream)?, uh.ptr(&stream)?, gh.ptr(&stream)?);
+            let ((dgp, _dg), (dup_p, _du)) =
+                (cuda::buf(&dgate, &stream)?, cuda::buf(&dup, &stream)?);
+            let args = [
+                Arg::Ptr(xp),
+                Arg::Ptr(up_p),
+                Arg::Ptr(gp),
+                Arg::Ptr(dgp),
+                Arg::Ptr(dup_p),
+                Arg::I64(n as i64),
+                kind(a),
+            ];
             // SAFETY: every buffer holds n elements.
-            unsafe { cuda::run(&dev, &DENSE, &cuda::typed("glu_bwd", dtype)?, cuda::elementwise_config(n), &args)? };
+            unsafe {
+                cuda::run(
+                    &dev,
+                    &DENSE,
+                    &cuda::typed("glu_bwd", dtype)?,
+                    cuda::elementwise_config(n),
+                    &args,
+                )?
+            };
         }
-        Ok((cuda::tensor(dgate, gate.shape()), cuda::tensor(dup, up.shape())))
+        Ok((
+            cuda::tensor(dgate, gate.shape()),
+            cuda::tensor(dup, up.shape()),
+        ))
     }
 }

@@ -52,7 +52,13 @@ mod gpu {
     use crate::kernels::cuda::{self, Arg, INIT};
     use candle_core::{CudaDevice, DType, Result, Shape, Tensor};
 
-    pub fn randn(dev: &CudaDevice, key: u64, shape: &Shape, mean: f64, stdev: f64) -> Result<Tensor> {
+    pub fn randn(
+        dev: &CudaDevice,
+        key: u64,
+        shape: &Shape,
+        mean: f64,
+        stdev: f64,
+    ) -> Result<Tensor> {
         let n = shape.elem_count();
         let out = cuda::alloc(dev, DType::F32, n)?;
         if n > 0 {

@@ -236,7 +236,12 @@ mod gpu {
     type Input<'a> = (&'a CudaStorage, &'a Layout);
 
     /// LayerNorm with `bias`, RMSNorm without.
-    pub fn forward(x: Input, w: Input, bias: Option<Input>, eps: f64) -> Result<(CudaStorage, Shape)> {
+    pub fn forward(
+        x: Input,
+        w: Input,
+        bias: Option<Input>,
+        eps: f64,
+    ) -> Result<(CudaStorage, Shape)> {
         let (dev, dtype) = (x.0.device().clone(), x.0.dtype());
         let d = x.1.dims().last().copied().unwrap_or(1);
         let rows = x.1.shape().elem_count() / d.max(1);
@@ -271,26 +276,45 @@ mod gpu {
         eps: f64,
         centered: bool,
     ) -> Result<(Tensor, Tensor, Option<Tensor>)> {
-        let g = g.contiguous()?;
-        let (dev, dtype) = (cuda::device_of(x)?, x.dtype());
         let d = x.dim(D::Minus1)?;
         let rows = x.elem_count() / d.max(1);
+        if rows == 0 || d == 0 {
+            // Sums over nothing.
+            let db = centered.then(|| w.zeros_like()).transpose()?;
+            return Ok((x.zeros_like()?, w.zeros_like()?, db));
+        }
+        let g = g.contiguous()?;
+        let (dev, dtype) = (cuda::device_of(x)?, x.dtype());
         let dx = cuda::alloc(&dev, dtype, rows * d)?;
         let dw = cuda::alloc(&dev, dtype, d)?;
         let db = centered.then(|| cuda::alloc(&dev, dtype, d)).transpose()?;
-        let stats = cuda::alloc(&dev, DType::F32, 2 * rows.max(1))?;
-        if rows > 0 && d > 0 {
+        let stats = cuda::alloc(&dev, DType::F32, 2 * rows)?;
+        {
             let stream = dev.cuda_stream();
             let (xh, wh, gh) = (Held::new(x)?, Held::new(w)?, Held::new(&g)?);
-            let ((xp, _x), (wp, _w), (gp, _g)) = (xh.ptr(&stream)?, wh.ptr(&stream)?, gh.ptr(&stream)?);
+            let ((xp, _x), (wp, _w), (gp, _g)) =
+                (xh.ptr(&stream)?, wh.ptr(&stream)?, gh.ptr(&stream)?);
             let ((dxp, _dx), (sp, _s), (dwp, _dw)) = (
                 cuda::buf(&dx, &stream)?,
                 cuda::buf(&stats, &stream)?,
                 cuda::buf(&dw, &stream)?,
             );
             let dbp = db.as_ref().map(|db| cuda::buf(db, &stream)).transpose()?;
-            let (di, eps, centered) = (Arg::I32(d as i32), Arg::F32(eps as f32), Arg::I32(centered as i32));
-            let rows_args = [Arg::Ptr(xp), Arg::Ptr(wp), Arg::Ptr(gp), Arg::Ptr(dxp), Arg::Ptr(sp), di, eps, centered];
+            let (di, eps, centered) = (
+                Arg::I32(d as i32),
+                Arg::F32(eps as f32),
+                Arg::I32(centered as i32),
+            );
+            let rows_args = [
+                Arg::Ptr(xp),
+                Arg::Ptr(wp),
+                Arg::Ptr(gp),
+                Arg::Ptr(dxp),
+                Arg::Ptr(sp),
+                di,
+                eps,
+                centered,
+            ];
             let cols_args = [
                 Arg::Ptr(xp),
                 Arg::Ptr(gp),
@@ -302,12 +326,21 @@ mod gpu {
             ];
             // SAFETY: x, g and dx hold rows × d elements, w, dw and db d, stats 2 · rows floats.
             unsafe {
-                cuda::run(&dev, &NORM, &cuda::typed("norm_bwd_rows", dtype)?, cuda::rows_config(rows, d), &rows_args)?;
-                cuda::run(&dev, &NORM, &cuda::typed("norm_bwd_cols", dtype)?, cuda::columns_config(d), &cols_args)?;
+                cuda::run(
+                    &dev,
+                    &NORM,
+                    &cuda::typed("norm_bwd_rows", dtype)?,
+                    cuda::rows_config(rows, d),
+                    &rows_args,
+                )?;
+                cuda::run(
+                    &dev,
+                    &NORM,
+                    &cuda::typed("norm_bwd_cols", dtype)?,
+                    cuda::columns_config(d),
+                    &cols_args,
+                )?;
             }
-        } else {
-            // No rows: the weight gradients are sums over nothing.
-            return Ok((x.zeros_like()?, w.zeros_like()?, centered.then(|| w.zeros_like()).transpose()?));
         }
         Ok((
             cuda::tensor(dx, x.shape()),

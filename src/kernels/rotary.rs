@@ -137,7 +137,12 @@ mod gpu {
 
     type Input<'a> = (&'a CudaStorage, &'a Layout);
 
-    pub fn rotate(x: Input, cos: Input, sin: Input, transpose: bool) -> Result<(CudaStorage, Shape)> {
+    pub fn rotate(
+        x: Input,
+        cos: Input,
+        sin: Input,
+        transpose: bool,
+    ) -> Result<(CudaStorage, Shape)> {
         let (dev, dtype) = (x.0.device().clone(), x.0.dtype());
         let d = x.1.dims().last().copied().unwrap_or(1);
         let rows = x.1.shape().elem_count() / d.max(1);
@@ -167,7 +172,15 @@ mod gpu {
                 Arg::I32(transpose as i32),
             ];
             // SAFETY: x and y hold rows × d elements, the tables t × rot with rot ≤ d.
-            unsafe { cuda::run(&dev, &ROTARY, &cuda::typed("rotary", dtype)?, cuda::elementwise_config(pairs), &args)? };
+            unsafe {
+                cuda::run(
+                    &dev,
+                    &ROTARY,
+                    &cuda::typed("rotary", dtype)?,
+                    cuda::elementwise_config(pairs),
+                    &args,
+                )?
+            };
         }
         Ok((out, x.1.shape().clone()))
     }

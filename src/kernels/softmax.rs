@@ -116,7 +116,15 @@ mod gpu {
             let ((xp, _x), (yp, _y)) = (cuda::ptr(s, l, &stream)?, cuda::buf(&out, &stream)?);
             let args = [Arg::Ptr(xp), Arg::Ptr(yp), Arg::I32(d as i32)];
             // SAFETY: x and y hold rows × d elements.
-            unsafe { cuda::run(&dev, &SOFTMAX, &cuda::typed("softmax_fwd", dtype)?, cuda::rows_config(rows, d), &args)? };
+            unsafe {
+                cuda::run(
+                    &dev,
+                    &SOFTMAX,
+                    &cuda::typed("softmax_fwd", dtype)?,
+                    cuda::rows_config(rows, d),
+                    &args,
+                )?
+            };
         }
         Ok((out, l.shape().clone()))
     }
@@ -131,10 +139,24 @@ mod gpu {
         if rows > 0 && d > 0 {
             let stream = dev.cuda_stream();
             let (ph, gh) = (Held::new(p)?, Held::new(&g)?);
-            let ((pp, _p), (gp, _g), (dxp, _dx)) = (ph.ptr(&stream)?, gh.ptr(&stream)?, cuda::buf(&dx, &stream)?);
-            let args = [Arg::Ptr(pp), Arg::Ptr(gp), Arg::Ptr(dxp), Arg::I32(d as i32)];
+            let ((pp, _p), (gp, _g), (dxp, _dx)) =
+                (ph.ptr(&stream)?, gh.ptr(&stream)?, cuda::buf(&dx, &stream)?);
+            let args = [
+                Arg::Ptr(pp),
+                Arg::Ptr(gp),
+                Arg::Ptr(dxp),
+                Arg::I32(d as i32),
+            ];
             // SAFETY: p, g and dx hold rows × d elements.
-            unsafe { cuda::run(&dev, &SOFTMAX, &cuda::typed("softmax_bwd", dtype)?, cuda::rows_config(rows, d), &args)? };
+            unsafe {
+                cuda::run(
+                    &dev,
+                    &SOFTMAX,
+                    &cuda::typed("softmax_bwd", dtype)?,
+                    cuda::rows_config(rows, d),
+                    &args,
+                )?
+            };
         }
         Ok(cuda::tensor(dx, p.shape()))
     }

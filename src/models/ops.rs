@@ -137,7 +137,12 @@ fn cached<const N: usize>(
     type Entry = (Table, DType, Vec<Tensor>);
     static CACHE: Mutex<Vec<Entry>> = Mutex::new(Vec::new());
     let hit = |(k, d, t): &Entry| *k == key && *d == dtype && t[0].device().same_device(device);
-    if let Some((_, _, t)) = CACHE.lock().expect("table cache lock").iter().find(|e| hit(e)) {
+    if let Some((_, _, t)) = CACHE
+        .lock()
+        .expect("table cache lock")
+        .iter()
+        .find(|e| hit(e))
+    {
         if let Ok(tables) = <[Tensor; N]>::try_from(t.clone()) {
             return Ok(tables);
         }
@@ -157,7 +162,11 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Te
     if kernels::supports(&[q, k, v, mask]) {
         return kernels::attention::attention(q, k, v, mask);
     }
-    attention_with(q, k, v, mask, softmax_last_dim)
+    if kernels::supports_cuda(&[q, k, v, mask]) {
+        // Until attention has a CUDA kernel of its own: the fused softmax inside.
+        return attention_with(q, k, v, mask, softmax_last_dim);
+    }
+    attention_composed(q, k, v, mask)
 }
 
 /// q, k and v `[b, heads, t, head_dim]` (contiguous) out of a fused projection `[b, t, 3 · heads
@@ -242,8 +251,8 @@ pub fn attention_composed(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> 
     attention_with(q, k, v, mask, softmax_last_dim_composed)
 }
 
-/// The attention composition with the given softmax: the composed one (the CPU reference), or
-/// the dispatching one (on CUDA, the fused kernel).
+/// The attention composition with the given softmax: the composed one (the reference, and
+/// where no kernel applies), or the dispatching one (on CUDA, the fused kernel).
 fn attention_with(
     q: &Tensor,
     k: &Tensor,

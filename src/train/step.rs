@@ -189,8 +189,14 @@ impl Trainer {
         Ok(MicroStep {
             grads,
             loss: scalar(&loss)?,
-            loss_pre: perturbation.as_ref().map(|p| scalar(&p.loss_pre)).transpose()?,
-            sam_grad_norm: perturbation.as_ref().map(|p| scalar(&p.grad_norm)).transpose()?,
+            loss_pre: perturbation
+                .as_ref()
+                .map(|p| scalar(&p.loss_pre))
+                .transpose()?,
+            sam_grad_norm: perturbation
+                .as_ref()
+                .map(|p| scalar(&p.grad_norm))
+                .transpose()?,
             chosen_rewards: to_f32s(&out.chosen_rewards)?,
             rejected_rewards: to_f32s(&out.rejected_rewards)?,
             chosen_logps: to_f32s(&lp.chosen)?,

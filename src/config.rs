@@ -405,6 +405,11 @@ pub struct TrainingConfig {
     /// optimiser state, log-softmax and loss. Needs `model.dtype = "f32"` (the masters' dtype).
     #[serde(default = "default_mixed_precision")]
     pub mixed_precision: MixedPrecision,
+    /// TF32 tensor cores for f32 matmuls on Ampere and newer GPUs (HF's `tf32`): several times
+    /// the f32 matmul throughput, with products rounded to a 10-bit mantissa. bf16 and f16
+    /// matmuls are unaffected. Off by default, as in transformers and PyTorch.
+    #[serde(default)]
+    pub tf32: bool,
     /// Activation checkpointing per transformer block (TRL's name): keep only each block's
     /// input and recompute the block in the backward, trading about one more forward of
     /// compute for most of the activation memory. Gradients are the same as without.
@@ -853,7 +858,14 @@ impl Config {
             "must be >= 0",
             self.sam.rho,
         )?;
-        crate::device::parse_name(&self.device).map_err(|e| anyhow!("device: {e}"))?;
+        let ordinal =
+            crate::device::parse_name(&self.device).map_err(|e| anyhow!("device: {e}"))?;
+        if t.tf32 && ordinal.is_none() {
+            bail!(
+                "training.tf32 = true needs a CUDA device (Ampere or newer), but device is \"{}\"",
+                self.device
+            );
+        }
         Ok(())
     }
 
@@ -1176,5 +1188,27 @@ batch_size = 8
         assert!(e.contains("training.save_total_limit: must be > 0"), "{e}");
         let e = err("output_dir = [", &[]);
         assert!(e.starts_with("cfg.toml: "), "{e}");
+    }
+
+    /// `training.tf32` defaults to off, parses as a bool, and is refused off CUDA, as HF
+    /// refuses `--tf32` without an Ampere GPU.
+    #[test]
+    fn tf32_is_off_by_default_and_needs_cuda() {
+        let cfg = Config::parse(MINIMAL, "cfg.toml", &[]).unwrap();
+        assert!(!cfg.training.tf32);
+        let cfg = Config::parse(
+            MINIMAL,
+            "cfg.toml",
+            &["training.tf32=true".into(), "device=\"cuda:1\"".into()],
+        )
+        .unwrap();
+        assert!(cfg.training.tf32);
+        let e = err(MINIMAL, &["training.tf32=true"]);
+        assert!(
+            e.contains("cfg.toml: training.tf32 = true needs a CUDA device"),
+            "{e}"
+        );
+        let e = err(MINIMAL, &["training.tf32=\"yes\""]);
+        assert!(e.contains("training.tf32"), "{e}");
     }
 }

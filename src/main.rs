@@ -41,8 +41,8 @@ enum Command {
     /// Generate completions for a data file's prompts as JSONL for `eval` (batched, KV cache,
     /// greedy or sampled; `--preset hh|tldr` for the paper's settings).
     Generate(dpo_sam::generate::GenerateArgs),
-    /// CUDA-vs-CPU parity of logits, log-probs and one step's gradients on tiny GPT-2,
-    /// GPT-NeoX and Mistral models, as JSON (see docs/gpu.md).
+    /// CUDA-vs-CPU parity of each CUDA kernel with its CPU twin, and of logits, log-probs and
+    /// one step's gradients on tiny GPT-2, GPT-NeoX and Mistral models, as JSON (docs/gpu.md).
     #[command(name = "gpu-check", hide = true)]
     GpuCheck(dpo_sam::gpucheck::GpuCheckArgs),
 }

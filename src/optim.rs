@@ -38,14 +38,22 @@ impl GradAccumulator {
         Ok(())
     }
 
-    /// Global L2 norm of the accumulated gradients.
+    /// Global L2 norm of the accumulated gradients. Off the CPU, the per-gradient sums stay on
+    /// the device and only the total is read back.
     pub fn norm(&self) -> Result<f64> {
         let mut total = 0f64;
+        let mut on_device = Vec::new();
         for g in self.grads.iter().flatten() {
-            total += match adamw::applies(&[g]) {
-                true => adamw::sum_of_squares(g)?,
-                false => g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64,
-            };
+            match (adamw::applies(&[g]), g.device().is_cpu()) {
+                (true, _) => total += adamw::sum_of_squares(g)?,
+                (false, true) => total += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64,
+                (false, false) => on_device.push(g.sqr()?.sum_all()?.to_dtype(DType::F64)?),
+            }
+        }
+        if !on_device.is_empty() {
+            total += Tensor::stack(&on_device, 0)?
+                .sum_all()?
+                .to_scalar::<f64>()?;
         }
         Ok(total.sqrt())
     }
@@ -170,6 +178,74 @@ impl Optimizer {
         Ok(())
     }
 
+    /// Clips the accumulated gradients to the global norm `max_norm` (0: no clipping) and
+    /// applies one update at learning rate `lr`, unless their norm is not finite (then nothing
+    /// changes). Returns the norm before clipping. On CUDA, where [`adamw::Fused`] applies, the
+    /// norm and the clipping factor are computed on the device and the norm is the step's one
+    /// read back to the host.
+    pub fn clip_and_apply(
+        &mut self,
+        params: &[Param],
+        acc: &GradAccumulator,
+        max_norm: f64,
+        lr: f64,
+    ) -> Result<f64> {
+        let slots: Vec<adamw::Slot> = params
+            .iter()
+            .zip(acc.grads())
+            .enumerate()
+            .filter_map(|(i, (p, g))| {
+                Some(adamw::Slot {
+                    w: p.master.as_ref().unwrap_or(&p.var).as_tensor(),
+                    moments: self.m.get(i).zip(self.v.get(i)),
+                    g: g.as_ref()?,
+                    copy: p.master.as_ref().map(|_| p.var.as_tensor()),
+                    decay: self.decay(p),
+                })
+            })
+            .collect();
+        if let Some(fused) = adamw::Fused::new(&slots) {
+            let clip = fused.clip(max_norm)?;
+            let norm = clip.to_vec1::<f32>()?[0] as f64;
+            if norm.is_finite() {
+                let update = adamw::Update {
+                    lr,
+                    decay: 0.0,
+                    grad_scale: 1.0,
+                    rule: self.rule(),
+                    step: self.step + 1,
+                };
+                fused.update(&update, &clip)?;
+                self.step += 1;
+            }
+            return Ok(norm);
+        }
+        let (norm, scale) = acc.clip(max_norm)?;
+        if norm.is_finite() {
+            self.apply(params, acc.grads(), scale, lr)?;
+        }
+        Ok(norm)
+    }
+
+    /// The kernels' update rule.
+    fn rule(&self) -> adamw::Rule {
+        match self.kind {
+            OptimizerKind::AdamW {
+                beta1, beta2, eps, ..
+            } => adamw::Rule::AdamW { beta1, beta2, eps },
+            OptimizerKind::Sgd { .. } => adamw::Rule::Sgd,
+        }
+    }
+
+    /// Decoupled weight decay of a parameter: none on biases and norm weights (rank 1).
+    fn decay(&self, p: &Param) -> f64 {
+        match (p.var.rank() >= 2, &self.kind) {
+            (false, _) => 0.0,
+            (true, OptimizerKind::AdamW { weight_decay, .. })
+            | (true, OptimizerKind::Sgd { weight_decay }) => *weight_decay,
+        }
+    }
+
     /// One update with learning rate `lr`, each gradient multiplied by `grad_scale` (the clipping
     /// factor). Parameters without a gradient are left alone.
     pub fn apply(
@@ -180,23 +256,10 @@ impl Optimizer {
         lr: f64,
     ) -> Result<()> {
         self.step += 1;
-        let rule = match self.kind {
-            OptimizerKind::AdamW {
-                beta1, beta2, eps, ..
-            } => adamw::Rule::AdamW { beta1, beta2, eps },
-            OptimizerKind::Sgd { .. } => adamw::Rule::Sgd,
-        };
+        let rule = self.rule();
         for (i, (p, g)) in params.iter().zip(grads).enumerate() {
             let Some(g) = g else { continue };
-            // Decoupled decay, skipped for biases and norm weights.
-            let decay = if p.var.rank() >= 2 {
-                match self.kind {
-                    OptimizerKind::AdamW { weight_decay, .. }
-                    | OptimizerKind::Sgd { weight_decay } => weight_decay,
-                }
-            } else {
-                0.0
-            };
+            let decay = self.decay(p);
             let update = adamw::Update {
                 lr,
                 decay,

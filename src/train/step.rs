@@ -96,12 +96,9 @@ impl Trainer {
     /// learning rate `lr`, unless their norm is not finite (then the weights stay as they are).
     /// Returns the norm before clipping.
     pub fn apply_gradients(&mut self, acc: &GradAccumulator, lr: f64) -> Result<f64> {
-        let (norm, scale) = acc.clip(self.cfg.training.max_grad_norm)?;
-        if norm.is_finite() {
-            self.optimizer
-                .apply(&self.policy.params, acc.grads(), scale, lr)?;
-        }
-        Ok(norm)
+        let max_norm = self.cfg.training.max_grad_norm;
+        self.optimizer
+            .clip_and_apply(&self.policy.params, acc, max_norm, lr)
     }
 
     /// Full SAM (`sam.kind = "full"`), the paper's expensive baseline: a forward/backward at W
@@ -117,7 +114,7 @@ impl Trainer {
         let grads = at_w.grads.as_ref().expect("backward was requested");
         let sam = &self.cfg.sam;
         let e = crate::sam::perturb_params(&self.policy.params, grads, sam.rho, sam.adaptive)?;
-        let grad_norm = e.grad_norm;
+        let grad_norm = e.grad_norm.clone();
         // Restored before the result is looked at, so that an error never leaves W + e behind.
         let at_perturbed = self.single_pass(batch, reference, Some(weight));
         e.restore()?;
@@ -126,7 +123,7 @@ impl Trainer {
             grads: at_perturbed.grads,
             loss: at_perturbed.loss,
             loss_pre: Some(at_w.loss),
-            sam_grad_norm: Some(grad_norm),
+            sam_grad_norm: Some(scalar(&grad_norm)?),
             ..at_w
         })
     }
@@ -196,8 +193,14 @@ impl Trainer {
             grads,
             loss: scalar(&loss)?,
             nll: out.nll.as_ref().map(scalar).transpose()?,
-            loss_pre: perturbation.as_ref().map(|p| p.loss_pre),
-            sam_grad_norm: perturbation.as_ref().map(|p| p.grad_norm),
+            loss_pre: perturbation
+                .as_ref()
+                .map(|p| scalar(&p.loss_pre))
+                .transpose()?,
+            sam_grad_norm: perturbation
+                .as_ref()
+                .map(|p| scalar(&p.grad_norm))
+                .transpose()?,
             chosen_rewards: to_f32s(&out.chosen_rewards)?,
             rejected_rewards: to_f32s(&out.rejected_rewards)?,
             chosen_logps: to_f32s(&lp.chosen)?,

@@ -75,6 +75,7 @@ pub struct Trainer {
 impl Trainer {
     pub fn new(cfg: Config) -> Result<Trainer> {
         let device = crate::device::parse(&cfg.device)?;
+        crate::kernels::set_tf32(&device, cfg.training.tf32)?;
         let dtype = cfg.model.dtype.dtype();
         let loss = configured_loss(&cfg);
 

@@ -2,6 +2,7 @@
 # The one prepared command for a rented GPU machine (no Rust there), run from the repo root with
 # target/cuda/dpo-sam.gz carried along (scripts/build-cuda.sh makes it; see docs/gpu.md).
 # Writes $OUT/gpu-check.json (./gpu-check.json without OUT): the device, CUDA-vs-CPU parity,
+# data parallelism's NCCL path in a world of one process,
 # `dpo-sam bench` at Pythia shapes and the same step in PyTorch, within DPO_SAM_GPU_BUDGET_S
 # seconds (default 450) so it fits an 8-minute device slot; steps that no longer fit are
 # recorded as skipped rather than cut off mid-way.
@@ -11,7 +12,8 @@ cd "$(dirname "$0")/.."
 START=$(date +%s)
 BUDGET=${DPO_SAM_GPU_BUDGET_S:-450}
 OUTDIR=${OUT:-.}
-PARTS="$OUTDIR/gpu-check-parts"
+# Each step's output, packed into $OUTDIR/gpu-check-parts.tgz at the end (two files come back).
+PARTS=$(mktemp -d)/gpu-check-parts
 mkdir -p "$PARTS"
 log() { echo "gpu-check [$(( $(date +%s) - START ))s] $*" >&2; }
 
@@ -65,6 +67,9 @@ ldd "$BIN" >"$PARTS/ldd.txt" 2>&1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >"$PARTS/nvidia-smi.txt" 2>&1
 
 step parity 150 "$BIN" gpu-check --device cuda:0
+# Data parallelism: NCCL initialised in a world of one process, an all-reduce, and two training
+# steps through the data-parallel loop against plain ones (the same weights).
+step nccl 90 "$BIN" gpu-check --nccl --device cuda:0
 SHAPES=(pythia-160m pythia-410m pythia-1.4b pythia-2.8b)
 for shape in "${SHAPES[@]}"; do
   step "bench-$shape-f32" 120 "$BIN" bench --shape "$shape" --device cuda --json --variants none,logits --steps 3
@@ -102,6 +107,7 @@ report = {
             "driver": smi[2] if len(smi) > 2 else None},
     "missing_libs": [l.strip() for l in (read("ldd.txt") or "").splitlines() if "not found" in l],
     "parity": result("parity"),
+    "nccl": result("nccl"),
     "bench": [],
     "wall_s": wall,
 }
@@ -118,7 +124,9 @@ for dtype, shapes in (("f32", ["pythia-160m", "pythia-410m", "pythia-1.4b", "pyt
         report["bench"].append(row)
 json.dump(report, open(dest, "w"), indent=2)
 print(json.dumps({"gpu": report["gpu"], "parity_pass": (report["parity"].get("result") or {}).get("pass"),
+                  "nccl_pass": (report["nccl"].get("result") or {}).get("pass"),
                   "ratios": {f'{r["shape"]}/{r["dtype"]}': r.get("ratio_dpo_sam_to_torch") for r in report["bench"]}}))
 PY
-rm -rf "$WORK"
-log "wrote $OUTDIR/gpu-check.json"
+tar czf "$OUTDIR/gpu-check-parts.tgz" -C "$(dirname "$PARTS")" gpu-check-parts
+rm -rf "$WORK" "$(dirname "$PARTS")"
+log "wrote $OUTDIR/gpu-check.json and gpu-check-parts.tgz"

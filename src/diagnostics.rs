@@ -13,7 +13,7 @@ use crate::models::output::OutputLayer;
 use candle_core::{DType, Result, Tensor, D};
 
 /// Sums over tokens, so micro-batches add up.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Squeeze {
     /// Σ over chosen-response tokens of max_{v ≠ target} p_v.
     pub top_nontarget_prob: f64,

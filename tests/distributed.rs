@@ -587,3 +587,42 @@ fn the_gpu_smoke_test_runs_the_data_parallel_path_on_the_cpu() {
     assert_eq!(report["weights_bit_identical"], true, "{report}");
     assert_eq!(report["pass"], true, "{report}");
 }
+
+/// `data.streaming`: every rank reads the stream and keeps its share of each global batch; one
+/// micro-batch per rank and step gives one process's weights bit for bit.
+#[test]
+fn streamed_data_is_shared_out_like_data_in_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("sums.jsonl");
+    let rows: String = (0..60)
+        .map(|i| {
+            let (a, b) = (i * 7 % 50, i * 13 % 50);
+            format!(
+                "{{\"prompt\": \"{i}:{a}+{b}=\", \"chosen\": \"{}\", \"rejected\": \"{}\"}}\n",
+                a + b,
+                a + b + 1
+            )
+        })
+        .collect();
+    std::fs::write(&data, rows).unwrap();
+    let cfg = config(
+        dir.path(),
+        "batch_size = 4\nmicro_batch_size = 2\nmax_steps = 20",
+    );
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        "train = \"builtin:arith\"\neval = \"builtin:arith\"",
+        &format!(
+            "train = {:?}\nformat = \"explicit\"\nstreaming = true\nshuffle_buffer = 16",
+            data.display().to_string()
+        ),
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let (one, two) = (dir.path().join("one"), dir.path().join("two"));
+    train(&cfg, &one, 1, &[]);
+    train(&cfg, &two, 2, &[]);
+    assert_eq!(metrics(&two)[0]["data/streaming"], true);
+    assert!(bit_identical(&weights(&one), &weights(&two)));
+    for (a, b) in metrics(&one).iter().zip(&metrics(&two)) {
+        assert_lines_close(a, b, 0.0);
+    }
+}

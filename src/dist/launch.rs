@@ -140,7 +140,7 @@ pub fn launch(launch: &Launch, device: &str) -> Result<()> {
         ];
         let mut cmd = Command::new(&exe);
         cmd.args(&args)
-            .envs(ENV_VARS.iter().zip(&values).map(|(k, v)| (k, v)))
+            .envs(ENV_VARS.iter().zip(&values))
             .env("LOCAL_WORLD_SIZE", n.to_string())
             .env("GROUP_RANK", launch.node_rank.to_string())
             .env("RAYON_NUM_THREADS", threads.to_string());

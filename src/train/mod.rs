@@ -101,9 +101,10 @@ pub fn run(args: TrainArgs) -> Result<()> {
 /// This process's part of the run: all of it, or one rank of a data-parallel run (`env`).
 fn run_rank(args: &TrainArgs, mut cfg: Config, env: Option<&crate::dist::Env>) -> Result<()> {
     let world_size = env.map_or(1, |e| e.world_size);
-    cfg.check_world_size(world_size)?;
     let world = crate::dist::join(env, Duration::from_secs(cfg.training.ddp_timeout))?;
+    // Compared first, so that a rank with another batch size is named rather than left alone.
     parallel::check_same_config(&*world, &cfg)?;
+    cfg.check_world_size(world_size)?;
     if let Some(env) = env {
         cfg.device = env.device_name(&cfg.device)?;
     }
@@ -276,7 +277,9 @@ impl Trainer {
                 ),
                 Some(what) => {
                     self.state.nonfinite_skipped += 1;
-                    bar.suspend(|| eprintln!("warning: {what}: update skipped"));
+                    if main {
+                        bar.suspend(|| eprintln!("warning: {what}: update skipped"));
+                    }
                 }
                 None => {}
             }

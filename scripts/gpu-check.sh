@@ -42,7 +42,7 @@ step() {
   log "$name: exit $(cat "$PARTS/$name.rc")"
 }
 
-# The binary links libcudart/cublas/cublasLt/curand 13 dynamically; PyTorch's cu13 wheels carry
+# The binary links libcudart/cublas/cublasLt/curand 13 and NCCL dynamically; PyTorch's cu13 wheels carry
 # them. Any wheels put in .whl/ (e.g. nvidia-curand, which some torch installs lack) are unpacked too.
 LIBS=$(python3 - <<'PY'
 import glob, os, site
@@ -80,6 +80,9 @@ step ops 120 20 "$BIN" gpu-check --checks ops
 step bench-pythia-2.8b-bf16 240 90 "$BIN" "${BENCH[@]}" --shape pythia-2.8b "${BIG[@]}" --mixed-precision bf16 --gradient-checkpointing
 step torch-pythia-2.8b-bf16 150 60 "${TORCH[@]}" --shape pythia-2.8b "${BIG[@]}" --dtype bf16 --gradient-checkpointing
 step models 120 30 "$BIN" gpu-check --checks models
+# Data parallelism: NCCL initialised in a world of one process, an all-reduce, and two training
+# steps through the data-parallel loop against plain ones (the same weights).
+step nccl 90 20 "$BIN" gpu-check --checks nccl
 for shape in pythia-1.4b pythia-410m pythia-160m; do
   step "bench-$shape-bf16" 120 45 "$BIN" "${BENCH[@]}" --shape "$shape" "${BIG[@]}" --mixed-precision bf16 --gradient-checkpointing
   step "torch-$shape-bf16" 90 30 "${TORCH[@]}" --shape "$shape" "${BIG[@]}" --dtype bf16 --gradient-checkpointing
@@ -117,6 +120,7 @@ report = {
     "missing_libs": [l.strip() for l in (read("ldd.txt") or "").splitlines() if "not found" in l],
     "ops": result("ops"),
     "models": result("models"),
+    "nccl": result("nccl"),
     "bench": [],
     "wall_s": wall,
 }
@@ -134,6 +138,7 @@ for shape, dtype in runs:
 json.dump(report, open(dest, "w"), indent=2)
 passed = lambda r: (r.get("result") or {}).get("pass")
 print(json.dumps({"gpu": report["gpu"], "ops_pass": passed(report["ops"]), "models_pass": passed(report["models"]),
+                  "nccl_pass": passed(report["nccl"]),
                   "ratios": {f'{r["shape"]}/{r["dtype"]}': r.get("ratio_dpo_sam_to_torch") for r in report["bench"]}}))
 PY
 rm -rf "$WORK"

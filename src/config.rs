@@ -435,6 +435,14 @@ pub struct TrainingConfig {
     /// `model-0000i-of-0000n.safetensors` with `model.safetensors.index.json`.
     #[serde(default = "default_max_shard_size")]
     pub max_shard_size: ByteSize,
+    /// Seconds a rank of a data-parallel run waits for the others (the rendezvous, each
+    /// exchange) before failing (HF TrainingArguments' `ddp_timeout`).
+    #[serde(default = "default_ddp_timeout")]
+    pub ddp_timeout: u64,
+    /// Gradients are summed over ranks in buckets of about this many MiB (HF's
+    /// `ddp_bucket_cap_mb`).
+    #[serde(default = "default_ddp_bucket_cap_mb")]
+    pub ddp_bucket_cap_mb: usize,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -470,6 +478,12 @@ fn default_max_shard_size() -> ByteSize {
         bytes: 5_000_000_000,
         text: "5GB".into(),
     }
+}
+fn default_ddp_timeout() -> u64 {
+    1800
+}
+fn default_ddp_bucket_cap_mb() -> usize {
+    25
 }
 fn default_seed() -> u64 {
     42
@@ -858,12 +872,88 @@ impl Config {
             "must be >= 0",
             self.sam.rho,
         )?;
+        check(
+            t.ddp_timeout > 0,
+            "training.ddp_timeout",
+            "must be > 0 (seconds)",
+            t.ddp_timeout,
+        )?;
+        check(
+            t.ddp_bucket_cap_mb > 0,
+            "training.ddp_bucket_cap_mb",
+            "must be > 0",
+            t.ddp_bucket_cap_mb,
+        )?;
         let ordinal =
             crate::device::parse_name(&self.device).map_err(|e| anyhow!("device: {e}"))?;
         if t.tf32 && ordinal.is_none() {
             bail!(
                 "training.tf32 = true needs a CUDA device (Ampere or newer), but device is \"{}\"",
                 self.device
+            );
+        }
+        Ok(())
+    }
+
+    /// The keys whose values differ from `other`'s, in key order, each with its line
+    /// `key: self's -> other's` (dotted keys; `(unset)` for an absent optional key).
+    pub fn differences(&self, other: &Config) -> Result<Vec<(String, String)>> {
+        let (a, b) = (self.flatten()?, other.flatten()?);
+        let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+        let show = |v: Option<&toml::Value>| v.map_or("(unset)".to_string(), |v| v.to_string());
+        Ok(keys
+            .into_iter()
+            .filter(|k| a.get(*k) != b.get(*k))
+            .map(|k| {
+                (
+                    k.clone(),
+                    format!("{k}: {} -> {}", show(a.get(k)), show(b.get(k))),
+                )
+            })
+            .collect())
+    }
+
+    /// Every set value under its dotted key.
+    fn flatten(&self) -> Result<std::collections::BTreeMap<String, toml::Value>> {
+        fn walk(
+            prefix: &str,
+            v: toml::Value,
+            out: &mut std::collections::BTreeMap<String, toml::Value>,
+        ) {
+            match v {
+                toml::Value::Table(t) => {
+                    for (k, v) in t {
+                        let key = match prefix {
+                            "" => k,
+                            _ => format!("{prefix}.{k}"),
+                        };
+                        walk(&key, v, out);
+                    }
+                }
+                other => {
+                    out.insert(prefix.to_string(), other);
+                }
+            }
+        }
+        let mut out = std::collections::BTreeMap::new();
+        walk(
+            "",
+            toml::Value::try_from(self).context("cannot serialise the config")?,
+            &mut out,
+        );
+        Ok(out)
+    }
+
+    /// Refuses a global batch that does not split evenly over `world_size` ranks' micro-batches
+    /// (data parallelism: every rank runs the same number per step).
+    pub fn check_world_size(&self, world_size: usize) -> Result<()> {
+        let (batch, micro) = (self.training.batch_size, self.micro_batch_size());
+        if !batch.is_multiple_of(world_size * micro) {
+            bail!(
+                "training.batch_size = {batch} (pairs per optimiser step, over all ranks) must be divisible by \
+                 ranks × training.micro_batch_size = {world_size} × {micro} = {}, so that every rank runs the same \
+                 number of micro-batches per step",
+                world_size * micro
             );
         }
         Ok(())

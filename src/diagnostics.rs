@@ -15,7 +15,7 @@ use crate::models::output::OutputLayer;
 use candle_core::{DType, Result, Tensor, D};
 
 /// Sums over one micro-batch's response tokens (so micro-batches add up) and their counts.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Diagnostics {
     /// Σ over chosen-response tokens of max_{v ≠ target} p_v.
     pub top_nontarget_prob: f64,

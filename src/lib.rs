@@ -9,6 +9,7 @@
 //! - what the training run uses: `plan` (`--dry-run`), `refcache`, `checkpoint`;
 //! - what a step is made of: `sam`, `losses`, `logps`, `diagnostics`, `optim`, `data`, `models`;
 //! - `kernels`: the hand-written fused ops, which import nothing of the crate;
+//! - `dist`: data parallelism's collective (CPU over TCP, NCCL on GPUs), rendezvous and launcher;
 //! - settings and utilities: `config`, `tokenizer`, `hub`, `device`.
 
 pub mod bench;
@@ -17,6 +18,7 @@ pub mod config;
 pub mod data;
 pub mod device;
 pub mod diagnostics;
+pub mod dist;
 pub mod eval;
 pub mod generate;
 pub mod gpucheck;

@@ -75,6 +75,11 @@ impl GradAccumulator {
     pub fn grads(&self) -> &[Option<Tensor>] {
         &self.grads
     }
+
+    /// The slots themselves: a data-parallel run replaces them with their sums over ranks.
+    pub fn grads_mut(&mut self) -> &mut [Option<Tensor>] {
+        &mut self.grads
+    }
 }
 
 /// Optimiser hyper-parameters.

@@ -32,6 +32,8 @@ const ORDER: &[&str] = &[
     "data",
     "models",
     "kernels",
+    // Processes working together: the collective, rendezvous and launcher (knows no training).
+    "dist",
     // Settings and utilities.
     "config",
     "tokenizer",

@@ -2,10 +2,12 @@
 //! check with the shipped binary, printed as one JSON object. [`ops`] compares each CUDA kernel
 //! with its CPU twin (forward and every gradient, f32 and bf16; the fused optimiser, the device
 //! gradient norm and the device initialisation); [`models`] compares whole random-weight models
-//! and one logits-SAM training step. `scripts/gpu-check.sh` runs both; `tests/cuda_ops.rs` runs
-//! the op checks under `cargo test` wherever a GPU is present.
+//! and one logits-SAM training step; [`nccl`] runs data parallelism's path in a world of one
+//! process. `scripts/gpu-check.sh` runs them all; `tests/cuda_ops.rs` runs the op checks under
+//! `cargo test` wherever a GPU is present.
 
 pub mod models;
+pub mod nccl;
 pub mod ops;
 
 use anyhow::Result;
@@ -17,6 +19,8 @@ pub enum Check {
     Ops,
     /// Whole models and a training step, CUDA against CPU.
     Models,
+    /// NCCL initialised, an all-reduce, and data-parallel training steps against plain ones.
+    Nccl,
 }
 
 #[derive(clap::Args, Debug)]
@@ -52,6 +56,11 @@ pub fn run(args: GpuCheckArgs) -> Result<()> {
         let models = models::check(&args)?;
         pass &= models["pass"] == json!(true);
         report["models"] = models;
+    }
+    if args.checks.contains(&Check::Nccl) {
+        let nccl = nccl::check(&args)?;
+        pass &= nccl["pass"] == json!(true);
+        report["nccl"] = nccl;
     }
     report["pass"] = json!(pass);
     println!("{}", serde_json::to_string_pretty(&report)?);

@@ -7,7 +7,7 @@ use super::step::MicroStep;
 use crate::data::batch::PreferenceBatch;
 use crate::diagnostics::Diagnostics;
 use anyhow::{Context, Result};
-use serde::{Serialize, Serializer};
+use serde::{Deserialize, Serialize, Serializer};
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -17,7 +17,9 @@ use std::path::{Path, PathBuf};
 /// metrics), and a line reports the mean over micro-batches. With equal micro-batches that is
 /// the mean over pairs; an epoch's smaller last micro-batch weighs as much as the others, as in
 /// TRL (its `_metrics` lists, and HF's loss divided by the step's micro-batch count).
-#[derive(Default)]
+/// Every field is a sum: the ranks of a data-parallel run add theirs field by field (see
+/// `parallel::sum_tallies`), so a field that is not a sum needs its own reduction there.
+#[derive(Default, Serialize, Deserialize)]
 pub(super) struct Tally {
     micro_batches: f64,
     pairs: f64,
@@ -46,7 +48,7 @@ pub(super) struct Tally {
 }
 
 /// TRL's token metrics summed over micro-batches, each micro-batch's own token mean.
-#[derive(Default, Clone, Copy)]
+#[derive(Default, Clone, Copy, Serialize, Deserialize)]
 struct TokenMeans {
     micro_batches: f64,
     chosen_logits: f64,
@@ -355,7 +357,8 @@ pub fn to_sorted_json<T: Serialize>(value: &T, pretty: bool) -> Result<String> {
 /// `metrics.jsonl`, counting its lines: a checkpoint records the count, and resuming cuts the
 /// file there, so that there is one line per step.
 pub(super) struct MetricsFile {
-    file: std::fs::File,
+    /// `None` on the ranks of a data-parallel run other than 0, which count lines only.
+    file: Option<std::fs::File>,
     lines: usize,
 }
 
@@ -365,7 +368,10 @@ impl MetricsFile {
         let cannot = || format!("cannot write {}", path.display());
         let Some(lines) = lines else {
             let file = std::fs::File::create(path).with_context(cannot)?;
-            return Ok(MetricsFile { file, lines: 0 });
+            return Ok(MetricsFile {
+                file: Some(file),
+                lines: 0,
+            });
         };
         let text = std::fs::read_to_string(path).unwrap_or_default();
         let kept: Vec<&str> = text.lines().take(lines).collect();
@@ -381,14 +387,21 @@ impl MetricsFile {
             .open(path)
             .with_context(cannot)?;
         Ok(MetricsFile {
-            file,
+            file: Some(file),
             lines: kept.len(),
         })
     }
 
+    /// Lines counted, none written (ranks other than 0, starting after `lines` lines).
+    pub(super) fn discard(lines: usize) -> MetricsFile {
+        MetricsFile { file: None, lines }
+    }
+
     pub(super) fn write<T: Serialize>(&mut self, line: &T) -> Result<()> {
-        writeln!(self.file, "{}", to_sorted_json(line, false)?)
-            .context("cannot write metrics.jsonl")?;
+        if let Some(file) = &mut self.file {
+            writeln!(file, "{}", to_sorted_json(line, false)?)
+                .context("cannot write metrics.jsonl")?;
+        }
         self.lines += 1;
         Ok(())
     }

@@ -6,10 +6,13 @@
 //! - [`trainer`]: what a run holds and how it is built from the config;
 //! - [`step`]: one micro-step, beside the paper's Algorithm 1;
 //! - [`feed`]: the training pairs, micro-batch by micro-batch, from a saveable cursor;
-//! - [`metrics`]: the lines of `metrics.jsonl` and the summary.
+//! - [`metrics`]: the lines of `metrics.jsonl` and the summary;
+//! - [`parallel`]: data parallelism: each rank's share of a batch, what the ranks agree on after
+//!   it, the gradients' all-reduce.
 
 mod feed;
 pub mod metrics;
+mod parallel;
 mod step;
 mod trainer;
 
@@ -28,7 +31,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 #[derive(clap::Args, Debug)]
 #[command(
@@ -60,6 +63,11 @@ pub struct TrainArgs {
     /// training trajectory.
     #[arg(long)]
     pub allow_config_drift: bool,
+    #[command(
+        flatten,
+        next_help_heading = "Data parallelism (one worker process per GPU)"
+    )]
+    pub launch: crate::dist::Launch,
 }
 
 pub fn run(args: TrainArgs) -> Result<()> {
@@ -74,25 +82,57 @@ pub fn run(args: TrainArgs) -> Result<()> {
         overrides.push(format!("device={}", toml::Value::String(dev.clone())));
     }
     let cfg = Config::load(&args.config, &overrides)?;
+    let launching = args.launch.validated()?;
     if args.dry_run {
-        return crate::plan::print(&cfg);
+        return crate::plan::print(&cfg, args.launch.world_size());
     }
+    if launching.is_some() {
+        cfg.check_world_size(args.launch.world_size())?;
+        return crate::dist::launch(&args.launch, &cfg.device);
+    }
+    let env = crate::dist::Env::from_process()?;
+    match &env {
+        Some(e) if e.world_size > 1 => run_rank(&args, cfg, env.as_ref())
+            .with_context(|| format!("rank {} of {}", e.rank, e.world_size)),
+        _ => run_rank(&args, cfg, env.as_ref()),
+    }
+}
+
+/// This process's part of the run: all of it, or one rank of a data-parallel run (`env`).
+fn run_rank(args: &TrainArgs, mut cfg: Config, env: Option<&crate::dist::Env>) -> Result<()> {
+    let world_size = env.map_or(1, |e| e.world_size);
+    let world = crate::dist::join(env, Duration::from_secs(cfg.training.ddp_timeout))?;
+    // Compared first, so that a rank with another batch size is named rather than left alone.
+    parallel::check_same_config(&*world, &cfg)?;
+    cfg.check_world_size(world_size)?;
+    if let Some(env) = env {
+        cfg.device = env.device_name(&cfg.device)?;
+    }
+    let main = world.rank() == 0;
+    // Rank 0 picks the checkpoint; every rank reads it.
     let resume_from = match &args.resume {
-        Some(dir) => Some(resume_checkpoint(
-            &cfg,
-            dir.as_deref(),
-            args.allow_config_drift,
-        )?),
+        Some(dir) => Some(PathBuf::from(parallel::from_rank_0(&*world, || {
+            let ckpt = resume_checkpoint(&cfg, dir.as_deref(), args.allow_config_drift)?;
+            Ok(ckpt.display().to_string())
+        })?)),
         None => None,
     };
-    let mut trainer = Trainer::new(cfg)?;
+    let mut trainer = Trainer::new_in(cfg, world)?;
     if let Some(ckpt) = &resume_from {
-        trainer.restore(ckpt)?;
-        eprintln!("resuming from {} (step {})", ckpt.display(), trainer.step());
+        trainer.restore(ckpt).with_context(|| match world_size {
+            1 => String::new(),
+            _ => "every rank reads the checkpoint: output_dir must be on a filesystem all nodes share".into(),
+        })?;
+        if main {
+            eprintln!("resuming from {} (step {})", ckpt.display(), trainer.step());
+        }
     }
-    trainer.set_progress(!args.quiet);
+    trainer.set_progress(!args.quiet && main);
     watch_signals(trainer.stop_flag())?;
     let summary = trainer.train()?;
+    if !main {
+        return Ok(());
+    }
     eprintln!("{}", metrics::to_sorted_json(&summary, true)?);
     if let Summary::Interrupted {
         interrupted_at_step: step,
@@ -102,6 +142,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
         let mut cmd = format!("dpo-sam train --config {}", args.config.display());
         for ov in &args.overrides {
             cmd.push_str(&format!(" --set '{ov}'"));
+        }
+        if world_size > 1 {
+            cmd.push_str(" <launcher flags: any number of ranks>");
         }
         eprintln!(
             "interrupted after step {step}; checkpoint saved. Resume with:\n  {cmd} --output-dir {dir} --resume {dir}",
@@ -154,8 +197,13 @@ impl Trainer {
     /// final model. Stops early, with a checkpoint, when the stop flag is set.
     pub fn train(&mut self) -> Result<Summary> {
         let out_dir = self.cfg.output_dir.clone();
-        std::fs::create_dir_all(&out_dir)
-            .with_context(|| format!("cannot create output_dir {}", out_dir.display()))?;
+        // Data parallel: rank 0 alone writes metrics, checkpoints and the model.
+        let main = self.world.rank() == 0;
+        if main {
+            std::fs::create_dir_all(&out_dir)
+                .with_context(|| format!("cannot create output_dir {}", out_dir.display()))?;
+        }
+        parallel::check_same_weights(&*self.world, &self.policy.params)?;
         let mut metrics = self.open_metrics(&out_dir.join("metrics.jsonl"))?;
 
         let t = self.cfg.training.clone();
@@ -179,10 +227,13 @@ impl Trainer {
             // Set by a non-finite loss under `skip_nonfinite`: the rest of the step's batch is
             // still drawn, so that later steps see the same data as without the skip.
             let mut nonfinite: Option<String> = None;
+            // Data parallel: this rank's share of the step's micro-batches (all are drawn and
+            // counted on every rank, so that the cursor and `num_tokens` agree).
+            let mine = crate::dist::shard(n, self.world.rank(), self.world.world_size());
             for (mb, (idx, pairs)) in micro_batches.iter().enumerate() {
                 let batch = PreferenceBatch::new(pairs, self.tok.pad_id, &self.device)?;
                 self.state.num_tokens += batch.num_tokens;
-                if nonfinite.is_some() {
+                if nonfinite.is_some() || !mine.contains(&mb) {
                     continue;
                 }
                 let reference = self.reference_for(&batch, Some((Split::Train, idx)))?;
@@ -200,9 +251,23 @@ impl Trainer {
                 )?;
                 tally.add(&ms, &batch);
             }
+            // Data parallel: every rank's view of the step, then the gradients summed over ranks.
+            let stop = self.stop.load(Ordering::SeqCst);
+            let agreed = parallel::agree(&*self.world, nonfinite, stop, tally, &acc)?;
+            let (mut nonfinite, tally) = (agreed.nonfinite.clone(), &agreed.tally);
             let grad_norm = match nonfinite {
                 Some(_) => f64::NAN,
-                None => self.apply_gradients(&acc, lr)?,
+                None => {
+                    let bucket = t.ddp_bucket_cap_mb;
+                    parallel::all_reduce_grads(
+                        &*self.world,
+                        &mut acc,
+                        &agreed,
+                        &self.policy.params,
+                        bucket,
+                    )?;
+                    self.apply_gradients(&acc, lr)?
+                }
             };
             if nonfinite.is_none() && !grad_norm.is_finite() {
                 nonfinite = Some(format!(
@@ -217,7 +282,9 @@ impl Trainer {
                 ),
                 Some(what) => {
                     self.state.nonfinite_skipped += 1;
-                    bar.suspend(|| eprintln!("warning: {what}: update skipped"));
+                    if main {
+                        bar.suspend(|| eprintln!("warning: {what}: update skipped"));
+                    }
                 }
                 None => {}
             }
@@ -257,10 +324,13 @@ impl Trainer {
                 metrics.write(&metrics_line)?;
             }
             bar.inc(1);
-            let stop = self.stop.load(Ordering::SeqCst);
+            let stop = agreed.stop;
             if (t.save_steps > 0 && step.is_multiple_of(t.save_steps)) || step == total || stop {
                 self.state.metrics_lines = metrics.lines();
-                let checkpoint = self.save_checkpoint(&out_dir)?;
+                let checkpoint = match main {
+                    true => self.save_checkpoint(&out_dir)?,
+                    false => out_dir.join(crate::checkpoint::dir_name(step)),
+                };
                 if stop {
                     bar.abandon();
                     return Ok(Summary::Interrupted {
@@ -292,7 +362,11 @@ impl Trainer {
             metrics.write(&line)?;
             Some(Box::new(line))
         };
-        crate::checkpoint::save_model(&self.policy, &self.tok, &out_dir, &self.save_options())?;
+        if main {
+            crate::checkpoint::save_model(&self.policy, &self.tok, &out_dir, &self.save_options())?;
+        }
+        // Every rank returns once the model is saved (or fails with rank 0).
+        self.world.barrier()?;
         Ok(Summary::Finished {
             train: last,
             skipped,
@@ -307,22 +381,27 @@ impl Trainer {
     pub fn evaluate(&self) -> Result<PairMetrics> {
         let mut tally = Tally::default();
         let micro = self.cfg.micro_batch_size();
-        for (c, chunk) in self.eval_pairs.chunks(micro).enumerate() {
+        let chunks: Vec<&[_]> = self.eval_pairs.chunks(micro).collect();
+        // Data parallel: each rank its share of the batches, the tallies summed.
+        let mine = crate::dist::shard(chunks.len(), self.world.rank(), self.world.world_size());
+        for (c, chunk) in chunks.iter().enumerate().take(mine.end).skip(mine.start) {
             let batch = PreferenceBatch::new(chunk, self.tok.pad_id, &self.device)?;
             let idx: Vec<usize> = (c * micro..c * micro + chunk.len()).collect();
             let reference = self.reference_for(&batch, Some((Split::Eval, &idx)))?;
             tally.add(&self.micro_step_with(&batch, reference, None)?, &batch);
         }
-        Ok(tally.metrics(false, true))
+        Ok(parallel::sum_tallies(&*self.world, tally)?.metrics(false, true))
     }
 
     /// metrics.jsonl for appending: a fresh file starting with the data line, or, resumed, the
     /// file cut to the lines the checkpoint had seen.
     fn open_metrics(&mut self, path: &Path) -> Result<MetricsFile> {
-        if self.state.step > 0 {
-            return MetricsFile::open(path, Some(self.state.metrics_lines));
-        }
-        let mut file = MetricsFile::open(path, None)?;
+        let mut file = match (self.world.rank(), self.state.step) {
+            (0, 0) => MetricsFile::open(path, None)?,
+            (0, _) => return MetricsFile::open(path, Some(self.state.metrics_lines)),
+            (_, 0) => MetricsFile::discard(0),
+            (_, _) => return Ok(MetricsFile::discard(self.state.metrics_lines)),
+        };
         file.write(&DataLine {
             train_pairs: self.stream.is_none().then_some(self.train_pairs.len()),
             eval_pairs: self.eval_pairs.len(),

@@ -2,7 +2,10 @@
 //! lm_head share, LoRA's trainable share), estimated memory for weights (f32 masters and their
 //! compute copy; with LoRA the frozen base in the compute dtype), gradients, optimiser state,
 //! reference model, the output layer's logits and the policy's activations (with and without
-//! `training.gradient_checkpointing`), and steps per epoch — without loading any weights.
+//! `training.gradient_checkpointing`), and steps per epoch — without loading any weights. With
+//! `--nproc-per-node`, the split of each batch over the ranks and the memory per GPU: every rank
+//! holds the whole model, gradients and optimiser state (plain data parallelism; no ZeRO
+//! sharding), plus two gradient buckets.
 
 use crate::config::{Config, OptimizerType};
 use crate::models::{param_shapes, ModelSource};
@@ -33,8 +36,9 @@ const GPU_80GB: f64 = 80e9;
 /// A "141 GB" GPU (H200), in bytes.
 const GPU_141GB: f64 = 141e9;
 
-/// The plan as JSON (also printed by [`print`]).
-pub fn plan(cfg: &Config) -> Result<serde_json::Value> {
+/// The plan as JSON (also printed by [`print`]) for a run over `ranks` data-parallel processes.
+pub fn plan(cfg: &Config, ranks: usize) -> Result<serde_json::Value> {
+    cfg.check_world_size(ranks)?;
     let spec = &cfg.model.name_or_path;
     let (config_json, config_origin) =
         match ModelSource::resolve(spec, &cfg.model.builtin, cfg.seed) {
@@ -164,6 +168,12 @@ pub fn plan(cfg: &Config) -> Result<serde_json::Value> {
     }
     let checkpointing = cfg.training.gradient_checkpointing;
     let before = weights + grads + optimizer + reference + logits;
+    let memory = before + acts.total(checkpointing);
+    // Data parallel: a bucket of gradients laid end to end, and its sum, besides the above.
+    let per_gpu = match ranks {
+        1 => memory,
+        _ => memory + 2.0 * (cfg.training.ddp_bucket_cap_mb << 20) as f64,
+    };
 
     // A streamed dataset is never read whole, here either: its length is unknown (as for an
     // IterableDataset), and `max_steps`, which streaming requires, is the run's length.
@@ -181,12 +191,11 @@ pub fn plan(cfg: &Config) -> Result<serde_json::Value> {
     let steps = match tokenized {
         Ok(data) => json!({
             "train_pairs": data.train.len(),
-            "steps_per_epoch": data.train.len().div_ceil(cfg.training.batch_size),
-            "total_steps": cfg.training.max_steps.unwrap_or(((cfg.training.num_train_epochs * data.train.len() as f64) / cfg.training.batch_size as f64).ceil() as usize),
+            "steps_per_epoch": cfg.steps_per_epoch(data.train.len()),
+            "total_steps": cfg.total_steps(data.train.len()),
         }),
         Err(err) => json!({ "unknown": format!("{err:#}") }),
     };
-    let total_bytes = before + acts.total(checkpointing);
     Ok(json!({
         "model": spec,
         "config_json": config_origin,
@@ -218,10 +227,17 @@ pub fn plan(cfg: &Config) -> Result<serde_json::Value> {
             "activations_per_micro_batch": acts.total(checkpointing) / GIB,
             "activations_without_checkpointing": acts.total(false) / GIB,
             "activations_with_checkpointing": acts.total(true) / GIB,
-            "total": total_bytes / GIB,
+            "total": memory / GIB,
         },
-        "fits_80gb_gpu": total_bytes <= GPU_80GB,
-        "fits_141gb_gpu": total_bytes <= GPU_141GB,
+        "fits_80gb_gpu": memory <= GPU_80GB,
+        "fits_141gb_gpu": memory <= GPU_141GB,
+        "data_parallel": {
+            "ranks": ranks,
+            "micro_batches_per_rank_per_step": cfg.training.batch_size / (ranks * cfg.micro_batch_size()),
+            "per_gpu_gib": per_gpu / GIB,
+            "fits_80gb_gpu": per_gpu <= GPU_80GB,
+            "optimizer_state_sharding": "none: each rank holds the whole model, gradients and optimizer state",
+        },
         "gradient_checkpointing": checkpointing,
         "data": steps,
         "micro_batches_per_step": cfg.training.batch_size / cfg.micro_batch_size(),
@@ -461,8 +477,8 @@ pub fn activations(
 }
 
 /// Prints the plan for a person.
-pub fn print(cfg: &Config) -> Result<()> {
-    let plan = plan(cfg)?;
+pub fn print(cfg: &Config, ranks: usize) -> Result<()> {
+    let plan = plan(cfg, ranks)?;
     let g = |k: &str| plan["memory_gib"][k].as_f64().unwrap_or(0.0);
     println!(
         "model        {} ({}; config.json {})",
@@ -528,6 +544,17 @@ pub fn print(cfg: &Config) -> Result<()> {
             plan["data"]["unknown"].as_str().unwrap_or("")
         ),
     }
+    let dp = &plan["data_parallel"];
+    if ranks > 1 {
+        println!(
+            "parallel     {ranks} ranks, each {} micro-batch(es) of {} pairs per step; per GPU {:.2} GiB (every rank holds the whole model, gradients and optimizer state, plus two {} MiB gradient buckets; no ZeRO sharding): {} one 80 GB GPU",
+            dp["micro_batches_per_rank_per_step"],
+            cfg.micro_batch_size(),
+            dp["per_gpu_gib"].as_f64().unwrap_or(0.0),
+            cfg.training.ddp_bucket_cap_mb,
+            if dp["fits_80gb_gpu"].as_bool().unwrap_or(false) { "fits" } else { "does not fit" },
+        );
+    }
     Ok(())
 }
 
@@ -543,7 +570,7 @@ mod tests {
         ] {
             let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(file);
             let cfg = Config::load(&path, &["device=\"cpu\"".into()]).unwrap();
-            let plan = plan(&cfg).unwrap();
+            let plan = plan(&cfg, 1).unwrap();
             assert_eq!(plan["params"].as_u64().unwrap() as usize, params, "{file}");
             let got = plan["lm_head_share_of_params"].as_f64().unwrap();
             assert!(
@@ -556,13 +583,13 @@ mod tests {
     #[test]
     fn pythia_dpo_fits_one_80gb_gpu_with_gradient_checkpointing() {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/hh_pythia.toml");
+        // The config's own micro-batch (4 pairs × 512 tokens) in its bf16 mixed precision.
         let at = |on: bool| {
             let set = [
-                "training.micro_batch_size=1".into(),
                 "data.max_length=512".into(),
                 format!("training.gradient_checkpointing={on}"),
             ];
-            plan(&Config::load(&path, &set).unwrap()).unwrap()
+            plan(&Config::load(&path, &set).unwrap(), 1).unwrap()
         };
         assert_eq!(at(true)["fits_80gb_gpu"], true, "{}", at(true));
         assert_eq!(at(false)["fits_80gb_gpu"], false, "{}", at(false));
@@ -580,7 +607,7 @@ mod tests {
 
     #[test]
     fn mistral_lora_fits_one_80gb_gpu_with_margin_and_loads_no_reference() {
-        let plan = plan(&config("configs/ultrafeedback_mistral_lora.toml", &[])).unwrap();
+        let plan = plan(&config("configs/ultrafeedback_mistral_lora.toml", &[]), 1).unwrap();
         // q, k, v, o, gate, up, down in 32 layers at r = 128: r · Σ (in + out).
         let per_layer = 128 * (2 * (4096 + 4096) + 2 * (4096 + 1024) + 3 * (4096 + 14336));
         assert_eq!(
@@ -604,7 +631,7 @@ mod tests {
             "configs/ultrafeedback_mistral_lora.toml",
             &["model.ref_name_or_path=\"mistralai/Mistral-7B-v0.1\""],
         );
-        let second = super::plan(&with_ref).unwrap();
+        let second = super::plan(&with_ref, 1).unwrap();
         assert!(
             (gib(&second, "reference_model") - gib(&plan, "weights")).abs() < 1.0,
             "{second}"
@@ -613,7 +640,7 @@ mod tests {
 
     #[test]
     fn full_mistral_dpo_fits_141gb_only_with_stochastic_rounding() {
-        let mixed = plan(&config("configs/ultrafeedback_mistral.toml", &[])).unwrap();
+        let mixed = plan(&config("configs/ultrafeedback_mistral.toml", &[]), 1).unwrap();
         // f32 masters + their bf16 copy; AdamW in f32.
         let p = 7_241_732_096.0;
         assert!(
@@ -625,14 +652,17 @@ mod tests {
             "{mixed}"
         );
         assert_eq!(mixed["fits_141gb_gpu"], false, "{mixed}");
-        let sr = plan(&config(
-            "configs/ultrafeedback_mistral.toml",
-            &[
-                "model.dtype=\"bf16\"",
-                "training.mixed_precision=\"no\"",
-                "training.bf16_stochastic_rounding=true",
-            ],
-        ))
+        let sr = plan(
+            &config(
+                "configs/ultrafeedback_mistral.toml",
+                &[
+                    "model.dtype=\"bf16\"",
+                    "training.mixed_precision=\"no\"",
+                    "training.bf16_stochastic_rounding=true",
+                ],
+            ),
+            1,
+        )
         .unwrap();
         assert!((gib(&sr, "weights") - p * 2.0 / GIB).abs() < 0.1, "{sr}");
         assert!(
@@ -651,7 +681,7 @@ mod tests {
         ))
         .unwrap();
         let cfg = Config::parse(&text, "tiny_gpt2.toml", &[]).unwrap();
-        let plan = plan(&cfg).unwrap();
+        let plan = plan(&cfg, 1).unwrap();
         let src = ModelSource::resolve("builtin:tiny-gpt2", &cfg.model.builtin, 0).unwrap();
         let model = crate::models::Model::load(
             &src,
@@ -665,7 +695,8 @@ mod tests {
         assert_eq!(plan["data"]["steps_per_epoch"], 1024usize.div_ceil(32));
         // Streamed data is not read to plan: its length is max_steps.
         let set = ["data.streaming=true".into(), "training.max_steps=7".into()];
-        let streamed = super::plan(&Config::parse(&text, "tiny_gpt2.toml", &set).unwrap()).unwrap();
+        let streamed =
+            super::plan(&Config::parse(&text, "tiny_gpt2.toml", &set).unwrap(), 1).unwrap();
         assert!(streamed["data"].get("steps_per_epoch").is_none());
         let why = streamed["data"]["unknown"].as_str().unwrap();
         assert!(

@@ -637,7 +637,8 @@ impl SimpleBackend for &Loader {
     }
 }
 
-/// Deterministic initialisation from (seed, tensor name), independent of creation order.
+/// Deterministic initialisation from (seed, tensor name), independent of creation order: on the
+/// CPU from a ChaCha stream, on CUDA from the device's own stream (other values, same seed).
 fn seeded_init(
     seed: u64,
     name: &str,
@@ -653,14 +654,24 @@ fn seeded_init(
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ h);
     let data: Vec<f32> = match init {
         Init::Const(v) => vec![v as f32; n],
-        Init::Randn { mean, stdev } => (0..n)
-            .map(|_| {
-                let u1: f64 = rng.random::<f64>().max(f64::MIN_POSITIVE);
-                let u2: f64 = rng.random();
-                (mean + stdev * (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos())
-                    as f32
-            })
-            .collect(),
+        Init::Randn { mean, stdev } => {
+            // On a GPU, drawn there from a stream of its own (kernels::init): the host stream
+            // below takes a minute or more for billions of weights.
+            if let Some(t) =
+                crate::kernels::init::randn_on_device(seed ^ h, shape, mean, stdev, dev)?
+            {
+                return Ok(t);
+            }
+            (0..n)
+                .map(|_| {
+                    let u1: f64 = rng.random::<f64>().max(f64::MIN_POSITIVE);
+                    let u2: f64 = rng.random();
+                    (mean
+                        + stdev * (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos())
+                        as f32
+                })
+                .collect()
+        }
         Init::Uniform { lo, up } => (0..n)
             .map(|_| (lo + (up - lo) * rng.random::<f64>()) as f32)
             .collect(),

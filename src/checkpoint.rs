@@ -1,6 +1,6 @@
 //! Saving models in Hugging Face format (`config.json`, `model.safetensors`, tokenizer files),
-//! so that `transformers` and candle-transformers load what `dpo-sam` writes; and training
-//! checkpoints that a run resumes from bit for bit.
+//! so that `transformers` and candle-transformers load what `dpo-sam` writes — or, for LoRA, the
+//! adapters in PEFT's format; and training checkpoints that a run resumes from bit for bit.
 //!
 //! A checkpoint is `output_dir/checkpoint-<step>/` with the model, `optimizer.safetensors`
 //! (AdamW's moments by parameter name, and the step), `trainer_state.json` (step, data
@@ -13,7 +13,7 @@
 
 use crate::config::Config;
 use crate::data::DataCursor;
-use crate::models::Model;
+use crate::models::{lora, Model};
 use crate::optim::{Optimizer, Schedule};
 use crate::tokenizer::Tok;
 use anyhow::{anyhow, bail, Context, Result};
@@ -40,9 +40,62 @@ pub struct SaveOptions {
 /// temporary name first and is renamed into place, so an interrupted save never leaves a
 /// truncated file under a final name; weight files of an earlier save in `dir` that the new
 /// layout does not use are removed last, so that loaders never mix the two.
+///
+/// A LoRA model is saved as its adapter instead ([`save_adapter`]).
 pub fn save_model(model: &Model, tok: &Tok, dir: &Path, opts: &SaveOptions) -> Result<()> {
-    save_weights(model, dir, opts)?;
+    match model.lora {
+        Some(_) => save_adapter(model, dir, opts)?,
+        None => save_weights(model, dir, opts)?,
+    }
     tok.save(dir)
+}
+
+/// The adapters of a LoRA model in PEFT's format: `adapter_model.safetensors` (PEFT's tensor
+/// names, f32 masters or the weights' dtype unless `opts` says otherwise) and
+/// `adapter_config.json`, each through a temporary name; a full model saved in `dir` earlier is
+/// removed last, so that loaders never mix the two.
+pub fn save_adapter(model: &Model, dir: &Path, opts: &SaveOptions) -> Result<()> {
+    let lora = model
+        .lora
+        .as_ref()
+        .ok_or_else(|| anyhow!("the model has no LoRA adapters to save"))?;
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let tensors = model
+        .params
+        .iter()
+        .map(|p| {
+            let t = p.master.as_ref().unwrap_or(&p.var).as_tensor();
+            Ok((p.name.clone(), t.to_dtype(opts.dtype.unwrap_or(t.dtype()))?))
+        })
+        .collect::<Result<HashMap<String, Tensor>>>()?;
+    let path = dir.join(lora::WEIGHTS_FILE);
+    let tmp = path.with_extension("tmp");
+    candle_core::safetensors::save(&tensors, &tmp)
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, &path)
+        .with_context(|| format!("cannot rename {} into place", tmp.display()))?;
+    write_renamed(
+        &dir.join(lora::CONFIG_FILE),
+        serde_json::to_string_pretty(&lora.peft_config())?.as_bytes(),
+    )?;
+    remove_stale(dir, |name| {
+        name == INDEX
+            || name == "config.json"
+            || (name.starts_with("model") && name.ends_with(".safetensors"))
+    })
+}
+
+/// Removes the files of `dir` whose names `stale` picks.
+fn remove_stale(dir: &Path, stale: impl Fn(&str) -> bool) -> Result<()> {
+    for entry in std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))? {
+        let name = entry?.file_name().to_string_lossy().into_owned();
+        if stale(&name) {
+            let path = dir.join(&name);
+            std::fs::remove_file(&path)
+                .with_context(|| format!("cannot remove stale {}", path.display()))?;
+        }
+    }
+    Ok(())
 }
 
 /// [`save_model`] without the tokenizer: weights, index and `config.json`.
@@ -112,16 +165,12 @@ pub fn save_weights(model: &Model, dir: &Path, opts: &SaveOptions) -> Result<()>
         )?;
         keep.push(INDEX.to_string());
     }
-    for entry in std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))? {
-        let name = entry?.file_name().to_string_lossy().into_owned();
+    remove_stale(dir, |name| {
         let weights_file =
             name == INDEX || (name.starts_with("model") && name.ends_with(".safetensors"));
-        if weights_file && !keep.contains(&name) {
-            let stale = dir.join(&name);
-            std::fs::remove_file(&stale)
-                .with_context(|| format!("cannot remove stale {}", stale.display()))?;
-        }
-    }
+        let adapter_file = name == lora::WEIGHTS_FILE || name == lora::CONFIG_FILE;
+        (weights_file && !keep.iter().any(|k| k == name)) || adapter_file
+    })?;
 
     let mut config = model.config_json.clone();
     if let (Some(obj), Some(d)) = (config.as_object_mut(), weights.first()) {
@@ -162,8 +211,8 @@ pub struct TrainerState {
     /// Optimiser steps completed (skipped non-finite steps included).
     pub step: usize,
     /// Epoch and position in that epoch's permutation. The permutation is a pure function of
-    /// (seed, epoch), and nothing else in the loop draws random numbers, so this is the whole
-    /// RNG state.
+    /// (seed, epoch); with `lora_dropout_draws` (and the optimiser's step, which keys stochastic
+    /// rounding) this is the whole RNG state.
     pub data: DataCursor,
     /// Lines of `metrics.jsonl` written up to this step; a resumed run cuts the file here.
     pub metrics_lines: usize,
@@ -176,6 +225,10 @@ pub struct TrainerState {
     /// The learning-rate schedule in force (recomputed from the config on resume; recorded so
     /// that a reader of the checkpoint sees it).
     pub schedule: Schedule,
+    /// LoRA dropout streams drawn so far (one per training forward pass), from which the
+    /// masks continue on resume.
+    #[serde(default)]
+    pub lora_dropout_draws: u64,
 }
 
 /// What a checkpoint holds: the policy (with its f32 masters), its tokenizer, the optimiser's
@@ -370,8 +423,15 @@ pub fn verify(dir: &Path) -> Result<()> {
     })?;
     let manifest: Manifest = serde_json::from_str(&text)
         .with_context(|| format!("{}: manifest is not valid JSON", path.display()))?;
-    if !manifest.files.contains_key(MODEL) && !manifest.files.contains_key(INDEX) {
-        bail!("{}: manifest lists no {MODEL} or {INDEX}", path.display());
+    if ![MODEL, INDEX, lora::WEIGHTS_FILE]
+        .iter()
+        .any(|f| manifest.files.contains_key(*f))
+    {
+        bail!(
+            "{}: manifest lists no {MODEL}, {INDEX} or {}",
+            path.display(),
+            lora::WEIGHTS_FILE
+        );
     }
     for required in [OPTIMIZER, STATE, CONFIG] {
         if !manifest.files.contains_key(required) {
@@ -506,7 +566,10 @@ pub fn restore(
     let mut weights = HashMap::new();
     let mut from = HashMap::new();
     let exact = dir.join(EXACT_WEIGHTS);
-    let files = crate::models::weight_files(dir)?;
+    let files = match model.lora {
+        Some(_) => vec![dir.join(lora::WEIGHTS_FILE)],
+        None => crate::models::weight_files(dir)?,
+    };
     // Exact weights last: they replace the rounded copies of the same tensors.
     for path in files.iter().chain(exact.is_file().then_some(&exact)) {
         let loaded = candle_core::safetensors::load(path, device)

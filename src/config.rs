@@ -205,6 +205,10 @@ pub struct Config {
     pub training: TrainingConfig,
     #[serde(default)]
     pub sam: SamConfig,
+    /// LoRA adapters instead of full fine-tuning (PEFT's `LoraConfig`); on when this table or
+    /// `model.adapter` is present.
+    #[serde(default)]
+    pub lora: Option<LoraConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -221,6 +225,43 @@ pub struct ModelConfig {
     /// Shape of the built-in GPT-2 (used only with `builtin:tiny-gpt2`).
     #[serde(default)]
     pub builtin: BuiltinModel,
+    /// A PEFT LoRA adapter directory (`adapter_config.json` + `adapter_model.safetensors`) to
+    /// start from: LoRA training continues it, and the reference is the base with it, frozen.
+    #[serde(default)]
+    pub adapter: Option<PathBuf>,
+}
+
+/// `[lora]`: PEFT's `LoraConfig` under shorter names (`lora_alpha` and `lora_dropout` are
+/// accepted too). Unset keys take PEFT's defaults, or, with `model.adapter`, the adapter's.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LoraConfig {
+    /// The adapters' rank (PEFT's default 8).
+    #[serde(default)]
+    pub r: Option<usize>,
+    /// The update is scaled by alpha / r (alpha / √r with `use_rslora`); PEFT's default 8.
+    #[serde(default, alias = "lora_alpha")]
+    pub alpha: Option<f64>,
+    /// Dropout on the adapters' input while training (PEFT's default 0).
+    #[serde(default, alias = "lora_dropout")]
+    pub dropout: Option<f64>,
+    /// PEFT's `target_modules`: a list of module names, each matching a dense layer whose path
+    /// is the name or ends with `.name`; `"all-linear"` (every dense layer but the output
+    /// layer); or another string, a regular expression the whole path must match. Unset: PEFT's
+    /// default for the architecture.
+    #[serde(default)]
+    pub target_modules: Option<TargetModules>,
+    /// Rank-stabilised scaling alpha / √r.
+    #[serde(default)]
+    pub use_rslora: Option<bool>,
+}
+
+/// `lora.target_modules`: one string or a list (saved back in the same form).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(untagged)]
+pub enum TargetModules {
+    One(String),
+    Many(Vec<String>),
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -405,6 +446,11 @@ pub struct TrainingConfig {
     /// optimiser state, log-softmax and loss. Needs `model.dtype = "f32"` (the masters' dtype).
     #[serde(default = "default_mixed_precision")]
     pub mixed_precision: MixedPrecision,
+    /// With `model.dtype = "bf16"` (pure bf16, no f32 masters): round every update written into
+    /// the bf16 weights and the (then bf16) AdamW moments stochastically, so that updates below
+    /// half a bf16 step still move the weights in expectation instead of rounding away.
+    #[serde(default)]
+    pub bf16_stochastic_rounding: bool,
     /// TF32 tensor cores for f32 matmuls on Ampere and newer GPUs (HF's `tf32`): several times
     /// the f32 matmul throughput, with products rounded to a 10-bit mantissa. bf16 and f16
     /// matmuls are unaffected. Off by default, as in transformers and PyTorch.
@@ -734,11 +780,25 @@ impl Config {
             "must be >= 0",
             t.dpop_lambda,
         )?;
-        if t.mixed_precision == MixedPrecision::Bf16 && self.model.dtype != Dtype::F32 {
+        if t.mixed_precision == MixedPrecision::Bf16
+            && self.model.dtype != Dtype::F32
+            && !self.lora_enabled()
+        {
             bail!(
                 "training.mixed_precision = \"bf16\" keeps f32 master weights, so model.dtype must be \"f32\" (got \"{}\")",
                 self.model.dtype
             );
+        }
+        if t.bf16_stochastic_rounding {
+            if self.model.dtype != Dtype::Bf16 || t.mixed_precision != MixedPrecision::No {
+                bail!("training.bf16_stochastic_rounding: rounds updates into bf16 weights, so it needs model.dtype = \"bf16\" and training.mixed_precision = \"no\" (got model.dtype = \"{}\", mixed_precision = \"{}\")", self.model.dtype, t.mixed_precision);
+            }
+            if self.lora_enabled() {
+                bail!("training.bf16_stochastic_rounding: with LoRA only the adapters are updated, and they are kept in f32 already; remove one of them");
+            }
+        }
+        if let Some(l) = &self.lora {
+            l.validate()?;
         }
         check(
             t.weight_decay >= 0.0,
@@ -1012,6 +1072,11 @@ impl Config {
         }
     }
 
+    /// Whether LoRA adapters are trained (a `[lora]` table or `model.adapter`).
+    pub fn lora_enabled(&self) -> bool {
+        self.lora.is_some() || self.model.adapter.is_some()
+    }
+
     /// The reference model's source (the policy's when not set).
     pub fn ref_name_or_path(&self) -> &str {
         self.model
@@ -1020,6 +1085,45 @@ impl Config {
             .unwrap_or(&self.model.name_or_path)
     }
 }
+
+impl LoraConfig {
+    fn validate(&self) -> Result<()> {
+        if let Some(r) = self.r {
+            check(r > 0, "lora.r", "must be > 0", r)?;
+        }
+        if let Some(a) = self.alpha {
+            check(a > 0.0 && a.is_finite(), "lora.alpha", "must be > 0", a)?;
+        }
+        if let Some(p) = self.dropout {
+            check(
+                (0.0..1.0).contains(&p),
+                "lora.dropout",
+                "must be in [0, 1)",
+                p,
+            )?;
+        }
+        match &self.target_modules {
+            Some(TargetModules::Many(names)) if names.is_empty() => {
+                bail!("lora.target_modules: expected at least one module name, or \"all-linear\"")
+            }
+            Some(TargetModules::Many(names)) => {
+                if let Some(bad) = names.iter().find(|n| n.trim().is_empty()) {
+                    bail!("lora.target_modules: module names must not be empty, got {bad:?}");
+                }
+            }
+            Some(TargetModules::One(pattern)) if !pattern.eq_ignore_ascii_case(ALL_LINEAR) => {
+                regex::Regex::new(&format!("^(?:{pattern})$")).map_err(|e| {
+                    anyhow!("lora.target_modules: `{pattern}` is neither \"all-linear\" nor a valid regular expression: {e}")
+                })?;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+/// PEFT's shorthand for every dense layer but the output layer (matched case-insensitively).
+pub const ALL_LINEAR: &str = "all-linear";
 
 fn check<T: std::fmt::Display>(ok: bool, key: &str, what: &str, got: T) -> Result<()> {
     if ok {

@@ -3,7 +3,7 @@
 //! One module per concern; `main.rs` maps each subcommand onto one of them. Imports run one
 //! way (`tests/layering.rs` checks it):
 //!
-//! - commands: `bench`, `eval`, `generate`, `gpucheck`, `plot`, `score`, `toy`, `trl`
+//! - commands: `bench`, `eval`, `generate`, `gpucheck`, `merge`, `plot`, `score`, `toy`, `trl`
 //!   (`config from-trl`), `train` (whose `mod.rs` is the command and the loop) and
 //!   `data inspect`;
 //! - what the training run uses: `plan` (`--dry-run`), `refcache`, `checkpoint`;
@@ -26,6 +26,7 @@ pub mod hub;
 pub mod kernels;
 pub mod logps;
 pub mod losses;
+pub mod merge;
 pub mod models;
 pub mod optim;
 pub mod plan;

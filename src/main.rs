@@ -35,6 +35,8 @@ enum Command {
     /// Look at preference data before training: `data inspect` counts records and skipped rows
     /// by reason, token-length percentiles, padding, and shows which tokens are scored.
     Data(dpo_sam::data::inspect::DataArgs),
+    /// Fold a PEFT LoRA adapter into its base model and save the full Hugging Face model.
+    Merge(dpo_sam::merge::MergeArgs),
     /// Configs: `config from-trl` converts a TRL / alignment-handbook recipe into a dpo-sam
     /// TOML, listing every field it cannot carry over.
     Config(dpo_sam::trl::ConfigArgs),
@@ -59,6 +61,7 @@ fn main() {
         Command::Plot(args) => dpo_sam::plot::run(args),
         Command::Data(args) => dpo_sam::data::inspect::run(args),
         Command::Generate(args) => dpo_sam::generate::run(args),
+        Command::Merge(args) => dpo_sam::merge::run(args),
         Command::Config(args) => dpo_sam::trl::run(args),
         Command::GpuCheck(args) => dpo_sam::gpucheck::run(args),
     };

@@ -2,10 +2,12 @@
 //! gradient-norm clipping, and gradient accumulation across micro-batches.
 //!
 //! candle-nn's AdamW keeps its moments private and decays every tensor; this one follows
-//! `transformers`' Trainer: no weight decay on biases and norm weights (rank-1 tensors).
+//! `transformers`' Trainer: no weight decay on biases and norm weights (rank-1 tensors). With
+//! [`Rounding::Stochastic`] (pure bf16) the moments are bf16 too and every update is rounded
+//! stochastically, so that updates below half a bf16 step survive in expectation.
 
 use crate::config::SchedulerType;
-use crate::kernels::adamw;
+use crate::kernels::{adamw, random};
 use crate::models::Param;
 use anyhow::{anyhow, bail, Result};
 use candle_core::{backprop::GradStore, DType, Tensor};
@@ -96,19 +98,31 @@ pub enum OptimizerKind {
     },
 }
 
+/// How updates are written into the weights (and AdamW's moments).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Rounding {
+    /// f32 state; weights in their own dtype, rounded to nearest (or f32 masters).
+    Nearest,
+    /// `training.bf16_stochastic_rounding`: bf16 weights and moments, each update rounded
+    /// stochastically from streams keyed by (seed, step, parameter), so resumable.
+    Stochastic { seed: u64 },
+}
+
 /// An optimiser with explicit, saveable state.
 pub struct Optimizer {
     pub kind: OptimizerKind,
     /// Steps taken (Adam's bias correction uses it).
     pub step: usize,
-    /// Adam's first and second moments, per parameter (f32).
+    /// Adam's first and second moments, per parameter (f32; bf16 with stochastic rounding).
     pub m: Vec<Tensor>,
     pub v: Vec<Tensor>,
+    pub rounding: Rounding,
 }
 
 impl Optimizer {
-    pub fn new(kind: OptimizerKind, params: &[Param]) -> Result<Self> {
-        let zeros = |p: &Param| p.var.as_tensor().zeros_like()?.to_dtype(DType::F32);
+    pub fn new(kind: OptimizerKind, params: &[Param], rounding: Rounding) -> Result<Self> {
+        let dtype = Self::state_dtype(rounding);
+        let zeros = |p: &Param| p.var.as_tensor().zeros_like()?.to_dtype(dtype);
         let (m, v) = match kind {
             OptimizerKind::AdamW { .. } => (
                 params
@@ -127,7 +141,16 @@ impl Optimizer {
             step: 0,
             m,
             v,
+            rounding,
         })
+    }
+
+    /// The moments' dtype.
+    fn state_dtype(rounding: Rounding) -> DType {
+        match rounding {
+            Rounding::Nearest => DType::F32,
+            Rounding::Stochastic { .. } => DType::BF16,
+        }
     }
 
     /// The state to save: `m.<param>` and `v.<param>` (AdamW) and `step`.
@@ -174,10 +197,14 @@ impl Optimizer {
                         slot.dims()
                     );
                 }
-                if t.dtype() != DType::F32 {
-                    bail!("tensor `{name}` has dtype {:?}, expected F32", t.dtype());
+                let dtype = Self::state_dtype(self.rounding);
+                if t.dtype() != dtype {
+                    bail!(
+                        "tensor `{name}` has dtype {:?}, expected {dtype:?}",
+                        t.dtype()
+                    );
                 }
-                *slot = t.to_dtype(DType::F32)?.to_device(slot.device())?;
+                *slot = t.to_device(slot.device())?;
             }
         }
         Ok(())
@@ -187,7 +214,8 @@ impl Optimizer {
     /// applies one update at learning rate `lr`, unless their norm is not finite (then nothing
     /// changes). Returns the norm before clipping. On CUDA, where [`adamw::Fused`] applies, the
     /// norm and the clipping factor are computed on the device and the norm is the step's one
-    /// read back to the host.
+    /// read back to the host. (It takes f32 weights only, so pure bf16 with stochastic rounding
+    /// runs the tensor path, which rounds.)
     pub fn clip_and_apply(
         &mut self,
         params: &[Param],
@@ -219,6 +247,7 @@ impl Optimizer {
                     grad_scale: 1.0,
                     rule: self.rule(),
                     step: self.step + 1,
+                    stochastic: None,
                 };
                 fused.update(&update, &clip)?;
                 self.step += 1;
@@ -265,19 +294,32 @@ impl Optimizer {
         for (i, (p, g)) in params.iter().zip(grads).enumerate() {
             let Some(g) = g else { continue };
             let decay = self.decay(p);
+            let stochastic = match self.rounding {
+                Rounding::Stochastic { seed } => {
+                    Some(random::key(&[seed, self.step as u64, i as u64]))
+                }
+                Rounding::Nearest => None,
+            };
             let update = adamw::Update {
                 lr,
                 decay,
                 grad_scale,
                 rule,
                 step: self.step,
+                stochastic,
             };
-            // The f32 weights the update applies to: the master copy, or the parameter itself.
+            // The weights the update applies to: the f32 master copy, or the parameter itself
+            // (f32, or bf16 rounded stochastically).
             let target = p.master.as_ref().unwrap_or(&p.var).as_tensor();
             let (m, v) = (self.m.get(i), self.v.get(i));
-            let fused = target.dtype() == DType::F32
-                && adamw::applies(&[target, g])
-                && [m, v].iter().flatten().all(|t| adamw::applies(&[t]));
+            let dtype = Self::state_dtype(self.rounding);
+            let fused = target.dtype() == dtype
+                && adamw::applies_as(&[target], dtype)
+                && adamw::applies(&[g])
+                && [m, v]
+                    .iter()
+                    .flatten()
+                    .all(|t| adamw::applies_as(&[t], dtype));
             if fused {
                 update.run(target, g, m.zip(v))?;
                 if p.master.is_some() {
@@ -285,6 +327,13 @@ impl Optimizer {
                 }
                 continue;
             }
+            // Writes a new f32 value into bf16 state stochastically, else keeps f32.
+            let store = |t: Tensor, slot: u64| -> Result<Tensor> {
+                match adamw::slot_key(stochastic, slot) {
+                    Some(key) => round_stochastic(&t, key),
+                    None => Ok(t),
+                }
+            };
             let w = target.to_dtype(DType::F32)?;
             let g = (g.to_dtype(DType::F32)? * grad_scale)?;
             let w = if decay > 0.0 {
@@ -296,22 +345,48 @@ impl Optimizer {
                 OptimizerKind::AdamW {
                     beta1, beta2, eps, ..
                 } => {
-                    self.m[i] = ((&self.m[i] * beta1)? + (&g * (1.0 - beta1))?)?;
-                    self.v[i] = ((&self.v[i] * beta2)? + (g.sqr()? * (1.0 - beta2))?)?;
+                    let m = ((self.m[i].to_dtype(DType::F32)? * beta1)? + (&g * (1.0 - beta1))?)?;
+                    let v =
+                        ((self.v[i].to_dtype(DType::F32)? * beta2)? + (g.sqr()? * (1.0 - beta2))?)?;
                     let (bc1, bc2) = update.bias_corrections();
-                    let m_hat = (&self.m[i] / bc1)?;
-                    let v_hat = (&self.v[i] / bc2)?;
+                    let m_hat = (&m / bc1)?;
+                    let v_hat = (&v / bc2)?;
+                    self.m[i] = store(m, 1)?;
+                    self.v[i] = store(v, 2)?;
                     (w - (m_hat / (v_hat.sqrt()? + eps)?)?.affine(lr, 0.0)?)?
                 }
                 OptimizerKind::Sgd { .. } => (w - (g * lr)?)?,
             };
-            p.var.set(&new.to_dtype(p.var.dtype())?)?;
-            if let Some(master) = &p.master {
-                master.set(&new)?;
+            match &p.master {
+                Some(master) => {
+                    p.var.set(&new.to_dtype(p.var.dtype())?)?;
+                    master.set(&new)?;
+                }
+                None if stochastic.is_some() => p.var.set(&store(new, 0)?)?,
+                None => p.var.set(&new.to_dtype(p.var.dtype())?)?,
             }
         }
         Ok(())
     }
+}
+
+/// f32 `x` rounded to bf16 stochastically from the stream `key`, with tensor ops (the twin of
+/// [`adamw::round_stochastic`], for devices without the in-place kernels): r = x rounded to
+/// nearest, n its bf16 neighbour on x's side, and n with probability |x − r| / |n − r|, else r.
+/// n is found by rounding r ± 5/8 of r's step, which lands inside n's rounding interval even
+/// across a power of two; where r has no such neighbour (0 or bf16's subnormals) r is kept.
+pub fn round_stochastic(x: &Tensor, key: u64) -> Result<Tensor> {
+    let bf16_f32 = |t: &Tensor| -> candle_core::Result<Tensor> {
+        t.to_dtype(DType::BF16)?.to_dtype(DType::F32)
+    };
+    let x = x.to_dtype(DType::F32)?;
+    let r = bf16_f32(&x)?;
+    let d = (&x - &r)?;
+    let n = bf16_f32(&(&r + (d.sign()? * r.abs()?.affine(5.0 / 1024.0, 0.0)?)?)?)?;
+    let p = (d.abs()? / (&n - &r)?.abs()?)?;
+    let u = random::uniform(x.shape(), key, x.device())?;
+    // NaN (0/0) compares false: r.
+    Ok(u.lt(&p)?.where_cond(&n, &r)?.to_dtype(DType::BF16)?)
 }
 
 /// Learning rate at an optimiser step, as `transformers`' schedulers of the same names: `linear`,
@@ -440,7 +515,7 @@ mod tests {
             eps: 1e-8,
             weight_decay: 0.1,
         };
-        let mut opt = Optimizer::new(kind, &params)?;
+        let mut opt = Optimizer::new(kind, &params, Rounding::Nearest)?;
         let grads = vec![
             Some(Tensor::new(&[[2f32, -3.0], [0.5, 1.0]], &dev)?),
             Some(Tensor::new(&[4f32, -1.0], &dev)?),
@@ -488,8 +563,8 @@ mod tests {
             OptimizerKind::Sgd { weight_decay: 0.1 },
         ] {
             let (fused, plain) = (params()?, params()?);
-            let mut opt_f = Optimizer::new(kind.clone(), &fused)?;
-            let mut opt_p = Optimizer::new(kind.clone(), &plain)?;
+            let mut opt_f = Optimizer::new(kind.clone(), &fused, Rounding::Nearest)?;
+            let mut opt_p = Optimizer::new(kind.clone(), &plain, Rounding::Nearest)?;
             for step in 0..3 {
                 let g = Tensor::randn(0f32, 1.0, (4, 3), &dev)?;
                 let gb = Tensor::randn(0f32, 1.0, 4, &dev)?;
@@ -509,6 +584,107 @@ mod tests {
                         .max(0)?
                         .to_scalar::<f32>()?;
                     assert!(d < 1e-6, "{kind:?} step {step} {}: differ by {d}", a.name);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Weights at 1.0 (bf16 step 2⁻⁷ there) moved 200 times by ≈1e-4, 1/78 of a step: the
+    /// mean drift of 4096 weights under stochastic rounding matches f32's within sampling
+    /// error (per weight the rounding noise has sd ≤ √200 · 2⁻⁷/2 ≈ 0.055, so the mean's is
+    /// ≤ 0.0009), on the in-place kernels and on the tensor path; round-to-nearest loses every
+    /// update.
+    #[test]
+    fn stochastic_rounding_keeps_updates_far_below_half_a_bf16_step() -> Result<()> {
+        let dev = Device::Cpu;
+        let (steps, lr) = (200, 1e-4);
+        let shape = (64, 64);
+        let grad = Tensor::full(-0.5f32, shape, &dev)?;
+        let mean_drift = |dtype: DType,
+                          rounding: Rounding,
+                          kind: &OptimizerKind,
+                          contiguous: bool|
+         -> Result<f64> {
+            let p = Param {
+                name: "w".into(),
+                var: Var::from_tensor(&Tensor::ones(shape, dtype, &dev)?)?,
+                master: None,
+            };
+            let params = [p];
+            let mut opt = Optimizer::new(kind.clone(), &params, rounding)?;
+            for _ in 0..steps {
+                // A transposed view is not contiguous: it takes the tensor path.
+                let g = match contiguous {
+                    true => grad.clone(),
+                    false => grad.t()?,
+                };
+                opt.apply(&params, &[Some(g)], 1.0, lr)?;
+            }
+            let w = params[0].var.as_tensor().to_dtype(DType::F64)?;
+            Ok((w - 1.0)?.mean_all()?.to_scalar::<f64>()?)
+        };
+        let adamw = OptimizerKind::AdamW {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        };
+        let sgd = OptimizerKind::Sgd { weight_decay: 0.0 };
+        for kind in [adamw, sgd] {
+            let f32_drift = mean_drift(DType::F32, Rounding::Nearest, &kind, true)?;
+            assert!(f32_drift > 0.009, "{kind:?}: f32 drifts by {f32_drift}");
+            let nearest = mean_drift(DType::BF16, Rounding::Nearest, &kind, true)?;
+            assert_eq!(nearest, 0.0, "{kind:?}: round-to-nearest keeps 1.0");
+            for contiguous in [true, false] {
+                let sr = mean_drift(
+                    DType::BF16,
+                    Rounding::Stochastic { seed: 7 },
+                    &kind,
+                    contiguous,
+                )?;
+                assert!(
+                    (sr - f32_drift).abs() < 0.0045,
+                    "{kind:?} (in place: {contiguous}): stochastic rounding drifts by {sr}, f32 by {f32_drift}"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn stochastic_rounding_is_unbiased_and_exact_on_bf16_values() -> Result<()> {
+        let dev = Device::Cpu;
+        // Values across binades, signs and exact bf16 values (which must stay as they are).
+        let xs: Vec<f32> = vec![1.0 + 1e-3, -3.3e-3, 1e4 + 7.0, 2.0 - 1e-4, 0.5, -7.0, 1e-30];
+        let n = 20_000;
+        let x = Tensor::new(xs.as_slice(), &dev)?
+            .unsqueeze(0)?
+            .repeat((n, 1))?;
+        let exact = |v: &[f32]| {
+            v.iter()
+                .map(|&x| half::bf16::from_f32(x).to_f32() == x)
+                .collect::<Vec<_>>()
+        };
+        let tensor_path = round_stochastic(&x, 3)?.to_dtype(DType::F32)?;
+        let flat: Vec<f32> = x.flatten_all()?.to_vec1()?;
+        let kernel: Vec<f32> = flat
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| adamw::round_stochastic(v, random::bits(3, i as u64)).to_f32())
+            .collect();
+        let kernel = Tensor::from_vec(kernel, x.shape(), &dev)?;
+        for rounded in [tensor_path, kernel] {
+            let mean: Vec<f32> = rounded.mean(0)?.to_vec1()?;
+            for ((&want, &got), exact) in xs.iter().zip(&mean).zip(exact(&xs)) {
+                // Each draw is one of two neighbours a step h apart: sd of the mean ≤ h/(2√n).
+                let h = (want.abs() * 2f32.powi(-7)).max(1e-38);
+                assert!(
+                    (got - want).abs() < 5.0 * h / (2.0 * (n as f32).sqrt()),
+                    "{want}: mean {got}"
+                );
+                if exact {
+                    assert_eq!(got, want);
                 }
             }
         }

@@ -1,6 +1,7 @@
 //! `dpo-sam train --dry-run`: validates a config and prints the plan — parameter counts (total,
-//! lm_head share), estimated memory for weights, gradients, optimiser state, reference model, the
-//! output layer's logits and the policy's activations (with and without
+//! lm_head share, LoRA's trainable share), estimated memory for weights (f32 masters and their
+//! compute copy; with LoRA the frozen base in the compute dtype), gradients, optimiser state,
+//! reference model, the output layer's logits and the policy's activations (with and without
 //! `training.gradient_checkpointing`), and steps per epoch — without loading any weights. With
 //! `--nproc-per-node`, the split of each batch over the ranks and the memory per GPU: every rank
 //! holds the whole model, gradients and optimiser state (plain data parallelism; no ZeRO
@@ -32,6 +33,8 @@ const MISTRAL_7B: &str = r#"{"model_type":"mistral","vocab_size":32000,"hidden_s
 const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
 /// An "80 GB" GPU (A100/H100 80GB), in bytes.
 const GPU_80GB: f64 = 80e9;
+/// A "141 GB" GPU (H200), in bytes.
+const GPU_141GB: f64 = 141e9;
 
 /// The plan as JSON (also printed by [`print`]) for a run over `ranks` data-parallel processes.
 pub fn plan(cfg: &Config, ranks: usize) -> Result<serde_json::Value> {
@@ -83,35 +86,86 @@ pub fn plan(cfg: &Config, ranks: usize) -> Result<serde_json::Value> {
     let linear_share = head_params as f64 / (head_params + body_linear).max(1) as f64;
 
     let dtype_bytes = cfg.model.dtype.dtype().size_in_bytes() as f64;
+    let compute_bytes = cfg.compute_dtype().size_in_bytes() as f64;
     let p = total as f64;
-    let weights = p * dtype_bytes;
-    let grads = p * 4.0; // accumulated in f32
-    let optimizer = if cfg.training.optimizer == OptimizerType::Adamw {
-        8.0 * p
-    } else {
-        0.0
+    let lora = lora_plan(cfg, &config_json)?;
+    let micro_batches = cfg.training.batch_size / cfg.micro_batch_size();
+    let uses_reference = crate::losses::needs_reference(&cfg.loss_terms());
+    let adamw = cfg.training.optimizer == OptimizerType::Adamw;
+    let mem = match &lora {
+        // The base is frozen and held in the compute dtype; the adapters are Vars in it with
+        // f32 masters when it is half precision.
+        Some(l) => {
+            let t = l.params as f64;
+            let masters = if compute_bytes < 4.0 { 4.0 } else { 0.0 };
+            Memory {
+                weights: p * compute_bytes + t * (compute_bytes + masters),
+                // The f32 accumulator, the backward's own store, and the frozen output layer's
+                // gradient, which the output layer's backward still computes.
+                gradients: t * (4.0 + compute_bytes) + head_params as f64 * 4.0,
+                optimizer: if adamw { 8.0 * t } else { 0.0 },
+                reference: match (uses_reference, &cfg.model.ref_name_or_path) {
+                    (false, _) => 0.0,
+                    (true, Some(_)) => p * compute_bytes,
+                    // Adapters off: the policy's own weights, plus the adapter it started from.
+                    (true, None) if cfg.model.adapter.is_some() => t * compute_bytes,
+                    (true, None) => 0.0,
+                },
+            }
+        }
+        None => {
+            let stochastic = cfg.training.bf16_stochastic_rounding;
+            // f32 masters beside the compute copy under mixed precision.
+            let copy = if compute_bytes != dtype_bytes {
+                compute_bytes
+            } else {
+                0.0
+            };
+            // The backward's gradients, beside the f32 accumulator unless they are it (f32,
+            // one micro-batch).
+            let store = if compute_bytes != 4.0 || micro_batches > 1 {
+                compute_bytes
+            } else {
+                0.0
+            };
+            Memory {
+                weights: p * (dtype_bytes + copy),
+                gradients: p * (4.0 + store),
+                optimizer: match (adamw, stochastic) {
+                    (false, _) => 0.0,
+                    (true, true) => 4.0 * p,
+                    (true, false) => 8.0 * p,
+                },
+                reference: if uses_reference {
+                    p * compute_bytes
+                } else {
+                    0.0
+                },
+            }
+        }
     };
-    let reference = if crate::losses::needs_reference(&cfg.loss_terms()) {
-        p * dtype_bytes
-    } else {
-        0.0
-    };
+    let (weights, grads, optimizer, reference) =
+        (mem.weights, mem.gradients, mem.optimizer, mem.reference);
     let vocab = config_json["vocab_size"].as_u64().unwrap_or(0) as f64;
     let logits = logits_bytes(
         2 * cfg.micro_batch_size() * cfg.data.max_length,
         vocab as usize,
     );
 
-    let compute_bytes = cfg.compute_dtype().size_in_bytes() as f64;
     // The fused CPU kernels keep less than the compositions used elsewhere (see models::ops).
     let fused = cfg.device == "cpu" && compute_bytes >= 4.0;
-    let acts = activations(
+    let rows = 2 * cfg.micro_batch_size();
+    let mut acts = activations(
         &config_json,
-        2 * cfg.micro_batch_size(),
+        rows,
         cfg.data.max_length,
         compute_bytes,
         fused,
     )?;
+    if let Some(l) = &lora {
+        acts.block +=
+            (rows * cfg.data.max_length) as f64 * l.per_token_per_block(compute_bytes, acts.layers);
+    }
     let checkpointing = cfg.training.gradient_checkpointing;
     let before = weights + grads + optimizer + reference + logits;
     let memory = before + acts.total(checkpointing);
@@ -147,13 +201,25 @@ pub fn plan(cfg: &Config, ranks: usize) -> Result<serde_json::Value> {
         "config_json": config_origin,
         "model_type": config_json["model_type"],
         "params": total,
+        "trainable_params": lora.as_ref().map_or(total, |l| l.params),
+        "lora": lora.as_ref().map(|l| json!({
+            "r": l.spec.r,
+            "alpha": l.spec.alpha,
+            "adapted_modules": l.modules,
+            "reference": match (uses_reference, &cfg.model.ref_name_or_path, &cfg.model.adapter) {
+                (false, _, _) => "none",
+                (true, Some(_), _) => "ref_name_or_path",
+                (true, None, Some(_)) => "the policy's frozen weights with model.adapter as it started",
+                (true, None, None) => "the policy's frozen weights with the adapters off",
+            },
+        })),
         "lm_head_params": head_params,
         "lm_head_share_of_params": head_params as f64 / p,
         "lm_head_share_of_linear_work": linear_share,
         "logits_sam_flop_bound": 1.0 + 2.0 / 3.0 * linear_share,
         "memory_gib": {
             "weights": weights / GIB,
-            "gradients_f32": grads / GIB,
+            "gradients": grads / GIB,
             "optimizer_state": optimizer / GIB,
             "reference_model": reference / GIB,
             "logits_per_micro_batch": logits / GIB,
@@ -164,6 +230,7 @@ pub fn plan(cfg: &Config, ranks: usize) -> Result<serde_json::Value> {
             "total": memory / GIB,
         },
         "fits_80gb_gpu": memory <= GPU_80GB,
+        "fits_141gb_gpu": memory <= GPU_141GB,
         "data_parallel": {
             "ranks": ranks,
             "micro_batches_per_rank_per_step": cfg.training.batch_size / (ranks * cfg.micro_batch_size()),
@@ -175,6 +242,62 @@ pub fn plan(cfg: &Config, ranks: usize) -> Result<serde_json::Value> {
         "data": steps,
         "micro_batches_per_step": cfg.training.batch_size / cfg.micro_batch_size(),
         "sam": cfg.sam.kind,
+    }))
+}
+
+/// The memory a run holds besides logits and activations, in bytes.
+struct Memory {
+    weights: f64,
+    gradients: f64,
+    optimizer: f64,
+    reference: f64,
+}
+
+/// What LoRA adds to the plan: its settings, the adapted modules and their parameters.
+struct LoraPlan {
+    spec: crate::models::lora::LoraSpec,
+    /// (module path, inputs, outputs).
+    modules: Vec<(String, usize, usize)>,
+    params: usize,
+    dropout: bool,
+}
+
+impl LoraPlan {
+    /// What the adapters keep for the backward per token of one block, in `e`-byte floats:
+    /// per adapted layer, x A ᵀ (r), its product with Bᵀ, that scaled, and the sum with the
+    /// base output (3 × out); with dropout, the mask and the masked input (2 × in).
+    fn per_token_per_block(&self, e: f64, layers: usize) -> f64 {
+        let per_layer: usize = self
+            .modules
+            .iter()
+            .map(|(_, i, o)| self.spec.r + 3 * o + if self.dropout { 2 * i } else { 0 })
+            .sum();
+        e * per_layer as f64 / layers.max(1) as f64
+    }
+}
+
+/// The LoRA part of the plan (`[lora]` or `model.adapter`), reading only the adapter's config
+/// and header; an unknown `lora.target_modules` entry is an error here too.
+fn lora_plan(cfg: &Config, config_json: &serde_json::Value) -> Result<Option<LoraPlan>> {
+    use crate::models::lora::{self, AdapterFile};
+    if !cfg.lora_enabled() {
+        return Ok(None);
+    }
+    let start = cfg
+        .model
+        .adapter
+        .as_deref()
+        .map(AdapterFile::read)
+        .transpose()?;
+    let spec = lora::resolve_spec(cfg.lora.as_ref(), start.as_ref())?;
+    let targets = cfg.lora.as_ref().and_then(|l| l.target_modules.as_ref());
+    let modules = crate::models::lora_shapes(config_json, targets, start.as_ref())?;
+    let params = modules.iter().map(|(_, i, o)| spec.r * (i + o)).sum();
+    Ok(Some(LoraPlan {
+        dropout: spec.dropout > 0.0,
+        spec,
+        modules,
+        params,
     }))
 }
 
@@ -370,11 +493,22 @@ pub fn print(cfg: &Config, ranks: usize) -> Result<()> {
         100.0 * plan["lm_head_share_of_params"].as_f64().unwrap_or(0.0),
         100.0 * plan["lm_head_share_of_linear_work"].as_f64().unwrap_or(0.0)
     );
+    if let Some(lora) = plan["lora"].as_object() {
+        println!(
+            "LoRA         r {}, alpha {}, {} adapted layers, {} trainable parameters ({:.3}%) on frozen weights; reference: {}",
+            lora["r"],
+            lora["alpha"],
+            lora["adapted_modules"].as_array().map_or(0, Vec::len),
+            plan["trainable_params"],
+            100.0 * plan["trainable_params"].as_f64().unwrap_or(0.0) / plan["params"].as_f64().unwrap_or(1.0),
+            lora["reference"].as_str().unwrap_or("")
+        );
+    }
     println!(
         "logits-SAM   FLOP bound {:.3}× a plain step",
         plan["logits_sam_flop_bound"].as_f64().unwrap_or(1.0)
     );
-    println!("memory (GiB) weights {:.2}, gradients {:.2}, optimizer {:.2}, reference {:.2}, logits/micro-batch {:.2}, activations/micro-batch {:.2}; total {:.2}", g("weights"), g("gradients_f32"), g("optimizer_state"), g("reference_model"), g("logits_per_micro_batch"), g("activations_per_micro_batch"), g("total"));
+    println!("memory (GiB) weights {:.2}, gradients {:.2}, optimizer {:.2}, reference {:.2}, logits/micro-batch {:.2}, activations/micro-batch {:.2}; total {:.2}", g("weights"), g("gradients"), g("optimizer_state"), g("reference_model"), g("logits_per_micro_batch"), g("activations_per_micro_batch"), g("total"));
     let on = plan["gradient_checkpointing"].as_bool().unwrap_or(false);
     let other = g("total") - g("activations_per_micro_batch")
         + g(if on {
@@ -382,14 +516,20 @@ pub fn print(cfg: &Config, ranks: usize) -> Result<()> {
         } else {
             "activations_with_checkpointing"
         });
+    let fits = |key: &str| match plan[key].as_bool().unwrap_or(false) {
+        true => "fits",
+        false => "does not fit",
+    };
     println!(
-        "             activations estimated: {:.2} with training.gradient_checkpointing, {:.2} without; total {:.2} with it {}; {} one 80 GB GPU ({:.1} GiB)",
+        "             activations estimated: {:.2} with training.gradient_checkpointing, {:.2} without; total {:.2} with it {}; {} one 80 GB GPU ({:.1} GiB), {} one 141 GB GPU ({:.1} GiB)",
         g("activations_with_checkpointing"),
         g("activations_without_checkpointing"),
         other,
         if on { "off" } else { "on" },
-        if plan["fits_80gb_gpu"].as_bool().unwrap_or(false) { "fits" } else { "does not fit" },
-        GPU_80GB / GIB
+        fits("fits_80gb_gpu"),
+        GPU_80GB / GIB,
+        fits("fits_141gb_gpu"),
+        GPU_141GB / GIB
     );
     match plan["data"].get("steps_per_epoch") {
         Some(steps) => println!(
@@ -453,6 +593,86 @@ mod tests {
         };
         assert_eq!(at(true)["fits_80gb_gpu"], true, "{}", at(true));
         assert_eq!(at(false)["fits_80gb_gpu"], false, "{}", at(false));
+    }
+
+    fn config(file: &str, set: &[&str]) -> Config {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(file);
+        let set: Vec<String> = set.iter().map(|s| s.to_string()).collect();
+        Config::load(&path, &set).unwrap()
+    }
+
+    fn gib(plan: &serde_json::Value, key: &str) -> f64 {
+        plan["memory_gib"][key].as_f64().unwrap()
+    }
+
+    #[test]
+    fn mistral_lora_fits_one_80gb_gpu_with_margin_and_loads_no_reference() {
+        let plan = plan(&config("configs/ultrafeedback_mistral_lora.toml", &[]), 1).unwrap();
+        // q, k, v, o, gate, up, down in 32 layers at r = 128: r · Σ (in + out).
+        let per_layer = 128 * (2 * (4096 + 4096) + 2 * (4096 + 1024) + 3 * (4096 + 14336));
+        assert_eq!(
+            plan["trainable_params"].as_u64().unwrap(),
+            32 * per_layer as u64
+        );
+        assert_eq!(
+            plan["lora"]["adapted_modules"].as_array().unwrap().len(),
+            32 * 7
+        );
+        assert_eq!(gib(&plan, "reference_model"), 0.0, "{plan}");
+        // The frozen base in bf16, not f32; the adapters' f32 masters and their bf16 copy.
+        let base = 7_241_732_096.0 * 2.0 / GIB;
+        let adapters = (32 * per_layer) as f64 * 6.0 / GIB;
+        assert!(
+            (gib(&plan, "weights") - base - adapters).abs() < 0.01,
+            "{plan}"
+        );
+        // A quarter of the GPU to spare at the config's micro-batch.
+        assert!(gib(&plan, "total") < 0.75 * GPU_80GB / GIB, "{plan}");
+        // An explicit reference is a second copy of the weights.
+        let with_ref = config(
+            "configs/ultrafeedback_mistral_lora.toml",
+            &["model.ref_name_or_path=\"mistralai/Mistral-7B-v0.1\""],
+        );
+        let second = super::plan(&with_ref, 1).unwrap();
+        assert!(
+            (gib(&second, "reference_model") - base).abs() < 0.01,
+            "{second}"
+        );
+    }
+
+    #[test]
+    fn full_mistral_dpo_fits_141gb_only_with_stochastic_rounding() {
+        let mixed = plan(&config("configs/ultrafeedback_mistral.toml", &[]), 1).unwrap();
+        // f32 masters + their bf16 copy; AdamW in f32.
+        let p = 7_241_732_096.0;
+        assert!(
+            (gib(&mixed, "weights") - p * 6.0 / GIB).abs() < 0.1,
+            "{mixed}"
+        );
+        assert!(
+            (gib(&mixed, "optimizer_state") - p * 8.0 / GIB).abs() < 0.1,
+            "{mixed}"
+        );
+        assert_eq!(mixed["fits_141gb_gpu"], false, "{mixed}");
+        let sr = plan(
+            &config(
+                "configs/ultrafeedback_mistral.toml",
+                &[
+                    "model.dtype=\"bf16\"",
+                    "training.mixed_precision=\"no\"",
+                    "training.bf16_stochastic_rounding=true",
+                ],
+            ),
+            1,
+        )
+        .unwrap();
+        assert!((gib(&sr, "weights") - p * 2.0 / GIB).abs() < 0.1, "{sr}");
+        assert!(
+            (gib(&sr, "optimizer_state") - p * 4.0 / GIB).abs() < 0.1,
+            "{sr}"
+        );
+        assert_eq!(sr["fits_141gb_gpu"], true, "{sr}");
+        assert_eq!(sr["fits_80gb_gpu"], false, "{sr}");
     }
 
     #[test]

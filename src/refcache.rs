@@ -86,18 +86,7 @@ pub fn fingerprint(inputs: &FingerprintInputs) -> Result<String> {
         h.update(bytes);
     };
     field("format", FORMAT.as_bytes());
-    match inputs.reference {
-        ModelSource::Random { config, seed, .. } => {
-            field("random_config", config.to_string().as_bytes());
-            field("random_seed", &seed.to_le_bytes());
-        }
-        ModelSource::Dir(dir) => {
-            field("config.json", &read(&dir.join("config.json"))?);
-            for file in crate::models::weight_files(dir)? {
-                hash_file(&mut field, &file)?;
-            }
-        }
-    }
+    hash_source(&mut field, inputs.reference)?;
     field("dtype", inputs.dtype.as_str().as_bytes());
     let tok = inputs.tok;
     field(
@@ -125,6 +114,30 @@ pub fn fingerprint(inputs: &FingerprintInputs) -> Result<String> {
         }
     }
     Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// The reference model's weights: its files, or its random-init config and seed; an adapter's
+/// files after its base's.
+fn hash_source(field: &mut impl FnMut(&str, &[u8]), source: &ModelSource) -> Result<()> {
+    match source {
+        ModelSource::Random { config, seed, .. } => {
+            field("random_config", config.to_string().as_bytes());
+            field("random_seed", &seed.to_le_bytes());
+        }
+        ModelSource::Dir(dir) => {
+            field("config.json", &read(&dir.join("config.json"))?);
+            for file in crate::models::weight_files(dir)? {
+                hash_file(field, &file)?;
+            }
+        }
+        ModelSource::Adapted { base, adapter } => {
+            hash_source(field, base)?;
+            let config = adapter.join(crate::models::lora::CONFIG_FILE);
+            field("adapter_config.json", &read(&config)?);
+            hash_file(field, &adapter.join(crate::models::lora::WEIGHTS_FILE))?;
+        }
+    }
+    Ok(())
 }
 
 fn read(path: &Path) -> Result<Vec<u8>> {

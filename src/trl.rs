@@ -1,7 +1,8 @@
 //! `dpo-sam config from-trl`: a TRL / alignment-handbook recipe (YAML or JSON: the model, the
 //! dataset mixture, `DPOConfig` / `CPOConfig` / `TrainingArguments` fields, and the official
-//! logits-SAM script's `use_sam_trainer` / `sam_rho`) written as an equivalent dpo-sam TOML,
-//! with every field that could not be carried over listed and the reason.
+//! logits-SAM script's `use_sam_trainer` / `sam_rho`, `ModelConfig`'s PEFT fields) written as an
+//! equivalent dpo-sam TOML, with every field that could not be carried over listed and the
+//! reason.
 //!
 //! Fields the recipe leaves out take TRL 1.x's defaults where they differ from dpo-sam's
 //! (`DPOConfig`: learning rate 1e-6, `max_length` 1024, `logging_steps` 10, bf16, gradient
@@ -135,7 +136,6 @@ const NO_EFFECT: &[&str] = &[
     "attn_implementation",
     "sam_use_chunked_delta_logits",
     "sam_vocab_chunk_size",
-    "disable_dropout",
 ];
 
 /// TRL's `loss_type` names that dpo-sam computes identically.
@@ -202,6 +202,7 @@ pub fn convert(
     if fp16 {
         r.drop_value("fp16", &true, "fp16 autocast is not supported; use bf16");
     }
+    let lora = peft(&mut r)?;
 
     // The data.
     let (train, eval) = datasets(&mut r)?;
@@ -423,6 +424,9 @@ pub fn convert(
     top.insert("model".into(), model.into());
     top.insert("data".into(), data.into());
     top.insert("training".into(), training.into());
+    if let Some(lora) = lora {
+        top.insert("lora".into(), lora.into());
+    }
     if !sam.is_empty() {
         top.insert("sam".into(), sam.into());
     }
@@ -448,6 +452,77 @@ pub fn convert(
         batch_note,
         dropped: r.dropped,
     })
+}
+
+/// TRL's `ModelConfig` PEFT fields as a `[lora]` table (`None` without `use_peft`), with
+/// `ModelConfig`'s defaults (r 16, α 32) written out, since PEFT's own differ. The dropout is
+/// what TRL trains with: `DPOConfig.disable_dropout` (default true) sets every `nn.Dropout` of
+/// the PEFT model to 0, `lora_dropout`'s included.
+fn peft(r: &mut Recipe) -> Result<Option<Table>> {
+    let disable_dropout = r.take_bool("disable_dropout")?;
+    const FIELDS: [&str; 5] = [
+        "lora_r",
+        "lora_alpha",
+        "lora_dropout",
+        "lora_target_modules",
+        "use_rslora",
+    ];
+    if !r.take_bool("use_peft")?.unwrap_or(false) {
+        if let Some(v) = disable_dropout {
+            r.drop_value(
+                "disable_dropout",
+                &v,
+                "no effect: dpo-sam's models have no dropout",
+            );
+        }
+        for key in FIELDS {
+            if let Some(v) = r.take(key) {
+                r.drop_value(key, &v, "use_peft is not set");
+            }
+        }
+        return Ok(None);
+    }
+    let mut lora = Table::new();
+    lora.insert("r".into(), r.take_int("lora_r")?.unwrap_or(16).into());
+    lora.insert(
+        "alpha".into(),
+        r.take_float("lora_alpha")?.unwrap_or(32.0).into(),
+    );
+    let dropout = r.take_float("lora_dropout")?.unwrap_or(0.05);
+    let dropout = match disable_dropout.unwrap_or(true) {
+        true if dropout > 0.0 => {
+            r.drop_value("lora_dropout", &dropout, "disable_dropout (DPOConfig's default true) sets it to 0 in TRL: set disable_dropout = false to train with it");
+            0.0
+        }
+        _ => dropout,
+    };
+    lora.insert("dropout".into(), dropout.into());
+    match r.take("lora_target_modules") {
+        None => {}
+        Some(Value::String(s)) => {
+            lora.insert("target_modules".into(), s.into());
+        }
+        Some(Value::Array(names)) => {
+            let names = names
+                .iter()
+                .map(|n| n.as_str().map(|s| toml::Value::from(s.to_string())))
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(|| anyhow!("lora_target_modules: expected module names (strings)"))?;
+            lora.insert("target_modules".into(), names.into());
+        }
+        Some(other) => {
+            bail!("lora_target_modules: expected a list of module names or a string, got {other}")
+        }
+    }
+    if let Some(v) = r.take_bool("use_rslora")? {
+        lora.insert("use_rslora".into(), v.into());
+    }
+    for key in ["load_in_4bit", "load_in_8bit"] {
+        if r.take_bool(key)? == Some(true) {
+            r.drop_value(key, &true, "dpo-sam does not quantise: the frozen base is held in the compute dtype (bf16 under mixed precision)");
+        }
+    }
+    Ok(Some(lora))
 }
 
 /// The recipe's fields not yet used, and those given up.

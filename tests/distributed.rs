@@ -223,6 +223,45 @@ fn two_and_three_workers_train_the_weights_one_process_does() {
     }
 }
 
+/// LoRA under data parallelism: only the adapters' gradients are all-reduced, the reference
+/// (the adapters off) needs nothing from the other ranks, and rank 0 writes the PEFT adapter:
+/// with one micro-batch per rank and step, the same bits as one process.
+#[test]
+fn lora_adapters_train_on_two_workers_as_in_one_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(
+        dir.path(),
+        "batch_size = 4\nmicro_batch_size = 2\n[lora]\nr = 4\ntarget_modules = \"all-linear\"",
+    );
+    let (one, many) = (dir.path().join("one"), dir.path().join("many"));
+    train(&cfg, &one, 1, &[]);
+    train(&cfg, &many, 2, &[]);
+    let adapter = |out: &Path| std::fs::read(out.join("adapter_model.safetensors")).unwrap();
+    assert!(adapter(&one) == adapter(&many), "the adapters differ");
+    assert!(!many.join("model.safetensors").exists());
+    let b = candle_core::safetensors::load(
+        many.join("adapter_model.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let moved = b
+        .iter()
+        .filter(|(k, _)| k.ends_with("lora_B.weight"))
+        .any(|(_, t)| {
+            t.abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                > 0.0
+        });
+    assert!(moved, "B is still zero: nothing trained");
+    for (a, b) in metrics(&one).iter().zip(&metrics(&many)) {
+        assert_lines_close(a, b, 0.0);
+    }
+}
+
 #[test]
 fn precomputed_reference_log_probs_are_computed_in_shares_and_shared() {
     let dir = tempfile::tempdir().unwrap();

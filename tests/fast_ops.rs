@@ -367,3 +367,46 @@ fn ops_dispatch_by_dtype() -> Result<()> {
     assert_eq!(half.dtype(), DType::BF16);
     Ok(())
 }
+
+/// A dense layer over a constant weight and bias (LoRA's frozen base) under a graph: the fused
+/// op (f32) and the frozen-weight op (bf16, off the fused path) give the composition's output
+/// and input gradient, and leave nothing else in the gradient store — where the composition
+/// leaves a weight-sized gradient of the constant behind, for every layer, until the step ends.
+#[test]
+fn frozen_weights_take_no_gradient() -> Result<()> {
+    let dev = Device::Cpu;
+    for (dtype, tol) in [(DType::F32, 1e-5), (DType::BF16, 0.0)] {
+        for layout in [WeightLayout::OutIn, WeightLayout::InOut] {
+            let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 5, 8), &dev)?.to_dtype(dtype)?)?;
+            let w_dims = match layout {
+                WeightLayout::OutIn => (6, 8),
+                WeightLayout::InOut => (8, 6),
+            };
+            let w = Tensor::randn(0f32, 0.3, w_dims, &dev)?.to_dtype(dtype)?;
+            let b = Tensor::randn(0f32, 0.3, 6, &dev)?.to_dtype(dtype)?;
+            let run = |f: &dyn Fn() -> Result<Tensor>| -> Result<(Tensor, Tensor, usize)> {
+                let y = f()?;
+                let grads = y.to_dtype(DType::F32)?.sqr()?.sum_all()?.backward()?;
+                let dx = grads.get(x.as_tensor()).expect("dx").clone();
+                Ok((y, dx, grads.get_ids().count()))
+            };
+            let (y, dx, kept) = run(&|| ops::dense(&x, &w, Some(&b), layout))?;
+            let (y_c, dx_c, kept_c) = run(&|| ops::dense_composed(&x, &w, Some(&b), layout))?;
+            let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+            assert!(
+                max_diff(&f32(&y)?, &f32(&y_c)?)? <= tol,
+                "{dtype:?} {layout:?}: y"
+            );
+            assert!(
+                max_diff(&f32(&dx)?, &f32(&dx_c)?)? <= tol,
+                "{dtype:?} {layout:?}: dx"
+            );
+            assert_eq!(kept, 1, "{dtype:?} {layout:?}: only x's gradient is kept");
+            assert!(
+                kept_c > 1,
+                "{dtype:?} {layout:?}: the composition keeps more"
+            );
+        }
+    }
+    Ok(())
+}

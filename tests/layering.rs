@@ -14,6 +14,7 @@ const ORDER: &[&str] = &[
     "bench",
     "score",
     "generate",
+    "merge",
     "eval",
     "toy",
     "plot",

@@ -1,6 +1,7 @@
 //! bf16 mixed precision (`training.mixed_precision = "bf16"`) against f32 on the built-in tiny
 //! GPT-2: one step agrees within bf16 tolerances, masters stay f32 and absorb updates too small
-//! for bf16, and a short run learns.
+//! for bf16, and a short run learns. Pure bf16 with stochastic rounding
+//! (`training.bf16_stochastic_rounding`) keeps bf16 state and resumes bit for bit.
 
 use candle_core::{DType, Tensor};
 use dpo_sam::data::batch::PreferenceBatch;
@@ -161,4 +162,91 @@ fn a_short_bf16_run_lowers_the_loss() {
     )
     .unwrap();
     assert!(saved.values().all(|t| t.dtype() == DType::F32));
+}
+
+#[test]
+fn stochastic_rounding_needs_pure_bf16() {
+    for (set, needle) in [
+        (
+            &["training.bf16_stochastic_rounding=true"][..],
+            "model.dtype = \"f32\"",
+        ),
+        (
+            &[
+                "training.bf16_stochastic_rounding=true",
+                "training.mixed_precision=\"bf16\"",
+            ][..],
+            "mixed_precision = \"bf16\"",
+        ),
+    ] {
+        let err = format!("{:#}", config(set).unwrap_err());
+        assert!(
+            err.contains("training.bf16_stochastic_rounding") && err.contains(needle),
+            "{err}"
+        );
+    }
+    assert!(config(&[
+        "model.dtype=\"bf16\"",
+        "training.bf16_stochastic_rounding=true"
+    ])
+    .is_ok());
+}
+
+/// A pure-bf16 run with stochastic rounding, stopped at its step-3 checkpoint and resumed,
+/// ends where the uninterrupted run does: the rounding streams are keyed by (seed, step,
+/// parameter). Its weights and AdamW moments are bf16.
+#[test]
+fn stochastic_rounding_resumes_bit_for_bit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = |out: &std::path::Path, resume: bool| {
+        let mut args: Vec<String> = ["train", "--config", "configs/tiny_gpt2.toml", "--quiet"]
+            .map(String::from)
+            .to_vec();
+        for set in [
+            "training.max_steps=6",
+            "data.builtin_pairs=64",
+            "training.save_steps=3",
+            "model.dtype=\"bf16\"",
+            "training.bf16_stochastic_rounding=true",
+        ] {
+            args.extend(["--set".into(), set.into()]);
+        }
+        args.extend(["--output-dir".into(), out.display().to_string()]);
+        if resume {
+            args.extend(["--resume".into(), out.display().to_string()]);
+        }
+        let res = std::process::Command::new(env!("CARGO_BIN_EXE_dpo-sam"))
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(
+            res.status.success(),
+            "{}",
+            String::from_utf8_lossy(&res.stderr)
+        );
+    };
+    let (straight, resumed) = (tmp.path().join("a"), tmp.path().join("b"));
+    run(&straight, false);
+    run(&resumed, false);
+    std::fs::remove_dir_all(resumed.join("checkpoint-6")).unwrap();
+    std::fs::remove_file(resumed.join("model.safetensors")).unwrap();
+    run(&resumed, true);
+    let read = |d: &std::path::Path, f: &str| std::fs::read(d.join(f)).unwrap();
+    for file in ["model.safetensors", "checkpoint-6/optimizer.safetensors"] {
+        assert!(
+            read(&straight, file) == read(&resumed, file),
+            "{file} differs"
+        );
+    }
+    let state = candle_core::safetensors::load(
+        straight.join("checkpoint-6/optimizer.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let moments: Vec<_> = state
+        .iter()
+        .filter(|(k, _)| k.starts_with("m.") || k.starts_with("v."))
+        .collect();
+    assert!(!moments.is_empty() && moments.iter().all(|(_, t)| t.dtype() == DType::BF16));
 }

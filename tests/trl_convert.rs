@@ -3,7 +3,9 @@
 //! earlier handbook's `dataset_mixer` form, as JSON): the TOML it writes loads with
 //! `Config::load`, `train --dry-run` accepts it, and every field left behind is listed.
 
-use dpo_sam::config::{Config, LossType, MixedPrecision, SamKind, SchedulerType, Sources};
+use dpo_sam::config::{
+    Config, LossType, MixedPrecision, SamKind, SchedulerType, Sources, TargetModules,
+};
 use dpo_sam::trl::{convert, from_trl_file};
 use std::path::Path;
 use std::process::Command;
@@ -229,5 +231,95 @@ fn cli_writes_a_config_that_loads_and_dry_runs() {
     assert!(
         plan.contains("zephyr-7b-sft-full (mistral;") && plan.contains("logits-SAM"),
         "{plan}"
+    );
+}
+
+/// `use_peft` and ModelConfig's LoRA fields become `[lora]` (the Zephyr QLoRA recipe's
+/// settings): ModelConfig's defaults where left out, LoRA's dropout 0 under DPOConfig's
+/// `disable_dropout` (TRL zeroes every `nn.Dropout` of the PEFT model), quantisation listed as
+/// not carried over; without `use_peft` the LoRA fields are listed and no `[lora]` is written.
+#[test]
+fn peft_fields_become_the_lora_table() {
+    let recipe = |extra: serde_json::Value| {
+        let mut r = serde_json::json!({
+            "model_name_or_path": "alignment-handbook/zephyr-7b-sft-qlora",
+            "dataset_name": "HuggingFaceH4/ultrafeedback_binarized",
+        });
+        r.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        let c = convert(r.as_object().unwrap(), 1, "recipe").unwrap();
+        let cfg = Config::parse(&c.toml, "converted", &[]).unwrap();
+        (c, cfg)
+    };
+    let (c, cfg) = recipe(serde_json::json!({
+        "use_peft": true,
+        "load_in_4bit": true,
+        "lora_r": 128,
+        "lora_alpha": 128,
+        "lora_dropout": 0.05,
+        "lora_target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    }));
+    let lora = cfg.lora.as_ref().unwrap();
+    assert_eq!(
+        (lora.r, lora.alpha, lora.dropout),
+        (Some(128), Some(128.0), Some(0.0))
+    );
+    assert_eq!(
+        lora.target_modules,
+        Some(TargetModules::Many(
+            [
+                "q_proj",
+                "k_proj",
+                "v_proj",
+                "o_proj",
+                "gate_proj",
+                "up_proj",
+                "down_proj"
+            ]
+            .map(String::from)
+            .to_vec()
+        ))
+    );
+    let mut dropped = dropped_keys(&c);
+    dropped.sort();
+    assert_eq!(dropped, vec!["load_in_4bit", "lora_dropout"]);
+
+    // ModelConfig's defaults; dropout kept when TRL keeps it; a regex or "all-linear" string.
+    let (c, cfg) = recipe(serde_json::json!({
+        "use_peft": true,
+        "disable_dropout": false,
+        "lora_target_modules": "all-linear",
+        "use_rslora": true,
+    }));
+    let lora = cfg.lora.as_ref().unwrap();
+    assert_eq!(
+        (lora.r, lora.alpha, lora.dropout, lora.use_rslora),
+        (Some(16), Some(32.0), Some(0.05), Some(true))
+    );
+    assert_eq!(
+        lora.target_modules,
+        Some(TargetModules::One("all-linear".into()))
+    );
+    assert!(c.dropped.is_empty(), "{:?}", dropped_keys(&c));
+
+    let (c, cfg) = recipe(serde_json::json!({ "lora_r": 64, "disable_dropout": true }));
+    assert!(cfg.lora.is_none() && !c.toml.contains("[lora]"));
+    let mut dropped = dropped_keys(&c);
+    dropped.sort();
+    assert_eq!(dropped, vec!["disable_dropout", "lora_r"]);
+    let r = &c.dropped[c.dropped.iter().position(|d| d.key == "lora_r").unwrap()];
+    assert!(r.reason.contains("use_peft"), "{}", r.reason);
+
+    let bad = serde_json::json!({
+        "model_name_or_path": "m",
+        "dataset_name": "d",
+        "use_peft": true,
+        "lora_target_modules": [1, 2],
+    });
+    let err = convert(bad.as_object().unwrap(), 1, "recipe").unwrap_err();
+    assert!(
+        format!("{err:#}").contains("lora_target_modules"),
+        "{err:#}"
     );
 }

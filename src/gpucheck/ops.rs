@@ -14,7 +14,7 @@ use crate::kernels::dense::{Activation, WeightLayout};
 use crate::kernels::{self, dense, norm, rotary, softmax};
 use crate::models::ops as model_ops;
 use crate::models::Param;
-use crate::optim::{GradAccumulator, Optimizer, OptimizerKind};
+use crate::optim::{GradAccumulator, Optimizer, OptimizerKind, Rounding};
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use rand::{Rng, SeedableRng};
@@ -328,8 +328,8 @@ fn optimiser(device: &Device, mixed: bool) -> Result<(Vec<f64>, u64)> {
             .collect()
     };
     let (dev_params, cpu_params) = (params_on(device)?, params_on(&Device::Cpu)?);
-    let mut dev_opt = Optimizer::new(kind.clone(), &dev_params)?;
-    let mut cpu_opt = Optimizer::new(kind, &cpu_params)?;
+    let mut dev_opt = Optimizer::new(kind.clone(), &dev_params, Rounding::Nearest)?;
+    let mut cpu_opt = Optimizer::new(kind, &cpu_params, Rounding::Nearest)?;
     let mut errors = Vec::new();
     let mut launches = 0;
     for step in 0..3 {

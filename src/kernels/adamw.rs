@@ -7,9 +7,16 @@
 //! tensor path of `optim.rs` (their twin, which runs elsewhere) allocates a new tensor per
 //! elementwise op — about ten passes over every parameter per step, which cost a quarter of a
 //! Pythia-160M step on CPU.
+//!
+//! Pure-bf16 training with `training.bf16_stochastic_rounding` keeps weights and moments in
+//! bf16: on the CPU each new value is computed in f32 and written back rounded stochastically
+//! ([`round_stochastic`]), up with probability equal to the fraction of a bf16 step it lies
+//! above the value below, so that updates far below half a step survive in expectation.
 
 use super::cpu::{par_blocks, par_ranges, slice, with_values};
+use super::random;
 use candle_core::{bail, CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Result, Tensor};
+use half::bf16;
 
 /// The update rule, with the settings the kernels read.
 #[derive(Clone, Copy, Debug)]
@@ -20,16 +27,70 @@ pub enum Rule {
 
 /// Whether the in-place kernels take these tensors: f32, on the CPU, contiguous.
 pub fn applies(tensors: &[&Tensor]) -> bool {
-    tensors
-        .iter()
-        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous())
+    applies_as(tensors, DType::F32)
 }
 
-fn data_mut<'a>(s: &'a mut CpuStorage, l: &Layout) -> Result<&'a mut [f32]> {
+/// Whether every tensor is on the CPU, contiguous, in `dtype`.
+pub fn applies_as(tensors: &[&Tensor], dtype: DType) -> bool {
+    tensors
+        .iter()
+        .all(|t| t.device().is_cpu() && t.dtype() == dtype && t.is_contiguous())
+}
+
+/// A tensor's values for updating in place.
+enum Values<'a> {
+    F32(&'a mut [f32]),
+    Bf16(&'a mut [bf16]),
+}
+
+fn data_mut<'a>(s: &'a mut CpuStorage, l: &Layout) -> Result<Values<'a>> {
     match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((start, end))) => Ok(&mut v[start..end]),
-        _ => bail!("optimizer: expected a contiguous f32 tensor"),
+        (CpuStorage::F32(v), Some((start, end))) => Ok(Values::F32(&mut v[start..end])),
+        (CpuStorage::BF16(v), Some((start, end))) => Ok(Values::Bf16(&mut v[start..end])),
+        _ => bail!("optimizer: expected a contiguous f32 or bf16 tensor"),
     }
+}
+
+/// `x` rounded to bf16 stochastically with 16 random bits: adding them below bf16's last bit
+/// carries into it with probability equal to the fraction of a step that is cut off, so the
+/// result is unbiased (E = x); the sign bit is untouched, so this holds for negative x too.
+#[inline(always)]
+pub fn round_stochastic(x: f32, bits: u64) -> bf16 {
+    if !x.is_finite() {
+        return bf16::from_f32(x);
+    }
+    bf16::from_bits((x.to_bits().wrapping_add(bits as u32 & 0xffff) >> 16) as u16)
+}
+
+/// `dst[i] ← f(dst[i], src[i])` over a contiguous f32 or (rounding stochastically with the
+/// stream `key`) bf16 tensor and a contiguous f32 one, split over the threads.
+fn update_values(
+    dst: Values,
+    src: &[f32],
+    key: Option<u64>,
+    f: impl Fn(f32, f32) -> f32 + Sync,
+) -> Result<()> {
+    match (dst, key) {
+        (Values::F32(dst), _) => {
+            par_blocks(dst, 1, 3, |first, block| {
+                for (d, &s) in block.iter_mut().zip(&src[first..]) {
+                    *d = f(*d, s);
+                }
+            });
+        }
+        (Values::Bf16(dst), Some(key)) => {
+            par_blocks(dst, 1, 8, |first, block| {
+                for (i, (d, &s)) in block.iter_mut().zip(&src[first..]).enumerate() {
+                    let bits = random::bits(key, (first + i) as u64);
+                    *d = round_stochastic(f(d.to_f32(), s), bits);
+                }
+            });
+        }
+        (Values::Bf16(_), None) => {
+            bail!("optimizer: in-place bf16 updates round stochastically and need a key")
+        }
+    }
+    Ok(())
 }
 
 /// Σ x², accumulated in f64 per block of 4096 so that a 40M-element gradient keeps its digits.
@@ -52,6 +113,14 @@ pub struct Update {
     pub grad_scale: f64,
     pub rule: Rule,
     pub step: usize,
+    /// The stream of this parameter's stochastic rounding at this step (bf16 tensors only);
+    /// the weight, m and v draw from sub-streams of it.
+    pub stochastic: Option<u64>,
+}
+
+/// The sub-stream of `key` for the weight (0), m (1) or v (2).
+pub fn slot_key(key: Option<u64>, slot: u64) -> Option<u64> {
+    key.map(|k| random::key(&[k, slot]))
 }
 
 impl Update {
@@ -76,6 +145,7 @@ impl Update {
                         beta: beta1,
                         scale: self.grad_scale,
                         square: false,
+                        stochastic: slot_key(self.stochastic, 1),
                     },
                 )?;
                 v.inplace_op2(
@@ -84,6 +154,7 @@ impl Update {
                         beta: beta2,
                         scale: self.grad_scale,
                         square: true,
+                        stochastic: slot_key(self.stochastic, 2),
                     },
                 )?;
                 w.inplace_op3(m, v, self)
@@ -104,6 +175,7 @@ struct Moment {
     beta: f64,
     scale: f64,
     square: bool,
+    stochastic: Option<u64>,
 }
 
 impl InplaceOp2 for Moment {
@@ -123,27 +195,20 @@ impl InplaceOp2 for Moment {
             (1.0 - self.beta) as f32,
             self.scale as f32,
         );
-        update_with((s1, l1), (s2, l2), |m, g| {
+        let g = slice::<f32>(s2, l2)?;
+        update_values(data_mut(s1, l1)?, g, self.stochastic, |m, g| {
             let g = g * scale;
             beta * m + rest * if self.square { g * g } else { g }
         })
     }
 }
 
-/// `dst[i] ← f(dst[i], src[i])` over two contiguous f32 tensors, split over the threads.
-fn update_with(
-    (s1, l1): (&mut CpuStorage, &Layout),
-    (s2, l2): (&CpuStorage, &Layout),
-    f: impl Fn(f32, f32) -> f32 + Sync,
-) -> Result<()> {
-    let dst = data_mut(s1, l1)?;
-    let src = slice::<f32>(s2, l2)?;
-    par_blocks(dst, 1, 3, |first, block| {
-        for (d, &s) in block.iter_mut().zip(&src[first..]) {
-            *d = f(*d, s);
-        }
-    });
-    Ok(())
+/// The values of a contiguous f32 or bf16 tensor as f32: bf16 moments widened for the update.
+fn widened<'a>(s: &'a CpuStorage, l: &Layout) -> Result<std::borrow::Cow<'a, [f32]>> {
+    Ok(match s {
+        CpuStorage::BF16(_) => slice::<bf16>(s, l)?.iter().map(|v| v.to_f32()).collect(),
+        _ => slice::<f32>(s, l)?.into(),
+    })
 }
 
 /// AdamW: w ← w·(1 − lr·decay) − lr · (m / bc1) / (√(v / bc2) + eps).
@@ -164,18 +229,30 @@ impl InplaceOp3 for Update {
         let Rule::AdamW { eps, .. } = self.rule else {
             bail!("optimizer: the AdamW update needs AdamW settings")
         };
-        let w = data_mut(s1, l1)?;
-        let (m, v) = (slice::<f32>(s2, l2)?, slice::<f32>(s3, l3)?);
         let (keep, lr) = self.factors();
         let (bc1, bc2) = self.bias_corrections();
         let (inv_bc1, inv_bc2, eps) = ((1.0 / bc1) as f32, (1.0 / bc2) as f32, eps as f32);
-        par_blocks(w, 1, 4, |first, block| {
-            let range = first..first + block.len();
-            for ((w, &m), &v) in block.iter_mut().zip(&m[range.clone()]).zip(&v[range]) {
-                *w = *w * keep - lr * (m * inv_bc1) / ((v * inv_bc2).sqrt() + eps);
+        let (m, v) = (widened(s2, l2)?, widened(s3, l3)?);
+        match data_mut(s1, l1)? {
+            Values::F32(w) => {
+                par_blocks(w, 1, 4, |first, block| {
+                    let range = first..first + block.len();
+                    for ((w, &m), &v) in block.iter_mut().zip(&m[range.clone()]).zip(&v[range]) {
+                        *w = *w * keep - lr * (m * inv_bc1) / ((v * inv_bc2).sqrt() + eps);
+                    }
+                });
+                Ok(())
             }
-        });
-        Ok(())
+            w => {
+                // The step per element, then the rounded update of the bf16 weights.
+                let step: Vec<f32> = m
+                    .iter()
+                    .zip(v.iter())
+                    .map(|(&m, &v)| lr * (m * inv_bc1) / ((v * inv_bc2).sqrt() + eps))
+                    .collect();
+                update_values(w, &step, slot_key(self.stochastic, 0), |w, s| w * keep - s)
+            }
+        }
     }
 }
 
@@ -194,7 +271,13 @@ impl InplaceOp2 for Update {
     ) -> Result<()> {
         let (keep, lr) = self.factors();
         let step = lr * self.grad_scale as f32;
-        update_with((s1, l1), (s2, l2), |w, g| w * keep - step * g)
+        let g = slice::<f32>(s2, l2)?;
+        update_values(
+            data_mut(s1, l1)?,
+            g,
+            slot_key(self.stochastic, 0),
+            |w, g| w * keep - step * g,
+        )
     }
 }
 

@@ -17,6 +17,9 @@
 //! product are kernels of `cuda/dense.cu`. cuBLASLt's own GELU epilogues are not used: its GELU
 //! is the tanh approximation, while GPT-NeoX/Pythia use the exact (erf) GELU, and fusing the
 //! activation into the GEMM would need the pre-activation kept for the backward anyway.
+//!
+//! A frozen operand (LoRA's base weights, or the first block's input) gets no gradient from the
+//! CPU kernel; [`frozen_dense`] is the device-independent op for a frozen weight elsewhere.
 
 use super::cpu::{
     by_dtype, gemm_into, par_blocks, par_ranges, slice, sum_partials, threads, vectorized,
@@ -24,7 +27,8 @@ use super::cpu::{
 };
 use candle_core::backend::BackendStorage;
 use candle_core::{
-    bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, WithDType, D,
+    bail, CpuStorage, CudaStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Storage,
+    Tensor, WithDType, D,
 };
 
 /// How a dense layer stores its weight: `nn.Linear`'s `[out, in]` or GPT-2 Conv1D's `[in, out]`.
@@ -90,38 +94,42 @@ impl Dense {
     }
 
     /// (dx, dW, db) from the output gradient `g`: dx = g Wᵀ, dW = gᵀ x (or xᵀ g for `[in,
-    /// out]`), db = Σ rows of g.
-    fn backward(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        g: &Tensor,
-        bias: bool,
-    ) -> Result<(Tensor, Tensor, Option<Tensor>)> {
+    /// out]`), db = Σ rows of g; on the CPU each only for an operand that takes a gradient (a
+    /// frozen weight's would cost a matmul and then sit in candle's gradient store until the
+    /// step ends; on CUDA frozen weights take [`frozen_dense`] instead).
+    fn backward(&self, x: &Tensor, w: &Tensor, g: &Tensor, bias: Option<&Tensor>) -> Result<Grads> {
         #[cfg(feature = "cuda")]
         if x.device().is_cuda() {
-            return gpu::dense_backward(self.layout, x, w, g, bias);
+            let (dx, dw, db) = gpu::dense_backward(self.layout, x, w, g, bias.is_some())?;
+            return Ok((Some(dx), Some(dw), db));
         }
         let (n_in, n_out) = (x.dim(D::Minus1)?, g.dim(D::Minus1)?);
         let rows = x.elem_count() / n_in.max(1);
+        let (want_dx, want_dw) = (x.track_op(), w.track_op());
         let (dx, dw) = by_dtype!(x.dtype(), T => {
             let (dx, dw) = with_values::<T, _>(g, |g| with_values::<T, _>(x, |x| with_values::<T, _>(w, |w| {
-                let dx = product((rows, n_in, n_out), (g, 1, n_out), self.weight(w, n_in, n_out, true), None);
-                let dw = match self.layout {
+                let dx = want_dx.then(|| product((rows, n_in, n_out), (g, 1, n_out), self.weight(w, n_in, n_out, true), None));
+                let dw = want_dw.then(|| match self.layout {
                     WeightLayout::OutIn => product((n_out, n_in, rows), (g, n_out, 1), (x, 1, n_in), None),
                     WeightLayout::InOut => product((n_in, n_out, rows), (x, n_in, 1), (g, 1, n_out), None),
-                };
+                });
                 (dx, dw)
             })))???;
-            (Tensor::from_vec(dx, x.shape(), x.device())?, Tensor::from_vec(dw, w.shape(), w.device())?)
+            (
+                dx.map(|v| Tensor::from_vec(v, x.shape(), x.device())).transpose()?,
+                dw.map(|v| Tensor::from_vec(v, w.shape(), w.device())).transpose()?,
+            )
         });
         let db = match bias {
-            true => Some(column_sums(&g.reshape(((), n_out))?)?),
-            false => None,
+            Some(b) if b.track_op() => Some(column_sums(&g.reshape(((), n_out))?)?),
+            _ => None,
         };
         Ok((dx, dw, db))
     }
 }
+
+/// The gradients of a dense layer's operands, `None` for those that take none.
+type Grads = (Option<Tensor>, Option<Tensor>, Option<Tensor>);
 
 /// lhs (m × k) · rhs (k × n) as a new row-major m × n matrix, on rayon's pool. With a
 /// `bias` row, each row starts as it and the product is added on; without, the buffer is not
@@ -222,8 +230,8 @@ impl CustomOp2 for Dense {
         _y: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw, _) = self.backward(x, w, g, false)?;
-        Ok((Some(dx), Some(dw)))
+        let (dx, dw, _) = self.backward(x, w, g, None)?;
+        Ok((dx, dw))
     }
 }
 
@@ -267,12 +275,11 @@ impl CustomOp3 for Dense {
         &self,
         x: &Tensor,
         w: &Tensor,
-        _b: &Tensor,
+        b: &Tensor,
         _y: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw, db) = self.backward(x, w, g, true)?;
-        Ok((Some(dx), Some(dw), db))
+        self.backward(x, w, g, Some(b))
     }
 }
 
@@ -288,6 +295,100 @@ pub fn dense(
     match bias {
         Some(b) => x.apply_op3(&w, &b.contiguous()?, Dense { layout }),
         None => x.apply_op2(&w, Dense { layout }),
+    }
+}
+
+/// `x · Wᵀ + b` (or `x · W + b`) where W and b are constants (LoRA's frozen base), on any
+/// device and dtype: the composition's matmul would also compute ∂L/∂W in the backward, and
+/// candle would keep it in the gradient store until the step ends — a second copy of every
+/// frozen weight. This op is one graph node over `x` alone, whose backward is dx = g W.
+pub fn frozen_dense(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    layout: WeightLayout,
+) -> Result<Tensor> {
+    let op = FrozenDense {
+        w: w.detach().contiguous()?,
+        bias: bias.map(|b| b.detach().contiguous()).transpose()?,
+        layout,
+    };
+    x.contiguous()?.apply_op1(op)
+}
+
+struct FrozenDense {
+    w: Tensor,
+    bias: Option<Tensor>,
+    layout: WeightLayout,
+}
+
+impl FrozenDense {
+    /// The forward on one backend's storage: one matmul (the weight read transposed in place)
+    /// and the bias added by broadcasting, as the composition computes them.
+    fn run<S: BackendStorage>(
+        &self,
+        x: &S,
+        xl: &Layout,
+        of: fn(&Storage) -> Option<&S>,
+    ) -> Result<(S, Shape)> {
+        let elsewhere =
+            || candle_core::Error::Msg("frozen dense layer: operands on different devices".into());
+        let (rows, n_in, n_out) = Dense {
+            layout: self.layout,
+        }
+        .dims(xl, self.w.layout())?;
+        let (w, wl) = self.w.storage_and_layout();
+        let w = of(&w).ok_or_else(elsewhere)?;
+        let rhs = match self.layout {
+            WeightLayout::OutIn => {
+                Layout::new((n_in, n_out).into(), vec![1, n_in], wl.start_offset())
+            }
+            WeightLayout::InOut => Layout::contiguous_with_offset((n_in, n_out), wl.start_offset()),
+        };
+        let lhs = Layout::contiguous_with_offset((rows, n_in), xl.start_offset());
+        let mut y = x.matmul(w, (1, rows, n_out, n_in), &lhs, &rhs)?;
+        if let Some(b) = &self.bias {
+            let (bs, bl) = b.storage_and_layout();
+            let bs = of(&bs).ok_or_else(elsewhere)?;
+            let out = Layout::contiguous((rows, n_out));
+            y =
+                y.binary_impl::<candle_core::op::Add>(bs, &out, &bl.broadcast_as((rows, n_out))?)?;
+        }
+        let mut dims = xl.dims().to_vec();
+        *dims.last_mut().expect("rank ≥ 1") = n_out;
+        Ok((y, Shape::from(dims)))
+    }
+}
+
+impl CustomOp1 for FrozenDense {
+    fn name(&self) -> &'static str {
+        "frozen-dense"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.run(s, l, |s| match s {
+            Storage::Cpu(s) => Some(s),
+            _ => None,
+        })
+    }
+
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+        self.run(s, l, |s| match s {
+            Storage::Cuda(s) => Some(s),
+            _ => None,
+        })
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        let n_out = g.dim(D::Minus1)?;
+        let w = match self.layout {
+            WeightLayout::OutIn => self.w.clone(),
+            WeightLayout::InOut => self.w.t()?,
+        };
+        g.reshape(((), n_out))?
+            .matmul(&w)?
+            .reshape(x.shape())
+            .map(Some)
     }
 }
 

@@ -24,6 +24,7 @@
 //!
 //! The optimiser's kernels ([`adamw`]) update tensors in place and have no backward; their twin
 //! is the tensor path of `optim.rs`, which runs where neither the CPU nor the CUDA kernels apply.
+//! [`random`] holds the counter-based random streams of LoRA dropout and stochastic rounding.
 //!
 //! Imports run one way, `models` → `kernels` and `optim` → `kernels`: the types a kernel takes
 //! ([`dense::Activation`], [`dense::WeightLayout`], [`attention::QkvPacking`]) are defined here.
@@ -37,6 +38,7 @@ pub mod dense;
 pub mod init;
 pub mod norm;
 pub mod output;
+pub mod random;
 pub mod rotary;
 pub mod softmax;
 

@@ -73,6 +73,13 @@ pub fn run_blocks<B: Send + Sync + 'static>(
         return Ok(x);
     };
     let forward: Arc<BlockFn<B>> = Arc::new(forward);
+    // With frozen embeddings (LoRA) the first block's input records no graph, and candle would
+    // not record the checkpoint op on it either: the blocks' adapters would get no gradient.
+    // (A forward without a backward, such as the adapters-off reference, then builds a graph
+    // that it drops at once.)
+    if !x.track_op() {
+        x = Var::from_tensor(&x)?.into_inner();
+    }
     for block in blocks {
         let y = forward(block, &x.detach())?;
         let op = Checkpointed {

@@ -89,7 +89,12 @@ fn conv1d(n_in: usize, n_out: usize, std: f64, vb: VarBuilder) -> Result<Linear>
     };
     let weight = vb.get_with_hints((n_in, n_out), "weight", init)?;
     let bias = vb.get_with_hints(n_out, "bias", Init::Const(0.0))?;
-    Ok(Linear::new(weight, Some(bias), WeightLayout::InOut))
+    Ok(Linear::new(
+        weight,
+        Some(bias),
+        WeightLayout::InOut,
+        vb.prefix(),
+    ))
 }
 
 struct Block {
@@ -257,6 +262,13 @@ impl CausalLm for Gpt2 {
 
     fn set_checkpointing(&mut self, sink: Option<GradSink>) {
         self.checkpoint = sink;
+    }
+
+    fn dense_layers(&self) -> Vec<&Linear> {
+        self.blocks
+            .iter()
+            .flat_map(|b| [&b.c_attn, &b.attn_proj, &b.c_fc, &b.mlp_proj])
+            .collect()
     }
 
     fn output_layer(&self) -> OutputLayer {

@@ -264,6 +264,20 @@ impl CausalLm for GptNeox {
         self.checkpoint = sink;
     }
 
+    fn dense_layers(&self) -> Vec<&Linear> {
+        self.layers
+            .iter()
+            .flat_map(|l| {
+                [
+                    &l.query_key_value,
+                    &l.dense,
+                    &l.dense_h_to_4h,
+                    &l.dense_4h_to_h,
+                ]
+            })
+            .collect()
+    }
+
     fn output_layer(&self) -> OutputLayer {
         OutputLayer {
             weight: self.embed_out.clone(),

@@ -322,6 +322,23 @@ impl CausalLm for Mistral {
         self.checkpoint = sink;
     }
 
+    fn dense_layers(&self) -> Vec<&Linear> {
+        self.layers
+            .iter()
+            .flat_map(|l| {
+                [
+                    &l.q_proj,
+                    &l.k_proj,
+                    &l.v_proj,
+                    &l.o_proj,
+                    &l.gate_proj,
+                    &l.up_proj,
+                    &l.down_proj,
+                ]
+            })
+            .collect()
+    }
+
     fn output_layer(&self) -> OutputLayer {
         OutputLayer {
             weight: self.lm_head.clone(),

@@ -2,12 +2,14 @@
 //! per architecture (weight names mirror Hugging Face's), plus loading and saving.
 //!
 //! Every model returns the final hidden states for every position and keeps its output layer
-//! apart ([`output::OutputLayer`]), so that the logits-SAM step can perturb it alone.
+//! apart ([`output::OutputLayer`]), so that the logits-SAM step can perturb it alone; and lists
+//! its dense layers, on which [`lora`] puts adapters.
 
 pub mod cache;
 pub mod checkpoint;
 pub mod gpt2;
 pub mod gpt_neox;
+pub mod lora;
 pub mod mistral;
 pub mod ops;
 pub mod output;
@@ -42,6 +44,9 @@ pub trait CausalLm: Send + Sync {
     /// Activation checkpointing of [`CausalLm::forward_hidden`]'s blocks, collecting weight
     /// gradients in `sink` ([`checkpoint`]); `None` turns it off.
     fn set_checkpointing(&mut self, sink: Option<checkpoint::GradSink>);
+    /// Every dense layer (`nn.Linear` / Conv1D) but the output layer, in order: what LoRA can
+    /// adapt.
+    fn dense_layers(&self) -> Vec<&ops::Linear>;
 }
 
 /// A named trainable tensor.
@@ -55,6 +60,7 @@ pub struct Param {
 }
 
 /// Where a model comes from.
+#[derive(Clone)]
 pub enum ModelSource {
     /// Random weights from `seed` for a `config.json`: the built-in tiny GPT-2, or
     /// `random:PATH` (a config.json or a directory holding one), e.g. for benchmarks.
@@ -65,6 +71,11 @@ pub enum ModelSource {
     },
     /// A Hugging Face-format directory: `config.json` plus safetensors weights.
     Dir(PathBuf),
+    /// A PEFT LoRA adapter directory on top of its base model (`base_model_name_or_path`).
+    Adapted {
+        base: Box<ModelSource>,
+        adapter: PathBuf,
+    },
 }
 
 impl ModelSource {
@@ -97,6 +108,21 @@ impl ModelSource {
             return Ok(ModelSource::Random { config, seed, dir });
         }
         let path = Path::new(spec);
+        if path.join(lora::CONFIG_FILE).is_file() {
+            let file = lora::AdapterFile::read(path)?;
+            let Some(base) = &file.base_model else {
+                bail!(
+                    "{}: no `base_model_name_or_path`, so the base model is unknown",
+                    path.join(lora::CONFIG_FILE).display()
+                );
+            };
+            let base = Self::resolve(base, builtin, seed)
+                .with_context(|| format!("the base model of the adapter in {}", path.display()))?;
+            return Ok(ModelSource::Adapted {
+                base: Box::new(base),
+                adapter: path.to_path_buf(),
+            });
+        }
         if path.is_dir() {
             return Ok(ModelSource::Dir(path.to_path_buf()));
         }
@@ -122,11 +148,16 @@ impl ModelSource {
         bail!("model `{spec}`: not `builtin:tiny-gpt2`, not a directory, and not a Hub repo id (`org/name`)")
     }
 
-    /// The directory holding the model's files, if any.
+    /// The directory holding the model's files (its tokenizer's), if any: an adapter's own
+    /// when it has a tokenizer, else its base model's.
     pub fn dir(&self) -> Option<&Path> {
         match self {
             ModelSource::Dir(dir) => Some(dir),
             ModelSource::Random { dir, .. } => dir.as_deref(),
+            ModelSource::Adapted { adapter, .. } if adapter.join("tokenizer.json").is_file() => {
+                Some(adapter)
+            }
+            ModelSource::Adapted { base, .. } => base.dir(),
         }
     }
 
@@ -144,6 +175,7 @@ impl ModelSource {
     pub fn config_json(&self) -> Result<serde_json::Value> {
         match self {
             ModelSource::Random { config, .. } => Ok(config.clone()),
+            ModelSource::Adapted { base, .. } => base.config_json(),
             ModelSource::Dir(dir) => {
                 let path = dir.join("config.json");
                 let text = std::fs::read_to_string(&path)
@@ -201,11 +233,32 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     )
 }
 
-/// A built model with its trainable parameters (empty when loaded frozen).
+/// The dtype a model's weights are stored in (its first tensor's): `None` for random weights.
+pub fn stored_dtype(source: &ModelSource) -> Result<Option<DType>> {
+    let dir = match source {
+        ModelSource::Random { .. } => return Ok(None),
+        ModelSource::Dir(dir) => dir,
+        ModelSource::Adapted { base, .. } => return stored_dtype(base),
+    };
+    let files = weight_files(dir)?;
+    // SAFETY: the files are only read.
+    let st = unsafe { MmapedSafetensors::multi(&files) }
+        .with_context(|| format!("cannot read safetensors in {}", dir.display()))?;
+    let first = st.tensors().into_iter().next();
+    Ok(first
+        .map(|(_, view)| view.dtype())
+        .map(DType::try_from)
+        .transpose()?)
+}
+
+/// A built model with its trainable parameters (empty when loaded frozen; the adapters' alone
+/// with LoRA).
 pub struct Model {
     pub net: Box<dyn CausalLm>,
     pub params: Vec<Param>,
     pub config_json: serde_json::Value,
+    /// LoRA adapters on the frozen weights, when the model has them.
+    pub lora: Option<lora::Adapters>,
     /// Set while activation checkpointing is on: where the blocks' weight gradients wait for
     /// [`Model::backward`].
     grad_sink: Option<checkpoint::GradSink>,
@@ -213,7 +266,8 @@ pub struct Model {
 
 impl Model {
     /// Builds the architecture named by `config.json`'s `model_type`. With `trainable`, every
-    /// weight becomes a [`Var`]; otherwise weights are plain tensors and record no graph.
+    /// weight becomes a [`Var`]; otherwise weights are plain tensors and record no graph. An
+    /// adapter source loads frozen: its base with the adapter on.
     pub fn load(
         source: &ModelSource,
         trainable: bool,
@@ -222,6 +276,24 @@ impl Model {
     ) -> Result<Model> {
         let config_json = source.config_json()?;
         let (weights, origin) = match source {
+            ModelSource::Adapted { base, adapter } => {
+                if trainable {
+                    bail!(
+                        "{}: to train on from a LoRA adapter, set model.adapter to it and model.name_or_path to its base",
+                        adapter.display()
+                    );
+                }
+                let file = lora::AdapterFile::read(adapter)?;
+                let setup = lora::Setup {
+                    spec: file.spec.clone(),
+                    targets: None,
+                    start: Some(&file),
+                    trainable: false,
+                    seed: 0,
+                    base_model: file.base_model.clone().unwrap_or_default(),
+                };
+                return Model::load_lora(base, &setup, dtype, device);
+            }
             ModelSource::Random { seed, .. } => {
                 (Weights::Seeded(*seed), "random initialisation".to_string())
             }
@@ -255,8 +327,25 @@ impl Model {
             net,
             params,
             config_json,
+            lora: None,
             grad_sink: None,
         })
+    }
+
+    /// The frozen `base` in `dtype` with LoRA adapters on it, built as `setup` says; the
+    /// parameters are the adapters'.
+    pub fn load_lora(
+        base: &ModelSource,
+        setup: &lora::Setup,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Model> {
+        let mut model = Model::load(base, false, dtype, device)?;
+        let model_type = model.config_json["model_type"].as_str().unwrap_or("");
+        let (adapters, params) = lora::attach(&*model.net, model_type, setup, dtype, device)?;
+        model.params = params;
+        model.lora = Some(adapters);
+        Ok(model)
     }
 
     /// The current weights by Hugging Face name (tied weights appear once); the f32 masters
@@ -300,6 +389,7 @@ impl Model {
             net,
             params,
             config_json: self.config_json,
+            lora: None,
             grad_sink: None,
         };
         model.set_gradient_checkpointing(self.grad_sink.is_some());
@@ -333,6 +423,7 @@ impl Model {
             net,
             params: Vec::new(),
             config_json: self.config_json.clone(),
+            lora: None,
             grad_sink: None,
         })
     }
@@ -371,6 +462,32 @@ impl Model {
 /// The weights a `config.json` implies, by name and shape, without allocating them (tied
 /// weights appear once): what `--dry-run` counts.
 pub fn param_shapes(config_json: &serde_json::Value) -> Result<Vec<(String, Vec<usize>)>> {
+    let (_, seen) = shapes_only(config_json)?;
+    let mut shapes: Vec<(String, Vec<usize>)> = seen
+        .into_iter()
+        .map(|(n, t)| (n, t.dims().to_vec()))
+        .collect();
+    shapes.sort();
+    Ok(shapes)
+}
+
+/// The (module path, inputs, outputs) of the dense layers that LoRA `targets` (or the adapter
+/// `start`) adapts in the model of `config_json`, without allocating weights: what
+/// `--dry-run` counts, and where it finds a target that matches nothing.
+pub fn lora_shapes(
+    config_json: &serde_json::Value,
+    targets: Option<&crate::config::TargetModules>,
+    start: Option<&lora::AdapterFile>,
+) -> Result<Vec<(String, usize, usize)>> {
+    let (net, _) = shapes_only(config_json)?;
+    let model_type = config_json["model_type"].as_str().unwrap_or("");
+    lora::adapted_shapes(&*net, model_type, targets, start)
+}
+
+/// The architecture built on zero-stride placeholders, and the placeholders by name.
+fn shapes_only(
+    config_json: &serde_json::Value,
+) -> Result<(Box<dyn CausalLm>, HashMap<String, Tensor>)> {
     let loader = Loader {
         weights: Weights::Shapes,
         trainable: false,
@@ -378,17 +495,11 @@ pub fn param_shapes(config_json: &serde_json::Value) -> Result<Vec<(String, Vec<
         params: Mutex::new(Vec::new()),
         seen: Mutex::new(HashMap::new()),
     };
-    build_net(
+    let net = build_net(
         config_json,
         VarBuilder::from_backend(Box::new(&loader), DType::F32, Device::Cpu),
     )?;
-    let seen = loader.seen.into_inner().expect("loader lock poisoned");
-    let mut shapes: Vec<(String, Vec<usize>)> = seen
-        .into_iter()
-        .map(|(n, t)| (n, t.dims().to_vec()))
-        .collect();
-    shapes.sort();
-    Ok(shapes)
+    Ok((net, loader.seen.into_inner().expect("loader lock poisoned")))
 }
 
 /// Builds the architecture that `config.json`'s `model_type` names.
@@ -536,13 +647,14 @@ fn seeded_init(
     dev: &Device,
 ) -> candle_core::Result<Tensor> {
     let n = shape.elem_count();
+    // FNV-1a keeps the per-tensor stream stable across runs and platforms.
+    let h = name.bytes().fold(0xcbf29ce484222325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100000001b3)
+    });
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ h);
     let data: Vec<f32> = match init {
         Init::Const(v) => vec![v as f32; n],
         Init::Randn { mean, stdev } => {
-            // FNV-1a keeps the per-tensor stream stable across runs and platforms.
-            let h = name.bytes().fold(0xcbf29ce484222325u64, |h, b| {
-                (h ^ b as u64).wrapping_mul(0x100000001b3)
-            });
             // On a GPU, drawn there from a stream of its own (kernels::init): the host stream
             // below takes a minute or more for billions of weights.
             if let Some(t) =
@@ -550,7 +662,6 @@ fn seeded_init(
             {
                 return Ok(t);
             }
-            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ h);
             (0..n)
                 .map(|_| {
                     let u1: f64 = rng.random::<f64>().max(f64::MIN_POSITIVE);
@@ -561,6 +672,9 @@ fn seeded_init(
                 })
                 .collect()
         }
+        Init::Uniform { lo, up } => (0..n)
+            .map(|_| (lo + (up - lo) * rng.random::<f64>()) as f32)
+            .collect(),
         other => {
             return Err(candle_core::Error::Msg(format!(
                 "unsupported init {other:?} for `{name}`"

@@ -8,11 +8,13 @@
 //! The attention core and the output layer have CPU kernels only so far; on CUDA attention runs
 //! as a composition whose softmax and rotary are the fused kernels ([`attention`]).
 
+use super::lora::Adapter;
 use crate::kernels;
 use crate::kernels::attention::QkvPacking;
 use crate::kernels::dense::{Activation, WeightLayout};
 use candle_core::{DType, Result, Tensor, D};
 use candle_nn::{Init, VarBuilder};
+use std::sync::OnceLock;
 
 /// The dtype to do reductions in: f32 for half-precision inputs (as PyTorch upcasts), else the
 /// input's own (so f64 gradient checks stay f64).
@@ -345,30 +347,89 @@ pub fn repeat_kv(xs: Tensor, n_rep: usize) -> Result<Tensor> {
 
 /// A dense layer over the last dimension, weight in Hugging Face's `nn.Linear` layout
 /// (`[out, in]`) or GPT-2 Conv1D's (`[in, out]`), built from plain tensors so that it stays
-/// differentiable when they are Vars.
+/// differentiable when they are Vars; LoRA plugs in here ([`Adapter`]): y = x Wᵀ + b +
+/// (α/r)·dropout(x) Aᵀ Bᵀ, the base matmul staying on the fused path.
 pub struct Linear {
     weight: Tensor,
     bias: Option<Tensor>,
     layout: WeightLayout,
+    /// The weight's name without `.weight` (`transformer.h.0.attn.c_attn`).
+    prefix: String,
+    adapter: OnceLock<Adapter>,
 }
 
 impl Linear {
-    pub fn new(weight: Tensor, bias: Option<Tensor>, layout: WeightLayout) -> Self {
+    pub fn new(weight: Tensor, bias: Option<Tensor>, layout: WeightLayout, prefix: String) -> Self {
         Self {
             weight,
             bias,
             layout,
+            prefix,
+            adapter: OnceLock::new(),
         }
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mut tensors = vec![x, &self.weight];
-        tensors.extend(&self.bias);
-        if kernels::supports_with_cuda(&tensors) {
-            return kernels::dense::dense(x, &self.weight, self.bias.as_ref(), self.layout);
+        let y = dense(x, &self.weight, self.bias.as_ref(), self.layout)?;
+        match self.adapter.get() {
+            Some(adapter) => adapter.add(x, y),
+            None => Ok(y),
         }
-        dense_composed(x, &self.weight, self.bias.as_ref(), self.layout)
     }
+
+    /// Where the weight is stored: `<prefix>.weight`.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    pub fn layout(&self) -> WeightLayout {
+        self.layout
+    }
+
+    /// (inputs, outputs).
+    pub fn in_out(&self) -> Result<(usize, usize)> {
+        let (d0, d1) = self.weight.dims2()?;
+        Ok(match self.layout {
+            WeightLayout::OutIn => (d1, d0),
+            WeightLayout::InOut => (d0, d1),
+        })
+    }
+
+    /// Gives the layer a LoRA adapter (once).
+    pub fn attach(&self, adapter: Adapter) -> Result<()> {
+        self.adapter.set(adapter).map_err(|_| {
+            candle_core::Error::Msg(format!("{}: already has an adapter", self.prefix))
+        })
+    }
+}
+
+/// `x · Wᵀ + b` over the last dimension: the CPU's fused kernel where [`kernels::supports`]
+/// holds (it computes no gradient for a frozen operand); for a constant weight under a graph
+/// (LoRA's frozen base) elsewhere, the op that computes none for it — the CUDA kernel's
+/// backward computes dW unconditionally; else the fused CUDA kernel, or the composition.
+pub fn dense(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    layout: WeightLayout,
+) -> Result<Tensor> {
+    let mut tensors = vec![x, weight];
+    tensors.extend(bias);
+    if kernels::supports(&tensors) {
+        return kernels::dense::dense(x, weight, bias, layout);
+    }
+    let frozen = !weight.track_op() && bias.is_none_or(|b| !b.track_op());
+    if frozen && x.track_op() {
+        return kernels::dense::frozen_dense(x, weight, bias, layout);
+    }
+    if kernels::supports_cuda(&tensors) {
+        return kernels::dense::dense(x, weight, bias, layout);
+    }
+    dense_composed(x, weight, bias, layout)
 }
 
 /// A dense layer as a composition. The leading dimensions fold into rows, so that the weight is
@@ -406,7 +467,7 @@ pub fn linear(n_in: usize, n_out: usize, bias: bool, std: f64, vb: VarBuilder) -
         true => Some(vb.get_with_hints(n_out, "bias", Init::Const(0.0))?),
         false => None,
     };
-    Ok(Linear::new(weight, bias, WeightLayout::OutIn))
+    Ok(Linear::new(weight, bias, WeightLayout::OutIn, vb.prefix()))
 }
 
 /// RoPE settings as `config.json` nests them: `rope_parameters` (transformers ≥ 5) or the older

@@ -290,6 +290,7 @@ impl Trainer {
             }
             self.state.step = step;
             self.state.data = feed.cursor().clone();
+            self.state.lora_dropout_draws = self.policy.lora.as_ref().map_or(0, |l| l.draws());
             let elapsed = started.elapsed().as_secs_f64();
             if step.is_multiple_of(t.logging_steps) || step == total {
                 let line = TrainLine {

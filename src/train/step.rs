@@ -82,6 +82,10 @@ impl Trainer {
         match (&self.reference, pairs) {
             (Reference::None, _) => Ok(None),
             (Reference::Model(model), _) => Ok(Some(pair_logps(model, batch)?)),
+            (Reference::PolicyBase, _) => {
+                let lora = self.policy.lora.as_ref().expect("PolicyBase needs adapters");
+                Ok(Some(lora.with_reference(|| pair_logps(&self.policy, batch))?))
+            }
             (Reference::Cache(cache), Some((split, idx))) => {
                 let dtype = accum_dtype(self.cfg.model.dtype.dtype());
                 Ok(Some(cache.get(split, idx, dtype, &self.device)?))
@@ -136,6 +140,10 @@ impl Trainer {
         backward_weight: Option<f64>,
     ) -> Result<MicroStep> {
         let head = self.policy.net.output_layer();
+        if let Some(lora) = &self.policy.lora {
+            // LoRA dropout while training (a fresh stream per pass), none when evaluating.
+            lora.begin_forward(backward_weight.is_some());
+        }
         // The one forward pass, to the final hidden states H at positions that predict response tokens.
         let h = response_hidden(
             self.policy.net.forward_hidden(&batch.input_ids)?,

@@ -10,11 +10,12 @@ use crate::data::format::Converter;
 use crate::data::{DataCursor, Split};
 use crate::dist::{Collective, Solo};
 use crate::losses::{Loss, LossParams};
+use crate::models::lora::{self, AdapterFile};
 use crate::models::{Model, ModelSource};
-use crate::optim::{Optimizer, OptimizerKind, Schedule};
+use crate::optim::{Optimizer, OptimizerKind, Rounding, Schedule};
 use crate::refcache::RefLogps;
 use crate::tokenizer::Tok;
-use anyhow::Result;
+use anyhow::{Context, Result};
 use candle_core::Device;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -28,6 +29,10 @@ pub enum Reference {
     None,
     /// The frozen reference model, run on every batch.
     Model(Model),
+    /// LoRA without `ref_name_or_path`: the policy's own frozen weights with its adapters off
+    /// (or, from `model.adapter`, with that adapter as it started), run on every batch; no
+    /// second copy of the weights.
+    PolicyBase,
     /// Computed once before training (`precompute_ref_log_probs`); the model has been freed.
     Cache(RefLogps),
 }
@@ -95,11 +100,22 @@ impl Trainer {
 
         let policy_src = resolve_source(&cfg, &cfg.model.name_or_path)?;
         let tok = policy_src.tokenizer()?;
-        let mut policy = Model::load(&policy_src, true, dtype, &device)?;
         let compute_dtype = cfg.compute_dtype();
-        if compute_dtype != dtype {
-            policy = policy.with_master_weights(compute_dtype, &device)?;
-        }
+        let start = cfg
+            .model
+            .adapter
+            .as_deref()
+            .map(AdapterFile::read)
+            .transpose()?;
+        let mut policy = if cfg.lora_enabled() {
+            load_lora_policy(&cfg, &policy_src, start.as_ref(), compute_dtype, &device)?
+        } else {
+            let policy = Model::load(&policy_src, true, dtype, &device)?;
+            match compute_dtype != dtype {
+                true => policy.with_master_weights(compute_dtype, &device)?,
+                false => policy,
+            }
+        };
         policy.set_gradient_checkpointing(cfg.training.gradient_checkpointing);
         let vocab = policy.net.output_layer().vocab_size()?;
         tok.check_fits(vocab, &cfg.model.name_or_path)?;
@@ -121,15 +137,26 @@ impl Trainer {
         let reference = if !loss.needs_reference() {
             Reference::None
         } else {
-            let model = if cfg.ref_name_or_path() == cfg.model.name_or_path {
-                policy.frozen_copy(&device)?
+            // With LoRA and no explicit reference, the reference is the policy's frozen base
+            // (with the adapter training started from, if any).
+            let policy_base = cfg.lora_enabled() && cfg.model.ref_name_or_path.is_none();
+            let model = if policy_base {
+                None
+            } else if cfg.ref_name_or_path() == cfg.model.name_or_path && !cfg.lora_enabled() {
+                Some(policy.frozen_copy(&device)?)
             } else {
                 let ref_src = resolve_source(&cfg, cfg.ref_name_or_path())?;
-                Model::load(&ref_src, false, compute_dtype, &device)?
+                Some(Model::load(&ref_src, false, compute_dtype, &device)?)
             };
             if cfg.training.precompute_ref_log_probs {
                 // The model is dropped once its log-probs are cached.
-                let ref_src = resolve_source(&cfg, cfg.ref_name_or_path())?;
+                let ref_src = match (&cfg.model.ref_name_or_path, &cfg.model.adapter) {
+                    (None, Some(adapter)) if policy_base => ModelSource::Adapted {
+                        base: Box::new(policy_src.clone()),
+                        adapter: adapter.clone(),
+                    },
+                    _ => resolve_source(&cfg, cfg.ref_name_or_path())?,
+                };
                 let inputs = crate::refcache::FingerprintInputs {
                     reference: &ref_src,
                     dtype,
@@ -142,19 +169,29 @@ impl Trainer {
                 let fingerprint = super::parallel::from_rank_0(&*world, || {
                     crate::refcache::fingerprint(&inputs)
                 })?;
-                let (cache, _) = crate::refcache::load_or_compute(
-                    &cfg.output_dir,
-                    &fingerprint,
-                    &model,
-                    (&train_pairs, &eval_pairs),
-                    cfg.micro_batch_size(),
-                    tok.pad_id,
-                    &device,
-                    &*world,
-                )?;
+                let compute = |model: &Model| {
+                    crate::refcache::load_or_compute(
+                        &cfg.output_dir,
+                        &fingerprint,
+                        model,
+                        (&train_pairs, &eval_pairs),
+                        cfg.micro_batch_size(),
+                        tok.pad_id,
+                        &device,
+                        &*world,
+                    )
+                };
+                let (cache, _) = match (&model, &policy.lora) {
+                    (Some(model), _) => compute(model)?,
+                    (None, Some(lora)) => lora.with_reference(|| compute(&policy))?,
+                    (None, None) => unreachable!("the policy's base is a reference only with LoRA"),
+                };
                 Reference::Cache(cache)
             } else {
-                Reference::Model(model)
+                match model {
+                    Some(model) => Reference::Model(model),
+                    None => Reference::PolicyBase,
+                }
             }
         };
 
@@ -178,7 +215,11 @@ impl Trainer {
             total,
             kind: t.lr_scheduler_type,
         };
-        let optimizer = Optimizer::new(optimizer_kind(t), &policy.params)?;
+        let rounding = match t.bf16_stochastic_rounding {
+            true => Rounding::Stochastic { seed: cfg.seed },
+            false => Rounding::Nearest,
+        };
+        let optimizer = Optimizer::new(optimizer_kind(t), &policy.params, rounding)?;
         Ok(Trainer {
             cfg,
             device,
@@ -198,6 +239,7 @@ impl Trainer {
                 nonfinite_skipped: 0,
                 num_tokens: 0,
                 schedule,
+                lora_dropout_draws: 0,
             },
             progress: false,
             diagnostics: false,
@@ -286,6 +328,9 @@ impl Trainer {
     pub fn restore(&mut self, dir: &Path) -> Result<()> {
         let saved =
             crate::checkpoint::restore(dir, &self.policy, &mut self.optimizer, &self.device)?;
+        if let Some(lora) = &self.policy.lora {
+            lora.set_draws(saved.lora_dropout_draws);
+        }
         self.state = TrainerState {
             schedule: self.state.schedule.clone(),
             ..saved
@@ -330,4 +375,50 @@ fn optimizer_kind(t: &TrainingConfig) -> OptimizerKind {
 
 fn resolve_source(cfg: &Config, spec: &str) -> Result<ModelSource> {
     ModelSource::resolve(spec, &cfg.model.builtin, cfg.seed)
+}
+
+/// The LoRA policy: the frozen base computing in `dtype`, with adapters from `[lora]` or
+/// continuing `start` (`model.adapter`).
+fn load_lora_policy(
+    cfg: &Config,
+    base: &ModelSource,
+    start: Option<&AdapterFile>,
+    dtype: candle_core::DType,
+    device: &Device,
+) -> Result<Model> {
+    let spec = lora::resolve_spec(cfg.lora.as_ref(), start)?;
+    // What adapter_config.json names as the base: a local directory as an absolute path, so
+    // that the adapter finds it from anywhere; a Hub id or built-in name as written.
+    let name = &cfg.model.name_or_path;
+    let base_model = match base {
+        ModelSource::Dir(dir) if Path::new(name).is_dir() => std::fs::canonicalize(dir)
+            .unwrap_or_else(|_| dir.clone())
+            .display()
+            .to_string(),
+        _ => name.clone(),
+    };
+    let setup = lora::Setup {
+        spec,
+        targets: cfg.lora.as_ref().and_then(|l| l.target_modules.as_ref()),
+        start,
+        trainable: true,
+        seed: cfg.seed,
+        base_model,
+    };
+    let model = Model::load_lora(base, &setup, dtype, device).with_context(|| match start {
+        Some(f) => format!("model.adapter {}", f.dir.display()),
+        None => format!("[lora] on {name}"),
+    })?;
+    if let Some(theirs) = start.and_then(|f| f.base_model.as_deref()) {
+        let canonical = |p: &str| std::fs::canonicalize(p).ok();
+        let same = theirs == setup.base_model
+            || canonical(theirs).is_some_and(|t| Some(t) == canonical(&setup.base_model));
+        if !same {
+            eprintln!(
+                "warning: model.adapter was made for {theirs:?}, model.name_or_path is {name:?}; \
+                 continuing because every adapted layer has the shape the adapter expects"
+            );
+        }
+    }
+    Ok(model)
 }

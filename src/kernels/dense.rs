@@ -677,6 +677,8 @@ mod gpu {
             .as_ref()
             .map_or(Epilogue::None, |(p, _)| Epilogue::Bias(*p));
         cuda::gemm(&dev, dtype, gemm, wp, xp, yp, epilogue)?;
+        // The guard borrows `out`: its drop (recording the write on the stream) comes first.
+        drop(_y);
         Ok((out, Shape::from(dims)))
     }
 

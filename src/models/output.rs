@@ -1,10 +1,15 @@
 //! The output layer beside the models: hidden states → per-token log-probs of the target
-//! tokens, optionally with the logits-SAM perturbation added to its weight.
+//! tokens, optionally with the logits-SAM perturbation e added to its weight.
 //!
 //! The losses only ever see per-token log-probs, so this is the one place that touches the N×V
 //! logits. On CPU in f32/f64 it runs the tiled kernel of [`crate::kernels::output`], which never
 //! holds more than one [`Tile`] of them; elsewhere, and as the reference the tests compare
 //! against, the unfused composition here.
+//!
+//! e stays in f32 on every path. Where the weight is f32 (or f64) the logits are H (W + e)ᵀ, the
+//! paper's line 5; where it is a low-precision copy (bf16 under mixed precision), W + e would
+//! round back to W at the paper's ρ (`docs/precision.md`), so the logits are H Wᵀ + H eᵀ with
+//! the second product in f32.
 
 use super::ops::{accum_dtype, log_softmax_last_dim};
 use crate::kernels::{
@@ -21,22 +26,33 @@ pub struct OutputLayer {
 }
 
 impl OutputLayer {
-    /// Logits `[n, vocab]` (f32 for half-precision weights) for hidden states `[n, hidden]`; `perturbation` (the SAM e, a
-    /// constant) is added to the weight only, never to the bias.
+    /// Logits `[n, vocab]` (f32 for half-precision weights) for hidden states `[n, hidden]`;
+    /// `perturbation` (the SAM e, a constant) shifts the weight only, never the bias. The
+    /// gradient flows to H and W as through H (W + e)ᵀ: ∂L/∂W = Gᵀ H, ∂L/∂H = G (W + e).
     pub fn logits(&self, h: &Tensor, perturbation: Option<&Tensor>) -> Result<Tensor> {
-        let mut logits = h.matmul(&self.perturbed_weight(perturbation)?.t()?)?;
+        let (folded, apart) = match perturbation {
+            Some(e) if self.folds(e) => (Some(e), None),
+            e => (None, e),
+        };
+        let weight = match folded {
+            Some(e) => (&self.weight + e)?,
+            None => self.weight.clone(),
+        };
+        let mut logits = h.matmul(&weight.t()?)?;
         if let Some(b) = &self.bias {
             logits = logits.broadcast_add(b)?;
         }
-        logits.to_dtype(accum_dtype(logits.dtype()))
+        let logits = logits.to_dtype(accum_dtype(logits.dtype()))?;
+        match apart {
+            Some(e) => logits + h.to_dtype(e.dtype())?.matmul(&e.t()?)?,
+            None => Ok(logits),
+        }
     }
 
-    /// W + e, or W.
-    fn perturbed_weight(&self, perturbation: Option<&Tensor>) -> Result<Tensor> {
-        match perturbation {
-            Some(e) => &self.weight + e.to_dtype(self.weight.dtype())?,
-            None => Ok(self.weight.clone()),
-        }
+    /// Whether e can be added to the weight itself: when the weight holds e's precision (f32,
+    /// f64), where W + e keeps e as exactly as e's own dtype does. A bf16 weight does not.
+    fn folds(&self, e: &Tensor) -> bool {
+        e.dtype() == self.weight.dtype()
     }
 
     /// Whether the fused, chunked path applies (CPU, f32 or f64 throughout).
@@ -55,7 +71,7 @@ impl OutputLayer {
         targets: &Tensor,
         perturbation: Option<&Tensor>,
     ) -> Result<Tensor> {
-        if self.fuses(h) {
+        if self.fuses(h) && perturbation.is_none_or(|e| self.folds(e)) {
             self.token_logps_tiled(h, targets, perturbation, Tile::DEFAULT)
         } else {
             self.token_logps_unfused(h, targets, perturbation)
@@ -81,11 +97,8 @@ impl OutputLayer {
         perturbation: Option<&Tensor>,
         tile: Tile,
     ) -> Result<Tensor> {
-        let perturbed = perturbation
-            .map(|e| self.perturbed_weight(Some(e)))
-            .transpose()?;
         let bias = self.bias.as_ref();
-        kernels::output::token_logps(h, &self.weight, bias, targets, perturbed.as_ref(), tile)
+        kernels::output::token_logps(h, &self.weight, bias, targets, perturbation, tile)
     }
 
     /// Token log-probs at the unperturbed weight without a graph, for the SAM pre-pass; on the
@@ -168,7 +181,7 @@ impl OutputLayer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Var};
+    use candle_core::{DType, Device, Var};
 
     const TINY: Tile = Tile {
         rows: 2,
@@ -221,6 +234,43 @@ mod tests {
         let a = head.logits(&h, Some(&e))?;
         let c = shifted.logits(&h, None)?;
         assert!((a - c)?.abs()?.max_all()?.to_scalar::<f32>()? < 1e-6);
+        Ok(())
+    }
+
+    #[test]
+    fn e_stays_in_f32_beside_a_bf16_weight() -> Result<()> {
+        let dev = Device::Cpu;
+        let bf16 = |t: Tensor| t.to_dtype(DType::BF16);
+        let h = bf16(Tensor::randn(0f32, 1.0, (3, 4), &dev)?)?;
+        let w = Var::from_tensor(&bf16(Tensor::randn(0f32, 0.5, (6, 4), &dev)?)?)?;
+        let b = bf16(Tensor::randn(0f32, 0.5, 6, &dev)?)?;
+        // Far below half a bf16 step at |w| ≈ 0.5 (2⁻⁹ or more).
+        let e = (Tensor::randn(0f32, 1.0, (6, 4), &dev)? * 1e-4)?;
+        let head = OutputLayer {
+            weight: w.as_tensor().clone(),
+            bias: Some(b),
+        };
+        let plain = head.logits(&h, None)?;
+        let shifted = head.logits(&h, Some(&e))?;
+        assert_eq!(shifted.dtype(), DType::F32);
+        let exact = h.to_dtype(DType::F32)?.matmul(&e.t()?)?;
+        let err = ((&shifted - &plain)? - &exact)?.abs()?.max_all()?;
+        let scale = exact.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(err.to_scalar::<f32>()? < 1e-2 * scale, "{err} vs {scale}");
+        // Added to the bf16 weight, the same e rounds away.
+        let rounded = head.logits(&h, Some(&bf16(e.clone())?))?;
+        assert_eq!(
+            (rounded - &plain)?.abs()?.max_all()?.to_scalar::<f32>()?,
+            0.0
+        );
+        // ∂L/∂W is Gᵀ H, as at W: e is a constant.
+        let coef = Tensor::randn(0f32, 1.0, (3, 6), &dev)?;
+        let dw = |logits: &Tensor| -> Result<Tensor> {
+            let grads = (logits * &coef)?.sum_all()?.backward()?;
+            Ok(grads.get(&w).expect("a weight gradient").clone())
+        };
+        let diff = (dw(&shifted)? - dw(&plain)?)?.abs()?.max_all()?;
+        assert_eq!(diff.to_dtype(DType::F32)?.to_scalar::<f32>()?, 0.0);
         Ok(())
     }
 }

@@ -117,13 +117,15 @@ impl Trainer {
                 let ref_src = resolve_source(&cfg, cfg.ref_name_or_path())?;
                 let inputs = crate::refcache::FingerprintInputs {
                     reference: &ref_src,
-                    dtype,
+                    dtype: compute_dtype,
+                    mixed_precision: cfg.training.mixed_precision,
+                    device: &device,
                     tok: &tok,
                     truncation: &Truncation::from_config(&cfg.data),
                     train: &train_pairs,
                     eval: &eval_pairs,
                 };
-                let fingerprint = crate::refcache::fingerprint(&inputs)?;
+                let fingerprint = crate::refcache::Fingerprint::new(&inputs)?;
                 let (cache, _) = crate::refcache::load_or_compute(
                     &cfg.output_dir,
                     &fingerprint,

@@ -65,7 +65,7 @@ pub fn logits_perturbation_with(
         Some(g) => g.clone(),
         None => token_logps.zeros_like()?,
     };
-    let g = frozen.sam_gradient(&h, targets, &dlogp, pre.as_ref())?;
+    let g = frozen.sam_gradient(&h, targets, &dlogp, &pre)?;
     let grad_norm = sq_norm(&scaled_grad(&g, &frozen.weight, adaptive)?)?.sqrt();
     let e = ascent_step(&g, &frozen.weight, rho, grad_norm, adaptive)?;
     let loss_pre = loss_pre

@@ -101,14 +101,13 @@ impl OutputLayer {
         kernels::output::token_logps(h, &self.weight, bias, targets, perturbation, tile)
     }
 
-    /// Token log-probs at the unperturbed weight without a graph, for the SAM pre-pass; on the
-    /// tiled path also the [`PrePass`] (log-sum-exps, and the logits when they fit
-    /// [`Tile::keep_bytes`]) that lets [`OutputLayer::sam_gradient`] skip passes over lm_head.
+    /// Token log-probs at the unperturbed weight without a graph, for the SAM pre-pass, and
+    /// the [`SamPrePass`] that lets [`OutputLayer::sam_gradient`] skip recomputing the logits.
     pub fn token_logps_for_sam(
         &self,
         h: &Tensor,
         targets: &Tensor,
-    ) -> Result<(Tensor, Option<PrePass>)> {
+    ) -> Result<(Tensor, SamPrePass)> {
         self.token_logps_for_sam_tiled(h, targets, Tile::DEFAULT)
     }
 
@@ -118,55 +117,49 @@ impl OutputLayer {
         h: &Tensor,
         targets: &Tensor,
         tile: Tile,
-    ) -> Result<(Tensor, Option<PrePass>)> {
+    ) -> Result<(Tensor, SamPrePass)> {
         let frozen = OutputLayer {
             weight: self.weight.detach(),
             bias: self.bias.as_ref().map(Tensor::detach),
         };
         let h = h.detach();
         if !frozen.fuses(&h) {
-            return Ok((frozen.token_logps_unfused(&h, targets, None)?, None));
+            let logp = log_softmax_last_dim(&frozen.logits(&h, None)?)?;
+            let out = logp.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?;
+            return Ok((out, SamPrePass::Unfused(logp)));
         }
         let bias = frozen.bias.as_ref();
         let (out, pre) =
             kernels::output::token_logps_for_sam(&h, &frozen.weight, bias, targets, tile)?;
-        Ok((out, Some(pre)))
+        Ok((out, SamPrePass::Tiled(pre)))
     }
 
     /// ∂L/∂W at the unperturbed weight from ∂L/∂(token log-probs) `dlogp` `[n]`, without a
     /// graph: g = Gᵀ H with G = ∂L/∂logits = dlogp ⊙ (onehot(target) − softmax) (Algorithm 1,
-    /// line 3). Tiled when given the [`PrePass`] of [`OutputLayer::token_logps_for_sam`] (for
-    /// the same `h` and `targets`).
+    /// line 3), from the [`SamPrePass`] of [`OutputLayer::token_logps_for_sam`] for the same
+    /// `h` and `targets`: one GEMM over lm_head, none to recompute the logits.
     pub fn sam_gradient(
         &self,
         h: &Tensor,
         targets: &Tensor,
         dlogp: &Tensor,
-        pre: Option<&PrePass>,
+        pre: &SamPrePass,
     ) -> Result<Tensor> {
         match pre {
-            Some(pre) => pre.sam_gradient(dlogp),
-            None => self.sam_gradient_unfused(h, targets, dlogp),
+            SamPrePass::Tiled(pre) => pre.sam_gradient(dlogp),
+            SamPrePass::Unfused(logp) => sam_gradient_from(logp, h, targets, dlogp),
         }
     }
 
-    /// [`OutputLayer::sam_gradient`] through the full `[n, vocab]` softmax.
+    /// [`OutputLayer::sam_gradient`] recomputing the full `[n, vocab]` softmax: the reference.
     pub fn sam_gradient_unfused(
         &self,
         h: &Tensor,
         targets: &Tensor,
         dlogp: &Tensor,
     ) -> Result<Tensor> {
-        let probs = log_softmax_last_dim(&self.logits(&h.detach(), None)?.detach())?.exp()?;
-        let (n, vocab) = probs.dims2()?;
-        let dt = probs.dtype();
-        let onehot = Tensor::zeros((n, vocab), dt, probs.device())?.scatter_add(
-            &targets.unsqueeze(1)?,
-            &Tensor::ones((n, 1), dt, probs.device())?,
-            1,
-        )?;
-        let g_logits = (onehot - probs)?.broadcast_mul(&dlogp.to_dtype(dt)?.unsqueeze(1)?)?;
-        g_logits.t()?.matmul(&h.detach().to_dtype(dt)?)
+        let logp = log_softmax_last_dim(&self.logits(&h.detach(), None)?.detach())?;
+        sam_gradient_from(&logp, h, targets, dlogp)
     }
 
     pub fn vocab_size(&self) -> Result<usize> {
@@ -176,6 +169,32 @@ impl OutputLayer {
     pub fn hidden_size(&self) -> Result<usize> {
         self.weight.dim(D::Minus1)
     }
+}
+
+/// What the SAM pre-pass leaves for line 3 of Algorithm 1: the tiled kernel's [`PrePass`], or
+/// the unfused path's log-softmax `[n, vocab]` (in the logits' f32 or wider).
+pub enum SamPrePass {
+    Tiled(PrePass),
+    Unfused(Tensor),
+}
+
+/// g = Gᵀ H from the log-softmax `logp` of the unperturbed logits.
+fn sam_gradient_from(
+    logp: &Tensor,
+    h: &Tensor,
+    targets: &Tensor,
+    dlogp: &Tensor,
+) -> Result<Tensor> {
+    let probs = logp.exp()?;
+    let (n, vocab) = probs.dims2()?;
+    let dt = probs.dtype();
+    let onehot = Tensor::zeros((n, vocab), dt, probs.device())?.scatter_add(
+        &targets.unsqueeze(1)?,
+        &Tensor::ones((n, 1), dt, probs.device())?,
+        1,
+    )?;
+    let g_logits = (onehot - probs)?.broadcast_mul(&dlogp.to_dtype(dt)?.unsqueeze(1)?)?;
+    g_logits.t()?.matmul(&h.detach().to_dtype(dt)?)
 }
 
 #[cfg(test)]
@@ -203,13 +222,11 @@ mod tests {
         let coef = Tensor::new(&[0.3f32, -1.0, 2.0, 0.5, -0.7], &dev)?;
         let loss = (head.token_logps_unfused(&h, &targets, None)? * &coef)?.sum_all()?;
         let auto = loss.backward()?.get(&w).unwrap().clone();
-        for manual in [
-            head.sam_gradient_unfused(&h, &targets, &coef)?,
-            head.token_logps_for_sam_tiled(&h, &targets, TINY)?
-                .1
-                .unwrap()
-                .sam_gradient(&coef)?,
-        ] {
+        for manual in [head.sam_gradient_unfused(&h, &targets, &coef)?, {
+            let (_, pre) = head.token_logps_for_sam_tiled(&h, &targets, TINY)?;
+            assert!(matches!(pre, SamPrePass::Tiled(_)));
+            head.sam_gradient(&h, &targets, &coef, &pre)?
+        }] {
             let err = (&auto - manual)?.abs()?.max_all()?.to_scalar::<f32>()?;
             assert!(err < 1e-5, "max abs err {err}");
         }

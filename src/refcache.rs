@@ -12,6 +12,7 @@
 use crate::config::MixedPrecision;
 use crate::data::batch::{PreferenceBatch, TokenizedPair, Truncation};
 use crate::data::Split;
+use crate::dist::Collective;
 use crate::logps::pair_logps;
 use crate::models::{Model, ModelSource};
 use crate::tokenizer::Tok;
@@ -147,18 +148,24 @@ impl Fingerprint {
                 format!("{} pairs, {}", pairs.len(), pairs_digest(pairs)),
             );
         }
+        Ok(Fingerprint::from_inputs(list))
+    }
+
+    /// The fingerprint of a list of inputs (as [`Fingerprint::new`] makes it, and rank 0 sends
+    /// it to the other ranks).
+    pub fn from_inputs(inputs: Vec<(String, String)>) -> Fingerprint {
         let mut h = Sha256::new();
-        for (key, value) in &list {
+        for (key, value) in &inputs {
             // Length-prefixed, so that moving bytes between fields changes the hash.
             for part in [key, value] {
                 h.update((part.len() as u64).to_le_bytes());
                 h.update(part.as_bytes());
             }
         }
-        Ok(Fingerprint {
+        Fingerprint {
             hash: hex(&h.finalize()),
-            inputs: list,
-        })
+            inputs,
+        }
     }
 
     /// What changed from `cached` (the inputs a cache was made for) to these, one
@@ -251,6 +258,12 @@ pub fn cache_path(dir: &Path, fingerprint: &str) -> PathBuf {
 /// Loads the cache for `fingerprint` from `dir` if a valid one is there; otherwise runs
 /// `reference` over the pairs in batches of `batch_size` and writes the cache, saying why each
 /// other cache in `dir` does not fit. Returns the values and whether they came from disk.
+///
+/// In a data-parallel run, rank 0 alone reads and writes the file: it sends a valid cache to the
+/// other ranks, or else each rank runs its contiguous share of the batches and the shares are
+/// gathered, in batch order, on every rank. Batches are the same as in one process, so are the
+/// values.
+#[allow(clippy::too_many_arguments)]
 pub fn load_or_compute(
     dir: &Path,
     fingerprint: &Fingerprint,
@@ -259,31 +272,64 @@ pub fn load_or_compute(
     batch_size: usize,
     pad_id: u32,
     device: &Device,
+    world: &dyn Collective,
 ) -> Result<(RefLogps, bool)> {
     let path = cache_path(dir, &fingerprint.hash);
-    if path.is_file() {
-        match load(&path, fingerprint, pairs.0.len(), pairs.1.len()) {
-            Ok(cached) => return Ok((cached, true)),
+    let (n_train, n_eval) = (pairs.0.len(), pairs.1.len());
+    let mut cached = Vec::new();
+    if world.rank() == 0 && path.is_file() {
+        let bytes = read(&path)?;
+        match parse(&bytes, fingerprint, n_train, n_eval) {
+            Ok(_) => cached = bytes,
             Err(e) => eprintln!(
                 "warning: not using reference cache {}: {e:#}; recomputing",
                 path.display()
             ),
         }
-    } else {
+    } else if world.rank() == 0 {
         for (other, why) in unfit_caches(dir, fingerprint) {
             eprintln!("note: not using reference cache {}: {why}", other.display());
         }
     }
+    let cached = world.broadcast(&cached)?;
+    if !cached.is_empty() {
+        return Ok((parse(&cached, fingerprint, n_train, n_eval)?, true));
+    }
     let run = |split: &[TokenizedPair]| -> Result<(Vec<f64>, Vec<f64>)> {
-        let (mut chosen, mut rejected) = (
-            Vec::with_capacity(split.len()),
-            Vec::with_capacity(split.len()),
-        );
-        for chunk in split.chunks(batch_size.max(1)) {
+        let chunks: Vec<&[TokenizedPair]> = split.chunks(batch_size.max(1)).collect();
+        let mine = crate::dist::shard(chunks.len(), world.rank(), world.world_size());
+        let (mut chosen, mut rejected) = (Vec::new(), Vec::new());
+        for chunk in &chunks[mine] {
             let batch = PreferenceBatch::new(chunk, pad_id, device)?;
             let (c, r) = pair_logps(reference, &batch)?;
             chosen.extend(c.to_dtype(DType::F64)?.to_vec1::<f64>()?);
             rejected.extend(r.to_dtype(DType::F64)?.to_vec1::<f64>()?);
+        }
+        // Each rank's share as its chosen values, then its rejected ones.
+        let share: Vec<u8> = chosen
+            .iter()
+            .chain(&rejected)
+            .flat_map(|x| x.to_le_bytes())
+            .collect();
+        let (mut chosen, mut rejected) = (
+            Vec::with_capacity(split.len()),
+            Vec::with_capacity(split.len()),
+        );
+        for part in world.all_gather(&share)? {
+            let values: Vec<f64> = part
+                .chunks_exact(8)
+                .map(|c| f64::from_le_bytes(c.try_into().expect("8-byte chunk")))
+                .collect();
+            let (c, r) = values.split_at(values.len() / 2);
+            chosen.extend_from_slice(c);
+            rejected.extend_from_slice(r);
+        }
+        if chosen.len() != split.len() {
+            bail!(
+                "reference log-probs: the ranks returned {} pairs of {}",
+                chosen.len(),
+                split.len()
+            );
         }
         Ok((chosen, rejected))
     };
@@ -296,8 +342,10 @@ pub fn load_or_compute(
         eval_chosen,
         eval_rejected,
     };
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    save(&out, &path)?;
+    if world.rank() == 0 {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        save(&out, &path)?;
+    }
     Ok((out, false))
 }
 
@@ -320,7 +368,8 @@ pub fn unfit_caches(dir: &Path, fingerprint: &Fingerprint) -> Vec<(PathBuf, Stri
     paths
         .into_iter()
         .filter_map(|p| {
-            let why = header(&p)
+            let why = read(&p)
+                .and_then(|bytes| metadata(&bytes))
                 .and_then(|meta| check(&meta, fingerprint))
                 .err()?;
             Some((p, format!("{why:#}")))
@@ -375,26 +424,11 @@ fn save(r: &RefLogps, path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// A safetensors file's `__metadata__`, reading only its header.
-fn header(path: &Path) -> Result<HashMap<String, String>> {
-    let mut file =
-        std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let mut len = [0u8; 8];
-    file.read_exact(&mut len)
-        .context("not a safetensors file (shorter than its header)")?;
-    let len = u64::from_le_bytes(len);
-    if len > 100 << 20 {
-        bail!("not a safetensors file (a {len}-byte header)");
-    }
-    let mut json = vec![0u8; len as usize];
-    file.read_exact(&mut json)
-        .context("not a safetensors file (truncated header)")?;
-    let mut header: HashMap<String, serde_json::Value> =
-        serde_json::from_slice(&json).context("not a safetensors file (header is not JSON)")?;
-    Ok(match header.remove("__metadata__") {
-        Some(meta) => serde_json::from_value(meta).context("unreadable `__metadata__`")?,
-        None => HashMap::new(),
-    })
+/// A safetensors file's `__metadata__`.
+fn metadata(bytes: &[u8]) -> Result<HashMap<String, String>> {
+    let (_, header) =
+        safetensors::SafeTensors::read_metadata(bytes).context("not a safetensors file")?;
+    Ok(header.metadata().clone().unwrap_or_default())
 }
 
 /// Whether a cache's header is this version's and made for `fingerprint`'s inputs; if not,
@@ -427,10 +461,18 @@ pub fn load(
     n_train: usize,
     n_eval: usize,
 ) -> Result<RefLogps> {
-    check(&header(path)?, fingerprint)?;
-    let bytes = read(path)?;
-    let st = safetensors::SafeTensors::deserialize(&bytes)
-        .with_context(|| format!("{}: not a safetensors file", path.display()))?;
+    parse(&read(path)?, fingerprint, n_train, n_eval).with_context(|| format!("{}", path.display()))
+}
+
+/// [`load`] from the file's bytes.
+fn parse(
+    bytes: &[u8],
+    fingerprint: &Fingerprint,
+    n_train: usize,
+    n_eval: usize,
+) -> Result<RefLogps> {
+    check(&metadata(bytes)?, fingerprint)?;
+    let st = safetensors::SafeTensors::deserialize(bytes).context("not a safetensors file")?;
     let mut vecs = Vec::with_capacity(4);
     for (name, want) in NAMES.iter().zip([n_train, n_train, n_eval, n_eval]) {
         let view = st

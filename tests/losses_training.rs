@@ -226,7 +226,10 @@ fn changed_model_or_data_invalidates_the_cache() {
     let err = refcache::load(&bf16_cache, &base, n, n / 4).unwrap_err();
     assert_eq!(
         format!("{err:#}"),
-        "made for other inputs: dtype: bf16 -> f32; mixed_precision: bf16 -> no"
+        format!(
+            "{}: made for other inputs: dtype: bf16 -> f32; mixed_precision: bf16 -> no",
+            bf16_cache.display()
+        )
     );
     // Every other cache in the directory is reported so when the run's own is missing.
     std::fs::remove_file(refcache::cache_path(dir.path(), &base.hash)).unwrap();

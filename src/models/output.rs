@@ -16,7 +16,7 @@ use crate::kernels::{
     self,
     output::{PrePass, Tile},
 };
-use candle_core::{Result, Tensor, D};
+use candle_core::{DType, Result, Tensor, D};
 
 /// `lm_head`: logits = H Wᵀ (+ b). `weight` is `[vocab, hidden]` (HF's layout).
 #[derive(Clone)]
@@ -49,10 +49,16 @@ impl OutputLayer {
         }
     }
 
-    /// Whether e can be added to the weight itself: when the weight holds e's precision (f32,
-    /// f64), where W + e keeps e as exactly as e's own dtype does. A bf16 weight does not.
+    /// Whether e can be added to the weight itself: when the matmul reads the weight at e's
+    /// precision (f32, f64), where W + e keeps e as exactly as e's own dtype does. A bf16 weight
+    /// does not, nor do f32 matmuls on TF32 tensor cores (`training.tf32`), which round their
+    /// inputs to a 10-bit mantissa: there H eᵀ keeps e to that relative precision, W + e not at all.
     fn folds(&self, e: &Tensor) -> bool {
-        e.dtype() == self.weight.dtype()
+        // Asked only on CUDA: candle's CPU-only builds answer true.
+        let tf32 = e.dtype() == DType::F32
+            && self.weight.device().is_cuda()
+            && candle_core::cuda::gemm_reduced_precision_f32();
+        e.dtype() == self.weight.dtype() && !tf32
     }
 
     /// Whether the fused, chunked path applies (CPU, f32 or f64 throughout).
@@ -200,7 +206,7 @@ fn sam_gradient_from(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{DType, Device, Var};
+    use candle_core::{Device, Var};
 
     const TINY: Tile = Tile {
         rows: 2,

@@ -379,18 +379,20 @@ impl Trainer {
     /// Loss, reward and token metrics over the held-out pairs (logged with TRL's `eval_`
     /// prefix; the token metrics when `diagnostics` is on, as the loop sets it for evaluations).
     pub fn evaluate(&self) -> Result<PairMetrics> {
-        let mut tally = Tally::default();
         let micro = self.cfg.micro_batch_size();
         let chunks: Vec<&[_]> = self.eval_pairs.chunks(micro).collect();
         // Data parallel: each rank its share of the batches, the tallies summed.
         let mine = crate::dist::shard(chunks.len(), self.world.rank(), self.world.world_size());
+        let mut tallies = Vec::with_capacity(mine.len());
         for (c, chunk) in chunks.iter().enumerate().take(mine.end).skip(mine.start) {
             let batch = PreferenceBatch::new(chunk, self.tok.pad_id, &self.device)?;
             let idx: Vec<usize> = (c * micro..c * micro + chunk.len()).collect();
             let reference = self.reference_for(&batch, Some((Split::Eval, &idx)))?;
+            let mut tally = Tally::default();
             tally.add(&self.micro_step_with(&batch, reference, None)?, &batch);
+            tallies.push(tally);
         }
-        Ok(parallel::sum_tallies(&*self.world, tally)?.metrics(false, true))
+        Ok(parallel::sum_tallies(&*self.world, tallies)?.metrics(false, true))
     }
 
     /// metrics.jsonl for appending: a fresh file starting with the data line, or, resumed, the

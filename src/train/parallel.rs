@@ -7,8 +7,9 @@
 //! the same config and hold the same weights. With one process ([`crate::dist::Solo`]) nothing is
 //! exchanged.
 //!
-//! Each micro-batch's loss is weighted by micro_batch_size / batch_size (the global batch), so
-//! the sum over ranks is the global batch's mean gradient, as one process accumulates it.
+//! Each micro-batch's loss is weighted by 1 / (the global step's micro-batch count), so the sum
+//! over ranks is the global batch's mean gradient, as one process accumulates it; at an epoch's
+//! partial last step a rank may have no micro-batch and contributes zeros.
 
 use super::metrics::Tally;
 use crate::config::Config;
@@ -99,18 +100,37 @@ pub(super) fn agree(
     Ok(agreed)
 }
 
-/// The sum of every rank's tally, in rank order (an evaluation's).
-pub(super) fn sum_tallies(world: &dyn Collective, tally: Tally) -> Result<Tally> {
-    if world.is_solo() {
-        return Ok(tally);
+/// An evaluation's per-batch tallies from every rank, summed in batch order (the ranks hold
+/// contiguous shares), so that the sum is one process's, bit for bit.
+pub(super) fn sum_tallies(world: &dyn Collective, tallies: Vec<Tally>) -> Result<Tally> {
+    #[derive(Serialize, Deserialize)]
+    struct Share {
+        tallies: Vec<toml::Value>,
     }
-    let mine = toml::to_string(&tally).context("metrics tally")?;
-    let all = world
-        .all_gather(mine.as_bytes())?
-        .iter()
-        .map(|b| Ok(toml::from_str::<toml::Value>(std::str::from_utf8(b)?)?))
-        .collect::<Result<Vec<_>>>()?;
-    Ok(sum_values(all)?.try_into()?)
+    let mine = Share {
+        tallies: tallies
+            .iter()
+            .map(toml::Value::try_from)
+            .collect::<Result<_, _>>()
+            .context("metrics tally")?,
+    };
+    let shares = match world.is_solo() {
+        true => vec![mine],
+        false => world
+            .all_gather(toml::to_string(&mine)?.as_bytes())?
+            .iter()
+            .enumerate()
+            .map(|(rank, b)| {
+                toml::from_str::<Share>(std::str::from_utf8(b)?)
+                    .with_context(|| format!("rank {rank}'s evaluation tallies"))
+            })
+            .collect::<Result<Vec<_>>>()?,
+    };
+    let all: Vec<toml::Value> = shares.into_iter().flat_map(|s| s.tallies).collect();
+    match all.is_empty() {
+        true => Ok(Tally::default()),
+        false => Ok(sum_values(all)?.try_into()?),
+    }
 }
 
 /// Field-by-field sums of tallies as TOML values: numbers add (in the order given), tables

@@ -13,6 +13,7 @@
 //! Also full SAM (`sam.kind = "full"`, [`perturb_params`]), the two-pass baseline the paper
 //! compares against, and the adaptive (ASAM) variant of both (`sam.adaptive`).
 
+use crate::models::ops::accum_dtype;
 use crate::models::output::OutputLayer;
 use crate::models::Param;
 use anyhow::Result;
@@ -66,7 +67,7 @@ pub fn logits_perturbation_with(
         Some(g) => g.clone(),
         None => token_logps.zeros_like()?,
     };
-    let g = frozen.sam_gradient(&h, targets, &dlogp, pre.as_ref())?;
+    let g = frozen.sam_gradient(&h, targets, &dlogp, &pre)?;
     let grad_norm = sq_norm(&scaled_grad(&g, &frozen.weight, adaptive)?)?.sqrt()?;
     let e = ascent_step(&g, &frozen.weight, rho, &grad_norm, adaptive)?;
     Ok(Perturbation {
@@ -86,9 +87,13 @@ fn scaled_grad(g: &Tensor, w: &Tensor, adaptive: bool) -> Result<Tensor> {
     })
 }
 
-/// Σ t², an f64 scalar on t's device.
+/// Σ t², an f64 scalar on t's device, summed in f32 or wider (a bf16 sum of squares over
+/// millions of entries rounds away most of them).
 fn sq_norm(t: &Tensor) -> Result<Tensor> {
-    Ok(t.sqr()?.sum_all()?.to_dtype(DType::F64)?)
+    Ok(t.to_dtype(accum_dtype(t.dtype()))?
+        .sqr()?
+        .sum_all()?
+        .to_dtype(DType::F64)?)
 }
 
 /// e = ρ T² g / ‖T g‖ with `norm` = ‖T g‖ (an f64 scalar on the device) taken over every
@@ -111,27 +116,37 @@ fn ascent_step(g: &Tensor, w: &Tensor, rho: f64, norm: &Tensor, adaptive: bool) 
 /// W ← W + e. Holds copies of the original values so that [`FullPerturbation::restore`] puts
 /// back exactly the same bits rather than subtracting e (which rounds).
 pub struct FullPerturbation {
+    /// Each moved tensor (the parameter, and its f32 master under mixed precision) and its
+    /// original value.
     originals: Vec<(Var, Tensor)>,
     /// ‖T g‖ over all parameters (T as in `ascent_step`), an f64 scalar on the device.
     pub grad_norm: Tensor,
 }
 
 /// Moves every parameter that has a gradient in `grads` to W + e, e = ρ T² g/‖T g‖ with one
-/// global norm over all of them.
+/// global norm over all of them, summed in f32. Under mixed precision e is added to the f32
+/// master, whose sum then refreshes the bf16 copy the forward reads: added to the bf16 copy
+/// itself, an e below half a bf16 step would round away every time, while the master (off
+/// bf16's grid once training has moved it) carries it into the copy wherever W + e crosses a
+/// rounding boundary, e on average.
 pub fn perturb_params(
     params: &[Param],
     grads: &GradStore,
     rho: f64,
     adaptive: bool,
 ) -> Result<FullPerturbation> {
-    let with_grad: Vec<(&Var, Tensor)> = params
-        .iter()
-        .filter_map(|p| grads.get(p.var.as_tensor()).map(|g| (&p.var, g.clone())))
-        .collect();
+    // (the parameter, the f32 weights e is added to, g in f32 or wider)
+    let mut with_grad = Vec::new();
+    for p in params {
+        if let Some(g) = grads.get(p.var.as_tensor()) {
+            let w = p.master.as_ref().unwrap_or(&p.var);
+            with_grad.push((p, w, g.to_dtype(accum_dtype(g.dtype()))?));
+        }
+    }
     // Summed on the device in parameter order (no read per parameter).
     let mut total: Option<Tensor> = None;
-    for (var, g) in &with_grad {
-        let sq = sq_norm(&scaled_grad(g, var.as_tensor(), adaptive)?)?;
+    for (_, w, g) in &with_grad {
+        let sq = sq_norm(&scaled_grad(g, w.as_tensor(), adaptive)?)?;
         total = Some(match total {
             Some(t) => (t + sq)?,
             None => sq,
@@ -142,11 +157,18 @@ pub fn perturb_params(
         None => Tensor::new(0f64, &candle_core::Device::Cpu)?,
     };
     let mut originals = Vec::with_capacity(with_grad.len());
-    for (var, g) in with_grad {
-        let w = var.as_tensor();
-        let e = ascent_step(&g, w, rho, &grad_norm, adaptive)?;
-        originals.push((var.clone(), w.detach().copy()?));
-        var.set(&(w.detach() + e.to_dtype(w.dtype())?)?)?;
+    for (p, w, g) in with_grad {
+        let e = ascent_step(&g, w.as_tensor(), rho, &grad_norm, adaptive)?;
+        let original = w.as_tensor().detach().copy()?;
+        let moved = (&original + e.to_dtype(original.dtype())?)?;
+        if let Some(master) = &p.master {
+            originals.push((p.var.clone(), p.var.as_tensor().detach().copy()?));
+            p.var.set(&moved.to_dtype(p.var.dtype())?)?;
+            master.set(&moved)?;
+        } else {
+            p.var.set(&moved)?;
+        }
+        originals.push((w.clone(), original));
     }
     Ok(FullPerturbation {
         originals,
@@ -155,7 +177,7 @@ pub fn perturb_params(
 }
 
 impl FullPerturbation {
-    /// Puts the original weights back, bit for bit.
+    /// Puts the original weights (and masters) back, bit for bit.
     pub fn restore(self) -> Result<()> {
         for (var, original) in self.originals {
             var.set(&original)?;

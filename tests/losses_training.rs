@@ -192,34 +192,75 @@ fn changed_model_or_data_invalidates_the_cache() {
     let other_data = fp(&trainer(dir.path(), &[on, "data.builtin_pairs=20"]));
     let other_trunc = fp(&trainer(dir.path(), &[on, "data.max_length=12"]));
     let other_dtype = fp(&trainer(dir.path(), &[on, "model.dtype=\"f64\""]));
-    for other in [&other_model, &other_data, &other_trunc, &other_dtype] {
-        assert_ne!(&base, other);
+    let mixed = "training.mixed_precision=\"bf16\"";
+    let other_precision = fp(&trainer(dir.path(), &[on, mixed]));
+    // Each names what changed.
+    for (other, change) in [
+        (&other_model, "reference config.json: sha256:"),
+        (&other_data, "train pairs: 16 pairs"),
+        (
+            &other_trunc,
+            "truncation: max_length 512, max_prompt_length None, keep_end -> max_length 12",
+        ),
+        (&other_dtype, "dtype: f32 -> f64"),
+        (&other_precision, "mixed_precision: no -> bf16"),
+    ] {
+        assert_ne!(base.hash, other.hash);
+        let changes = other.changes_from(&base.inputs).join("; ");
+        assert!(changes.contains(change), "{changes}");
     }
+    assert_eq!(
+        other_precision.changes_from(&base.inputs),
+        ["dtype: f32 -> bf16", "mixed_precision: no -> bf16"],
+        "mixed precision changes the dtype the reference computes in, and nothing else"
+    );
     assert_eq!(
         base,
         fp(&trainer(dir.path(), &[on])),
         "the fingerprint is deterministic"
     );
 
-    // A file under the right name with another fingerprint is stale: refused, then replaced.
-    let path = refcache::cache_path(dir.path(), &base);
+    // A cache made under another precision is refused, naming the difference.
     let n = trainer(dir.path(), &[]).train_pairs().len();
-    let stale_path = refcache::cache_path(dir.path(), &other_data);
+    let bf16_cache = refcache::cache_path(dir.path(), &other_precision.hash);
+    let err = refcache::load(&bf16_cache, &base, n, n / 4).unwrap_err();
+    assert_eq!(
+        format!("{err:#}"),
+        format!(
+            "{}: made for other inputs: dtype: bf16 -> f32; mixed_precision: bf16 -> no",
+            bf16_cache.display()
+        )
+    );
+    // Every other cache in the directory is reported so when the run's own is missing.
+    std::fs::remove_file(refcache::cache_path(dir.path(), &base.hash)).unwrap();
+    let unfit = refcache::unfit_caches(dir.path(), &base);
+    assert_eq!(unfit.len(), 5, "{unfit:?}");
+    let (_, why) = unfit.iter().find(|(p, _)| p == &bf16_cache).unwrap();
+    assert!(why.contains("mixed_precision: bf16 -> no"), "{why}");
+
+    // A file under the right name made for other inputs is refused, then replaced.
+    let fresh = trainer(dir.path(), &[on]);
+    let path = refcache::cache_path(dir.path(), &base.hash);
+    let stale_path = refcache::cache_path(dir.path(), &other_data.hash);
     std::fs::copy(&stale_path, &path).unwrap();
     let err = refcache::load(&path, &base, n, n / 4).unwrap_err();
-    assert!(format!("{err:#}").contains("stale"), "{err:#}");
-    let fresh = trainer(dir.path(), &[on]);
-    assert_eq!(fp(&fresh), base);
+    assert!(
+        format!("{err:#}").contains("train pairs: 20 pairs"),
+        "{err:#}"
+    );
+    let again = trainer(dir.path(), &[on]);
+    assert_eq!(fp(&again), base);
     assert!(
         refcache::load(
             &path,
             &base,
-            fresh.train_pairs().len(),
-            fresh.eval_pairs().len()
+            again.train_pairs().len(),
+            again.eval_pairs().len()
         )
         .is_ok(),
         "recomputed and rewritten"
     );
+    assert_eq!(again.reference().cache(), fresh.reference().cache());
     // Garbage is refused too.
     std::fs::write(&path, b"not safetensors").unwrap();
     assert!(refcache::load(&path, &base, n, n / 4).is_err());

@@ -5,7 +5,7 @@
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 use dpo_sam::kernels::output::{take_largest_logits_chunk, Tile};
-use dpo_sam::models::output::OutputLayer;
+use dpo_sam::models::output::{OutputLayer, SamPrePass};
 
 const N: usize = 37;
 const HIDDEN: usize = 16;
@@ -189,7 +189,7 @@ fn sam_gradient_tiled_matches_unfused() -> Result<()> {
         let head = c.head();
         let h = c.h.as_tensor();
         let (_, pre) = head.token_logps_for_sam_tiled(h, &c.targets, TILE)?;
-        let tiled = pre.unwrap().sam_gradient(&c.coef)?;
+        let tiled = head.sam_gradient(h, &c.targets, &c.coef, &pre)?;
         let unfused = head.sam_gradient_unfused(h, &c.targets, &c.coef)?;
         let (_, auto) = c.run(false, None)?;
         let d = max_diff(&tiled, &unfused)?;
@@ -279,7 +279,7 @@ fn fused_path_holds_one_tile_of_logits_at_most() -> Result<()> {
         assert!(grads.get(&w).is_some() && grads.get(&h).is_some());
         let training = take_largest_logits_chunk();
         let (_, pre) = head.token_logps_for_sam_tiled(h.as_tensor(), &targets, tile)?;
-        pre.unwrap().sam_gradient(&lp.ones_like()?)?;
+        head.sam_gradient(h.as_tensor(), &targets, &lp.ones_like()?, &pre)?;
         let sam = take_largest_logits_chunk();
         for largest in [training, sam] {
             assert_eq!(
@@ -313,7 +313,7 @@ fn kept_logits_give_exactly_the_recomputed_results() -> Result<()> {
         let head = c.head();
         let g = |tile| -> Result<Tensor> {
             let (_, pre) = head.token_logps_for_sam_tiled(c.h.as_tensor(), &c.targets, tile)?;
-            pre.unwrap().sam_gradient(&c.coef)
+            head.sam_gradient(c.h.as_tensor(), &c.targets, &c.coef, &pre)
         };
         assert_eq!(max_diff(&g(TILE)?, &g(KEEP)?)?, 0.0);
     }
@@ -327,14 +327,14 @@ fn half_precision_falls_back_to_unfused() -> Result<()> {
     let head = c.head();
     let lp = head.token_logps(c.h.as_tensor(), &c.targets, None)?;
     assert_eq!(lp.dtype(), DType::F32);
-    let (_, pre) = head.token_logps_for_sam(c.h.as_tensor(), &c.targets)?;
-    assert!(pre.is_none());
-    let g = head.sam_gradient(
-        c.h.as_tensor(),
-        &c.targets,
-        &c.coef.to_dtype(DType::F32)?,
-        None,
-    )?;
+    let (pre_lp, pre) = head.token_logps_for_sam(c.h.as_tensor(), &c.targets)?;
+    assert!(matches!(pre, SamPrePass::Unfused(_)));
+    assert_eq!(max_diff(&pre_lp, &lp)?, 0.0);
+    // Line 3 from the pre-pass's log-softmax is the recomputed one, bit for bit.
+    let coef = c.coef.to_dtype(DType::F32)?;
+    let g = head.sam_gradient(c.h.as_tensor(), &c.targets, &coef, &pre)?;
     assert_eq!(g.dims(), &[VOCAB, HIDDEN]);
+    let recomputed = head.sam_gradient_unfused(c.h.as_tensor(), &c.targets, &coef)?;
+    assert_eq!(max_diff(&g, &recomputed)?, 0.0);
     Ok(())
 }

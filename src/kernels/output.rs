@@ -38,19 +38,29 @@ impl Tile {
 }
 
 /// The log-probs of `targets` `[n]` (u32) under softmax(h wᵀ + bias), `h` `[n, hidden]`,
-/// as one graph node over (h, weight[, bias]); `[n]` in h's dtype. The logits use `perturbed`
-/// where given (W + e under logits-SAM), else `weight`. e is a constant, so the node hangs off
-/// `weight` itself: off W + e, candle's backward would add its gradient onto zero-filled
-/// `[vocab, hidden]` tensors for both W and e.
+/// as one graph node over (h, weight[, bias]); `[n]` in h's dtype. Under logits-SAM the logits
+/// use W + e, `perturbation` e (a constant) in the weight's dtype: this path is f32/f64 only,
+/// where W + e keeps e (a bf16 weight takes the unfused path, which adds H eᵀ in f32). The node
+/// hangs off `weight` itself: off W + e, candle's backward would add its gradient onto
+/// zero-filled `[vocab, hidden]` tensors for both W and e.
 pub fn token_logps(
     h: &Tensor,
     weight: &Tensor,
     bias: Option<&Tensor>,
     targets: &Tensor,
-    perturbed: Option<&Tensor>,
+    perturbation: Option<&Tensor>,
     tile: Tile,
 ) -> Result<Tensor> {
-    let chunked = Chunked::new(h, perturbed.unwrap_or(weight), bias, targets, tile)?;
+    let perturbed = match perturbation {
+        Some(e) if e.dtype() != weight.dtype() => bail!(
+            "fused output layer: the perturbation is {:?} but the weight {:?}",
+            e.dtype(),
+            weight.dtype()
+        ),
+        Some(e) => Some((weight.detach() + e)?),
+        None => None,
+    };
+    let chunked = Chunked::new(h, perturbed.as_ref().unwrap_or(weight), bias, targets, tile)?;
     let (out, lse) = by_dtype!(h.dtype(), T => chunked.forward::<T>()?);
     let op = TokenLogps { chunked, lse, out };
     match bias {

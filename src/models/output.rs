@@ -1,17 +1,22 @@
 //! The output layer beside the models: hidden states → per-token log-probs of the target
-//! tokens, optionally with the logits-SAM perturbation added to its weight.
+//! tokens, optionally with the logits-SAM perturbation e added to its weight.
 //!
 //! The losses only ever see per-token log-probs, so this is the one place that touches the N×V
 //! logits. On CPU in f32/f64 it runs the tiled kernel of [`crate::kernels::output`], which never
 //! holds more than one [`Tile`] of them; elsewhere, and as the reference the tests compare
 //! against, the unfused composition here.
+//!
+//! e stays in f32 on every path. Where the weight is f32 (or f64) the logits are H (W + e)ᵀ, the
+//! paper's line 5; where it is a low-precision copy (bf16 under mixed precision), W + e would
+//! round back to W at the paper's ρ (`docs/precision.md`), so the logits are H Wᵀ + H eᵀ with
+//! the second product in f32.
 
 use super::ops::{accum_dtype, log_softmax_last_dim};
 use crate::kernels::{
     self,
     output::{PrePass, Tile},
 };
-use candle_core::{Result, Tensor, D};
+use candle_core::{DType, Result, Tensor, D};
 
 /// `lm_head`: logits = H Wᵀ (+ b). `weight` is `[vocab, hidden]` (HF's layout).
 #[derive(Clone)]
@@ -21,22 +26,39 @@ pub struct OutputLayer {
 }
 
 impl OutputLayer {
-    /// Logits `[n, vocab]` (f32 for half-precision weights) for hidden states `[n, hidden]`; `perturbation` (the SAM e, a
-    /// constant) is added to the weight only, never to the bias.
+    /// Logits `[n, vocab]` (f32 for half-precision weights) for hidden states `[n, hidden]`;
+    /// `perturbation` (the SAM e, a constant) shifts the weight only, never the bias. The
+    /// gradient flows to H and W as through H (W + e)ᵀ: ∂L/∂W = Gᵀ H, ∂L/∂H = G (W + e).
     pub fn logits(&self, h: &Tensor, perturbation: Option<&Tensor>) -> Result<Tensor> {
-        let mut logits = h.matmul(&self.perturbed_weight(perturbation)?.t()?)?;
+        let (folded, apart) = match perturbation {
+            Some(e) if self.folds(e) => (Some(e), None),
+            e => (None, e),
+        };
+        let weight = match folded {
+            Some(e) => (&self.weight + e)?,
+            None => self.weight.clone(),
+        };
+        let mut logits = h.matmul(&weight.t()?)?;
         if let Some(b) = &self.bias {
             logits = logits.broadcast_add(b)?;
         }
-        logits.to_dtype(accum_dtype(logits.dtype()))
+        let logits = logits.to_dtype(accum_dtype(logits.dtype()))?;
+        match apart {
+            Some(e) => logits + h.to_dtype(e.dtype())?.matmul(&e.t()?)?,
+            None => Ok(logits),
+        }
     }
 
-    /// W + e, or W.
-    fn perturbed_weight(&self, perturbation: Option<&Tensor>) -> Result<Tensor> {
-        match perturbation {
-            Some(e) => &self.weight + e.to_dtype(self.weight.dtype())?,
-            None => Ok(self.weight.clone()),
-        }
+    /// Whether e can be added to the weight itself: when the matmul reads the weight at e's
+    /// precision (f32, f64), where W + e keeps e as exactly as e's own dtype does. A bf16 weight
+    /// does not, nor do f32 matmuls on TF32 tensor cores (`training.tf32`), which round their
+    /// inputs to a 10-bit mantissa: there H eᵀ keeps e to that relative precision, W + e not at all.
+    fn folds(&self, e: &Tensor) -> bool {
+        // Asked only on CUDA: candle's CPU-only builds answer true.
+        let tf32 = e.dtype() == DType::F32
+            && self.weight.device().is_cuda()
+            && candle_core::cuda::gemm_reduced_precision_f32();
+        e.dtype() == self.weight.dtype() && !tf32
     }
 
     /// Whether the fused, chunked path applies (CPU, f32 or f64 throughout).
@@ -55,7 +77,7 @@ impl OutputLayer {
         targets: &Tensor,
         perturbation: Option<&Tensor>,
     ) -> Result<Tensor> {
-        if self.fuses(h) {
+        if self.fuses(h) && perturbation.is_none_or(|e| self.folds(e)) {
             self.token_logps_tiled(h, targets, perturbation, Tile::DEFAULT)
         } else {
             self.token_logps_unfused(h, targets, perturbation)
@@ -81,21 +103,17 @@ impl OutputLayer {
         perturbation: Option<&Tensor>,
         tile: Tile,
     ) -> Result<Tensor> {
-        let perturbed = perturbation
-            .map(|e| self.perturbed_weight(Some(e)))
-            .transpose()?;
         let bias = self.bias.as_ref();
-        kernels::output::token_logps(h, &self.weight, bias, targets, perturbed.as_ref(), tile)
+        kernels::output::token_logps(h, &self.weight, bias, targets, perturbation, tile)
     }
 
-    /// Token log-probs at the unperturbed weight without a graph, for the SAM pre-pass; on the
-    /// tiled path also the [`PrePass`] (log-sum-exps, and the logits when they fit
-    /// [`Tile::keep_bytes`]) that lets [`OutputLayer::sam_gradient`] skip passes over lm_head.
+    /// Token log-probs at the unperturbed weight without a graph, for the SAM pre-pass, and
+    /// the [`SamPrePass`] that lets [`OutputLayer::sam_gradient`] skip recomputing the logits.
     pub fn token_logps_for_sam(
         &self,
         h: &Tensor,
         targets: &Tensor,
-    ) -> Result<(Tensor, Option<PrePass>)> {
+    ) -> Result<(Tensor, SamPrePass)> {
         self.token_logps_for_sam_tiled(h, targets, Tile::DEFAULT)
     }
 
@@ -105,55 +123,49 @@ impl OutputLayer {
         h: &Tensor,
         targets: &Tensor,
         tile: Tile,
-    ) -> Result<(Tensor, Option<PrePass>)> {
+    ) -> Result<(Tensor, SamPrePass)> {
         let frozen = OutputLayer {
             weight: self.weight.detach(),
             bias: self.bias.as_ref().map(Tensor::detach),
         };
         let h = h.detach();
         if !frozen.fuses(&h) {
-            return Ok((frozen.token_logps_unfused(&h, targets, None)?, None));
+            let logp = log_softmax_last_dim(&frozen.logits(&h, None)?)?;
+            let out = logp.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?;
+            return Ok((out, SamPrePass::Unfused(logp)));
         }
         let bias = frozen.bias.as_ref();
         let (out, pre) =
             kernels::output::token_logps_for_sam(&h, &frozen.weight, bias, targets, tile)?;
-        Ok((out, Some(pre)))
+        Ok((out, SamPrePass::Tiled(pre)))
     }
 
     /// ∂L/∂W at the unperturbed weight from ∂L/∂(token log-probs) `dlogp` `[n]`, without a
     /// graph: g = Gᵀ H with G = ∂L/∂logits = dlogp ⊙ (onehot(target) − softmax) (Algorithm 1,
-    /// line 3). Tiled when given the [`PrePass`] of [`OutputLayer::token_logps_for_sam`] (for
-    /// the same `h` and `targets`).
+    /// line 3), from the [`SamPrePass`] of [`OutputLayer::token_logps_for_sam`] for the same
+    /// `h` and `targets`: one GEMM over lm_head, none to recompute the logits.
     pub fn sam_gradient(
         &self,
         h: &Tensor,
         targets: &Tensor,
         dlogp: &Tensor,
-        pre: Option<&PrePass>,
+        pre: &SamPrePass,
     ) -> Result<Tensor> {
         match pre {
-            Some(pre) => pre.sam_gradient(dlogp),
-            None => self.sam_gradient_unfused(h, targets, dlogp),
+            SamPrePass::Tiled(pre) => pre.sam_gradient(dlogp),
+            SamPrePass::Unfused(logp) => sam_gradient_from(logp, h, targets, dlogp),
         }
     }
 
-    /// [`OutputLayer::sam_gradient`] through the full `[n, vocab]` softmax.
+    /// [`OutputLayer::sam_gradient`] recomputing the full `[n, vocab]` softmax: the reference.
     pub fn sam_gradient_unfused(
         &self,
         h: &Tensor,
         targets: &Tensor,
         dlogp: &Tensor,
     ) -> Result<Tensor> {
-        let probs = log_softmax_last_dim(&self.logits(&h.detach(), None)?.detach())?.exp()?;
-        let (n, vocab) = probs.dims2()?;
-        let dt = probs.dtype();
-        let onehot = Tensor::zeros((n, vocab), dt, probs.device())?.scatter_add(
-            &targets.unsqueeze(1)?,
-            &Tensor::ones((n, 1), dt, probs.device())?,
-            1,
-        )?;
-        let g_logits = (onehot - probs)?.broadcast_mul(&dlogp.to_dtype(dt)?.unsqueeze(1)?)?;
-        g_logits.t()?.matmul(&h.detach().to_dtype(dt)?)
+        let logp = log_softmax_last_dim(&self.logits(&h.detach(), None)?.detach())?;
+        sam_gradient_from(&logp, h, targets, dlogp)
     }
 
     pub fn vocab_size(&self) -> Result<usize> {
@@ -163,6 +175,32 @@ impl OutputLayer {
     pub fn hidden_size(&self) -> Result<usize> {
         self.weight.dim(D::Minus1)
     }
+}
+
+/// What the SAM pre-pass leaves for line 3 of Algorithm 1: the tiled kernel's [`PrePass`], or
+/// the unfused path's log-softmax `[n, vocab]` (in the logits' f32 or wider).
+pub enum SamPrePass {
+    Tiled(PrePass),
+    Unfused(Tensor),
+}
+
+/// g = Gᵀ H from the log-softmax `logp` of the unperturbed logits.
+fn sam_gradient_from(
+    logp: &Tensor,
+    h: &Tensor,
+    targets: &Tensor,
+    dlogp: &Tensor,
+) -> Result<Tensor> {
+    let probs = logp.exp()?;
+    let (n, vocab) = probs.dims2()?;
+    let dt = probs.dtype();
+    let onehot = Tensor::zeros((n, vocab), dt, probs.device())?.scatter_add(
+        &targets.unsqueeze(1)?,
+        &Tensor::ones((n, 1), dt, probs.device())?,
+        1,
+    )?;
+    let g_logits = (onehot - probs)?.broadcast_mul(&dlogp.to_dtype(dt)?.unsqueeze(1)?)?;
+    g_logits.t()?.matmul(&h.detach().to_dtype(dt)?)
 }
 
 #[cfg(test)]
@@ -190,13 +228,11 @@ mod tests {
         let coef = Tensor::new(&[0.3f32, -1.0, 2.0, 0.5, -0.7], &dev)?;
         let loss = (head.token_logps_unfused(&h, &targets, None)? * &coef)?.sum_all()?;
         let auto = loss.backward()?.get(&w).unwrap().clone();
-        for manual in [
-            head.sam_gradient_unfused(&h, &targets, &coef)?,
-            head.token_logps_for_sam_tiled(&h, &targets, TINY)?
-                .1
-                .unwrap()
-                .sam_gradient(&coef)?,
-        ] {
+        for manual in [head.sam_gradient_unfused(&h, &targets, &coef)?, {
+            let (_, pre) = head.token_logps_for_sam_tiled(&h, &targets, TINY)?;
+            assert!(matches!(pre, SamPrePass::Tiled(_)));
+            head.sam_gradient(&h, &targets, &coef, &pre)?
+        }] {
             let err = (&auto - manual)?.abs()?.max_all()?.to_scalar::<f32>()?;
             assert!(err < 1e-5, "max abs err {err}");
         }
@@ -221,6 +257,43 @@ mod tests {
         let a = head.logits(&h, Some(&e))?;
         let c = shifted.logits(&h, None)?;
         assert!((a - c)?.abs()?.max_all()?.to_scalar::<f32>()? < 1e-6);
+        Ok(())
+    }
+
+    #[test]
+    fn e_stays_in_f32_beside_a_bf16_weight() -> Result<()> {
+        let dev = Device::Cpu;
+        let bf16 = |t: Tensor| t.to_dtype(DType::BF16);
+        let h = bf16(Tensor::randn(0f32, 1.0, (3, 4), &dev)?)?;
+        let w = Var::from_tensor(&bf16(Tensor::rand(0.25f32, 0.5, (6, 4), &dev)?)?)?;
+        let b = bf16(Tensor::randn(0f32, 0.5, 6, &dev)?)?;
+        // Far below half a bf16 step at |w| ≥ 0.25 (2⁻¹⁰ ≈ 1e-3): no entry of e survives W + e.
+        let e = (Tensor::randn(0f32, 1.0, (6, 4), &dev)? * 1e-4)?;
+        let head = OutputLayer {
+            weight: w.as_tensor().clone(),
+            bias: Some(b),
+        };
+        let plain = head.logits(&h, None)?;
+        let shifted = head.logits(&h, Some(&e))?;
+        assert_eq!(shifted.dtype(), DType::F32);
+        let exact = h.to_dtype(DType::F32)?.matmul(&e.t()?)?;
+        let err = ((&shifted - &plain)? - &exact)?.abs()?.max_all()?;
+        let scale = exact.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(err.to_scalar::<f32>()? < 1e-2 * scale, "{err} vs {scale}");
+        // Added to the bf16 weight, the same e rounds away.
+        let rounded = head.logits(&h, Some(&bf16(e.clone())?))?;
+        assert_eq!(
+            (rounded - &plain)?.abs()?.max_all()?.to_scalar::<f32>()?,
+            0.0
+        );
+        // ∂L/∂W is Gᵀ H, as at W: e is a constant.
+        let coef = Tensor::randn(0f32, 1.0, (3, 6), &dev)?;
+        let dw = |logits: &Tensor| -> Result<Tensor> {
+            let grads = (logits * &coef)?.sum_all()?.backward()?;
+            Ok(grads.get(&w).expect("a weight gradient").clone())
+        };
+        let diff = (dw(&shifted)? - dw(&plain)?)?.abs()?.max_all()?;
+        assert_eq!(diff.to_dtype(DType::F32)?.to_scalar::<f32>()?, 0.0);
         Ok(())
     }
 }

@@ -159,16 +159,22 @@ impl Trainer {
                 };
                 let inputs = crate::refcache::FingerprintInputs {
                     reference: &ref_src,
-                    dtype,
+                    dtype: compute_dtype,
+                    mixed_precision: cfg.training.mixed_precision,
+                    device: &device,
                     tok: &tok,
                     truncation: &Truncation::from_config(&cfg.data),
                     train: &train_pairs,
                     eval: &eval_pairs,
                 };
-                // Rank 0 alone hashes the model files.
-                let fingerprint = super::parallel::from_rank_0(&*world, || {
-                    crate::refcache::fingerprint(&inputs)
+                // Rank 0 alone hashes the model files; every rank hashes the list it sends.
+                let list = super::parallel::from_rank_0(&*world, || {
+                    let inputs = crate::refcache::Fingerprint::new(&inputs)?.inputs;
+                    Ok(serde_json::to_string(&inputs)?)
                 })?;
+                let fingerprint = crate::refcache::Fingerprint::from_inputs(
+                    serde_json::from_str(&list).context("the reference fingerprint from rank 0")?,
+                );
                 let compute = |model: &Model| {
                     crate::refcache::load_or_compute(
                         &cfg.output_dir,

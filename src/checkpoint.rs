@@ -2,6 +2,8 @@
 //! so that `transformers` and candle-transformers load what `dpo-sam` writes; and training
 //! checkpoints that a run resumes from bit for bit.
 //!
+//! Every saved model directory carries its model card (`README.md`, `card`'s).
+//!
 //! A checkpoint is `output_dir/checkpoint-<step>/` with the model, `optimizer.safetensors`
 //! (AdamW's moments by parameter name, and the step), `trainer_state.json` (step, data
 //! position, metrics lines, schedule, skip counts) and `config.toml` (the resolved config).
@@ -39,10 +41,18 @@ pub struct SaveOptions {
 /// `config.json` with `torch_dtype` set to match; and the tokenizer. Each file goes to a
 /// temporary name first and is renamed into place, so an interrupted save never leaves a
 /// truncated file under a final name; weight files of an earlier save in `dir` that the new
-/// layout does not use are removed last, so that loaders never mix the two.
-pub fn save_model(model: &Model, tok: &Tok, dir: &Path, opts: &SaveOptions) -> Result<()> {
+/// layout does not use are removed last, so that loaders never mix the two. `card` is written
+/// as `README.md`.
+pub fn save_model(
+    model: &Model,
+    tok: &Tok,
+    dir: &Path,
+    opts: &SaveOptions,
+    card: &str,
+) -> Result<()> {
     save_weights(model, dir, opts)?;
-    tok.save(dir)
+    tok.save(dir)?;
+    write_renamed(&dir.join(README), card.as_bytes())
 }
 
 /// [`save_model`] without the tokenizer: weights, index and `config.json`.
@@ -169,6 +179,13 @@ pub struct TrainerState {
     pub metrics_lines: usize,
     /// Steps skipped for a non-finite loss or gradient norm (`training.skip_nonfinite`).
     pub nonfinite_skipped: usize,
+    /// Lines of `samples.jsonl` written up to this step (`training.eval_generate`).
+    #[serde(default)]
+    pub samples_lines: usize,
+    /// How far the TensorBoard events file was written at this step; a resumed run cuts it
+    /// there and appends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tensorboard: Option<crate::tensorboard::Position>,
     /// The learning-rate schedule in force (recomputed from the config on resume; recorded so
     /// that a reader of the checkpoint sees it).
     pub schedule: Schedule,
@@ -182,6 +199,8 @@ pub struct Snapshot<'a> {
     pub optimizer: &'a Optimizer,
     pub state: &'a TrainerState,
     pub config: &'a Config,
+    /// The model card (`README.md`).
+    pub card: &'a str,
 }
 
 /// `manifest.json`: written last, so its presence and agreement with the files is what makes a
@@ -204,6 +223,7 @@ const OPTIMIZER: &str = "optimizer.safetensors";
 const CONFIG: &str = "config.toml";
 const MODEL: &str = "model.safetensors";
 const INDEX: &str = "model.safetensors.index.json";
+const README: &str = "README.md";
 /// Full-precision weights, written only when `save_dtype` rounds the model's weights, so that
 /// resuming stays exact.
 const EXACT_WEIGHTS: &str = "exact_weights.safetensors";
@@ -261,7 +281,7 @@ pub fn save(
 fn write_tmp(snap: &Snapshot, opts: &SaveOptions, tmp: &Path) -> Result<()> {
     remove_path(tmp)?;
     std::fs::create_dir_all(tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-    save_model(snap.model, snap.tok, tmp, opts)?;
+    save_model(snap.model, snap.tok, tmp, opts, snap.card)?;
     let rounded: HashMap<String, Tensor> = snap
         .model
         .params
@@ -462,9 +482,9 @@ pub fn load_state(dir: &Path) -> Result<TrainerState> {
 }
 
 /// Config keys that may change between a run and its resumption: where output goes, what is
-/// logged, evaluated and saved, the device, the non-finite guard, and activation checkpointing
-/// (same gradients). Every other key changes the sequence of updates (data, model, loss,
-/// optimiser, schedule via `max_steps`, seed).
+/// logged, evaluated, sampled, saved and pushed, the device, the non-finite guard, and
+/// activation checkpointing (same gradients). Every other key changes the sequence of updates
+/// (data, model, loss, optimiser, schedule via `max_steps`, seed).
 pub const DRIFT_ALLOWED: &[&str] = &[
     "output_dir",
     "device",
@@ -474,6 +494,17 @@ pub const DRIFT_ALLOWED: &[&str] = &[
     "training.save_total_limit",
     "training.skip_nonfinite",
     "training.gradient_checkpointing",
+    "training.report_to",
+    "training.eval_generate",
+    "training.push_to_hub",
+    "training.hub_model_id",
+    "training.hub_private_repo",
+    "training.hub_revision",
+    "generate.max_new_tokens",
+    "generate.temperature",
+    "generate.top_k",
+    "generate.top_p",
+    "generate.seed",
 ];
 
 /// Keys whose values differ between the saved and the current config and that affect the
@@ -490,30 +521,8 @@ pub fn config_drift(saved: &Config, now: &Config) -> Result<Vec<String>> {
 }
 
 fn flatten(cfg: &Config) -> Result<BTreeMap<String, toml::Value>> {
-    fn walk(prefix: &str, v: toml::Value, out: &mut BTreeMap<String, toml::Value>) {
-        match v {
-            toml::Value::Table(t) => {
-                for (k, v) in t {
-                    let key = if prefix.is_empty() {
-                        k
-                    } else {
-                        format!("{prefix}.{k}")
-                    };
-                    walk(&key, v, out);
-                }
-            }
-            other => {
-                out.insert(prefix.to_string(), other);
-            }
-        }
-    }
-    let mut out = BTreeMap::new();
-    walk(
-        "",
-        toml::Value::try_from(cfg).context("cannot serialise the config")?,
-        &mut out,
-    );
-    Ok(out)
+    let value = toml::Value::try_from(cfg).context("cannot serialise the config")?;
+    Ok(crate::config::flatten(value))
 }
 
 /// Loads a verified checkpoint's weights into `model` (and its f32 masters) and its moments and

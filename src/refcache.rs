@@ -176,12 +176,18 @@ pub fn load_or_compute(
             ),
         }
     }
+    let bar = crate::progress::bar(
+        "reference log-probs",
+        (pairs.0.len() + pairs.1.len()) as u64,
+        crate::progress::Unit::Items("pairs"),
+    );
     let run = |split: &[TokenizedPair]| -> Result<(Vec<f64>, Vec<f64>)> {
         let (mut chosen, mut rejected) = (
             Vec::with_capacity(split.len()),
             Vec::with_capacity(split.len()),
         );
         for chunk in split.chunks(batch_size.max(1)) {
+            bar.inc(chunk.len() as u64);
             let batch = PreferenceBatch::new(chunk, pad_id, device)?;
             let (c, r) = pair_logps(reference, &batch)?;
             chosen.extend(c.to_dtype(DType::F64)?.to_vec1::<f64>()?);
@@ -191,6 +197,7 @@ pub fn load_or_compute(
     };
     let (train_chosen, train_rejected) = run(pairs.0)?;
     let (eval_chosen, eval_rejected) = run(pairs.1)?;
+    bar.finish_and_clear();
     let out = RefLogps {
         fingerprint: fingerprint.to_string(),
         train_chosen,

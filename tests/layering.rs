@@ -16,12 +16,16 @@ const ORDER: &[&str] = &[
     "generate",
     "eval",
     "toy",
+    "report",
     "plot",
+    "push",
     // The training run and what only it uses.
     "train",
     "plan",
     "refcache",
     "checkpoint",
+    "card",
+    "decode",
     // What a step is made of.
     "diagnostics",
     "sam",
@@ -34,7 +38,10 @@ const ORDER: &[&str] = &[
     // Settings and utilities.
     "config",
     "tokenizer",
+    "upload",
     "hub",
+    "tensorboard",
+    "progress",
     "device",
 ];
 

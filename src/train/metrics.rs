@@ -279,11 +279,12 @@ pub fn to_sorted_json<T: Serialize>(value: &T, pretty: bool) -> Result<String> {
     })
 }
 
-/// `metrics.jsonl`, counting its lines: a checkpoint records the count, and resuming cuts the
-/// file there, so that there is one line per step.
+/// A JSONL file (`metrics.jsonl`, `samples.jsonl`), counting its lines: a checkpoint records
+/// the count, and resuming cuts the file there, so that there is one line per step.
 pub(super) struct MetricsFile {
     file: std::fs::File,
     lines: usize,
+    path: PathBuf,
 }
 
 impl MetricsFile {
@@ -292,7 +293,11 @@ impl MetricsFile {
         let cannot = || format!("cannot write {}", path.display());
         let Some(lines) = lines else {
             let file = std::fs::File::create(path).with_context(cannot)?;
-            return Ok(MetricsFile { file, lines: 0 });
+            return Ok(MetricsFile {
+                file,
+                lines: 0,
+                path: path.to_path_buf(),
+            });
         };
         let text = std::fs::read_to_string(path).unwrap_or_default();
         let kept: Vec<&str> = text.lines().take(lines).collect();
@@ -310,12 +315,13 @@ impl MetricsFile {
         Ok(MetricsFile {
             file,
             lines: kept.len(),
+            path: path.to_path_buf(),
         })
     }
 
     pub(super) fn write<T: Serialize>(&mut self, line: &T) -> Result<()> {
         writeln!(self.file, "{}", to_sorted_json(line, false)?)
-            .context("cannot write metrics.jsonl")?;
+            .with_context(|| format!("cannot write {}", self.path.display()))?;
         self.lines += 1;
         Ok(())
     }

@@ -6,14 +6,17 @@
 //! - [`trainer`]: what a run holds and how it is built from the config;
 //! - [`step`]: one micro-step, beside the paper's Algorithm 1;
 //! - [`feed`]: the training pairs, micro-batch by micro-batch, from a saveable cursor;
-//! - [`metrics`]: the lines of `metrics.jsonl` and the summary.
+//! - [`metrics`]: the lines of `metrics.jsonl` and the summary;
+//! - [`report`]: where lines go (metrics.jsonl, TensorBoard, samples.jsonl), and the samples.
 
 mod feed;
 pub mod metrics;
+mod report;
 mod step;
 mod trainer;
 
 pub use metrics::{EvalLine, PairMetrics, Summary, TrainLine};
+pub use report::Sample;
 pub use step::MicroStep;
 pub use trainer::{configured_loss, Reference, Trainer};
 
@@ -23,7 +26,8 @@ use crate::data::Split;
 use crate::optim::GradAccumulator;
 use anyhow::{Context, Result};
 use feed::Feed;
-use metrics::{DataLine, MetricsFile, StreamedDataLine, Tally};
+use metrics::{StreamedDataLine, Tally};
+use report::RunLog;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -73,10 +77,15 @@ pub fn run(args: TrainArgs) -> Result<()> {
     if let Some(dev) = &args.device {
         overrides.push(format!("device={}", toml::Value::String(dev.clone())));
     }
-    let cfg = Config::load(&args.config, &overrides)?;
+    let mut cfg = Config::load(&args.config, &overrides)?;
     if args.dry_run {
         return crate::plan::print(&cfg);
     }
+    // Before any work: the token and the repository of `push_to_hub`.
+    let hub = match cfg.training.push_to_hub {
+        true => Some(hub_target(&mut cfg)?),
+        false => None,
+    };
     let resume_from = match &args.resume {
         Some(dir) => Some(resume_checkpoint(
             &cfg,
@@ -94,6 +103,27 @@ pub fn run(args: TrainArgs) -> Result<()> {
     watch_signals(trainer.stop_flag())?;
     let summary = trainer.train()?;
     eprintln!("{}", metrics::to_sorted_json(&summary, true)?);
+    if let (Some((client, repo)), Summary::Finished { output_dir, .. }) = (&hub, &summary) {
+        let t = &trainer.config().training;
+        let revision = t.hub_revision.as_deref().unwrap_or("main");
+        let url = client
+            .push_model_dir(
+                output_dir,
+                repo,
+                t.hub_private_repo,
+                revision,
+                "End of training (dpo-sam)",
+                crate::card::with_repo_id,
+            )
+            .with_context(|| {
+                format!(
+                    "training finished and the model is saved in {dir}; to retry the upload: \
+                     dpo-sam push {dir} --repo {repo} --revision {revision}",
+                    dir = output_dir.display()
+                )
+            })?;
+        eprintln!("pushed to {url}");
+    }
     if let Summary::Interrupted {
         interrupted_at_step: step,
         ..
@@ -109,6 +139,36 @@ pub fn run(args: TrainArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The Hub client and repository of `training.push_to_hub`, checked before training: the token
+/// must be accepted (whoami), and the repository is `hub_model_id` (or `output_dir`'s name)
+/// under the token's user when it names no organisation. The config then names it in full, so
+/// that model cards point at it.
+fn hub_target(cfg: &mut Config) -> Result<(crate::upload::Client, String)> {
+    let client = crate::upload::Client::from_env().context("training.push_to_hub")?;
+    let user = client.whoami().context("training.push_to_hub")?;
+    let name = match &cfg.training.hub_model_id {
+        Some(id) => id.clone(),
+        None => {
+            let name = cfg
+                .output_dir
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            crate::hub::check_repo_name(&name, true).with_context(|| {
+                "training.push_to_hub: training.hub_model_id is unset and output_dir's name is \
+                 no repository name; set training.hub_model_id"
+            })?;
+            name
+        }
+    };
+    let repo = match name.contains('/') {
+        true => name,
+        false => format!("{user}/{name}"),
+    };
+    cfg.training.hub_model_id = Some(repo.clone());
+    Ok((client, repo))
 }
 
 /// The newest complete checkpoint in `dir` (default: `output_dir`), refusing one saved with a
@@ -156,7 +216,7 @@ impl Trainer {
         let out_dir = self.cfg.output_dir.clone();
         std::fs::create_dir_all(&out_dir)
             .with_context(|| format!("cannot create output_dir {}", out_dir.display()))?;
-        let mut metrics = self.open_metrics(&out_dir.join("metrics.jsonl"))?;
+        let mut metrics = RunLog::open(self)?;
 
         let t = self.cfg.training.clone();
         let micro = self.cfg.micro_batch_size();
@@ -243,16 +303,12 @@ impl Trainer {
             }
             let eval_due = t.eval_steps > 0 && step.is_multiple_of(t.eval_steps) && step != total;
             if eval_due && !self.eval_pairs.is_empty() {
-                let metrics_line = EvalLine {
-                    metrics: self.evaluate()?,
-                    step,
-                };
-                metrics.write(&metrics_line)?;
+                self.log_evaluation(&mut metrics, step)?;
             }
             bar.inc(1);
             let stop = self.stop.load(Ordering::SeqCst);
             if (t.save_steps > 0 && step.is_multiple_of(t.save_steps)) || step == total || stop {
-                self.state.metrics_lines = metrics.lines();
+                metrics.record(&mut self.state)?;
                 let checkpoint = self.save_checkpoint(&out_dir)?;
                 if stop {
                     bar.abandon();
@@ -277,14 +333,15 @@ impl Trainer {
         } else {
             // As after the last step, also when a run resumed from the final checkpoint.
             self.diagnostics = true;
-            let line = EvalLine {
-                metrics: self.evaluate()?,
-                step: total,
-            };
-            metrics.write(&line)?;
-            Some(line)
+            Some(self.log_evaluation(&mut metrics, total)?)
         };
-        crate::checkpoint::save_model(&self.policy, &self.tok, &out_dir, &self.save_options())?;
+        crate::checkpoint::save_model(
+            &self.policy,
+            &self.tok,
+            &out_dir,
+            &self.save_options(),
+            &self.card(),
+        )?;
         Ok(Summary::Finished {
             train: last,
             skipped,
@@ -305,22 +362,6 @@ impl Trainer {
             tally.add(&self.micro_step_with(&batch, reference, None)?, &batch);
         }
         Ok(tally.metrics(false))
-    }
-
-    /// metrics.jsonl for appending: a fresh file starting with the data line, or, resumed, the
-    /// file cut to the lines the checkpoint had seen.
-    fn open_metrics(&mut self, path: &Path) -> Result<MetricsFile> {
-        if self.state.step > 0 {
-            return MetricsFile::open(path, Some(self.state.metrics_lines));
-        }
-        let mut file = MetricsFile::open(path, None)?;
-        file.write(&DataLine {
-            train_pairs: self.stream.is_none().then_some(self.train_pairs.len()),
-            eval_pairs: self.eval_pairs.len(),
-            skipped: &self.skipped,
-            streaming: self.stream.is_some().then_some(true),
-        })?;
-        Ok(file)
     }
 
     fn progress_bar(&self, total: usize) -> indicatif::ProgressBar {

@@ -23,6 +23,15 @@ pub struct Event {
     pub step: i64,
     #[prost(oneof = "What", tags = "3, 5")]
     pub what: Option<What>,
+    /// Which program wrote the file (on the file-version event).
+    #[prost(message, optional, tag = "10")]
+    pub source_metadata: Option<SourceMetadata>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct SourceMetadata {
+    #[prost(string, tag = "1")]
+    pub writer: String,
 }
 
 #[derive(Clone, PartialEq, prost::Oneof)]
@@ -194,6 +203,9 @@ impl EventWriter {
             wall_time: now(),
             step: 0,
             what: Some(What::FileVersion("brain.Event:2".into())),
+            source_metadata: Some(SourceMetadata {
+                writer: "dpo-sam".into(),
+            }),
         })?;
         Ok(writer)
     }
@@ -241,11 +253,7 @@ impl EventWriter {
         let value: Vec<SummaryValue> = values
             .iter()
             .filter(|(_, v)| v.is_finite())
-            .map(|(tag, v)| SummaryValue {
-                tag: tag.clone(),
-                metadata: None,
-                kind: Some(Kind::SimpleValue(*v as f32)),
-            })
+            .map(|(tag, v)| scalar_value(tag, *v))
             .collect();
         if value.is_empty() {
             return Ok(());
@@ -258,23 +266,7 @@ impl EventWriter {
     pub fn texts(&mut self, step: i64, texts: &[(String, String)]) -> Result<()> {
         let value = texts
             .iter()
-            .map(|(tag, text)| SummaryValue {
-                tag: format!("{tag}/text_summary"),
-                metadata: Some(SummaryMetadata {
-                    plugin_data: Some(PluginData {
-                        plugin_name: "text".into(),
-                        // TextPluginData { version: 0 }: all defaults, so empty.
-                        content: Vec::new(),
-                    }),
-                }),
-                kind: Some(Kind::Tensor(TensorProto {
-                    dtype: DT_STRING,
-                    tensor_shape: Some(TensorShape {
-                        dim: vec![Dim { size: 1 }],
-                    }),
-                    string_val: vec![text.as_bytes().to_vec()],
-                })),
-            })
+            .map(|(tag, text)| text_value(tag, text))
             .collect();
         self.summary(step, value)
     }
@@ -284,6 +276,7 @@ impl EventWriter {
             wall_time: now(),
             step,
             what: Some(What::Summary(Summary { value })),
+            source_metadata: None,
         })
     }
 
@@ -296,6 +289,37 @@ impl EventWriter {
             .with_context(|| format!("cannot write {}", self.path.display()))?;
         self.bytes += record.len() as u64;
         Ok(())
+    }
+}
+
+/// A scalar as `SummaryWriter.add_scalar` stores it: a float32 `simple_value`.
+fn scalar_value(tag: &str, v: f64) -> SummaryValue {
+    SummaryValue {
+        tag: tag.to_string(),
+        metadata: None,
+        kind: Some(Kind::SimpleValue(v as f32)),
+    }
+}
+
+/// A text as `SummaryWriter.add_text` stores it: a one-element string tensor for the text
+/// plugin under `<tag>/text_summary`.
+fn text_value(tag: &str, text: &str) -> SummaryValue {
+    SummaryValue {
+        tag: format!("{tag}/text_summary"),
+        metadata: Some(SummaryMetadata {
+            plugin_data: Some(PluginData {
+                plugin_name: "text".into(),
+                // TextPluginData { version: 0 }: all defaults, so empty.
+                content: Vec::new(),
+            }),
+        }),
+        kind: Some(Kind::Tensor(TensorProto {
+            dtype: DT_STRING,
+            tensor_shape: Some(TensorShape {
+                dim: vec![Dim { size: 1 }],
+            }),
+            string_val: vec![text.as_bytes().to_vec()],
+        })),
     }
 }
 
@@ -397,6 +421,55 @@ mod tests {
         std::fs::write(&path, &bytes[..n - 3]).unwrap();
         let e = read_events(&path).unwrap_err().to_string();
         assert!(e.contains("truncated"), "{e}");
+    }
+
+    /// PyTorch's `SummaryWriter` wrote the fixture (scripts/make_tensorboard_fixture.py):
+    /// every record reads back with both CRCs checked and re-encodes to the very same bytes,
+    /// and its scalars and text are the values dpo-sam's writer makes for them.
+    #[test]
+    fn pytorchs_summary_writer_file_reads_back_and_reencodes_byte_for_byte() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/tensorboard/events.out.tfevents.fixture");
+        let bytes = std::fs::read(&path).unwrap();
+        let events = read_events(&path).unwrap();
+        let again: Vec<u8> = events
+            .iter()
+            .flat_map(|e| frame(&e.encode_to_vec()))
+            .collect();
+        assert_eq!(again, bytes, "framing, CRCs and protobuf encoding");
+        assert_eq!(
+            events[0].what,
+            Some(What::FileVersion("brain.Event:2".into()))
+        );
+        let mut scalars = Vec::new();
+        for e in &events[1..] {
+            let Some(What::Summary(s)) = &e.what else {
+                panic!("{e:?}")
+            };
+            assert_eq!(s.value.len(), 1);
+            let v = &s.value[0];
+            match &v.kind {
+                Some(Kind::SimpleValue(x)) => {
+                    assert_eq!(*v, scalar_value(&v.tag, *x as f64));
+                    scalars.push((e.step, v.tag.as_str(), *x));
+                }
+                _ => {
+                    assert_eq!(e.step, 0);
+                    let text = "    learning_rate = 0.005\n    beta = 0.1";
+                    assert_eq!(*v, text_value("args", text));
+                }
+            }
+        }
+        assert_eq!(
+            scalars,
+            [
+                (1, "train/loss", 0.6931),
+                (1, "train/rewards/accuracies", 0.5),
+                (2, "train/loss", 0.6123),
+                (2, "train/rewards/accuracies", 0.75),
+                (2, "eval/loss", 0.65),
+            ]
+        );
     }
 
     #[test]

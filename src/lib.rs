@@ -4,11 +4,13 @@
 //! way (`tests/layering.rs` checks it):
 //!
 //! - commands: `bench`, `eval`, `generate`, `gpucheck`, `plot`, `push`, `report`, `score`,
-//!   `toy`, `train` (whose `mod.rs` is the command and the loop) and `data inspect`;
+//!   `toy`, `trl` (`config from-trl`), `train` (whose `mod.rs` is the command and the loop) and
+//!   `data inspect`;
 //! - what the training run uses: `plan` (`--dry-run`), `refcache`, `checkpoint`, `card` (the
 //!   model card of every saved model), `decode` (evaluation samples; also `generate`'s);
 //! - what a step is made of: `sam`, `losses`, `logps`, `diagnostics`, `optim`, `data`, `models`;
 //! - `kernels`: the hand-written fused ops, which import nothing of the crate;
+//! - `dist`: data parallelism's collective (CPU over TCP, NCCL on GPUs), rendezvous and launcher;
 //! - settings and utilities: `config`, `tokenizer`, `upload` (Hub uploads), `hub`,
 //!   `tensorboard` (event files), `progress` (bars), `device`.
 
@@ -20,6 +22,7 @@ pub mod data;
 pub mod decode;
 pub mod device;
 pub mod diagnostics;
+pub mod dist;
 pub mod eval;
 pub mod generate;
 pub mod gpucheck;
@@ -41,4 +44,5 @@ pub mod tensorboard;
 pub mod tokenizer;
 pub mod toy;
 pub mod train;
+pub mod trl;
 pub mod upload;

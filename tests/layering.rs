@@ -19,6 +19,7 @@ const ORDER: &[&str] = &[
     "report",
     "plot",
     "push",
+    "trl",
     // The training run and what only it uses.
     "train",
     "plan",
@@ -35,6 +36,8 @@ const ORDER: &[&str] = &[
     "data",
     "models",
     "kernels",
+    // Processes working together: the collective, rendezvous and launcher (knows no training).
+    "dist",
     // Settings and utilities.
     "config",
     "tokenizer",

@@ -54,12 +54,25 @@ impl RunLog {
     /// cut to what it had seen.
     pub(super) fn open(tr: &Trainer) -> Result<RunLog> {
         let out_dir = tr.cfg.output_dir.clone();
+        let state = &tr.state;
+        let resumed = state.step > 0;
+        // Data parallel: the other ranks count metrics lines (the checkpoint records them) and
+        // write nothing.
+        if tr.world.rank() != 0 {
+            return Ok(RunLog {
+                metrics: MetricsFile::discard(match resumed {
+                    true => state.metrics_lines,
+                    false => 1,
+                }),
+                samples: None,
+                events: None,
+                out_dir,
+            });
+        }
         let config = toml::to_string(&tr.cfg).context("cannot serialise the config")?;
         let config_path = out_dir.join(CONFIG);
         std::fs::write(&config_path, config)
             .with_context(|| format!("cannot write {}", config_path.display()))?;
-        let state = &tr.state;
-        let resumed = state.step > 0;
         let metrics_path = out_dir.join(METRICS);
         let metrics = match resumed {
             true => MetricsFile::open(&metrics_path, Some(state.metrics_lines))?,
@@ -116,10 +129,9 @@ impl RunLog {
 
     /// Appends an evaluation's samples to samples.jsonl and TensorBoard.
     fn samples(&mut self, samples: &[Sample]) -> Result<()> {
-        let file = self
-            .samples
-            .as_mut()
-            .expect("samples.jsonl is open when eval_generate > 0");
+        let Some(file) = self.samples.as_mut() else {
+            return Ok(());
+        };
         for s in samples {
             file.write(s)?;
         }
@@ -225,10 +237,12 @@ impl Trainer {
     pub(super) fn log_evaluation(&self, log: &mut RunLog, step: usize) -> Result<EvalLine> {
         let line = EvalLine {
             metrics: self.evaluate()?,
+            num_tokens: self.state.num_tokens,
             step,
         };
         log.write(&line)?;
-        if self.cfg.training.eval_generate > 0 {
+        // Generation is not collective: rank 0 alone samples (and writes).
+        if self.cfg.training.eval_generate > 0 && self.world.rank() == 0 {
             log.samples(&self.eval_samples(step)?)?;
         }
         Ok(line)

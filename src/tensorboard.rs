@@ -463,7 +463,7 @@ mod tests {
         assert_eq!(
             scalars,
             [
-                (1, "train/loss", 0.6931),
+                (1, "train/loss", 0.6925),
                 (1, "train/rewards/accuracies", 0.5),
                 (2, "train/loss", 0.6123),
                 (2, "train/rewards/accuracies", 0.75),

@@ -26,12 +26,15 @@ struct Request {
     body: Vec<u8>,
 }
 
+/// A branch's files: path → bytes.
+type Files = BTreeMap<String, Vec<u8>>;
+
 #[derive(Default)]
 struct Hub {
     /// Every request, in order.
     log: Vec<Request>,
     /// Repository → (private, branch → path → bytes).
-    repos: BTreeMap<String, (bool, BTreeMap<String, BTreeMap<String, Vec<u8>>>)>,
+    repos: BTreeMap<String, (bool, BTreeMap<String, Files>)>,
     /// LFS objects by oid, and multipart parts by (oid, part).
     objects: BTreeMap<String, Vec<u8>>,
     parts: BTreeMap<(String, usize), Vec<u8>>,
@@ -72,7 +75,7 @@ impl StandIn {
         StandIn { url, hub }
     }
 
-    fn files(&self, repo: &str, branch: &str) -> BTreeMap<String, Vec<u8>> {
+    fn files(&self, repo: &str, branch: &str) -> Files {
         self.hub.lock().unwrap().repos[repo].1[branch].clone()
     }
 }

@@ -99,9 +99,12 @@ fn reference() -> &'static (PathBuf, Duration) {
     })
 }
 
+type Scalars = Vec<(String, i64, f32)>;
+type Texts = Vec<(String, i64, String)>;
+
 /// TensorBoard's scalars (but the wall-clock throughput) and texts (the samples' in full; the
 /// config's names the output directory), each (tag, step) once.
-fn events(dir: &Path) -> (Vec<(String, i64, f32)>, Vec<(String, i64, String)>) {
+fn events(dir: &Path) -> (Scalars, Texts) {
     let e = common::read_events(&common::events_file(dir));
     let scalars = e
         .scalars

@@ -218,9 +218,9 @@ fn page(title: &str, runs: &[Run]) -> String {
             .as_ref()
             .and_then(|t| t.get("step"))
             .map_or("–".into(), |v| v.to_string());
-        write!(
+        writeln!(
             s,
-            "<tr><td><span class=\"swatch\" style=\"background:{}\"></span>{}</td><td><code>{}</code></td><td>{last}</td><td>{}</td></tr>\n",
+            "<tr><td><span class=\"swatch\" style=\"background:{}\"></span>{}</td><td><code>{}</code></td><td>{last}</td><td>{}</td></tr>",
             r.color,
             escape(&r.label),
             escape(&r.dir.display().to_string()),

@@ -456,7 +456,9 @@ rho = 1e-4
         let pushed = with_repo_id(&text, "me/hh-logits");
         assert!(pushed.contains("model_id = \"me/hh-logits\""));
         assert!(pushed.contains("dpo-sam generate --model me/hh-logits --prompt"));
-        assert!(!pushed.contains("runs/hh-logits\""));
+        // The config section still names the local output_dir; the snippets do not.
+        assert!(!pushed.contains("model_id = \"runs/hh-logits\""));
+        assert!(!pushed.contains("--model runs/hh-logits"));
         assert_eq!(
             with_repo_id("# someone else's card\nmodel_id = 1\n", "x/y"),
             "# someone else's card\nmodel_id = 1\n"

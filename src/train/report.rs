@@ -243,7 +243,12 @@ impl Trainer {
         log.write(&line)?;
         // Generation is not collective: rank 0 alone samples (and writes).
         if self.cfg.training.eval_generate > 0 && self.world.rank() == 0 {
-            log.samples(&self.eval_samples(step)?)?;
+            // Samples are for watching the run: a model that cannot be sampled from (NaN
+            // logits after skipped non-finite steps) gets a warning, not a stopped run.
+            match self.eval_samples(step) {
+                Ok(samples) => log.samples(&samples)?,
+                Err(e) => eprintln!("warning: no evaluation samples at step {step}: {e:#}"),
+            }
         }
         Ok(line)
     }

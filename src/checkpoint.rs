@@ -2,6 +2,8 @@
 //! so that `transformers` and candle-transformers load what `dpo-sam` writes — or, for LoRA, the
 //! adapters in PEFT's format; and training checkpoints that a run resumes from bit for bit.
 //!
+//! Every saved model directory carries its model card (`README.md`, `card`'s).
+//!
 //! A checkpoint is `output_dir/checkpoint-<step>/` with the model, `optimizer.safetensors`
 //! (AdamW's moments by parameter name, and the step), `trainer_state.json` (step, data
 //! position, metrics lines, schedule, skip counts) and `config.toml` (the resolved config).
@@ -39,15 +41,23 @@ pub struct SaveOptions {
 /// `config.json` with `torch_dtype` set to match; and the tokenizer. Each file goes to a
 /// temporary name first and is renamed into place, so an interrupted save never leaves a
 /// truncated file under a final name; weight files of an earlier save in `dir` that the new
-/// layout does not use are removed last, so that loaders never mix the two.
+/// layout does not use are removed last, so that loaders never mix the two. `card` is written
+/// as `README.md`.
 ///
 /// A LoRA model is saved as its adapter instead ([`save_adapter`]).
-pub fn save_model(model: &Model, tok: &Tok, dir: &Path, opts: &SaveOptions) -> Result<()> {
+pub fn save_model(
+    model: &Model,
+    tok: &Tok,
+    dir: &Path,
+    opts: &SaveOptions,
+    card: &str,
+) -> Result<()> {
     match model.lora {
         Some(_) => save_adapter(model, dir, opts)?,
         None => save_weights(model, dir, opts)?,
     }
-    tok.save(dir)
+    tok.save(dir)?;
+    write_renamed(&dir.join(README), card.as_bytes())
 }
 
 /// The adapters of a LoRA model in PEFT's format: `adapter_model.safetensors` (PEFT's tensor
@@ -218,6 +228,13 @@ pub struct TrainerState {
     pub metrics_lines: usize,
     /// Steps skipped for a non-finite loss or gradient norm (`training.skip_nonfinite`).
     pub nonfinite_skipped: usize,
+    /// Lines of `samples.jsonl` written up to this step (`training.eval_generate`).
+    #[serde(default)]
+    pub samples_lines: usize,
+    /// How far the TensorBoard events file was written at this step; a resumed run cuts it
+    /// there and appends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tensorboard: Option<crate::tensorboard::Position>,
     /// Training tokens (prompt and responses, both rows of each pair, no padding) seen so far:
     /// TRL's cumulative `num_tokens` metric.
     #[serde(default)]
@@ -239,6 +256,8 @@ pub struct Snapshot<'a> {
     pub optimizer: &'a Optimizer,
     pub state: &'a TrainerState,
     pub config: &'a Config,
+    /// The model card (`README.md`).
+    pub card: &'a str,
 }
 
 /// `manifest.json`: written last, so its presence and agreement with the files is what makes a
@@ -261,6 +280,7 @@ const OPTIMIZER: &str = "optimizer.safetensors";
 const CONFIG: &str = "config.toml";
 const MODEL: &str = "model.safetensors";
 const INDEX: &str = "model.safetensors.index.json";
+const README: &str = "README.md";
 /// Full-precision weights, written only when `save_dtype` rounds the model's weights, so that
 /// resuming stays exact.
 const EXACT_WEIGHTS: &str = "exact_weights.safetensors";
@@ -318,7 +338,7 @@ pub fn save(
 fn write_tmp(snap: &Snapshot, opts: &SaveOptions, tmp: &Path) -> Result<()> {
     remove_path(tmp)?;
     std::fs::create_dir_all(tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-    save_model(snap.model, snap.tok, tmp, opts)?;
+    save_model(snap.model, snap.tok, tmp, opts, snap.card)?;
     let rounded: HashMap<String, Tensor> = snap
         .model
         .params
@@ -526,10 +546,10 @@ pub fn load_state(dir: &Path) -> Result<TrainerState> {
 }
 
 /// Config keys that may change between a run and its resumption: where output goes, what is
-/// logged, evaluated and saved, the device, the non-finite guard, activation checkpointing
-/// (same gradients), and data parallelism's timeout and bucket size. Every other key changes
-/// the sequence of updates (data, model, loss, optimiser, schedule via `max_steps`, seed). The
-/// number of ranks is not a key: a run resumes on any.
+/// logged, evaluated, sampled, saved and pushed, the device, the non-finite guard, activation
+/// checkpointing (same gradients), and data parallelism's timeout and bucket size. Every other
+/// key changes the sequence of updates (data, model, loss, optimiser, schedule via `max_steps`,
+/// seed). The number of ranks is not a key: a run resumes on any.
 pub const DRIFT_ALLOWED: &[&str] = &[
     "output_dir",
     "device",
@@ -539,6 +559,17 @@ pub const DRIFT_ALLOWED: &[&str] = &[
     "training.save_total_limit",
     "training.skip_nonfinite",
     "training.gradient_checkpointing",
+    "training.report_to",
+    "training.eval_generate",
+    "training.push_to_hub",
+    "training.hub_model_id",
+    "training.hub_private_repo",
+    "training.hub_revision",
+    "generate.max_new_tokens",
+    "generate.temperature",
+    "generate.top_k",
+    "generate.top_p",
+    "generate.seed",
     "training.ddp_timeout",
     "training.ddp_bucket_cap_mb",
 ];

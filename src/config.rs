@@ -190,6 +190,136 @@ choice! {
     }
 }
 
+choice! {
+    /// One entry of `training.report_to` (TRL's key): where metrics go besides `metrics.jsonl`,
+    /// which is always written (resume and `plot` read it).
+    Integration {
+        /// `metrics.jsonl` only.
+        None = "none",
+        /// Every integration built in: TensorBoard.
+        All = "all",
+        /// `metrics.jsonl` only (named for clarity).
+        Jsonl = "jsonl",
+        /// Event files under `output_dir/runs/<date>_<host>/`.
+        Tensorboard = "tensorboard",
+    }
+}
+
+/// `report_to = "tensorboard"` or a list of [`Integration`]s.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+#[serde(untagged)]
+pub enum ReportTo {
+    One(Integration),
+    Many(Vec<Integration>),
+}
+
+impl ReportTo {
+    pub fn integrations(&self) -> Vec<Integration> {
+        match self {
+            ReportTo::One(i) => vec![*i],
+            ReportTo::Many(v) => v.clone(),
+        }
+    }
+
+    /// Whether TensorBoard event files are written.
+    pub fn tensorboard(&self) -> bool {
+        self.integrations()
+            .iter()
+            .any(|i| matches!(i, Integration::All | Integration::Tensorboard))
+    }
+}
+
+impl<'de> Deserialize<'de> for ReportTo {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Names {
+            One(String),
+            Many(Vec<String>),
+        }
+        let parse = |name: &str| {
+            name.parse::<Integration>().map_err(|e| {
+                serde::de::Error::custom(format!(
+                    "{e} (dpo-sam writes TensorBoard event files; W&B, MLflow and others read \
+                     them: see docs/tracking.md)"
+                ))
+            })
+        };
+        match Names::deserialize(d).map_err(|_| {
+            serde::de::Error::custom(format!(
+                "expected one of {} or a list of them",
+                Integration::NAMES.join(", ")
+            ))
+        })? {
+            Names::One(name) => Ok(ReportTo::One(parse(&name)?)),
+            Names::Many(names) => Ok(ReportTo::Many(
+                names
+                    .iter()
+                    .map(|n| parse(n))
+                    .collect::<std::result::Result<_, _>>()?,
+            )),
+        }
+    }
+}
+
+/// `[generate]`: how evaluation samples (`training.eval_generate`) are decoded; the same
+/// settings as `dpo-sam generate`'s flags of these names. Greedy by default.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct GenerateConfig {
+    /// New tokens per prompt at most (fewer where the model's context ends first).
+    #[serde(default = "default_max_new_tokens")]
+    pub max_new_tokens: usize,
+    /// 0 is greedy; otherwise logits are divided by it before `top_k` and `top_p`.
+    #[serde(default)]
+    pub temperature: f64,
+    #[serde(default)]
+    pub top_k: Option<usize>,
+    #[serde(default)]
+    pub top_p: Option<f64>,
+    /// Seed of the sampling streams (one per prompt; the same at every evaluation).
+    #[serde(default)]
+    pub seed: u64,
+}
+
+impl Default for GenerateConfig {
+    fn default() -> Self {
+        Self {
+            max_new_tokens: default_max_new_tokens(),
+            temperature: 0.0,
+            top_k: None,
+            top_p: None,
+            seed: 0,
+        }
+    }
+}
+
+impl GenerateConfig {
+    /// The first setting that cannot decode, as (its name, what is wrong).
+    pub fn problem(&self) -> Option<(&'static str, String)> {
+        if !self.temperature.is_finite() || self.temperature < 0.0 {
+            return Some((
+                "temperature",
+                format!("must be a finite number >= 0, got {}", self.temperature),
+            ));
+        }
+        if self.top_k == Some(0) {
+            return Some(("top_k", "must be at least 1".into()));
+        }
+        if let Some(p) = self.top_p.filter(|p| !(*p > 0.0 && *p <= 1.0)) {
+            return Some(("top_p", format!("must be in (0, 1], got {p}")));
+        }
+        if self.max_new_tokens == 0 {
+            return Some(("max_new_tokens", "must be at least 1".into()));
+        }
+        None
+    }
+}
+
+fn default_max_new_tokens() -> usize {
+    64
+}
+
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
@@ -209,6 +339,9 @@ pub struct Config {
     /// `model.adapter` is present.
     #[serde(default)]
     pub lora: Option<LoraConfig>,
+    /// Decoding of the evaluation samples (`training.eval_generate`).
+    #[serde(default)]
+    pub generate: GenerateConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -481,6 +614,30 @@ pub struct TrainingConfig {
     /// `model-0000i-of-0000n.safetensors` with `model.safetensors.index.json`.
     #[serde(default = "default_max_shard_size")]
     pub max_shard_size: ByteSize,
+    /// Where metrics go besides `metrics.jsonl` (always written): `"tensorboard"` or `"all"`
+    /// (event files under `output_dir/runs/`, the default), `"none"` or `"jsonl"`
+    /// (metrics.jsonl only); a name or a list (TRL's `report_to`).
+    #[serde(default = "default_report_to")]
+    pub report_to: ReportTo,
+    /// At every evaluation, generate completions for the first this many eval prompts with
+    /// the `[generate]` settings and append them to `output_dir/samples.jsonl` (and
+    /// TensorBoard); 0 generates none.
+    #[serde(default)]
+    pub eval_generate: usize,
+    /// Upload the final model directory to the Hub at the end of the run (TRL's name), as
+    /// `dpo-sam push` does; needs `HF_TOKEN` (checked before training starts).
+    #[serde(default)]
+    pub push_to_hub: bool,
+    /// The Hub repository: `ORG/NAME`, or `NAME` under the token's user; default: the name of
+    /// `output_dir` (TRL's `hub_model_id`).
+    #[serde(default)]
+    pub hub_model_id: Option<String>,
+    /// Create the repository as private (TRL's `hub_private_repo`).
+    #[serde(default)]
+    pub hub_private_repo: bool,
+    /// The branch to push to, created if missing (default `main`; TRL's `hub_revision`).
+    #[serde(default)]
+    pub hub_revision: Option<String>,
     /// Seconds a rank of a data-parallel run waits for the others (the rendezvous, each
     /// exchange) before failing (HF TrainingArguments' `ddp_timeout`).
     #[serde(default = "default_ddp_timeout")]
@@ -516,6 +673,9 @@ impl Default for SamConfig {
     }
 }
 
+fn default_report_to() -> ReportTo {
+    ReportTo::One(Integration::All)
+}
 fn default_save_dtype() -> SaveDtype {
     SaveDtype::Auto
 }
@@ -932,6 +1092,20 @@ impl Config {
             "must be >= 0",
             self.sam.rho,
         )?;
+        let integrations = t.report_to.integrations();
+        if integrations.len() > 1 && integrations.contains(&Integration::None) {
+            bail!("training.report_to: \"none\" cannot be combined with other integrations");
+        }
+        if let Some((field, what)) = self.generate.problem() {
+            bail!("generate.{field}: {what}");
+        }
+        if let Some(id) = &t.hub_model_id {
+            crate::hub::check_repo_name(id, true)
+                .map_err(|e| anyhow!("training.hub_model_id: {e}"))?;
+        }
+        if let Some(branch) = &t.hub_revision {
+            crate::hub::check_branch(branch).map_err(|e| anyhow!("training.hub_revision: {e}"))?;
+        }
         check(
             t.ddp_timeout > 0,
             "training.ddp_timeout",
@@ -975,33 +1149,8 @@ impl Config {
 
     /// Every set value under its dotted key.
     fn flatten(&self) -> Result<std::collections::BTreeMap<String, toml::Value>> {
-        fn walk(
-            prefix: &str,
-            v: toml::Value,
-            out: &mut std::collections::BTreeMap<String, toml::Value>,
-        ) {
-            match v {
-                toml::Value::Table(t) => {
-                    for (k, v) in t {
-                        let key = match prefix {
-                            "" => k,
-                            _ => format!("{prefix}.{k}"),
-                        };
-                        walk(&key, v, out);
-                    }
-                }
-                other => {
-                    out.insert(prefix.to_string(), other);
-                }
-            }
-        }
-        let mut out = std::collections::BTreeMap::new();
-        walk(
-            "",
-            toml::Value::try_from(self).context("cannot serialise the config")?,
-            &mut out,
-        );
-        Ok(out)
+        let value = toml::Value::try_from(self).context("cannot serialise the config")?;
+        Ok(flatten(value))
     }
 
     /// Refuses a global batch that does not split evenly over `world_size` ranks' micro-batches
@@ -1124,6 +1273,34 @@ impl LoraConfig {
 
 /// PEFT's shorthand for every dense layer but the output layer (matched case-insensitively).
 pub const ALL_LINEAR: &str = "all-linear";
+
+/// A config (or any TOML value) as dotted keys → leaf values (`training.beta` → 0.1); arrays
+/// are leaves.
+pub fn flatten(value: toml::Value) -> std::collections::BTreeMap<String, toml::Value> {
+    fn walk(
+        prefix: &str,
+        v: toml::Value,
+        out: &mut std::collections::BTreeMap<String, toml::Value>,
+    ) {
+        match v {
+            toml::Value::Table(t) => {
+                for (k, v) in t {
+                    let key = match prefix.is_empty() {
+                        true => k,
+                        false => format!("{prefix}.{k}"),
+                    };
+                    walk(&key, v, out);
+                }
+            }
+            other => {
+                out.insert(prefix.to_string(), other);
+            }
+        }
+    }
+    let mut out = std::collections::BTreeMap::new();
+    walk("", value, &mut out);
+    out
+}
 
 fn check<T: std::fmt::Display>(ok: bool, key: &str, what: &str, got: T) -> Result<()> {
     if ok {

@@ -1,6 +1,8 @@
 //! Resolving model and dataset names to local files: a local path, or a Hugging Face Hub repo id
 //! fetched through `hf-hub` into its usual cache (`HF_HOME`, `HF_HUB_CACHE`), honouring
-//! `HF_HUB_OFFLINE=1` (cache only, never the network).
+//! `HF_HUB_OFFLINE=1` (cache only, never the network) and `HF_ENDPOINT`. Downloads show
+//! `hf-hub`'s progress bar (bytes, rate, ETA) on stderr when it is a terminal. Also the
+//! endpoint, token and name rules that uploads (`upload`) share.
 
 use anyhow::{bail, Context, Result};
 use hf_hub::{Repo, RepoType};
@@ -16,6 +18,27 @@ pub fn offline() -> bool {
             )
         })
     })
+}
+
+/// The Hub's address: `HF_ENDPOINT` (a mirror, or a stand-in server in tests), else
+/// `https://huggingface.co`, without a trailing `/`.
+pub fn endpoint() -> String {
+    std::env::var("HF_ENDPOINT")
+        .ok()
+        .filter(|e| !e.trim().is_empty())
+        .unwrap_or_else(|| "https://huggingface.co".into())
+        .trim_end_matches('/')
+        .to_string()
+}
+
+/// The access token: `HF_TOKEN`, else the file `huggingface-cli login` writes
+/// (`$HF_HOME/token`).
+pub fn token() -> Option<String> {
+    std::env::var("HF_TOKEN")
+        .ok()
+        .map(|t| t.trim().to_string())
+        .filter(|t| !t.is_empty())
+        .or_else(|| hf_hub::Cache::from_env().token())
 }
 
 /// The Hub cache: `HF_HUB_CACHE`, else `$HF_HOME/hub`, else `~/.cache/huggingface/hub`.
@@ -63,11 +86,10 @@ impl HubRepo {
                 cache.path().display()
             );
         }
-        let mut builder = hf_hub::api::sync::ApiBuilder::from_cache(cache).with_progress(true);
-        if let Ok(token) = std::env::var("HF_TOKEN") {
-            builder = builder.with_token(Some(token));
-        }
-        let api = builder
+        let api = hf_hub::api::sync::ApiBuilder::from_cache(cache)
+            .with_progress(true)
+            .with_endpoint(endpoint())
+            .with_token(token())
             .build()
             .context("cannot set up the Hugging Face Hub client")?;
         api.repo(self.repo.clone())
@@ -93,6 +115,45 @@ pub fn looks_like_repo_id(spec: &str) -> bool {
                 && !p.starts_with('.')
         })
         && !std::path::Path::new(spec).exists()
+}
+
+/// A repository name to create: `ORG/NAME`, or (`bare_ok`) `NAME` under the token's user;
+/// each part letters, digits, `-`, `_` and `.`, not starting with `-` or `.`, at most 96.
+pub fn check_repo_name(id: &str, bare_ok: bool) -> Result<()> {
+    let parts: Vec<&str> = id.split('/').collect();
+    let part_ok = |p: &str| {
+        !p.is_empty()
+            && p.len() <= 96
+            && !p.starts_with(['-', '.'])
+            && p.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    };
+    let shape_ok = parts.len() == 2 || (bare_ok && parts.len() == 1);
+    if !shape_ok || !parts.iter().all(|p| part_ok(p)) {
+        let shape = if bare_ok {
+            "`NAME` or `ORG/NAME`"
+        } else {
+            "`ORG/NAME`"
+        };
+        bail!("expected {shape} (letters, digits, `-`, `_`, `.`), got `{id}`");
+    }
+    Ok(())
+}
+
+/// A branch name as git accepts it, roughly: no spaces or control characters, no `..`, not
+/// starting or ending with `/`.
+pub fn check_branch(name: &str) -> Result<()> {
+    let bad = name.is_empty()
+        || name.contains("..")
+        || name.starts_with('/')
+        || name.ends_with('/')
+        || name
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control() || "~^:?*[\\".contains(c));
+    if bad {
+        bail!("expected a branch name, got `{name}`");
+    }
+    Ok(())
 }
 
 #[cfg(test)]

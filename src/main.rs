@@ -32,6 +32,11 @@ enum Command {
     Toy(dpo_sam::toy::ToyArgs),
     /// Chart metrics.jsonl files of one or more runs: one PNG per metric, one line per run.
     Plot(dpo_sam::plot::PlotArgs),
+    /// One self-contained HTML page comparing runs: config differences, final metrics, every
+    /// metric's curve, the squeeze diagnostics and the latest evaluation samples.
+    Report(dpo_sam::report::ReportArgs),
+    /// Upload a saved model directory (with its model card) to a Hugging Face Hub repository.
+    Push(dpo_sam::push::PushArgs),
     /// Look at preference data before training: `data inspect` counts records and skipped rows
     /// by reason, token-length percentiles, padding, and shows which tokens are scored.
     Data(dpo_sam::data::inspect::DataArgs),
@@ -59,6 +64,8 @@ fn main() {
         Command::Eval(args) => dpo_sam::eval::run(args),
         Command::Toy(args) => dpo_sam::toy::run(args),
         Command::Plot(args) => dpo_sam::plot::run(args),
+        Command::Report(args) => dpo_sam::report::run(args),
+        Command::Push(args) => dpo_sam::push::run(args),
         Command::Data(args) => dpo_sam::data::inspect::run(args),
         Command::Generate(args) => dpo_sam::generate::run(args),
         Command::Merge(args) => dpo_sam::merge::run(args),

@@ -72,7 +72,8 @@ pub fn run(args: MergeArgs) -> Result<()> {
         dtype: Some(dtype),
         max_shard_size,
     };
-    save_model(&model, &tok, &args.out, &opts)?;
+    let card = crate::card::merged(&args.base, &args.adapter);
+    save_model(&model, &tok, &args.out, &opts, &card)?;
     eprintln!(
         "merged {} ({} layers, scale {}) into {}: {}",
         args.adapter.display(),

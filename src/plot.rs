@@ -92,7 +92,7 @@ fn plot_metrics(inputs: &[PathBuf], labels: &[String], out: &Path) -> Result<Vec
 
 /// Reads `file` into metric -> (step, value) points; lines without a numeric `step` and
 /// non-numeric fields are skipped, a line that is not a JSON object is an error.
-fn read_metrics(file: &Path) -> Result<BTreeMap<String, Vec<(f64, f64)>>> {
+pub fn read_metrics(file: &Path) -> Result<BTreeMap<String, Vec<(f64, f64)>>> {
     let text =
         std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
     let mut metrics: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
@@ -119,7 +119,7 @@ fn read_metrics(file: &Path) -> Result<BTreeMap<String, Vec<(f64, f64)>>> {
 }
 
 /// Legend name for a metrics file: its directory's name, else the file name.
-fn run_name(file: &Path) -> String {
+pub fn run_name(file: &Path) -> String {
     file.parent()
         .and_then(|d| d.file_name())
         .or_else(|| file.file_name())

@@ -273,6 +273,17 @@ pub fn cache_path(dir: &Path, fingerprint: &str) -> PathBuf {
     ))
 }
 
+/// This rank's contiguous share of the batches of `split`.
+fn my_batches<'a>(
+    split: &'a [TokenizedPair],
+    batch_size: usize,
+    world: &dyn Collective,
+) -> Vec<&'a [TokenizedPair]> {
+    let chunks: Vec<&[TokenizedPair]> = split.chunks(batch_size.max(1)).collect();
+    let mine = crate::dist::shard(chunks.len(), world.rank(), world.world_size());
+    chunks[mine].to_vec()
+}
+
 /// Loads the cache for `fingerprint` from `dir` if a valid one is there; otherwise runs
 /// `reference` over the pairs in batches of `batch_size` and writes the cache, saying why each
 /// other cache in `dir` does not fit. Returns the values and whether they came from disk.
@@ -313,11 +324,23 @@ pub fn load_or_compute(
     if !cached.is_empty() {
         return Ok((parse(&cached, fingerprint, n_train, n_eval)?, true));
     }
+    // Rank 0 shows its own share's progress.
+    let bar = match world.rank() {
+        0 => crate::progress::bar(
+            "reference log-probs",
+            [pairs.0, pairs.1]
+                .iter()
+                .flat_map(|split| my_batches(split, batch_size, world))
+                .map(|c| c.len() as u64)
+                .sum(),
+            crate::progress::Unit::Items("pairs"),
+        ),
+        _ => indicatif::ProgressBar::hidden(),
+    };
     let run = |split: &[TokenizedPair]| -> Result<(Vec<f64>, Vec<f64>)> {
-        let chunks: Vec<&[TokenizedPair]> = split.chunks(batch_size.max(1)).collect();
-        let mine = crate::dist::shard(chunks.len(), world.rank(), world.world_size());
         let (mut chosen, mut rejected) = (Vec::new(), Vec::new());
-        for chunk in &chunks[mine] {
+        for chunk in my_batches(split, batch_size, world) {
+            bar.inc(chunk.len() as u64);
             let batch = PreferenceBatch::new(chunk, pad_id, device)?;
             let (c, r) = pair_logps(reference, &batch)?;
             chosen.extend(c.to_dtype(DType::F64)?.to_vec1::<f64>()?);
@@ -353,6 +376,7 @@ pub fn load_or_compute(
     };
     let (train_chosen, train_rejected) = run(pairs.0)?;
     let (eval_chosen, eval_rejected) = run(pairs.1)?;
+    bar.finish_and_clear();
     let out = RefLogps {
         fingerprint: fingerprint.clone(),
         train_chosen,

@@ -120,7 +120,13 @@ pub fn score(args: &ScoreArgs) -> Result<serde_json::Value> {
             .with_context(|| format!("cannot write {}", args.out.display()))?,
     );
     let (mut n, mut loss_sum, mut correct, mut margin_sum) = (0usize, 0f64, 0usize, 0f64);
+    let bar = crate::progress::bar(
+        "scoring",
+        data.train.len() as u64,
+        crate::progress::Unit::Items("pairs"),
+    );
     for chunk in data.train.chunks(args.batch_size) {
+        bar.inc(chunk.len() as u64);
         let batch = PreferenceBatch::new(chunk, tok.pad_id, &device)?;
         let seq = row_logps(&policy, &batch)?;
         let ref_logps = reference.map(|m| pair_logps(m, &batch)).transpose()?;
@@ -158,6 +164,7 @@ pub fn score(args: &ScoreArgs) -> Result<serde_json::Value> {
             margin_sum += rc[i] - rr[i];
         }
     }
+    bar.finish_and_clear();
     out.flush()
         .with_context(|| format!("cannot write {}", args.out.display()))?;
     let mean = |x: f64| {

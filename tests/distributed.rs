@@ -205,7 +205,11 @@ fn two_and_three_workers_train_the_weights_one_process_does() {
     for (ranks, batch) in [(2, 4), (3, 6)] {
         let sub = dir.path().join(format!("exact{ranks}"));
         std::fs::create_dir_all(&sub).unwrap();
-        let cfg = config(&sub, &format!("batch_size = {batch}\nmicro_batch_size = 2"));
+        // With two evaluation samples, which rank 0 alone generates.
+        let cfg = config(
+            &sub,
+            &format!("batch_size = {batch}\nmicro_batch_size = 2\neval_generate = 2"),
+        );
         let (one, many) = (sub.join("one"), sub.join("many"));
         train(&cfg, &one, 1, &[]);
         train(&cfg, &many, ranks, &[]);
@@ -220,6 +224,37 @@ fn two_and_three_workers_train_the_weights_one_process_does() {
         for (a, b) in metrics(&one).iter().zip(&metrics(&many)) {
             assert_lines_close(a, b, 0.0);
         }
+        // Rank 0 alone writes the samples (2 prompts at steps 2 and 3) and TensorBoard: as one
+        // process does.
+        let samples = |d: &Path| std::fs::read_to_string(d.join("samples.jsonl")).unwrap();
+        assert_eq!(samples(&many), samples(&one), "{ranks} ranks");
+        assert_eq!(samples(&many).lines().count(), 4);
+        let scalars = |d: &Path| -> Vec<(i64, String, f32)> {
+            let runs: Vec<PathBuf> = std::fs::read_dir(d.join("runs"))
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .collect();
+            assert_eq!(runs.len(), 1, "one TensorBoard run: {runs:?}");
+            let files: Vec<PathBuf> = std::fs::read_dir(&runs[0])
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .collect();
+            assert_eq!(files.len(), 1, "one events file: {files:?}");
+            let mut out = Vec::new();
+            for e in dpo_sam::tensorboard::read_events(&files[0]).unwrap() {
+                if let Some(dpo_sam::tensorboard::What::Summary(s)) = e.what {
+                    for v in s.value {
+                        if let Some(dpo_sam::tensorboard::Kind::SimpleValue(x)) = v.kind {
+                            if v.tag != "train/tokens_per_second" {
+                                out.push((e.step, v.tag, x));
+                            }
+                        }
+                    }
+                }
+            }
+            out
+        };
+        assert_eq!(scalars(&many), scalars(&one), "{ranks} ranks");
     }
 }
 

@@ -5,7 +5,7 @@
 
 use candle_core::{DType, Device, Tensor};
 use dpo_sam::config::BuiltinModel;
-use dpo_sam::generate::{generate_batch, sample, Finish, Sampling};
+use dpo_sam::decode::{generate_batch, sample, Finish, Sampling};
 use dpo_sam::models::cache::KvCache;
 use dpo_sam::models::{CausalLm, Model, ModelSource};
 use rand::SeedableRng;

@@ -17,13 +17,17 @@ const ORDER: &[&str] = &[
     "merge",
     "eval",
     "toy",
+    "report",
     "plot",
+    "push",
     "trl",
     // The training run and what only it uses.
     "train",
     "plan",
     "refcache",
     "checkpoint",
+    "card",
+    "decode",
     // What a step is made of.
     "diagnostics",
     "sam",
@@ -38,7 +42,10 @@ const ORDER: &[&str] = &[
     // Settings and utilities.
     "config",
     "tokenizer",
+    "upload",
     "hub",
+    "tensorboard",
+    "progress",
     "device",
 ];
 

@@ -1,7 +1,10 @@
 //! Runs that survive: checkpoints every `save_steps`, `train --resume` continuing bit for bit
-//! after SIGKILL (at random points, saves included) or SIGINT, a second signal exiting at once,
+//! after SIGKILL (at random points, saves included) or SIGINT — metrics, TensorBoard events and
+//! evaluation samples included, none of them repeated — a second signal exiting at once,
 //! config drift refused, the non-finite guard, and saves that fail on a full or unwritable disk
 //! without harming the previous checkpoint.
+
+mod common;
 
 use dpo_sam::checkpoint;
 use dpo_sam::config::Config;
@@ -14,7 +17,8 @@ use std::time::{Duration, Instant};
 const STEPS: usize = 12;
 
 /// The short run every test compares against: 12 steps, checkpoints every 3 (two kept),
-/// evaluation every 4, so that checkpoints, eval lines and epoch boundaries interleave.
+/// evaluation (with two greedy samples) every 4, so that checkpoints, eval lines and epoch
+/// boundaries interleave.
 fn args(out: &Path, extra: &[&str]) -> Vec<String> {
     let mut v: Vec<String> = ["train", "--config", "configs/tiny_gpt2.toml", "--quiet"]
         .iter()
@@ -26,6 +30,8 @@ fn args(out: &Path, extra: &[&str]) -> Vec<String> {
         "training.eval_steps=4".into(),
         "training.save_steps=3".into(),
         "training.save_total_limit=2".into(),
+        "training.eval_generate=2".into(),
+        "generate.max_new_tokens=4".into(),
     ] {
         v.push("--set".into());
         v.push(set);
@@ -93,12 +99,52 @@ fn reference() -> &'static (PathBuf, Duration) {
     })
 }
 
+type Scalars = Vec<(String, i64, f32)>;
+type Texts = Vec<(String, i64, String)>;
+
+/// TensorBoard's scalars (but the wall-clock throughput) and texts (the samples' in full; the
+/// config's names the output directory), each (tag, step) once.
+fn events(dir: &Path) -> (Scalars, Texts) {
+    let e = common::read_events(&common::events_file(dir));
+    let scalars = e
+        .scalars
+        .into_iter()
+        .filter(|((tag, _), _)| tag != "train/tokens_per_second")
+        .map(|((tag, step), v)| (tag, step, v))
+        .collect();
+    let texts = e
+        .texts
+        .into_iter()
+        .map(|((tag, step), v)| match tag.starts_with("samples/") {
+            true => (tag, step, v),
+            false => (tag, step, String::new()),
+        })
+        .collect();
+    (scalars, texts)
+}
+
 fn same_as_reference(dir: &Path) {
     let r = &reference().0;
     assert_eq!(
         metrics(dir),
         metrics(r),
         "metrics.jsonl differs from the uninterrupted run"
+    );
+    let samples = |d: &Path| std::fs::read_to_string(d.join("samples.jsonl")).unwrap();
+    assert_eq!(
+        samples(dir),
+        samples(r),
+        "samples.jsonl differs from the uninterrupted run"
+    );
+    let (scalars, texts) = events(dir);
+    let (want_scalars, want_texts) = events(r);
+    assert_eq!(
+        scalars, want_scalars,
+        "TensorBoard scalars differ from the uninterrupted run"
+    );
+    assert_eq!(
+        texts, want_texts,
+        "TensorBoard texts differ from the uninterrupted run"
     );
     let (a, b) = (
         std::fs::read(dir.join("model.safetensors")).unwrap(),
@@ -361,7 +407,14 @@ fn nonfinite_loss_stops_naming_step_and_batch_or_is_skipped_and_counted() {
     let skip = dir.path().join("skip");
     let mut with_skip = blowup.to_vec();
     with_skip.extend(["--set", "training.skip_nonfinite=true"]);
-    ok(&run(&args(&skip, &with_skip)));
+    let res = run(&args(&skip, &with_skip));
+    ok(&res);
+    // The blown-up weights give NaN logits: the evaluation samples are skipped, not the run.
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(
+        err.contains("warning: no evaluation samples at step 4") && err.contains("NaN logits"),
+        "{err}"
+    );
     let last: serde_json::Value = serde_json::from_str(
         std::fs::read_to_string(skip.join("metrics.jsonl"))
             .unwrap()

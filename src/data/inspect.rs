@@ -207,7 +207,12 @@ pub fn inspect(args: &InspectArgs) -> Result<Value> {
     let (mut raw, mut kept_lens, mut examples) = (Vec::new(), Vec::new(), Vec::new());
     let mut truncated = 0usize;
     let mut kept_pairs = Vec::new();
-    for row in stream.by_ref() {
+    let bar = crate::progress::bar("reading", stream.bytes_total, crate::progress::Unit::Bytes);
+    let read = stream.bytes_read();
+    for (n, row) in stream.by_ref().enumerate() {
+        if n % 256 == 0 {
+            bar.set_position(read.load(std::sync::atomic::Ordering::Relaxed));
+        }
         let (origin, pair) = match row? {
             Ok(p) => p,
             Err(e) => {
@@ -244,6 +249,7 @@ pub fn inspect(args: &InspectArgs) -> Result<Value> {
             }
         }
     }
+    bar.finish_and_clear();
     let seconds = started.elapsed().as_secs_f64();
     let records = stream.records;
     let window = match args.group_by_length.unwrap_or(data.group_by_length) {

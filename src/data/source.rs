@@ -8,6 +8,7 @@ use serde_json::Value;
 use std::fmt;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// Where a record was found: the file and its 1-based line (row number for parquet).
@@ -92,6 +93,23 @@ pub fn expand(specs: &[&str], default_split: &str) -> Result<Vec<PathBuf>> {
         }
     }
     Ok(files)
+}
+
+/// The Hub dataset repo id a source spec names, if any, by [`expand`]'s rules (`hub:ORG/NAME`,
+/// or a plain `ORG/NAME` that is no local path or data file), without revision and split.
+pub fn hub_dataset_id(spec: &str) -> Option<String> {
+    let repo = match spec.strip_prefix("hub:") {
+        Some(repo) => repo,
+        None if spec.contains(['*', '?', '['])
+            || Path::new(spec).exists()
+            || is_data_file(spec) =>
+        {
+            return None
+        }
+        None => spec,
+    };
+    let id = repo.split([':', '@']).next().unwrap_or(repo);
+    crate::hub::looks_like_repo_id(id).then(|| id.to_string())
 }
 
 /// The files of one split of a Hub dataset repo (`ORG/NAME[@REV][:SPLIT]`), through the
@@ -198,13 +216,31 @@ pub type RawRecord = std::result::Result<(Origin, Value), RowError>;
 
 /// Opens a file for lazy reading; errors here (missing file, bad parquet footer) are fatal.
 pub fn open(path: &Path) -> Result<Box<dyn Iterator<Item = RawRecord> + Send>> {
+    open_counted(path, Arc::default())
+}
+
+/// [`open`], adding the bytes of the file read so far to `read` (what progress bars show): as
+/// they are read for JSON, compressed or not; at the end for parquet, read by row group.
+pub fn open_counted(
+    path: &Path,
+    read: Arc<AtomicU64>,
+) -> Result<Box<dyn Iterator<Item = RawRecord> + Send>> {
     let name: Arc<str> = path.display().to_string().into();
     let file =
         std::fs::File::open(path).with_context(|| format!("cannot open data file {name}"))?;
     let lower = name.to_ascii_lowercase();
     if lower.ends_with(".parquet") {
-        return parquet_rows(file, name);
+        let size = file.metadata().map_or(0, |m| m.len());
+        let mut counted = false;
+        let done = std::iter::from_fn(move || {
+            if !std::mem::replace(&mut counted, true) {
+                read.fetch_add(size, Ordering::Relaxed);
+            }
+            None
+        });
+        return Ok(Box::new(parquet_rows(file, name)?.chain(done)));
     }
+    let file = Counted { inner: file, read };
     let mut reader: Box<dyn BufRead + Send> = if lower.ends_with(".gz") {
         Box::new(BufReader::with_capacity(
             1 << 16,
@@ -232,6 +268,20 @@ pub fn open(path: &Path) -> Result<Box<dyn Iterator<Item = RawRecord> + Send>> {
             buf: Vec::new(),
             done: false,
         }))
+    }
+}
+
+/// A reader that adds the bytes it reads to a shared count.
+struct Counted<R> {
+    inner: R,
+    read: Arc<AtomicU64>,
+}
+
+impl<R: Read> Read for Counted<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.read.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
     }
 }
 

@@ -14,6 +14,7 @@ use rand::{seq::SliceRandom, Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
 use std::sync::{mpsc, Arc, Mutex};
 
 /// A pair with where it came from, or the row's problem.
@@ -72,6 +73,9 @@ pub struct PairStream {
     exhausted: bool,
     /// Rows read from the inputs that this stream's split keeps (good and bad).
     pub records: usize,
+    /// Bytes of the input files read so far, and their total size (for progress bars).
+    bytes_read: Arc<AtomicU64>,
+    pub bytes_total: u64,
 }
 
 impl PairStream {
@@ -87,7 +91,16 @@ impl PairStream {
         let rng = ChaCha8Rng::seed_from_u64(
             seed ^ 0x5851_f42d_4c95_7f2d_u64.wrapping_mul(epoch as u64 + 1),
         );
+        let bytes_total = inputs
+            .iter()
+            .filter_map(|i| match i {
+                Input::File(p) => std::fs::metadata(p).ok().map(|m| m.len()),
+                Input::Pairs(..) => None,
+            })
+            .sum();
         PairStream {
+            bytes_read: Arc::default(),
+            bytes_total,
             inputs: inputs.into_iter(),
             current: None,
             converter,
@@ -101,13 +114,19 @@ impl PairStream {
         }
     }
 
+    /// The count of input bytes read so far, shared (it keeps counting as the stream is read).
+    pub fn bytes_read(&self) -> Arc<AtomicU64> {
+        self.bytes_read.clone()
+    }
+
     /// The next converted row of the inputs in file order.
     fn next_row(&mut self) -> Option<Result<Row>> {
         loop {
             if self.current.is_none() {
                 let input = self.inputs.next()?;
                 self.current = Some(match input {
-                    Input::File(path) => match source::open(&path) {
+                    Input::File(path) => match source::open_counted(&path, self.bytes_read.clone())
+                    {
                         Ok(it) => it,
                         Err(e) => return Some(Err(e)),
                     },

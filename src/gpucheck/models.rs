@@ -132,7 +132,13 @@ pub fn check(args: &GpuCheckArgs) -> Result<Value> {
             dtype: None,
             max_shard_size: u64::MAX,
         };
-        crate::checkpoint::save_model(on_cpu.policy(), on_cpu.tok(), &saved, &whole)?;
+        crate::checkpoint::save_model(
+            on_cpu.policy(),
+            on_cpu.tok(),
+            &saved,
+            &whole,
+            &on_cpu.card(),
+        )?;
         let on_device = trainer(
             &saved.display().to_string(),
             &args.device,

@@ -354,12 +354,13 @@ pub fn to_sorted_json<T: Serialize>(value: &T, pretty: bool) -> Result<String> {
     })
 }
 
-/// `metrics.jsonl`, counting its lines: a checkpoint records the count, and resuming cuts the
-/// file there, so that there is one line per step.
+/// A JSONL file (`metrics.jsonl`, `samples.jsonl`), counting its lines: a checkpoint records
+/// the count, and resuming cuts the file there, so that there is one line per step.
 pub(super) struct MetricsFile {
     /// `None` on the ranks of a data-parallel run other than 0, which count lines only.
     file: Option<std::fs::File>,
     lines: usize,
+    path: PathBuf,
 }
 
 impl MetricsFile {
@@ -371,6 +372,7 @@ impl MetricsFile {
             return Ok(MetricsFile {
                 file: Some(file),
                 lines: 0,
+                path: path.to_path_buf(),
             });
         };
         let text = std::fs::read_to_string(path).unwrap_or_default();
@@ -389,18 +391,23 @@ impl MetricsFile {
         Ok(MetricsFile {
             file: Some(file),
             lines: kept.len(),
+            path: path.to_path_buf(),
         })
     }
 
     /// Lines counted, none written (ranks other than 0, starting after `lines` lines).
     pub(super) fn discard(lines: usize) -> MetricsFile {
-        MetricsFile { file: None, lines }
+        MetricsFile {
+            file: None,
+            lines,
+            path: PathBuf::new(),
+        }
     }
 
     pub(super) fn write<T: Serialize>(&mut self, line: &T) -> Result<()> {
         if let Some(file) = &mut self.file {
             writeln!(file, "{}", to_sorted_json(line, false)?)
-                .context("cannot write metrics.jsonl")?;
+                .with_context(|| format!("cannot write {}", self.path.display()))?;
         }
         self.lines += 1;
         Ok(())

@@ -7,16 +7,19 @@
 //! - [`step`]: one micro-step, beside the paper's Algorithm 1;
 //! - [`feed`]: the training pairs, micro-batch by micro-batch, from a saveable cursor;
 //! - [`metrics`]: the lines of `metrics.jsonl` and the summary;
+//! - [`report`]: where lines go (metrics.jsonl, TensorBoard, samples.jsonl), and the samples;
 //! - [`parallel`]: data parallelism: each rank's share of a batch, what the ranks agree on after
 //!   it, the gradients' all-reduce.
 
 mod feed;
 pub mod metrics;
 mod parallel;
+mod report;
 mod step;
 mod trainer;
 
 pub use metrics::{EvalLine, PairMetrics, Summary, TrainLine};
+pub use report::Sample;
 pub use step::MicroStep;
 pub use trainer::{configured_loss, Reference, Trainer};
 
@@ -26,7 +29,8 @@ use crate::data::Split;
 use crate::optim::GradAccumulator;
 use anyhow::{Context, Result};
 use feed::Feed;
-use metrics::{DataLine, MetricsFile, StreamedDataLine, Tally};
+use metrics::{StreamedDataLine, Tally};
+use report::RunLog;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -109,6 +113,11 @@ fn run_rank(args: &TrainArgs, mut cfg: Config, env: Option<&crate::dist::Env>) -
         cfg.device = env.device_name(&cfg.device)?;
     }
     let main = world.rank() == 0;
+    // Before any work: the token and the repository of `push_to_hub` (rank 0 uploads).
+    let hub = match cfg.training.push_to_hub && main {
+        true => Some(hub_target(&mut cfg)?),
+        false => None,
+    };
     // Rank 0 picks the checkpoint; every rank reads it.
     let resume_from = match &args.resume {
         Some(dir) => Some(PathBuf::from(parallel::from_rank_0(&*world, || {
@@ -134,6 +143,27 @@ fn run_rank(args: &TrainArgs, mut cfg: Config, env: Option<&crate::dist::Env>) -
         return Ok(());
     }
     eprintln!("{}", metrics::to_sorted_json(&summary, true)?);
+    if let (Some((client, repo)), Summary::Finished { output_dir, .. }) = (&hub, &summary) {
+        let t = &trainer.config().training;
+        let revision = t.hub_revision.as_deref().unwrap_or("main");
+        let url = client
+            .push_model_dir(
+                output_dir,
+                repo,
+                t.hub_private_repo,
+                revision,
+                "End of training (dpo-sam)",
+                crate::card::with_repo_id,
+            )
+            .with_context(|| {
+                format!(
+                    "training finished and the model is saved in {dir}; to retry the upload: \
+                     dpo-sam push {dir} --repo {repo} --revision {revision}",
+                    dir = output_dir.display()
+                )
+            })?;
+        eprintln!("pushed to {url}");
+    }
     if let Summary::Interrupted {
         interrupted_at_step: step,
         ..
@@ -152,6 +182,36 @@ fn run_rank(args: &TrainArgs, mut cfg: Config, env: Option<&crate::dist::Env>) -
         );
     }
     Ok(())
+}
+
+/// The Hub client and repository of `training.push_to_hub`, checked before training: the token
+/// must be accepted (whoami), and the repository is `hub_model_id` (or `output_dir`'s name)
+/// under the token's user when it names no organisation. The config then names it in full, so
+/// that model cards point at it.
+fn hub_target(cfg: &mut Config) -> Result<(crate::upload::Client, String)> {
+    let client = crate::upload::Client::from_env().context("training.push_to_hub")?;
+    let user = client.whoami().context("training.push_to_hub")?;
+    let name = match &cfg.training.hub_model_id {
+        Some(id) => id.clone(),
+        None => {
+            let name = cfg
+                .output_dir
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            crate::hub::check_repo_name(&name, true).with_context(|| {
+                "training.push_to_hub: training.hub_model_id is unset and output_dir's name is \
+                 no repository name; set training.hub_model_id"
+            })?;
+            name
+        }
+    };
+    let repo = match name.contains('/') {
+        true => name,
+        false => format!("{user}/{name}"),
+    };
+    cfg.training.hub_model_id = Some(repo.clone());
+    Ok((client, repo))
 }
 
 /// The newest complete checkpoint in `dir` (default: `output_dir`), refusing one saved with a
@@ -197,14 +257,15 @@ impl Trainer {
     /// final model. Stops early, with a checkpoint, when the stop flag is set.
     pub fn train(&mut self) -> Result<Summary> {
         let out_dir = self.cfg.output_dir.clone();
-        // Data parallel: rank 0 alone writes metrics, checkpoints and the model.
+        // Data parallel: rank 0 alone writes metrics, TensorBoard, samples, checkpoints and
+        // the model.
         let main = self.world.rank() == 0;
         if main {
             std::fs::create_dir_all(&out_dir)
                 .with_context(|| format!("cannot create output_dir {}", out_dir.display()))?;
         }
         parallel::check_same_weights(&*self.world, &self.policy.params)?;
-        let mut metrics = self.open_metrics(&out_dir.join("metrics.jsonl"))?;
+        let mut metrics = RunLog::open(self)?;
 
         let t = self.cfg.training.clone();
         let accumulation = t.batch_size / self.cfg.micro_batch_size();
@@ -317,17 +378,12 @@ impl Trainer {
             let eval_due = t.eval_steps > 0 && step.is_multiple_of(t.eval_steps) && step != total;
             if eval_due && !self.eval_pairs.is_empty() {
                 self.diagnostics = true;
-                let metrics_line = EvalLine {
-                    metrics: self.evaluate()?,
-                    num_tokens: self.state.num_tokens,
-                    step,
-                };
-                metrics.write(&metrics_line)?;
+                self.log_evaluation(&mut metrics, step)?;
             }
             bar.inc(1);
             let stop = agreed.stop;
             if (t.save_steps > 0 && step.is_multiple_of(t.save_steps)) || step == total || stop {
-                self.state.metrics_lines = metrics.lines();
+                metrics.record(&mut self.state)?;
                 let checkpoint = match main {
                     true => self.save_checkpoint(&out_dir)?,
                     false => out_dir.join(crate::checkpoint::dir_name(step)),
@@ -355,16 +411,16 @@ impl Trainer {
         } else {
             // As after the last step, also when a run resumed from the final checkpoint.
             self.diagnostics = true;
-            let line = EvalLine {
-                metrics: self.evaluate()?,
-                num_tokens: self.state.num_tokens,
-                step: total,
-            };
-            metrics.write(&line)?;
-            Some(Box::new(line))
+            Some(Box::new(self.log_evaluation(&mut metrics, total)?))
         };
         if main {
-            crate::checkpoint::save_model(&self.policy, &self.tok, &out_dir, &self.save_options())?;
+            crate::checkpoint::save_model(
+                &self.policy,
+                &self.tok,
+                &out_dir,
+                &self.save_options(),
+                &self.card(),
+            )?;
         }
         // Every rank returns once the model is saved (or fails with rank 0).
         self.world.barrier()?;
@@ -394,24 +450,6 @@ impl Trainer {
             tallies.push(tally);
         }
         Ok(parallel::sum_tallies(&*self.world, tallies)?.metrics(false, true))
-    }
-
-    /// metrics.jsonl for appending: a fresh file starting with the data line, or, resumed, the
-    /// file cut to the lines the checkpoint had seen.
-    fn open_metrics(&mut self, path: &Path) -> Result<MetricsFile> {
-        let mut file = match (self.world.rank(), self.state.step) {
-            (0, 0) => MetricsFile::open(path, None)?,
-            (0, _) => return MetricsFile::open(path, Some(self.state.metrics_lines)),
-            (_, 0) => MetricsFile::discard(0),
-            (_, _) => return Ok(MetricsFile::discard(self.state.metrics_lines)),
-        };
-        file.write(&DataLine {
-            train_pairs: self.stream.is_none().then_some(self.train_pairs.len()),
-            eval_pairs: self.eval_pairs.len(),
-            skipped: &self.skipped,
-            streaming: self.stream.is_some().then_some(true),
-        })?;
-        Ok(file)
     }
 
     fn progress_bar(&self, total: usize) -> indicatif::ProgressBar {

@@ -77,6 +77,8 @@ pub struct Trainer {
     pub(super) diagnostics: bool,
     /// Set (by a signal) to stop after the current step with a checkpoint.
     pub(super) stop: Arc<AtomicBool>,
+    /// The base model card's license lines, copied into every card this run writes.
+    base_license: Vec<(String, String)>,
     /// The other ranks of a data-parallel run ([`Solo`] for one process).
     pub(super) world: Box<dyn Collective>,
 }
@@ -226,6 +228,11 @@ impl Trainer {
             false => Rounding::Nearest,
         };
         let optimizer = Optimizer::new(optimizer_kind(t), &policy.params, rounding)?;
+        // Only rank 0 writes model cards.
+        let base_license = match world.rank() {
+            0 => crate::card::base_license(&cfg.model.name_or_path),
+            _ => Vec::new(),
+        };
         Ok(Trainer {
             cfg,
             device,
@@ -243,6 +250,8 @@ impl Trainer {
                 data: DataCursor::default(),
                 metrics_lines: 0,
                 nonfinite_skipped: 0,
+                samples_lines: 0,
+                tensorboard: None,
                 num_tokens: 0,
                 schedule,
                 lora_dropout_draws: 0,
@@ -250,6 +259,7 @@ impl Trainer {
             progress: false,
             diagnostics: false,
             stop: Arc::new(AtomicBool::new(false)),
+            base_license,
             world,
         })
     }
@@ -311,15 +321,32 @@ impl Trainer {
         }
     }
 
+    /// The model card of the current step: the config, the newest train and eval lines of
+    /// `metrics.jsonl`, the base model's license.
+    pub fn card(&self) -> String {
+        let metrics = self.cfg.output_dir.join("metrics.jsonl");
+        let (train, eval) = crate::card::latest_metrics(&metrics);
+        crate::card::render(&crate::card::Card {
+            config: &self.cfg,
+            step: self.state.step,
+            total_steps: self.state.schedule.total,
+            train: train.as_ref(),
+            eval: eval.as_ref(),
+            license: &self.base_license,
+        })
+    }
+
     /// Saves a resumable checkpoint of the current step under `out_dir` (and prunes the oldest
     /// beyond `training.save_total_limit`); returns its directory.
     pub fn save_checkpoint(&self, out_dir: &Path) -> Result<PathBuf> {
+        let card = self.card();
         let snapshot = Snapshot {
             model: &self.policy,
             tok: &self.tok,
             optimizer: &self.optimizer,
             state: &self.state,
             config: &self.cfg,
+            card: &card,
         };
         crate::checkpoint::save(
             &snapshot,

@@ -40,3 +40,48 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
         .to_scalar::<f64>()
         .unwrap()
 }
+
+/// What a TensorBoard events file holds, read back record by record with both CRCs checked:
+/// scalars and texts by (tag, step). A second value for one tag at one step fails the test.
+pub struct Events {
+    pub scalars: std::collections::BTreeMap<(String, i64), f32>,
+    pub texts: std::collections::BTreeMap<(String, i64), String>,
+}
+
+pub fn read_events(path: &std::path::Path) -> Events {
+    use dpo_sam::tensorboard::{Kind, What};
+    let mut out = Events {
+        scalars: Default::default(),
+        texts: Default::default(),
+    };
+    for event in dpo_sam::tensorboard::read_events(path).unwrap() {
+        let Some(What::Summary(summary)) = event.what else {
+            continue;
+        };
+        for v in summary.value {
+            let key = (v.tag.clone(), event.step);
+            let fresh = match v.kind {
+                Some(Kind::SimpleValue(x)) => out.scalars.insert(key, x).is_none(),
+                Some(Kind::Tensor(t)) => {
+                    let text = String::from_utf8(t.string_val[0].clone()).unwrap();
+                    out.texts.insert(key, text).is_none()
+                }
+                None => panic!("{}: a value without data", v.tag),
+            };
+            assert!(fresh, "{}: two values at step {}", v.tag, event.step);
+        }
+    }
+    out
+}
+
+/// The events file a run's newest checkpoint recorded (the one its TensorBoard run appends to).
+pub fn events_file(out: &std::path::Path) -> std::path::PathBuf {
+    let ckpt = dpo_sam::checkpoint::latest(out).unwrap();
+    let state = dpo_sam::checkpoint::load_state(&ckpt).unwrap();
+    out.join(
+        state
+            .tensorboard
+            .expect("the checkpoint records the events file")
+            .file,
+    )
+}

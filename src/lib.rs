@@ -3,8 +3,8 @@
 //! One module per concern; `main.rs` maps each subcommand onto one of them. Imports run one
 //! way (`tests/layering.rs` checks it):
 //!
-//! - commands: `bench`, `eval`, `generate`, `gpucheck`, `plot`, `score`, `toy`, `train` (whose
-//!   `mod.rs` is the command and the loop) and `data inspect`;
+//! - commands: `bench`, `eval`, `generate`, `gpucheck`, `plot`, `score`, `sharpness`, `toy`,
+//!   `train` (whose `mod.rs` is the command and the loop) and `data inspect`;
 //! - what the training run uses: `plan` (`--dry-run`), `refcache`, `checkpoint`;
 //! - what a step is made of: `sam`, `losses`, `logps`, `diagnostics`, `optim`, `data`, `models`;
 //! - `kernels`: the hand-written fused ops, which import nothing of the crate;
@@ -30,6 +30,7 @@ pub mod plot;
 pub mod refcache;
 pub mod sam;
 pub mod score;
+pub mod sharpness;
 pub mod tokenizer;
 pub mod toy;
 pub mod train;

@@ -32,6 +32,9 @@ enum Command {
     Toy(dpo_sam::toy::ToyArgs),
     /// Chart metrics.jsonl files of one or more runs: one PNG per metric, one line per run.
     Plot(dpo_sam::plot::PlotArgs),
+    /// Curvature of the preference loss at a checkpoint (the paper's §4.3): Hutchinson's trace of
+    /// the parameter Hessian and the exact trace of the logit Hessian.
+    Sharpness(dpo_sam::sharpness::SharpnessArgs),
     /// Look at preference data before training: `data inspect` counts records and skipped rows
     /// by reason, token-length percentiles, padding, and shows which tokens are scored.
     Data(dpo_sam::data::inspect::DataArgs),
@@ -54,6 +57,7 @@ fn main() {
         Command::Eval(args) => dpo_sam::eval::run(args),
         Command::Toy(args) => dpo_sam::toy::run(args),
         Command::Plot(args) => dpo_sam::plot::run(args),
+        Command::Sharpness(args) => dpo_sam::sharpness::run(args),
         Command::Data(args) => dpo_sam::data::inspect::run(args),
         Command::Generate(args) => dpo_sam::generate::run(args),
         Command::GpuCheck(args) => dpo_sam::gpucheck::run(args),

@@ -1,14 +1,18 @@
-//! Precomputed reference log-probs (TRL's `precompute_ref_log_probs`): the frozen reference is
-//! run once over the training and eval pairs, its per-pair sequence log-probs are cached on disk,
-//! and the trainer frees the reference model.
+//! Per-pair values computed once before training and cached on disk:
 //!
-//! The cache file `ref_logps-<fingerprint>.safetensors` holds four f64 vectors (train/eval ×
-//! chosen/rejected, in pair order) and, in its header, the full fingerprint: a SHA-256 of the
-//! reference model's files (or its random-init config and seed), its dtype, the tokenizer, the
-//! truncation settings and every tokenised pair. A file whose header does not match, or whose
-//! lengths differ from the data, is reported and recomputed, never used.
+//! - reference log-probs (TRL's `precompute_ref_log_probs`): the frozen reference is run once
+//!   over the training and eval pairs, and the trainer frees the reference model;
+//! - CHES scores of the training pairs under the starting policy (`data.filter_ches_quantile`),
+//!   so that a resumed run filters the same pairs without another pass.
+//!
+//! A cache file (`ref_logps-<fingerprint>.safetensors`, `ches-<fingerprint>.safetensors`)
+//! holds f64 vectors in pair order and, in its header, its format and the full fingerprint: a
+//! SHA-256 of the model's files (or its random-init config and seed), its dtype, the tokenizer,
+//! the truncation settings and every tokenised pair. A file whose header does not match, or
+//! whose lengths differ from the data, is reported and recomputed, never used.
 
 use crate::data::batch::{PreferenceBatch, TokenizedPair, Truncation};
+use crate::data::ches::Ches;
 use crate::data::Split;
 use crate::logps::pair_logps;
 use crate::models::{Model, ModelSource};
@@ -23,6 +27,8 @@ use std::path::{Path, PathBuf};
 /// Header key naming the file's format, so that other safetensors files are never mistaken for
 /// a cache.
 const FORMAT: &str = "dpo-sam ref_logps v1";
+/// The same for CHES scores.
+const CHES_FORMAT: &str = "dpo-sam ches v1";
 
 /// Per-pair reference log-probs, indexed like the trainer's training and eval pairs.
 #[derive(Debug, Clone, PartialEq)]
@@ -67,7 +73,8 @@ impl RefLogps {
 
 /// What the cached values depend on.
 pub struct FingerprintInputs<'a> {
-    pub reference: &'a ModelSource,
+    /// The model that computes them: the reference, or the starting policy for CHES.
+    pub model: &'a ModelSource,
     pub dtype: DType,
     pub tok: &'a Tok,
     pub truncation: &'a Truncation,
@@ -77,6 +84,11 @@ pub struct FingerprintInputs<'a> {
 
 /// SHA-256 (hex) over everything the reference log-probs depend on.
 pub fn fingerprint(inputs: &FingerprintInputs) -> Result<String> {
+    fingerprint_for(FORMAT, inputs)
+}
+
+/// SHA-256 (hex) over a cache format's name and everything its values depend on.
+fn fingerprint_for(format: &str, inputs: &FingerprintInputs) -> Result<String> {
     let mut h = Sha256::new();
     let mut field = |name: &str, bytes: &[u8]| {
         // Length-prefixed, so that moving bytes between fields changes the hash.
@@ -84,8 +96,8 @@ pub fn fingerprint(inputs: &FingerprintInputs) -> Result<String> {
         h.update((bytes.len() as u64).to_le_bytes());
         h.update(bytes);
     };
-    field("format", FORMAT.as_bytes());
-    match inputs.reference {
+    field("format", format.as_bytes());
+    match inputs.model {
         ModelSource::Random { config, seed, .. } => {
             field("random_config", config.to_string().as_bytes());
             field("random_seed", &seed.to_le_bytes());
@@ -148,10 +160,60 @@ fn hash_file(field: &mut impl FnMut(&str, &[u8]), path: &Path) -> Result<()> {
 
 /// `dir/ref_logps-<first 16 hex digits>.safetensors`.
 pub fn cache_path(dir: &Path, fingerprint: &str) -> PathBuf {
+    named_path(dir, "ref_logps", fingerprint)
+}
+
+fn named_path(dir: &Path, stem: &str, fingerprint: &str) -> PathBuf {
     dir.join(format!(
-        "ref_logps-{}.safetensors",
+        "{stem}-{}.safetensors",
         &fingerprint[..16.min(fingerprint.len())]
     ))
+}
+
+/// Length-normalised CHES of the training pairs under `inputs.model`
+/// ([`crate::data::ches`]): read from `dir/ches-<fingerprint>.safetensors` when a valid file is
+/// there, else `compute`d and written. Returns the scores, the file, and whether they came from
+/// disk.
+pub fn ches_cached(
+    dir: &Path,
+    inputs: &FingerprintInputs,
+    compute: impl FnOnce() -> Result<Vec<Ches>>,
+) -> Result<(Vec<Ches>, PathBuf, bool)> {
+    let fingerprint = fingerprint_for(CHES_FORMAT, inputs)?;
+    let path = named_path(dir, "ches", &fingerprint);
+    let n = inputs.train.len();
+    if path.is_file() {
+        match load_vectors(
+            &path,
+            CHES_FORMAT,
+            &fingerprint,
+            &[("train_ches", n), ("train_ln_ches", n)],
+        ) {
+            Ok(v) => {
+                let scores = v[0]
+                    .iter()
+                    .zip(&v[1])
+                    .map(|(&ches, &ln_ches)| Ches { ches, ln_ches })
+                    .collect();
+                return Ok((scores, path, true));
+            }
+            Err(e) => eprintln!(
+                "warning: not using CHES cache {}: {e:#}; recomputing",
+                path.display()
+            ),
+        }
+    }
+    let scores = compute()?;
+    let ches: Vec<f64> = scores.iter().map(|c| c.ches).collect();
+    let ln: Vec<f64> = scores.iter().map(|c| c.ln_ches).collect();
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    save_vectors(
+        &path,
+        CHES_FORMAT,
+        &fingerprint,
+        &[("train_ches", &ches), ("train_ln_ches", &ln)],
+    )?;
+    Ok((scores, path, false))
 }
 
 /// Loads the cache for `fingerprint` from `dir` if a valid one is there; otherwise runs
@@ -211,19 +273,35 @@ const NAMES: [&str; 4] = [
 ];
 
 fn save(r: &RefLogps, path: &Path) -> Result<()> {
-    let bytes: Vec<Vec<u8>> = [
+    let vectors = [
         &r.train_chosen,
         &r.train_rejected,
         &r.eval_chosen,
         &r.eval_rejected,
-    ]
-    .iter()
-    .map(|v| v.iter().flat_map(|x| x.to_le_bytes()).collect())
-    .collect();
-    let views = NAMES
+    ];
+    let named: Vec<(&str, &[f64])> = NAMES
+        .iter()
+        .zip(vectors)
+        .map(|(n, v)| (*n, v.as_slice()))
+        .collect();
+    save_vectors(path, FORMAT, &r.fingerprint, &named)
+}
+
+/// Writes named f64 vectors with the format and fingerprint in the header.
+fn save_vectors(
+    path: &Path,
+    format: &str,
+    fingerprint: &str,
+    vectors: &[(&str, &[f64])],
+) -> Result<()> {
+    let bytes: Vec<Vec<u8>> = vectors
+        .iter()
+        .map(|(_, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect())
+        .collect();
+    let views = vectors
         .iter()
         .zip(&bytes)
-        .map(|(name, b)| {
+        .map(|((name, _), b)| {
             Ok((
                 *name,
                 safetensors::tensor::TensorView::new(
@@ -235,8 +313,8 @@ fn save(r: &RefLogps, path: &Path) -> Result<()> {
         })
         .collect::<Result<Vec<_>>>()?;
     let meta = HashMap::from([
-        ("format".to_string(), FORMAT.to_string()),
-        ("fingerprint".to_string(), r.fingerprint.clone()),
+        ("format".to_string(), format.to_string()),
+        ("fingerprint".to_string(), fingerprint.to_string()),
     ]);
     // Written to a temporary name first so that an interrupted run never leaves a truncated cache.
     let tmp = path.with_extension("safetensors.tmp");
@@ -246,41 +324,11 @@ fn save(r: &RefLogps, path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Reads a cache file, checking its format, fingerprint and lengths.
+/// Reads a reference cache file, checking its format, fingerprint and lengths.
 pub fn load(path: &Path, fingerprint: &str, n_train: usize, n_eval: usize) -> Result<RefLogps> {
-    let bytes = read(path)?;
-    let st = safetensors::SafeTensors::deserialize(&bytes)
-        .with_context(|| format!("{}: not a safetensors file", path.display()))?;
-    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)?;
-    let meta = header.metadata().clone().unwrap_or_default();
-    if meta.get("format").map(String::as_str) != Some(FORMAT) {
-        bail!("not a dpo-sam reference cache (no `{FORMAT}` header)");
-    }
-    match meta.get("fingerprint") {
-        Some(f) if f == fingerprint => {}
-        Some(f) => bail!("stale: fingerprint {f} does not match the current reference model and data ({fingerprint})"),
-        None => bail!("no fingerprint in the header"),
-    }
-    let mut vecs = Vec::with_capacity(4);
-    for (name, want) in NAMES.iter().zip([n_train, n_train, n_eval, n_eval]) {
-        let view = st
-            .tensor(name)
-            .with_context(|| format!("missing tensor `{name}`"))?;
-        if view.dtype() != safetensors::Dtype::F64 || view.shape() != [want] {
-            bail!(
-                "tensor `{name}`: expected f64 [{want}], got {:?} {:?}",
-                view.dtype(),
-                view.shape()
-            );
-        }
-        vecs.push(
-            view.data()
-                .chunks_exact(8)
-                .map(|c| f64::from_le_bytes(c.try_into().expect("8-byte chunk")))
-                .collect::<Vec<f64>>(),
-        );
-    }
-    let mut it = vecs.into_iter();
+    let lens = [n_train, n_train, n_eval, n_eval];
+    let named: Vec<(&str, usize)> = NAMES.iter().copied().zip(lens).collect();
+    let mut it = load_vectors(path, FORMAT, fingerprint, &named)?.into_iter();
     let mut next = || it.next().expect("four tensors were read");
     Ok(RefLogps {
         fingerprint: fingerprint.to_string(),
@@ -289,4 +337,48 @@ pub fn load(path: &Path, fingerprint: &str, n_train: usize, n_eval: usize) -> Re
         eval_chosen: next(),
         eval_rejected: next(),
     })
+}
+
+/// Reads named f64 vectors of the given lengths, checking the header's format and fingerprint.
+fn load_vectors(
+    path: &Path,
+    format: &str,
+    fingerprint: &str,
+    names: &[(&str, usize)],
+) -> Result<Vec<Vec<f64>>> {
+    let bytes = read(path)?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .with_context(|| format!("{}: not a safetensors file", path.display()))?;
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)?;
+    let meta = header.metadata().clone().unwrap_or_default();
+    if meta.get("format").map(String::as_str) != Some(format) {
+        bail!("not a dpo-sam cache of this kind (no `{format}` header)");
+    }
+    match meta.get("fingerprint") {
+        Some(f) if f == fingerprint => {}
+        Some(f) => bail!(
+            "stale: fingerprint {f} does not match the current model and data ({fingerprint})"
+        ),
+        None => bail!("no fingerprint in the header"),
+    }
+    names
+        .iter()
+        .map(|&(name, want)| {
+            let view = st
+                .tensor(name)
+                .with_context(|| format!("missing tensor `{name}`"))?;
+            if view.dtype() != safetensors::Dtype::F64 || view.shape() != [want] {
+                bail!(
+                    "tensor `{name}`: expected f64 [{want}], got {:?} {:?}",
+                    view.dtype(),
+                    view.shape()
+                );
+            }
+            Ok(view
+                .data()
+                .chunks_exact(8)
+                .map(|c| f64::from_le_bytes(c.try_into().expect("8-byte chunk")))
+                .collect())
+        })
+        .collect()
 }

@@ -1,7 +1,7 @@
 //! `dpo-sam score` on tiny GPT-2 models against the log-probs Python `transformers` computed
 //! for the same pairs (tests/fixtures/score, written by scripts/make_score_fixture.py).
 
-use dpo_sam::score::{score, ScoreArgs};
+use dpo_sam::score::{score, PairArgs, ScoreArgs};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
@@ -13,8 +13,8 @@ fn fixture(name: &str) -> String {
         .to_string()
 }
 
-fn args(out: PathBuf, ref_model: Option<String>, loss_type: &str) -> ScoreArgs {
-    ScoreArgs {
+fn input(ref_model: Option<String>, loss_type: &str) -> PairArgs {
+    PairArgs {
         model: fixture("policy"),
         ref_model,
         data: fixture("data.jsonl"),
@@ -22,9 +22,16 @@ fn args(out: PathBuf, ref_model: Option<String>, loss_type: &str) -> ScoreArgs {
         loss_type: loss_type.into(),
         beta: 0.1,
         max_length: 64,
+        max_prompt_length: None,
         batch_size: 2,
         dtype: "f32".into(),
         device: "cpu".into(),
+    }
+}
+
+fn args(out: PathBuf, ref_model: Option<String>, loss_type: &str) -> ScoreArgs {
+    ScoreArgs {
+        input: input(ref_model, loss_type),
         out,
     }
 }
@@ -122,8 +129,11 @@ fn bad_arguments_name_the_flag() {
     let e = format!(
         "{:#}",
         score(&ScoreArgs {
-            format: "csv".into(),
-            ..args(out.clone(), None, "sigmoid")
+            input: PairArgs {
+                format: "csv".into(),
+                ..input(None, "sigmoid")
+            },
+            out: out.clone(),
         })
         .unwrap_err()
     );
@@ -131,8 +141,11 @@ fn bad_arguments_name_the_flag() {
     let e = format!(
         "{:#}",
         score(&ScoreArgs {
-            beta: 0.0,
-            ..args(out, None, "sigmoid")
+            input: PairArgs {
+                beta: 0.0,
+                ..input(None, "sigmoid")
+            },
+            out,
         })
         .unwrap_err()
     );

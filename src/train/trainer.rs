@@ -98,9 +98,47 @@ impl Trainer {
             (&[Split::Train, Split::Eval][..], None)
         };
         let data = crate::data::load_splits(&cfg.data, &tok, cfg.seed, model_dir, splits)?;
-        let (train_pairs, eval_pairs, skipped) = (data.train, data.eval, data.skipped);
+        let (mut train_pairs, eval_pairs, mut skipped) = (data.train, data.eval, data.skipped);
         if train_pairs.is_empty() && stream.is_none() {
             anyhow::bail!("no usable training pairs (skipped: {skipped:?})");
+        }
+        let quantile = cfg.data.filter_ches_quantile;
+        if quantile > 0.0 {
+            // Scored by the policy as loaded (the SFT model), before any checkpoint is restored,
+            // so a resumed run keeps the same pairs; cached beside the run.
+            let inputs = crate::refcache::FingerprintInputs {
+                model: &policy_src,
+                dtype: compute_dtype,
+                tok: &tok,
+                truncation: &Truncation::from_config(&cfg.data),
+                train: &train_pairs,
+                eval: &[],
+            };
+            let (scores, path, cached) =
+                crate::refcache::ches_cached(&cfg.output_dir, &inputs, || {
+                    crate::data::ches::ches_scores(
+                        &policy,
+                        &train_pairs,
+                        cfg.micro_batch_size(),
+                        tok.pad_id,
+                        &device,
+                    )
+                })?;
+            let (keep, threshold) = crate::data::ches::filter_mask(&scores, quantile);
+            let before = train_pairs.len();
+            train_pairs = train_pairs
+                .into_iter()
+                .zip(keep)
+                .filter_map(|(pair, keep)| keep.then_some(pair))
+                .collect();
+            let dropped = before - train_pairs.len();
+            skipped.insert("ches_filter", dropped);
+            eprintln!(
+                "data.filter_ches_quantile = {quantile}: dropped {dropped} of {before} training pairs{} ({} {})",
+                threshold.map_or(String::new(), |t| format!(", length-normalised CHES >= {t:.6}")),
+                if cached { "scores read from" } else { "scores written to" },
+                path.display()
+            );
         }
 
         let reference = if !loss.needs_reference() {
@@ -116,7 +154,7 @@ impl Trainer {
                 // The model is dropped once its log-probs are cached.
                 let ref_src = resolve_source(&cfg, cfg.ref_name_or_path())?;
                 let inputs = crate::refcache::FingerprintInputs {
-                    reference: &ref_src,
+                    model: &ref_src,
                     dtype,
                     tok: &tok,
                     truncation: &Truncation::from_config(&cfg.data),

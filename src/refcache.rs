@@ -170,7 +170,7 @@ fn named_path(dir: &Path, stem: &str, fingerprint: &str) -> PathBuf {
     ))
 }
 
-/// Length-normalised CHES of the training pairs under `inputs.model`
+/// CHES scores (both forms) of the training pairs under `inputs.model`
 /// ([`crate::data::ches`]): read from `dir/ches-<fingerprint>.safetensors` when a valid file is
 /// there, else `compute`d and written. Returns the scores, the file, and whether they came from
 /// disk.

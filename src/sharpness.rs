@@ -19,7 +19,11 @@
 //! - the paper's H_z of §3, the softmax cross-entropy logit Hessian Diag(p) − ppᵀ, whose trace
 //!   1 − ‖p‖² is summed over each response's tokens and averaged over responses (and, for
 //!   reference, averaged per token): the convention that the size of the paper's Mistral figure
-//!   (2.732e2) points to (docs/theory.md, "Sharpness").
+//!   (2.732e2) points to (docs/theory.md, "Which convention the paper's numbers use").
+//!
+//! The probes depend only on `--seed` and the weights' shapes, so two checkpoints of one model
+//! measured with the same seed see the same probes, and the per-probe differences of their vᵀHv
+//! compare them with much less noise than either trace has.
 
 use crate::data::batch::PreferenceBatch;
 use crate::diagnostics::token_probs;
@@ -45,7 +49,7 @@ pub struct SharpnessArgs {
     /// Rademacher probes of Hutchinson's estimator (two gradient passes each).
     #[arg(long, default_value_t = 10)]
     pub probes: usize,
-    /// Seed of the probes.
+    /// Seed of the probes (the same seed gives the same probes for every checkpoint of a model).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Central-difference step as a fraction of ‖θ‖ (default: the square root of the dtype's

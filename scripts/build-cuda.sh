@@ -6,7 +6,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-eval "$(bash scripts/cuda-toolchain.sh --quiet)"
+# cudarc's sources must be on disk before the toolchain script lists the driver
+# symbols its libcuda stub needs (a fresh machine has no registry sources yet).
+cargo fetch
+if ! exports=$(bash scripts/cuda-toolchain.sh --quiet); then
+  echo "build-cuda: scripts/cuda-toolchain.sh failed; run it without --quiet to see why" >&2
+  exit 1
+fi
+eval "$exports"
 export CARGO_TARGET_DIR="$PWD/target/cuda"
 
 start=$(date +%s)

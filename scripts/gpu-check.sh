@@ -1,41 +1,51 @@
 #!/usr/bin/env bash
 # The one prepared command for a rented GPU machine (no Rust there), run from the repo root with
-# target/cuda/dpo-sam.gz carried along (scripts/build-cuda.sh makes it; see docs/gpu.md).
-# Writes $OUT/gpu-check.json (./gpu-check.json without OUT): the device, CUDA-vs-CPU parity,
-# `dpo-sam bench` at Pythia shapes and the same step in PyTorch, within DPO_SAM_GPU_BUDGET_S
-# seconds (default 450) so it fits an 8-minute device slot; steps that no longer fit are
-# recorded as skipped rather than cut off mid-way.
+# target/cuda/dpo-sam.gz carried along (scripts/build-cuda.sh makes it; see docs/gpu.md). Sized for
+# a 15-minute machine: finishes within DPO_SAM_GPU_BUDGET_S seconds (default 480), steps that no
+# longer fit are recorded as skipped rather than cut off mid-way, and it returns two files under
+# $OUT (./ without OUT): gpu-check.json (everything measured) and gpu-check.log (each step's
+# stderr tail). Intermediate files live in a temporary folder outside $OUT.
+#
+# Order, most important first: each CUDA kernel against its CPU twin (seconds); the Pythia-2.8B
+# bf16 step (4 pairs × 512 tokens, activation checkpointing) beside PyTorch's; whole-model
+# parity; then smaller shapes while time remains.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 START=$(date +%s)
-BUDGET=${DPO_SAM_GPU_BUDGET_S:-450}
+BUDGET=${DPO_SAM_GPU_BUDGET_S:-480}
 OUTDIR=${OUT:-.}
-PARTS="$OUTDIR/gpu-check-parts"
+mkdir -p "$OUTDIR"
+WORK=$(mktemp -d)
+PARTS="$WORK/parts"
 mkdir -p "$PARTS"
-log() { echo "gpu-check [$(( $(date +%s) - START ))s] $*" >&2; }
+LOG="$OUTDIR/gpu-check.log"
+: >"$LOG"
+log() { echo "gpu-check [$(( $(date +%s) - START ))s] $*" | tee -a "$LOG" >&2; }
 
-# Runs a step with a time limit cut to what is left of the budget; its stdout (JSON) goes to
-# $PARTS/NAME.json, stderr to $PARTS/NAME.log, and the exit status to $PARTS/NAME.rc.
+# Runs a step with a time limit cut to what is left of the budget (steps needing more than is
+# left are skipped); its stdout (JSON) goes to $PARTS/NAME.json, stderr to $PARTS/NAME.err (its
+# tail also to the log), the exit status to $PARTS/NAME.rc.
 step() {
-  local name=$1 limit=$2; shift 2
+  local name=$1 limit=$2 need=$3; shift 3
   local left=$(( BUDGET - ($(date +%s) - START) ))
-  if (( left < 20 )); then
-    log "$name: skipped (budget spent)"
+  if (( left < need )); then
+    log "$name: skipped ($left s left, needs $need)"
     echo skipped >"$PARTS/$name.rc"
     return
   fi
   (( limit > left )) && limit=$left
   log "$name (limit ${limit}s)"
-  timeout "$limit" "$@" >"$PARTS/$name.json" 2>"$PARTS/$name.log"
+  timeout "$limit" "$@" >"$PARTS/$name.json" 2>"$PARTS/$name.err"
   echo $? >"$PARTS/$name.rc"
+  { echo "--- $name: exit $(cat "$PARTS/$name.rc"), stderr tail:"; tail -n 15 "$PARTS/$name.err"; } >>"$LOG"
   log "$name: exit $(cat "$PARTS/$name.rc")"
 }
 
-# The binary links libcudart/cublas/curand 13 dynamically; PyTorch's cu13 wheels carry them.
-# Any wheels put in .whl/ (e.g. nvidia-curand, which some torch installs lack) are unpacked too.
+# The binary links libcudart/cublas/cublasLt/curand 13 and NCCL dynamically; PyTorch's cu13 wheels carry
+# them. Any wheels put in .whl/ (e.g. nvidia-curand, which some torch installs lack) are unpacked too.
 LIBS=$(python3 - <<'PY'
-import glob, os, site, sys
+import glob, os, site
 roots = site.getsitepackages() + [site.getusersitepackages()]
 dirs = []
 for r in roots:
@@ -43,7 +53,6 @@ for r in roots:
 print(":".join(d for d in dirs if os.path.isdir(d)))
 PY
 )
-WORK=$(mktemp -d)
 if ls .whl/*.whl >/dev/null 2>&1; then
   for w in .whl/*.whl; do python3 -c 'import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])' "$w" "$WORK/wheels"; done
   LIBS="$LIBS:$(find "$WORK/wheels" -name 'lib*.so*' -printf '%h\n' | sort -u | paste -sd:)"
@@ -56,23 +65,31 @@ if [[ -f target/cuda/dpo-sam.gz ]]; then
 elif [[ -x target/cuda/release/dpo-sam ]]; then
   cp target/cuda/release/dpo-sam "$BIN"
 else
-  echo "target/cuda/dpo-sam.gz missing: build it with scripts/build-cuda.sh and carry it" >&2
+  log "target/cuda/dpo-sam.gz missing: build it with scripts/build-cuda.sh and carry it"
   exit 1
 fi
 chmod +x "$BIN"
 ldd "$BIN" >"$PARTS/ldd.txt" 2>&1
+nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv,noheader >"$PARTS/nvidia-smi.txt" 2>&1
 
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >"$PARTS/nvidia-smi.txt" 2>&1
+BENCH=(bench --device cuda --json --variants none,logits --steps 3)
+TORCH=(python3 scripts/torch_step.py --steps 3)
+BIG=(--pairs 4 --seq-len 512)
 
-step parity 150 "$BIN" gpu-check --device cuda:0
-SHAPES=(pythia-160m pythia-410m pythia-1.4b pythia-2.8b)
-for shape in "${SHAPES[@]}"; do
-  step "bench-$shape-f32" 120 "$BIN" bench --shape "$shape" --device cuda --json --variants none,logits --steps 3
-  step "torch-$shape-f32" 90 python3 scripts/torch_step.py --shape "$shape" --steps 3
+step ops 120 20 "$BIN" gpu-check --checks ops
+step bench-pythia-2.8b-bf16 240 90 "$BIN" "${BENCH[@]}" --shape pythia-2.8b "${BIG[@]}" --mixed-precision bf16 --gradient-checkpointing
+step torch-pythia-2.8b-bf16 150 60 "${TORCH[@]}" --shape pythia-2.8b "${BIG[@]}" --dtype bf16 --gradient-checkpointing
+step models 120 30 "$BIN" gpu-check --checks models
+# Data parallelism: NCCL initialised in a world of one process, an all-reduce, and two training
+# steps through the data-parallel loop against plain ones (the same weights).
+step nccl 90 20 "$BIN" gpu-check --checks nccl
+for shape in pythia-1.4b pythia-410m pythia-160m; do
+  step "bench-$shape-bf16" 120 45 "$BIN" "${BENCH[@]}" --shape "$shape" "${BIG[@]}" --mixed-precision bf16 --gradient-checkpointing
+  step "torch-$shape-bf16" 90 30 "${TORCH[@]}" --shape "$shape" "${BIG[@]}" --dtype bf16 --gradient-checkpointing
 done
-for shape in pythia-1.4b pythia-2.8b; do
-  step "bench-$shape-bf16" 120 "$BIN" bench --shape "$shape" --device cuda --json --variants none,logits --steps 3 --mixed-precision bf16
-  step "torch-$shape-bf16" 90 python3 scripts/torch_step.py --shape "$shape" --steps 3 --dtype bf16
+for shape in pythia-410m pythia-160m; do
+  step "bench-$shape-f32" 120 45 "$BIN" "${BENCH[@]}" --shape "$shape"
+  step "torch-$shape-f32" 90 30 "${TORCH[@]}" --shape "$shape"
 done
 
 python3 - "$PARTS" "$OUTDIR/gpu-check.json" "$(( $(date +%s) - START ))" <<'PY'
@@ -93,32 +110,36 @@ def result(name):
         out["result"] = json.loads(text)
     except (TypeError, ValueError):
         out["stdout_tail"] = (text or "")[-2000:]
-        out["stderr_tail"] = (read(name + ".log") or "")[-2000:]
+        out["stderr_tail"] = (read(name + ".err") or "")[-2000:]
     return out
 
 smi = (read("nvidia-smi.txt") or "").split(", ")
 report = {
-    "gpu": {"name": smi[0] if smi else None, "memory": smi[1] if len(smi) > 1 else None,
-            "driver": smi[2] if len(smi) > 2 else None},
+    "gpu": {k: (smi[i] if len(smi) > i else None)
+            for i, k in enumerate(["name", "memory", "driver", "compute_cap"])},
     "missing_libs": [l.strip() for l in (read("ldd.txt") or "").splitlines() if "not found" in l],
-    "parity": result("parity"),
+    "ops": result("ops"),
+    "models": result("models"),
+    "nccl": result("nccl"),
     "bench": [],
     "wall_s": wall,
 }
-for dtype, shapes in (("f32", ["pythia-160m", "pythia-410m", "pythia-1.4b", "pythia-2.8b"]),
-                      ("bf16", ["pythia-1.4b", "pythia-2.8b"])):
-    for shape in shapes:
-        ours, torch = result(f"bench-{shape}-{dtype}"), result(f"torch-{shape}-{dtype}")
-        row = {"shape": shape, "dtype": dtype, "dpo_sam": ours, "torch": torch}
-        try:
-            plain = next(v for v in ours["result"]["variants"] if v["variant"] == "none")["median_s"]
-            row["ratio_dpo_sam_to_torch"] = plain / torch["result"]["median_s"]
-        except (KeyError, StopIteration, TypeError):
-            pass
-        report["bench"].append(row)
+runs = [(s, "bf16") for s in ["pythia-2.8b", "pythia-1.4b", "pythia-410m", "pythia-160m"]]
+runs += [(s, "f32") for s in ["pythia-410m", "pythia-160m"]]
+for shape, dtype in runs:
+    ours, torch = result(f"bench-{shape}-{dtype}"), result(f"torch-{shape}-{dtype}")
+    row = {"shape": shape, "dtype": dtype, "dpo_sam": ours, "torch": torch}
+    try:
+        plain = next(v for v in ours["result"]["variants"] if v["variant"] == "none")["median_s"]
+        row["ratio_dpo_sam_to_torch"] = plain / torch["result"]["median_s"]
+    except (KeyError, StopIteration, TypeError):
+        pass
+    report["bench"].append(row)
 json.dump(report, open(dest, "w"), indent=2)
-print(json.dumps({"gpu": report["gpu"], "parity_pass": (report["parity"].get("result") or {}).get("pass"),
+passed = lambda r: (r.get("result") or {}).get("pass")
+print(json.dumps({"gpu": report["gpu"], "ops_pass": passed(report["ops"]), "models_pass": passed(report["models"]),
+                  "nccl_pass": passed(report["nccl"]),
                   "ratios": {f'{r["shape"]}/{r["dtype"]}': r.get("ratio_dpo_sam_to_torch") for r in report["bench"]}}))
 PY
 rm -rf "$WORK"
-log "wrote $OUTDIR/gpu-check.json"
+log "wrote $OUTDIR/gpu-check.json and $LOG"

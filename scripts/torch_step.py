@@ -5,7 +5,9 @@ Same work as the Rust bench's `none` variant: a random-weight GPT-NeoX (Pythia s
 forward and backward on `pairs` chosen/rejected pairs of `seq_len` random tokens, a frozen
 reference's forward, the sigmoid DPO loss, global-norm clipping and an AdamW step. Prints one
 JSON object with the median step time. Needs only torch (no transformers), so it runs on any
-machine with PyTorch's CUDA wheels.
+machine with PyTorch's CUDA wheels. Weights are initialised on the device (a 2.8B model built
+on the host takes a minute); `--gradient-checkpointing` recomputes each block in the backward
+(torch.utils.checkpoint), as `dpo-sam bench --gradient-checkpointing`.
 """
 import argparse
 import json
@@ -15,6 +17,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 SHAPES = {
     "pythia-70m": (512, 6, 8),
@@ -55,17 +58,21 @@ class Layer(torch.nn.Module):
 
 
 class Model(torch.nn.Module):
-    def __init__(self, d, layers, heads):
+    def __init__(self, d, layers, heads, checkpointing=False):
         super().__init__()
         self.emb = torch.nn.Embedding(VOCAB, d)
         self.layers = torch.nn.ModuleList(Layer(d, heads) for _ in range(layers))
         self.ln = torch.nn.LayerNorm(d)
         self.head = torch.nn.Linear(d, VOCAB, bias=False)
+        self.checkpointing = checkpointing
 
     def forward(self, ids):
         x = self.emb(ids)
         for layer in self.layers:
-            x = layer(x)
+            if self.checkpointing and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False)
+            else:
+                x = layer(x)
         return self.head(self.ln(x)).float()
 
 
@@ -82,6 +89,7 @@ def main():
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--dtype", default="f32", choices=["f32", "bf16"], help="bf16: autocast matmuls")
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--gradient-checkpointing", action="store_true")
     args = ap.parse_args()
 
     torch.manual_seed(0)
@@ -89,8 +97,9 @@ def main():
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     dev = torch.device(args.device)
-    policy = Model(*SHAPES[args.shape]).to(dev)
-    reference = Model(*SHAPES[args.shape]).to(dev).requires_grad_(False)
+    with dev:
+        policy = Model(*SHAPES[args.shape], checkpointing=args.gradient_checkpointing)
+        reference = Model(*SHAPES[args.shape]).requires_grad_(False)
     reference.load_state_dict(policy.state_dict())
     opt = torch.optim.AdamW(policy.parameters(), lr=1e-6)
     ids = torch.randint(0, VOCAB, (2 * args.pairs, args.seq_len), device=dev)
@@ -124,6 +133,7 @@ def main():
         "pairs": args.pairs,
         "seq_len": args.seq_len,
         "dtype": args.dtype,
+        "gradient_checkpointing": args.gradient_checkpointing,
         "torch": torch.__version__,
         "params": sum(p.numel() for p in policy.parameters()),
         "median_s": median,

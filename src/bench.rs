@@ -1,14 +1,16 @@
 //! `dpo-sam bench`: times training steps — plain DPO, logits-SAM and full SAM — interleaved in one
 //! process on one fixed batch with random weights, and prints medians, ratios to plain, the
 //! logits-SAM FLOP bound 1 + ⅔ × (lm_head's share of the linear-layer work), achieved GFLOP/s and
-//! the share of a matmul peak measured on the spot; and the first step's measured memory beside
-//! the `--dry-run` plan's estimate of it.
+//! the share of a matmul peak measured on the spot (in the dtype the step's matmuls run in:
+//! bf16 tensor cores under `--mixed-precision bf16`), tokens/s; and the first step's measured
+//! memory beside the `--dry-run` plan's estimate of it. On a GPU also the allocator's peak
+//! memory and, per step, the launches of our kernels and the nodes of candle's graph.
 
 use crate::config::{Config, MixedPrecision, SamKind};
 use crate::data::batch::{PreferenceBatch, Sequence, TokenizedPair};
 use crate::train::Trainer;
 use anyhow::{bail, Context, Result};
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use rand::{Rng, SeedableRng};
 use serde_json::json;
 use std::time::Instant;
@@ -42,6 +44,9 @@ pub struct BenchArgs {
     /// Activation checkpointing per block, as `training.gradient_checkpointing`.
     #[arg(long)]
     pub gradient_checkpointing: bool,
+    /// TF32 for f32 matmuls (Ampere or newer GPUs), as `training.tf32`.
+    #[arg(long)]
+    pub tf32: bool,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -76,16 +81,17 @@ pub fn run(args: BenchArgs) -> Result<()> {
         args.device
     );
     println!(
-        "matmul peak measured: {:.1} GFLOP/s",
-        report["matmul_peak_gflops"].as_f64().unwrap_or(0.0)
+        "matmul peak measured: {:.1} GFLOP/s ({})",
+        report["matmul_peak_gflops"].as_f64().unwrap_or(0.0),
+        report["matmul_peak_dtype"].as_str().unwrap_or("")
     );
     println!(
-        "{:<8} {:>12} {:>10} {:>10} {:>12} {:>8}",
-        "variant", "median s", "ratio", "bound", "GFLOP/s", "% peak"
+        "{:<8} {:>12} {:>10} {:>10} {:>12} {:>8} {:>10}",
+        "variant", "median s", "ratio", "bound", "GFLOP/s", "% peak", "tokens/s"
     );
     for v in report["variants"].as_array().into_iter().flatten() {
         println!(
-            "{:<8} {:>12.4} {:>10.3} {:>10} {:>12.1} {:>7.1}%",
+            "{:<8} {:>12.4} {:>10.3} {:>10} {:>12.1} {:>7.1}% {:>10.0}",
             v["variant"].as_str().unwrap_or(""),
             v["median_s"].as_f64().unwrap_or(f64::NAN),
             v["ratio_to_plain"].as_f64().unwrap_or(f64::NAN),
@@ -95,9 +101,19 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 .unwrap_or_else(|| "-".into()),
             v["gflops"].as_f64().unwrap_or(f64::NAN),
             100.0 * v["peak_share"].as_f64().unwrap_or(f64::NAN),
+            v["tokens_per_second"].as_f64().unwrap_or(f64::NAN),
         );
+        if let Some(launches) = v["kernel_launches_per_step"].as_u64() {
+            println!(
+                "         our kernel launches per step {launches}, candle graph nodes per step {}",
+                v["candle_graph_nodes_per_step"]
+            );
+        }
     }
     println!("peak resident memory: {} MiB", report["peak_rss_mib"]);
+    if let Some(peak) = report["peak_device_memory_mib"].as_f64() {
+        println!("peak GPU memory (allocator high-water mark): {peak:.0} MiB");
+    }
     let m = &report["memory"];
     let mib = |k: &str| m[k].as_f64().unwrap_or(f64::NAN);
     println!(
@@ -152,13 +168,14 @@ pub fn bench(args: &BenchArgs) -> Result<serde_json::Value> {
     };
     let toml = format!(
         "output_dir = {out:?}\ndevice = {dev:?}\n[model]\nname_or_path = {model:?}\n[model.builtin]\nn_layer = 2\nn_head = 4\nn_embd = 64\nn_positions = {pos}\n\
-         [data]\ntrain = \"builtin:arith\"\nbuiltin_pairs = 8\n[training]\nlearning_rate = 1e-6\nbatch_size = {pairs}\nmixed_precision = {mp:?}\ngradient_checkpointing = {gc}\n[sam]\nkind = \"logits\"\nrho = 0.05\n",
+         [data]\ntrain = \"builtin:arith\"\nbuiltin_pairs = 8\n[training]\nlearning_rate = 1e-6\nbatch_size = {pairs}\nmixed_precision = {mp:?}\ngradient_checkpointing = {gc}\ntf32 = {tf32}\n[sam]\nkind = \"logits\"\nrho = 0.05\n",
         out = scratch.path().display().to_string(),
         dev = args.device,
         pos = args.seq_len.max(64),
         pairs = args.pairs,
         mp = mixed_precision.as_str(),
         gc = args.gradient_checkpointing,
+        tf32 = args.tf32,
     );
     let cfg = Config::parse(&toml, "bench", &[])?;
     let mut trainer = Trainer::new(cfg)?;
@@ -210,22 +227,34 @@ pub fn bench(args: &BenchArgs) -> Result<serde_json::Value> {
     let memory = step_memory(&mut trainer, &batch, args, mixed_precision)?;
 
     let mut times: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
+    // Per variant, the last timed step's launches of our kernels and candle graph nodes.
+    let mut counts = vec![(0u64, 0usize); variants.len()];
     for round in 0..=args.steps {
         for (i, &v) in variants.iter().enumerate() {
             trainer.set_sam_kind(v);
-            let started = Instant::now();
+            let (started, launched) = (Instant::now(), crate::kernels::launches());
             let ms = trainer.micro_step(&batch, Some(1.0))?;
             let params = &trainer.policy().params;
+            let grads = ms.grads.as_ref().expect("backward requested");
             let mut acc = crate::optim::GradAccumulator::new(params.len());
-            acc.add(params, ms.grads.as_ref().expect("backward requested"))?;
+            acc.add(params, grads)?;
             trainer.apply_gradients(&acc, 1e-6)?;
             trainer.device().synchronize()?;
             if round > 0 {
                 times[i].push(started.elapsed().as_secs_f64());
+                counts[i] = (
+                    crate::kernels::launches() - launched,
+                    grads.get_ids().count(),
+                );
             }
         }
     }
-    let peak = matmul_peak_gflops(trainer.device())?;
+    let peak_dtype = match mixed_precision {
+        MixedPrecision::Bf16 => DType::BF16,
+        MixedPrecision::No => trainer.config().model.dtype.dtype(),
+    };
+    let peak = matmul_peak_gflops(trainer.device(), peak_dtype)?;
+    let on_gpu = !trainer.device().is_cpu();
     let median = |v: &[f64]| {
         let mut s = v.to_vec();
         s.sort_by(f64::total_cmp);
@@ -238,7 +267,8 @@ pub fn bench(args: &BenchArgs) -> Result<serde_json::Value> {
     let rows: Vec<serde_json::Value> = variants
         .iter()
         .zip(&times)
-        .map(|(&v, t)| {
+        .zip(&counts)
+        .map(|((&v, t), &(launches, nodes))| {
             let m = median(t);
             let flops = match v {
                 SamKind::Logits => plain_flops + extra_logits_sam,
@@ -253,9 +283,18 @@ pub fn bench(args: &BenchArgs) -> Result<serde_json::Value> {
                 "gflops": flops / m / 1e9,
                 "peak_share": flops / m / 1e9 / peak,
                 "tokens_per_second": tokens / m,
+                // Exact: our CUDA kernels and cuBLASLt GEMMs, forward, backward and optimiser.
+                "kernel_launches_per_step": on_gpu.then_some(launches),
+                // candle's own launches cannot be counted from outside it; its graph nodes can
+                // (the tensors the backward gave a gradient): each is at least one launch
+                // forward, and in the backward one or more for its gradient plus a zero-fill
+                // and an add per input (candle's gradient accumulation).
+                "candle_graph_nodes_per_step": on_gpu.then_some(nodes),
             })
         })
         .collect();
+    let peak_device = crate::kernels::device_memory(trainer.device())?
+        .map(|(_, peak)| peak as f64 / (1024.0 * 1024.0));
     Ok(json!({
         "shape": args.shape,
         "pairs": args.pairs,
@@ -266,8 +305,10 @@ pub fn bench(args: &BenchArgs) -> Result<serde_json::Value> {
         "params": total_params,
         "lm_head_share": share,
         "matmul_peak_gflops": peak,
+        "matmul_peak_dtype": format!("{peak_dtype:?}").to_lowercase(),
         "variants": rows,
         "peak_rss_mib": peak_rss_mib(),
+        "peak_device_memory_mib": peak_device,
         "memory": memory,
     }))
 }
@@ -303,15 +344,20 @@ fn step_memory(
     let before = proc_status_kib("VmRSS:");
     // Linux ≥ 4.0: writing 5 resets the peak (VmHWM) to the current resident size.
     let reset = std::fs::write("/proc/self/clear_refs", "5").is_ok();
+    // On a GPU: the allocator's bytes in use before, and its high-water mark over the step.
+    let device = trainer.device().clone();
+    let device_before = crate::kernels::device_memory(&device)?;
+    crate::kernels::reset_peak_device_memory(&device)?;
     let kind = trainer.config().sam.kind;
     trainer.set_sam_kind(SamKind::None);
     let step = trainer.micro_step(batch, Some(1.0)).map(drop);
     trainer.set_sam_kind(kind);
     step?;
-    let measured = match (reset, before, proc_status_kib("VmHWM:")) {
-        (true, Some(b), Some(p)) if trainer.device().is_cpu() => {
-            Some((p.saturating_sub(b)) as f64 / 1024.0)
-        }
+    device.synchronize()?;
+    let measured = match (reset, before, proc_status_kib("VmHWM:"), device_before) {
+        (_, _, _, Some((used, _))) => crate::kernels::device_memory(&device)?
+            .map(|(_, peak)| peak.saturating_sub(used) as f64 / MIB),
+        (true, Some(b), Some(p), None) => Some((p.saturating_sub(b)) as f64 / 1024.0),
         _ => None,
     };
     Ok(json!({
@@ -350,11 +396,12 @@ pub(crate) fn random_batch(
     PreferenceBatch::new(&tp, pad, device)
 }
 
-/// GFLOP/s of a 1024³ f32 matmul on the device, best of five.
-fn matmul_peak_gflops(device: &Device) -> Result<f64> {
-    let n = 1024;
-    let a = Tensor::randn(0f32, 1.0, (n, n), device)?;
-    let b = Tensor::randn(0f32, 1.0, (n, n), device)?;
+/// GFLOP/s of a square matmul in `dtype` on the device, best of five: 1024³ on the CPU, 8192³
+/// on a GPU (large enough for its tensor cores to reach their rate).
+fn matmul_peak_gflops(device: &Device, dtype: DType) -> Result<f64> {
+    let n = if device.is_cpu() { 1024 } else { 8192 };
+    let a = Tensor::randn(0f32, 1.0, (n, n), device)?.to_dtype(dtype)?;
+    let b = Tensor::randn(0f32, 1.0, (n, n), device)?.to_dtype(dtype)?;
     let mut best = f64::MAX;
     for _ in 0..5 {
         let started = Instant::now();

@@ -4,10 +4,12 @@
 //! way (`tests/layering.rs` checks it):
 //!
 //! - commands: `bench`, `eval`, `generate`, `gpucheck`, `plot`, `score`, `sharpness`, `toy`,
-//!   `train` (whose `mod.rs` is the command and the loop) and `data inspect`;
+//!   `trl` (`config from-trl`), `train` (whose `mod.rs` is the command and the loop) and
+//!   `data inspect`;
 //! - what the training run uses: `plan` (`--dry-run`), `refcache`, `checkpoint`;
 //! - what a step is made of: `sam`, `losses`, `logps`, `diagnostics`, `optim`, `data`, `models`;
 //! - `kernels`: the hand-written fused ops, which import nothing of the crate;
+//! - `dist`: data parallelism's collective (CPU over TCP, NCCL on GPUs), rendezvous and launcher;
 //! - settings and utilities: `config`, `tokenizer`, `hub`, `device`.
 
 pub mod bench;
@@ -16,6 +18,7 @@ pub mod config;
 pub mod data;
 pub mod device;
 pub mod diagnostics;
+pub mod dist;
 pub mod eval;
 pub mod generate;
 pub mod gpucheck;
@@ -34,3 +37,4 @@ pub mod sharpness;
 pub mod tokenizer;
 pub mod toy;
 pub mod train;
+pub mod trl;

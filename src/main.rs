@@ -38,11 +38,14 @@ enum Command {
     /// Look at preference data before training: `data inspect` counts records and skipped rows
     /// by reason, token-length percentiles, padding, and shows which tokens are scored.
     Data(dpo_sam::data::inspect::DataArgs),
+    /// Configs: `config from-trl` converts a TRL / alignment-handbook recipe into a dpo-sam
+    /// TOML, listing every field it cannot carry over.
+    Config(dpo_sam::trl::ConfigArgs),
     /// Generate completions for a data file's prompts as JSONL for `eval` (batched, KV cache,
     /// greedy or sampled; `--preset hh|tldr` for the paper's settings).
     Generate(dpo_sam::generate::GenerateArgs),
-    /// CUDA-vs-CPU parity of logits, log-probs and one step's gradients on tiny GPT-2,
-    /// GPT-NeoX and Mistral models, as JSON (see docs/gpu.md).
+    /// CUDA-vs-CPU parity of each CUDA kernel with its CPU twin, and of logits, log-probs and
+    /// one step's gradients on tiny GPT-2, GPT-NeoX and Mistral models, as JSON (docs/gpu.md).
     #[command(name = "gpu-check", hide = true)]
     GpuCheck(dpo_sam::gpucheck::GpuCheckArgs),
 }
@@ -60,6 +63,7 @@ fn main() {
         Command::Sharpness(args) => dpo_sam::sharpness::run(args),
         Command::Data(args) => dpo_sam::data::inspect::run(args),
         Command::Generate(args) => dpo_sam::generate::run(args),
+        Command::Config(args) => dpo_sam::trl::run(args),
         Command::GpuCheck(args) => dpo_sam::gpucheck::run(args),
     };
     if let Err(err) = result {

@@ -38,25 +38,35 @@ impl GradAccumulator {
         Ok(())
     }
 
-    /// Global L2 norm of the accumulated gradients.
+    /// Global L2 norm of the accumulated gradients. Off the CPU, the per-gradient sums stay on
+    /// the device and only the total is read back.
     pub fn norm(&self) -> Result<f64> {
         let mut total = 0f64;
+        let mut on_device = Vec::new();
         for g in self.grads.iter().flatten() {
-            total += match adamw::applies(&[g]) {
-                true => adamw::sum_of_squares(g)?,
-                false => g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64,
-            };
+            match (adamw::applies(&[g]), g.device().is_cpu()) {
+                (true, _) => total += adamw::sum_of_squares(g)?,
+                (false, true) => total += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64,
+                (false, false) => on_device.push(g.sqr()?.sum_all()?.to_dtype(DType::F64)?),
+            }
+        }
+        if !on_device.is_empty() {
+            total += Tensor::stack(&on_device, 0)?
+                .sum_all()?
+                .to_scalar::<f64>()?;
         }
         Ok(total.sqrt())
     }
 
     /// Global-norm clipping as `torch.nn.utils.clip_grad_norm_`: returns the norm before clipping
-    /// and the factor (≤ 1; 1 when `max_norm` is 0) by which the gradients are to be scaled.
-    /// [`Optimizer::apply`] takes the factor rather than this rewriting every gradient.
+    /// and the factor min(1, max_norm / (norm + 1e-6)) by which the gradients are to be scaled
+    /// (1 when `max_norm` is 0, which HF's Trainer reads as no clipping). Like torch's, the
+    /// factor is applied whenever it is below 1, so a norm within 1e-6 of `max_norm` is scaled
+    /// too. [`Optimizer::apply`] takes the factor rather than this rewriting every gradient.
     pub fn clip(&self, max_norm: f64) -> Result<(f64, f64)> {
         let norm = self.norm()?;
-        let scale = match max_norm > 0.0 && norm > max_norm {
-            true => max_norm / (norm + 1e-6),
+        let scale = match max_norm > 0.0 {
+            true => (max_norm / (norm + 1e-6)).min(1.0),
             false => 1.0,
         };
         Ok((norm, scale))
@@ -64,6 +74,11 @@ impl GradAccumulator {
 
     pub fn grads(&self) -> &[Option<Tensor>] {
         &self.grads
+    }
+
+    /// The slots themselves: a data-parallel run replaces them with their sums over ranks.
+    pub fn grads_mut(&mut self) -> &mut [Option<Tensor>] {
+        &mut self.grads
     }
 }
 
@@ -168,6 +183,74 @@ impl Optimizer {
         Ok(())
     }
 
+    /// Clips the accumulated gradients to the global norm `max_norm` (0: no clipping) and
+    /// applies one update at learning rate `lr`, unless their norm is not finite (then nothing
+    /// changes). Returns the norm before clipping. On CUDA, where [`adamw::Fused`] applies, the
+    /// norm and the clipping factor are computed on the device and the norm is the step's one
+    /// read back to the host.
+    pub fn clip_and_apply(
+        &mut self,
+        params: &[Param],
+        acc: &GradAccumulator,
+        max_norm: f64,
+        lr: f64,
+    ) -> Result<f64> {
+        let slots: Vec<adamw::Slot> = params
+            .iter()
+            .zip(acc.grads())
+            .enumerate()
+            .filter_map(|(i, (p, g))| {
+                Some(adamw::Slot {
+                    w: p.master.as_ref().unwrap_or(&p.var).as_tensor(),
+                    moments: self.m.get(i).zip(self.v.get(i)),
+                    g: g.as_ref()?,
+                    copy: p.master.as_ref().map(|_| p.var.as_tensor()),
+                    decay: self.decay(p),
+                })
+            })
+            .collect();
+        if let Some(fused) = adamw::Fused::new(&slots) {
+            let clip = fused.clip(max_norm)?;
+            let norm = clip.to_vec1::<f32>()?[0] as f64;
+            if norm.is_finite() {
+                let update = adamw::Update {
+                    lr,
+                    decay: 0.0,
+                    grad_scale: 1.0,
+                    rule: self.rule(),
+                    step: self.step + 1,
+                };
+                fused.update(&update, &clip)?;
+                self.step += 1;
+            }
+            return Ok(norm);
+        }
+        let (norm, scale) = acc.clip(max_norm)?;
+        if norm.is_finite() {
+            self.apply(params, acc.grads(), scale, lr)?;
+        }
+        Ok(norm)
+    }
+
+    /// The kernels' update rule.
+    fn rule(&self) -> adamw::Rule {
+        match self.kind {
+            OptimizerKind::AdamW {
+                beta1, beta2, eps, ..
+            } => adamw::Rule::AdamW { beta1, beta2, eps },
+            OptimizerKind::Sgd { .. } => adamw::Rule::Sgd,
+        }
+    }
+
+    /// Decoupled weight decay of a parameter: none on biases and norm weights (rank 1).
+    fn decay(&self, p: &Param) -> f64 {
+        match (p.var.rank() >= 2, &self.kind) {
+            (false, _) => 0.0,
+            (true, OptimizerKind::AdamW { weight_decay, .. })
+            | (true, OptimizerKind::Sgd { weight_decay }) => *weight_decay,
+        }
+    }
+
     /// One update with learning rate `lr`, each gradient multiplied by `grad_scale` (the clipping
     /// factor). Parameters without a gradient are left alone.
     pub fn apply(
@@ -178,23 +261,10 @@ impl Optimizer {
         lr: f64,
     ) -> Result<()> {
         self.step += 1;
-        let rule = match self.kind {
-            OptimizerKind::AdamW {
-                beta1, beta2, eps, ..
-            } => adamw::Rule::AdamW { beta1, beta2, eps },
-            OptimizerKind::Sgd { .. } => adamw::Rule::Sgd,
-        };
+        let rule = self.rule();
         for (i, (p, g)) in params.iter().zip(grads).enumerate() {
             let Some(g) = g else { continue };
-            // Decoupled decay, skipped for biases and norm weights.
-            let decay = if p.var.rank() >= 2 {
-                match self.kind {
-                    OptimizerKind::AdamW { weight_decay, .. }
-                    | OptimizerKind::Sgd { weight_decay } => weight_decay,
-                }
-            } else {
-                0.0
-            };
+            let decay = self.decay(p);
             let update = adamw::Update {
                 lr,
                 decay,
@@ -244,9 +314,10 @@ impl Optimizer {
     }
 }
 
-/// Learning rate at an optimiser step: linear warmup from 0, then constant, linear decay to 0, or
-/// cosine decay to 0 over the remaining steps (as `transformers`' schedulers). A checkpoint's
-/// `trainer_state.json` records it.
+/// Learning rate at an optimiser step, as `transformers`' schedulers of the same names: `linear`,
+/// `cosine` and `constant_with_warmup` warm up linearly from 0 over `warmup` steps, then decay
+/// linearly to 0, decay along a half cosine to 0, or stay at the peak; `constant` ignores
+/// `warmup`, as `get_constant_schedule` does. A checkpoint's `trainer_state.json` records it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Schedule {
     pub peak: f64,
@@ -257,6 +328,9 @@ pub struct Schedule {
 
 impl Schedule {
     pub fn lr(&self, step: usize) -> f64 {
+        if self.kind == SchedulerType::Constant {
+            return self.peak;
+        }
         if step < self.warmup {
             return self.peak * step as f64 / self.warmup.max(1) as f64;
         }
@@ -267,7 +341,7 @@ impl Schedule {
             SchedulerType::Cosine => {
                 self.peak * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
             }
-            SchedulerType::Constant => self.peak,
+            SchedulerType::Constant | SchedulerType::ConstantWithWarmup => self.peak,
         }
     }
 }
@@ -296,10 +370,54 @@ mod tests {
         assert!((c.lr(60) - 0.5).abs() < 1e-12);
         assert!(c.lr(110).abs() < 1e-12);
         let k = Schedule {
+            kind: SchedulerType::ConstantWithWarmup,
+            ..s.clone()
+        };
+        assert_eq!((k.lr(0), k.lr(5), k.lr(100)), (0.0, 0.5, 1.0));
+        // HF's `constant` ignores warmup.
+        let c = Schedule {
             kind: SchedulerType::Constant,
             ..s
         };
-        assert_eq!(k.lr(100), 1.0);
+        assert_eq!((c.lr(0), c.lr(5), c.lr(100)), (1.0, 1.0, 1.0));
+    }
+
+    /// `transformers`' LambdaLR factors, written out independently: `get_linear_schedule_with_warmup`,
+    /// `get_cosine_schedule_with_warmup` (num_cycles 0.5) and `get_constant_schedule_with_warmup`.
+    #[test]
+    fn schedules_match_transformers_lambdas() {
+        let (warmup, total) = (7usize, 40usize);
+        let hf = |kind: SchedulerType, step: usize| -> f64 {
+            let s = step as f64;
+            let (w, t) = (warmup as f64, total as f64);
+            match kind {
+                SchedulerType::Constant => 1.0,
+                _ if step < warmup => s / w.max(1.0),
+                SchedulerType::ConstantWithWarmup => 1.0,
+                SchedulerType::Linear => ((t - s) / (t - w).max(1.0)).max(0.0),
+                SchedulerType::Cosine => {
+                    let progress = (s - w) / (t - w).max(1.0);
+                    (0.5 * (1.0 + (std::f64::consts::PI * 0.5 * 2.0 * progress).cos())).max(0.0)
+                }
+            }
+        };
+        for kind in [
+            SchedulerType::Constant,
+            SchedulerType::ConstantWithWarmup,
+            SchedulerType::Linear,
+            SchedulerType::Cosine,
+        ] {
+            let s = Schedule {
+                peak: 3e-4,
+                warmup,
+                total,
+                kind,
+            };
+            for step in 0..total {
+                let want = 3e-4 * hf(kind, step);
+                assert!((s.lr(step) - want).abs() < 1e-15, "{kind} step {step}");
+            }
+        }
     }
 
     #[test]
@@ -403,10 +521,14 @@ mod tests {
         let acc = GradAccumulator {
             grads: vec![Some(Tensor::new(&[3f32, 4.0], &dev)?), None],
         };
+        // torch: clip_coef = max_norm / (total_norm + 1e-6), clamped to 1.
         let (norm, scale) = acc.clip(1.0)?;
         assert!((norm - 5.0).abs() < 1e-6);
-        assert!((scale - 0.2).abs() < 1e-6);
+        assert_eq!(scale, 1.0 / (norm + 1e-6));
         assert_eq!(acc.clip(10.0)?.1, 1.0);
+        // At the bound the factor is just below 1 and applied, as in torch.
+        assert_eq!(acc.clip(norm)?.1, norm / (norm + 1e-6));
+        assert_eq!(acc.clip(0.0)?.1, 1.0);
         Ok(())
     }
 }

@@ -18,12 +18,14 @@ use crate::models::Param;
 use anyhow::Result;
 use candle_core::{backprop::GradStore, DType, Tensor, Var};
 
-/// The perturbation e and the loss before it was applied.
+/// The perturbation e and the loss before it was applied. The two scalars stay on the device
+/// (f64, no graph) until the step has been issued: reading one here would wait for the
+/// pre-pass to finish before the perturbed pass could be queued.
 pub struct Perturbation {
     /// e = ρ g/‖g‖_F, shaped like the output weight; a constant (no graph).
     pub e: Tensor,
-    pub loss_pre: f64,
-    pub grad_norm: f64,
+    pub loss_pre: Tensor,
+    pub grad_norm: Tensor,
     /// Per-token log-probs at the unperturbed W (no graph), for metrics of the actual model.
     pub token_logps: Tensor,
 }
@@ -65,14 +67,11 @@ pub fn logits_perturbation_with(
         None => token_logps.zeros_like()?,
     };
     let g = frozen.sam_gradient(&h, targets, &dlogp, pre.as_ref())?;
-    let grad_norm = sq_norm(&scaled_grad(&g, &frozen.weight, adaptive)?)?.sqrt();
-    let e = ascent_step(&g, &frozen.weight, rho, grad_norm, adaptive)?;
-    let loss_pre = loss_pre
-        .to_dtype(candle_core::DType::F64)?
-        .to_scalar::<f64>()?;
+    let grad_norm = sq_norm(&scaled_grad(&g, &frozen.weight, adaptive)?)?.sqrt()?;
+    let e = ascent_step(&g, &frozen.weight, rho, &grad_norm, adaptive)?;
     Ok(Perturbation {
         e,
-        loss_pre,
+        loss_pre: loss_pre.detach().to_dtype(DType::F64)?,
         grad_norm,
         token_logps: token_logps.as_tensor().detach(),
     })
@@ -87,25 +86,25 @@ fn scaled_grad(g: &Tensor, w: &Tensor, adaptive: bool) -> Result<Tensor> {
     })
 }
 
-fn sq_norm(t: &Tensor) -> Result<f64> {
-    Ok(t.sqr()?
-        .sum_all()?
-        .to_dtype(DType::F64)?
-        .to_scalar::<f64>()?)
+/// Σ t², an f64 scalar on t's device.
+fn sq_norm(t: &Tensor) -> Result<Tensor> {
+    Ok(t.sqr()?.sum_all()?.to_dtype(DType::F64)?)
 }
 
-/// e = ρ T² g / ‖T g‖ with `norm` = ‖T g‖ taken over every perturbed tensor together: T = 1
-/// gives SAM's ρ g/‖g‖; T = |W| gives ASAM (Kwon et al. 2021), as in the reference SAM code.
-/// The official logits-SAM code's `sam_adaptive` uses ρ T g / ‖T g‖ (one factor of |W| fewer).
-fn ascent_step(g: &Tensor, w: &Tensor, rho: f64, norm: f64, adaptive: bool) -> Result<Tensor> {
-    // Clamped so that a zero gradient gives a zero perturbation rather than NaN.
-    let scale = rho / norm.max(1e-12);
+/// e = ρ T² g / ‖T g‖ with `norm` = ‖T g‖ (an f64 scalar on the device) taken over every
+/// perturbed tensor together: T = 1 gives SAM's ρ g/‖g‖; T = |W| gives ASAM (Kwon et al. 2021),
+/// as in the reference SAM code. The official logits-SAM code's `sam_adaptive` uses
+/// ρ T g / ‖T g‖ (one factor of |W| fewer).
+fn ascent_step(g: &Tensor, w: &Tensor, rho: f64, norm: &Tensor, adaptive: bool) -> Result<Tensor> {
+    // Clamped so that a zero gradient gives a zero perturbation rather than NaN; in f64, then
+    // rounded once to g's dtype, as a host scalar would be.
+    let scale = Tensor::new(rho, norm.device())?.broadcast_div(&norm.maximum(1e-12)?)?;
     let direction = if adaptive {
         scaled_grad(&scaled_grad(g, w, true)?, w, true)?
     } else {
         g.clone()
     };
-    Ok((direction * scale)?)
+    Ok(direction.broadcast_mul(&scale.to_dtype(direction.dtype())?)?)
 }
 
 /// Full SAM's ascent (Foret et al. 2021), applied in place to every parameter with a gradient:
@@ -113,8 +112,8 @@ fn ascent_step(g: &Tensor, w: &Tensor, rho: f64, norm: f64, adaptive: bool) -> R
 /// back exactly the same bits rather than subtracting e (which rounds).
 pub struct FullPerturbation {
     originals: Vec<(Var, Tensor)>,
-    /// ‖T g‖ over all parameters (T as in `ascent_step`).
-    pub grad_norm: f64,
+    /// ‖T g‖ over all parameters (T as in `ascent_step`), an f64 scalar on the device.
+    pub grad_norm: Tensor,
 }
 
 /// Moves every parameter that has a gradient in `grads` to W + e, e = ρ T² g/‖T g‖ with one
@@ -129,15 +128,23 @@ pub fn perturb_params(
         .iter()
         .filter_map(|p| grads.get(p.var.as_tensor()).map(|g| (&p.var, g.clone())))
         .collect();
-    let mut total = 0f64;
+    // Summed on the device in parameter order (no read per parameter).
+    let mut total: Option<Tensor> = None;
     for (var, g) in &with_grad {
-        total += sq_norm(&scaled_grad(g, var.as_tensor(), adaptive)?)?;
+        let sq = sq_norm(&scaled_grad(g, var.as_tensor(), adaptive)?)?;
+        total = Some(match total {
+            Some(t) => (t + sq)?,
+            None => sq,
+        });
     }
-    let grad_norm = total.sqrt();
+    let grad_norm = match total {
+        Some(t) => t.sqrt()?,
+        None => Tensor::new(0f64, &candle_core::Device::Cpu)?,
+    };
     let mut originals = Vec::with_capacity(with_grad.len());
     for (var, g) in with_grad {
         let w = var.as_tensor();
-        let e = ascent_step(&g, w, rho, grad_norm, adaptive)?;
+        let e = ascent_step(&g, w, rho, &grad_norm, adaptive)?;
         originals.push((var.clone(), w.detach().copy()?));
         var.set(&(w.detach() + e.to_dtype(w.dtype())?)?)?;
     }

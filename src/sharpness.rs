@@ -1,7 +1,8 @@
 //! `dpo-sam sharpness`: the curvature of the preference loss at a checkpoint, as the paper's
 //! §4.3 measures it ("the traces of the parameter Hessian and the logit Hessian at the final
 //! checkpoint"). The objective is the loss a training step minimises, on the first `--pairs`
-//! pairs of `--data`: L(θ) = (1/N) Σ_i loss_i(θ), reference log-probs fixed.
+//! pairs of `--data`: L(θ) = (1/N) Σ_i loss_i(θ), reference log-probs fixed, each pair scored
+//! alone (the per-pair losses of [`Loss::compute`]: a pair's NLL term is its own).
 //!
 //! - tr ∇²_θ L, over every weight: Hutchinson's estimator, E[vᵀHv] = tr H for Rademacher v
 //!   (±1 entries), as mean ± standard error over `--probes` probes. Each Hv is a central

@@ -3,7 +3,8 @@
 //! toolchain from PyPI wheels when it is not cached and builds the cuda binary into target/cuda
 //! (see docs/gpu.md). Elsewhere it is skipped with the reason printed: a cold cuda build takes
 //! about ten minutes on 2 cores. The binary cannot start without an NVIDIA driver, so this
-//! checks what can be checked here: it builds, links against the CUDA libraries, and gzips.
+//! checks what can be checked here: it builds with our kernels' PTX embedded, links against the
+//! CUDA libraries, and gzips.
 
 use std::path::Path;
 use std::process::Command;
@@ -44,6 +45,22 @@ fn cuda_feature_builds() {
             "{} does not reference {}",
             bin.display(),
             String::from_utf8_lossy(lib)
+        );
+    }
+    // Our kernels' PTX (build.rs, src/kernels/cuda/*.cu) is embedded: one entry point per file.
+    for entry in [
+        "norm_bwd_cols_bf16",
+        "softmax_bwd_f32",
+        "rotary_bf16",
+        "glu_bwd_bf16",
+        "adamw",
+        "randn_f32",
+    ] {
+        let needle = format!(".entry {entry}(");
+        assert!(
+            bytes.windows(needle.len()).any(|w| w == needle.as_bytes()),
+            "{} does not embed the PTX of `{entry}`",
+            bin.display()
         );
     }
     let gz = root.join("target/cuda/dpo-sam.gz");

@@ -1,5 +1,5 @@
 //! The fused CPU ops with a backward (softmax, layer norm, RMS norm, rotary, attention core,
-//! attention from a packed q/k/v projection, dense layer, activations) against the reference compositions in `ops.rs` (forward and every
+//! attention from a packed q/k/v projection, dense layer, activations, the gated MLP product) against the reference compositions in `ops.rs` (forward and every
 //! gradient, f32) and against central finite differences (f64).
 
 use candle_core::{DType, Device, Result, Tensor, Var};
@@ -241,29 +241,43 @@ fn dense_checks(randn: &dyn Fn(&[usize], f32) -> Result<Tensor>) -> Result<Vec<C
     Ok(out)
 }
 
-/// Every activation against candle's, over inputs spread across the range where they bend.
+/// Every activation against candle's, over inputs spread across the range where they bend, and
+/// the gated product act(gate) ⊙ up against the activation followed by a product.
 fn activation_checks(randn: &dyn Fn(&[usize], f32) -> Result<Tensor>) -> Result<Vec<Check>> {
     let kinds = [
-        ("gelu (erf)", Activation::GeluErf),
-        ("gelu (tanh)", Activation::GeluTanh),
-        ("silu", Activation::Silu),
-        ("relu", Activation::Relu),
+        ("gelu (erf)", "gelu (erf)(gate) ⊙ up", Activation::GeluErf),
+        (
+            "gelu (tanh)",
+            "gelu (tanh)(gate) ⊙ up",
+            Activation::GeluTanh,
+        ),
+        ("silu", "silu(gate) ⊙ up", Activation::Silu),
+        ("relu", "relu(gate) ⊙ up", Activation::Relu),
     ];
-    kinds
-        .into_iter()
-        .map(|(name, kind)| {
-            Ok(Check {
-                name,
-                fused: Box::new(move |x| {
-                    dense::activation(&x[0], kind)
-                        .map(|y| y.expect("f32/f64 on the CPU take the fused kernel"))
-                }),
-                composed: Box::new(move |x| kind.apply_composed(&x[0])),
-                inputs: vec![(randn(&[4, 50], 0.0)? * 3.0)?],
-                trainable: 1,
-            })
-        })
-        .collect()
+    let mut out = Vec::new();
+    for (name, gated_name, kind) in kinds {
+        out.push(Check {
+            name,
+            fused: Box::new(move |x| {
+                dense::activation(&x[0], kind)
+                    .map(|y| y.expect("f32/f64 on the CPU take the fused kernel"))
+            }),
+            composed: Box::new(move |x| kind.apply_composed(&x[0])),
+            inputs: vec![(randn(&[4, 50], 0.0)? * 3.0)?],
+            trainable: 1,
+        });
+        out.push(Check {
+            name: gated_name,
+            fused: Box::new(move |x| {
+                dense::gated(&x[0], &x[1], kind)
+                    .map(|y| y.expect("f32/f64 on the CPU take the fused kernel"))
+            }),
+            composed: Box::new(move |x| kind.gated_composed(&x[0], &x[1])),
+            inputs: vec![(randn(&[4, 50], 0.0)? * 3.0)?, randn(&[4, 50], 0.0)?],
+            trainable: 2,
+        });
+    }
+    Ok(out)
 }
 
 /// Forward output and the gradients of the trainable inputs.

@@ -18,6 +18,7 @@ const ORDER: &[&str] = &[
     "eval",
     "toy",
     "plot",
+    "trl",
     // The training run and what only it uses.
     "train",
     "plan",
@@ -32,6 +33,8 @@ const ORDER: &[&str] = &[
     "data",
     "models",
     "kernels",
+    // Processes working together: the collective, rendezvous and launcher (knows no training).
+    "dist",
     // Settings and utilities.
     "config",
     "tokenizer",

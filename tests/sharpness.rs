@@ -3,7 +3,7 @@
 //! of the loss itself — no autograd, no closed form.
 
 use candle_core::{DType, Device, Tensor, Var};
-use dpo_sam::config::LossType;
+use dpo_sam::config::{LossType, NllReduction};
 use dpo_sam::data::batch::{tokenize_pair, TokenizedPair, Truncation};
 use dpo_sam::data::PreferencePair;
 use dpo_sam::logps::sequence_logps;
@@ -59,6 +59,7 @@ fn pairs() -> Vec<TokenizedPair> {
                 prompt: p.to_string(),
                 chosen: c.to_string(),
                 rejected: r.to_string(),
+                append_eos: true,
             };
             tokenize_pair(&tok, &pair, &trunc).unwrap().unwrap()
         })
@@ -274,10 +275,13 @@ fn logit_hessian_trace_is_exact_for_each_loss() {
             "{kind:?}: closed form {got} vs finite differences {want}"
         );
     }
-    // A weighted mix adds up.
+    // A weighted mix adds up (here with the other NLL reduction).
     let mix = Loss {
         terms: vec![(LossType::Sigmoid, 1.0), (LossType::Sft, 0.5)],
-        params: smoothed,
+        params: LossParams {
+            nll_reduction: NllReduction::SequenceSum,
+            ..smoothed
+        },
     };
     let obj = objective(dir.path(), DType::F64, mix.clone());
     let got = obj.logit_traces().unwrap().preference;

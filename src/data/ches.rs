@@ -71,17 +71,17 @@ pub fn ches_scores(
     Ok(out)
 }
 
-/// Which pairs `data.filter_ches_quantile = q` drops: the ⌊q·n⌋ with the highest LN-CHES (ties
-/// broken by position), returned as a keep-mask, with the lowest LN-CHES dropped (the
-/// threshold; `None` when nothing is dropped).
-pub fn filter_mask(scores: &[Ches], quantile: f64) -> (Vec<bool>, Option<f64>) {
-    let n = scores.len();
+/// Which pairs `data.filter_ches_quantile = q` drops, from their length-normalised CHES
+/// `ln_ches`: the ⌊q·n⌋ highest (ties broken by position), returned as a keep-mask, with the
+/// lowest score dropped (the threshold; `None` when nothing is dropped).
+pub fn filter_mask(ln_ches: &[f64], quantile: f64) -> (Vec<bool>, Option<f64>) {
+    let n = ln_ches.len();
     let drop = ((quantile * n as f64).floor() as usize).min(n);
     let mut order: Vec<usize> = (0..n).collect();
     // Highest first; a NaN score (a broken model) counts as the most displacement-prone.
     order.sort_by(|&a, &b| {
         let key = |i: usize| {
-            let v = scores[i].ln_ches;
+            let v = ln_ches[i];
             if v.is_nan() {
                 f64::INFINITY
             } else {
@@ -94,7 +94,7 @@ pub fn filter_mask(scores: &[Ches], quantile: f64) -> (Vec<bool>, Option<f64>) {
     for &i in &order[..drop] {
         keep[i] = false;
     }
-    let threshold = drop.checked_sub(1).map(|last| scores[order[last]].ln_ches);
+    let threshold = drop.checked_sub(1).map(|last| ln_ches[order[last]]);
     (keep, threshold)
 }
 
@@ -104,12 +104,7 @@ mod tests {
 
     #[test]
     fn filter_drops_the_highest_scores_and_keeps_order() {
-        let s = |v: &[f64]| -> Vec<Ches> {
-            v.iter()
-                .map(|&ln_ches| Ches { ches: 0.0, ln_ches })
-                .collect()
-        };
-        let scores = s(&[0.5, -1.0, 2.0, 0.1, 2.0, -3.0, 1.0, 0.0, 0.2, -0.5]);
+        let scores = [0.5, -1.0, 2.0, 0.1, 2.0, -3.0, 1.0, 0.0, 0.2, -0.5];
         let (keep, t) = filter_mask(&scores, 0.25);
         // ⌊2.5⌋ = 2 dropped: the two 2.0s.
         assert_eq!(keep.iter().filter(|k| !**k).count(), 2);
@@ -118,7 +113,7 @@ mod tests {
         let (keep, t) = filter_mask(&scores, 0.0);
         assert!(keep.iter().all(|k| *k) && t.is_none());
         // Razin et al. keep the 5% lowest: q = 0.95 of 378 pairs keeps 19.
-        let many = s(&(0..378).map(f64::from).collect::<Vec<_>>());
+        let many: Vec<f64> = (0..378).map(f64::from).collect();
         let (keep, t) = filter_mask(&many, 0.95);
         assert_eq!(keep.iter().filter(|k| **k).count(), 19);
         assert!(keep[..19].iter().all(|k| *k));

@@ -1,4 +1,5 @@
-//! Fused CPU kernels, with a backward, for the dense layers and MLP activations of the models.
+//! Fused kernels, with a backward, for the dense layers and MLP activations of the models, on the
+//! CPU and (in `gpu`) on CUDA.
 //!
 //! A dense layer composed of candle ops (broadcast weight, transpose, matmul, broadcast bias) is
 //! four graph nodes; candle's backward then sums the broadcast weight's gradient over the batch
@@ -6,8 +7,16 @@
 //! layer is one node: the bias is written into the output before gemm accumulates onto it, and
 //! the backward is two matmuls and a column sum. The activations (GELU, SiLU, ReLU) are one
 //! multi-threaded pass each way, where candle's are single-threaded (and its GELU's backward is
-//! a dozen elementwise ops). Composition twins: `models::ops::dense_composed` and
-//! `Activation::apply_composed`.
+//! a dozen elementwise ops). The gated MLP's act(gate) ⊙ up is one node too ([`gated`]).
+//! Composition twins: `models::ops::dense_composed`, `Activation::apply_composed` and
+//! `Activation::gated_composed`.
+//!
+//! On CUDA a dense layer is a cuBLASLt GEMM with the bias added in its epilogue, and its
+//! backward two GEMMs, the bias gradient summed in the weight gradient's epilogue (BGRADA/B; a
+//! column-sum kernel where cuBLASLt has no algorithm for it). The activations and the gated
+//! product are kernels of `cuda/dense.cu`. cuBLASLt's own GELU epilogues are not used: its GELU
+//! is the tanh approximation, while GPT-NeoX/Pythia use the exact (erf) GELU, and fusing the
+//! activation into the GEMM would need the pre-activation kept for the backward anyway.
 
 use super::cpu::{
     by_dtype, gemm_into, par_blocks, par_ranges, slice, sum_partials, threads, vectorized,
@@ -89,6 +98,10 @@ impl Dense {
         g: &Tensor,
         bias: bool,
     ) -> Result<(Tensor, Tensor, Option<Tensor>)> {
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() {
+            return gpu::dense_backward(self.layout, x, w, g, bias);
+        }
         let (n_in, n_out) = (x.dim(D::Minus1)?, g.dim(D::Minus1)?);
         let rows = x.elem_count() / n_in.max(1);
         let (dx, dw) = by_dtype!(x.dtype(), T => {
@@ -191,6 +204,17 @@ impl CustomOp2 for Dense {
         self.forward((xs, xl), (ws, wl), None)
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+        ws: &candle_core::CudaStorage,
+        wl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        gpu::dense_forward(self.layout, self.dims(xl, wl)?, (xs, xl), (ws, wl), None)
+    }
+
     fn bwd(
         &self,
         x: &Tensor,
@@ -218,6 +242,25 @@ impl CustomOp3 for Dense {
         bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         self.forward((xs, xl), (ws, wl), Some((bs, bl)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+        ws: &candle_core::CudaStorage,
+        wl: &Layout,
+        bs: &candle_core::CudaStorage,
+        bl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        gpu::dense_forward(
+            self.layout,
+            self.dims(xl, wl)?,
+            (xs, xl),
+            (ws, wl),
+            Some((bs, bl)),
+        )
     }
 
     fn bwd(
@@ -342,7 +385,20 @@ impl CustomOp1 for Act {
         Ok((out, l.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        gpu::activation(self.0, s, l)
+    }
+
     fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() {
+            return gpu::activation_backward(self.0, x, g).map(Some);
+        }
         by_dtype!(x.dtype(), T => {
             let mut dx = vec![T::from_f64(0.0); x.elem_count()];
             with_values::<T, _>(x, |xs| with_values::<T, _>(g, |gs| {
@@ -358,11 +414,406 @@ impl CustomOp1 for Act {
     }
 }
 
-/// The activation, differentiable; `None` where the fused kernel does not apply (not on the
-/// CPU, or not f32/f64).
+/// The activation, differentiable; `None` where the fused kernels do not apply (see
+/// [`super::supports_with_cuda`]).
 pub fn activation(x: &Tensor, kind: Activation) -> Result<Option<Tensor>> {
-    if !super::supports(&[x]) {
+    if !super::supports_with_cuda(&[x]) {
         return Ok(None);
     }
     x.contiguous()?.apply_op1(Act(kind)).map(Some)
+}
+
+/// act(gate) ⊙ up, the gated MLP's product (Llama/Mistral's SwiGLU), in one node.
+struct Gated(Activation);
+
+impl CustomOp2 for Gated {
+    fn name(&self) -> &'static str {
+        "fast-gated"
+    }
+
+    fn cpu_fwd(
+        &self,
+        gs: &CpuStorage,
+        gl: &Layout,
+        us: &CpuStorage,
+        ul: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let out = by_dtype!(gs.dtype(), T => {
+            let (gate, up) = (slice::<T>(gs, gl)?, slice::<T>(us, ul)?);
+            let mut y = vec![T::from_f64(0.0); gate.len()];
+            by_activation!(self.0, T, f => par_blocks(&mut y, 1, 8, |first, block| vectorized(#[inline(always)] || {
+                for ((y, &x), &u) in block.iter_mut().zip(&gate[first..]).zip(&up[first..]) {
+                    *y = f(x).0 * u
+                }
+            })));
+            T::to_cpu_storage_owned(y)
+        });
+        Ok((out, gl.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        gs: &candle_core::CudaStorage,
+        gl: &Layout,
+        us: &candle_core::CudaStorage,
+        ul: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        gpu::gated((self.0, (gs, gl)), (us, ul))
+    }
+
+    /// dgate = (g ⊙ up) ⊙ act'(gate) and dup = g ⊙ act(gate), in the order the composition
+    /// (the activation, then a product) computes them, so that both give the same bits.
+    fn bwd(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        #[cfg(feature = "cuda")]
+        if gate.device().is_cuda() {
+            let (dgate, dup) = gpu::gated_backward(self.0, gate, up, g)?;
+            return Ok((Some(dgate), Some(dup)));
+        }
+        by_dtype!(gate.dtype(), T => {
+            let n = gate.elem_count();
+            let (mut dgate, mut dup) = (vec![T::from_f64(0.0); n], vec![T::from_f64(0.0); n]);
+            with_values::<T, _>(gate, |xs| with_values::<T, _>(up, |us| with_values::<T, _>(g, |gs| {
+                by_activation!(self.0, T, f => par_blocks(&mut dgate, 1, 8, |first, block| vectorized(#[inline(always)] || {
+                    let (xs, us, gs) = (&xs[first..], &us[first..], &gs[first..]);
+                    for (((d, &x), &u), &g) in block.iter_mut().zip(xs).zip(us).zip(gs) {
+                        *d = g * u * f(x).1
+                    }
+                })));
+                by_activation!(self.0, T, f => par_blocks(&mut dup, 1, 8, |first, block| vectorized(#[inline(always)] || {
+                    let (xs, gs) = (&xs[first..], &gs[first..]);
+                    for ((d, &x), &g) in block.iter_mut().zip(xs).zip(gs) {
+                        *d = g * f(x).0
+                    }
+                })));
+            })))???;
+            Ok((
+                Some(Tensor::from_vec(dgate, gate.shape(), gate.device())?),
+                Some(Tensor::from_vec(dup, up.shape(), up.device())?),
+            ))
+        })
+    }
+}
+
+/// act(gate) ⊙ up, differentiable in both; `None` where the fused kernels do not apply.
+pub fn gated(gate: &Tensor, up: &Tensor, kind: Activation) -> Result<Option<Tensor>> {
+    if !super::supports_with_cuda(&[gate, up]) || gate.shape() != up.shape() {
+        return Ok(None);
+    }
+    gate.contiguous()?
+        .apply_op2(&up.contiguous()?, Gated(kind))
+        .map(Some)
+}
+
+/// The CUDA side: cuBLASLt GEMMs for the dense layer, kernels of `cuda/dense.cu` for the rest.
+#[cfg(feature = "cuda")]
+mod gpu {
+    use super::{Activation, WeightLayout};
+    use crate::kernels::cuda::{self, Arg, Epilogue, Gemm, Held, DENSE};
+    use candle_core::backend::BackendStorage;
+    use candle_core::{bail, CudaStorage, Layout, Result, Shape, Tensor, D};
+
+    type Input<'a> = (&'a CudaStorage, &'a Layout);
+
+    /// The activation's number in `cuda/dense.cu`.
+    fn kind(a: Activation) -> Arg {
+        Arg::I32(match a {
+            Activation::GeluTanh => 0,
+            Activation::GeluErf => 1,
+            Activation::Relu => 2,
+            Activation::Silu => 3,
+        })
+    }
+
+    /// y = x · Wᵀ (+ b) (x · W for `[in, out]` weights). cuBLAS is column-major: a row-major
+    /// `[r, c]` matrix is its `c × r` column-major transpose, so this is yᵀ = op(W) · xᵀ with
+    /// op(W) = `n_out × n_in`, and the bias (one per row of yᵀ) goes in the epilogue.
+    pub fn dense_forward(
+        layout: WeightLayout,
+        (rows, n_in, n_out): (usize, usize, usize),
+        x: Input,
+        w: Input,
+        bias: Option<Input>,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (dev, dtype) = (x.0.device().clone(), x.0.dtype());
+        let mut dims = x.1.dims().to_vec();
+        *dims.last_mut().expect("rank ≥ 1") = n_out;
+        let out = cuda::alloc(&dev, dtype, rows * n_out)?;
+        if rows * n_out == 0 {
+            return Ok((out, Shape::from(dims)));
+        }
+        if n_in == 0 {
+            bail!("dense layer: inputs with no features");
+        }
+        let stream = dev.cuda_stream();
+        let ((xp, _x), (wp, _w), (yp, _y)) = (
+            cuda::ptr(x.0, x.1, &stream)?,
+            cuda::ptr(w.0, w.1, &stream)?,
+            cuda::buf(&out, &stream)?,
+        );
+        let b = bias.map(|(s, l)| cuda::ptr(s, l, &stream)).transpose()?;
+        let (transa, lda) = match layout {
+            WeightLayout::OutIn => (true, n_in),
+            WeightLayout::InOut => (false, n_out),
+        };
+        let gemm = Gemm {
+            transa,
+            transb: false,
+            m: n_out,
+            n: rows,
+            k: n_in,
+            lda,
+            ldb: n_in,
+            ldd: n_out,
+        };
+        let epilogue = b
+            .as_ref()
+            .map_or(Epilogue::None, |(p, _)| Epilogue::Bias(*p));
+        cuda::gemm(&dev, dtype, gemm, wp, xp, yp, epilogue)?;
+        Ok((out, Shape::from(dims)))
+    }
+
+    /// (dx, dW, db): dxᵀ = op(W)ᵀ · gᵀ, and dW from x and g with the bias gradient (Σ over
+    /// rows of g) in the same GEMM's epilogue.
+    pub fn dense_backward(
+        layout: WeightLayout,
+        x: &Tensor,
+        w: &Tensor,
+        g: &Tensor,
+        bias: bool,
+    ) -> Result<(Tensor, Tensor, Option<Tensor>)> {
+        let g = g.contiguous()?;
+        let (n_in, n_out) = (x.dim(D::Minus1)?, g.dim(D::Minus1)?);
+        let rows = x.elem_count() / n_in.max(1);
+        if rows == 0 || n_in == 0 || n_out == 0 {
+            let db = bias
+                .then(|| Tensor::zeros(n_out, x.dtype(), x.device()))
+                .transpose()?;
+            return Ok((x.zeros_like()?, w.zeros_like()?, db));
+        }
+        let (dev, dtype) = (cuda::device_of(x)?, x.dtype());
+        let dx = cuda::alloc(&dev, dtype, rows * n_in)?;
+        let dw = cuda::alloc(&dev, dtype, n_in * n_out)?;
+        let db = bias.then(|| cuda::alloc(&dev, dtype, n_out)).transpose()?;
+        {
+            let stream = dev.cuda_stream();
+            let (xh, wh, gh) = (Held::new(x)?, Held::new(w)?, Held::new(&g)?);
+            let ((xp, _x), (wp, _w), (gp, _g)) =
+                (xh.ptr(&stream)?, wh.ptr(&stream)?, gh.ptr(&stream)?);
+            let ((dxp, _dx), (dwp, _dw)) = (cuda::buf(&dx, &stream)?, cuda::buf(&dw, &stream)?);
+            let dbp = db.as_ref().map(|db| cuda::buf(db, &stream)).transpose()?;
+            // dxᵀ (n_in × rows) = op(A) (n_in × n_out) · gᵀ (n_out × rows).
+            let (transa, lda) = match layout {
+                WeightLayout::OutIn => (false, n_in),
+                WeightLayout::InOut => (true, n_out),
+            };
+            let gemm = Gemm {
+                transa,
+                transb: false,
+                m: n_in,
+                n: rows,
+                k: n_out,
+                lda,
+                ldb: n_out,
+                ldd: n_in,
+            };
+            cuda::gemm(&dev, dtype, gemm, wp, gp, dxp, Epilogue::None)?;
+            // `[out, in]`: dWᵀ (n_in × n_out) = xᵀ · g, db = Σ over k of B = g (BGRADB).
+            // `[in, out]`: dWᵀ (n_out × n_in) = gᵀ · x, db = Σ over k of A = gᵀ (BGRADA).
+            let (gemm, a, b) = match layout {
+                WeightLayout::OutIn => (
+                    Gemm {
+                        transa: false,
+                        transb: true,
+                        m: n_in,
+                        n: n_out,
+                        k: rows,
+                        lda: n_in,
+                        ldb: n_out,
+                        ldd: n_in,
+                    },
+                    xp,
+                    gp,
+                ),
+                WeightLayout::InOut => (
+                    Gemm {
+                        transa: false,
+                        transb: true,
+                        m: n_out,
+                        n: n_in,
+                        k: rows,
+                        lda: n_out,
+                        ldb: n_in,
+                        ldd: n_out,
+                    },
+                    gp,
+                    xp,
+                ),
+            };
+            let epilogue = match (&dbp, layout) {
+                (None, _) => Epilogue::None,
+                (Some((p, _)), WeightLayout::OutIn) => Epilogue::BiasGradB(*p),
+                (Some((p, _)), WeightLayout::InOut) => Epilogue::BiasGradA(*p),
+            };
+            if !cuda::gemm(&dev, dtype, gemm, a, b, dwp, epilogue)? {
+                cuda::gemm(&dev, dtype, gemm, a, b, dwp, Epilogue::None)?;
+                let (dbp, _) = dbp
+                    .as_ref()
+                    .expect("only a bias-gradient epilogue is refused");
+                let args = [
+                    Arg::Ptr(gp),
+                    Arg::Ptr(*dbp),
+                    Arg::I32(rows as i32),
+                    Arg::I32(n_out as i32),
+                ];
+                // SAFETY: g holds rows × n_out elements, db n_out.
+                unsafe {
+                    cuda::run(
+                        &dev,
+                        &DENSE,
+                        &cuda::typed("col_sum", dtype)?,
+                        cuda::columns_config(n_out),
+                        &args,
+                    )?
+                };
+            }
+        }
+        Ok((
+            cuda::tensor(dx, x.shape()),
+            cuda::tensor(dw, w.shape()),
+            db.map(|db| cuda::tensor(db, n_out)),
+        ))
+    }
+
+    pub fn activation(a: Activation, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+        let (dev, dtype) = (s.device().clone(), s.dtype());
+        let n = l.shape().elem_count();
+        let out = cuda::alloc(&dev, dtype, n)?;
+        if n > 0 {
+            let stream = dev.cuda_stream();
+            let ((xp, _x), (yp, _y)) = (cuda::ptr(s, l, &stream)?, cuda::buf(&out, &stream)?);
+            let args = [Arg::Ptr(xp), Arg::Ptr(yp), Arg::I64(n as i64), kind(a)];
+            // SAFETY: x and y hold n elements.
+            unsafe {
+                cuda::run(
+                    &dev,
+                    &DENSE,
+                    &cuda::typed("act_fwd", dtype)?,
+                    cuda::elementwise_config(n),
+                    &args,
+                )?
+            };
+        }
+        Ok((out, l.shape().clone()))
+    }
+
+    pub fn activation_backward(a: Activation, x: &Tensor, g: &Tensor) -> Result<Tensor> {
+        let g = g.contiguous()?;
+        let (dev, dtype, n) = (cuda::device_of(x)?, x.dtype(), x.elem_count());
+        let dx = cuda::alloc(&dev, dtype, n)?;
+        if n > 0 {
+            let stream = dev.cuda_stream();
+            let (xh, gh) = (Held::new(x)?, Held::new(&g)?);
+            let ((xp, _x), (gp, _g), (dxp, _dx)) =
+                (xh.ptr(&stream)?, gh.ptr(&stream)?, cuda::buf(&dx, &stream)?);
+            let args = [
+                Arg::Ptr(xp),
+                Arg::Ptr(gp),
+                Arg::Ptr(dxp),
+                Arg::I64(n as i64),
+                kind(a),
+            ];
+            // SAFETY: x, g and dx hold n elements.
+            unsafe {
+                cuda::run(
+                    &dev,
+                    &DENSE,
+                    &cuda::typed("act_bwd", dtype)?,
+                    cuda::elementwise_config(n),
+                    &args,
+                )?
+            };
+        }
+        Ok(cuda::tensor(dx, x.shape()))
+    }
+
+    pub fn gated((a, gate): (Activation, Input), up: Input) -> Result<(CudaStorage, Shape)> {
+        let (dev, dtype) = (gate.0.device().clone(), gate.0.dtype());
+        let n = gate.1.shape().elem_count();
+        let out = cuda::alloc(&dev, dtype, n)?;
+        if n > 0 {
+            let stream = dev.cuda_stream();
+            let ((gp, _g), (up_p, _u), (yp, _y)) = (
+                cuda::ptr(gate.0, gate.1, &stream)?,
+                cuda::ptr(up.0, up.1, &stream)?,
+                cuda::buf(&out, &stream)?,
+            );
+            let args = [
+                Arg::Ptr(gp),
+                Arg::Ptr(up_p),
+                Arg::Ptr(yp),
+                Arg::I64(n as i64),
+                kind(a),
+            ];
+            // SAFETY: gate, up and y hold n elements.
+            unsafe {
+                cuda::run(
+                    &dev,
+                    &DENSE,
+                    &cuda::typed("glu_fwd", dtype)?,
+                    cuda::elementwise_config(n),
+                    &args,
+                )?
+            };
+        }
+        Ok((out, gate.1.shape().clone()))
+    }
+
+    pub fn gated_backward(
+        a: Activation,
+        gate: &Tensor,
+        up: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
+        let g = g.contiguous()?;
+        let (dev, dtype, n) = (cuda::device_of(gate)?, gate.dtype(), gate.elem_count());
+        let (dgate, dup) = (cuda::alloc(&dev, dtype, n)?, cuda::alloc(&dev, dtype, n)?);
+        if n > 0 {
+            let stream = dev.cuda_stream();
+            let (xh, uh, gh) = (Held::new(gate)?, Held::new(up)?, Held::new(&g)?);
+            let ((xp, _x), (up_p, _u), (gp, _g)) =
+                (xh.ptr(&stream)?, uh.ptr(&stream)?, gh.ptr(&stream)?);
+            let ((dgp, _dg), (dup_p, _du)) =
+                (cuda::buf(&dgate, &stream)?, cuda::buf(&dup, &stream)?);
+            let args = [
+                Arg::Ptr(xp),
+                Arg::Ptr(up_p),
+                Arg::Ptr(gp),
+                Arg::Ptr(dgp),
+                Arg::Ptr(dup_p),
+                Arg::I64(n as i64),
+                kind(a),
+            ];
+            // SAFETY: every buffer holds n elements.
+            unsafe {
+                cuda::run(
+                    &dev,
+                    &DENSE,
+                    &cuda::typed("glu_bwd", dtype)?,
+                    cuda::elementwise_config(n),
+                    &args,
+                )?
+            };
+        }
+        Ok((
+            cuda::tensor(dgate, gate.shape()),
+            cuda::tensor(dup, up.shape()),
+        ))
+    }
 }

@@ -1,6 +1,6 @@
 //! Rotate-half rotary embedding: the `RopeTables` row kernel (which packed attention applies
-//! to its q and k heads) and the op over `[.., t, head_dim]` rows. Composition twin:
-//! `models::ops::rotary_composed`.
+//! to its q and k heads) and the op over `[.., t, head_dim]` rows, on the CPU and (in `gpu`,
+//! kernel in `cuda/rotary.cu`) on CUDA. Composition twin: `models::ops::rotary_composed`.
 
 use super::cpu::{by_dtype, last_dim, par_blocks, slice, Real};
 use candle_core::backend::BackendStorage;
@@ -80,6 +80,19 @@ impl CustomOp3 for Rotary {
         Ok((out, l.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+        cs: &candle_core::CudaStorage,
+        cl: &Layout,
+        ss: &candle_core::CudaStorage,
+        sl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        gpu::rotate((s, l), (cs, cl), (ss, sl), self.transpose)
+    }
+
     fn bwd(
         &self,
         _x: &Tensor,
@@ -112,4 +125,63 @@ pub fn rotary(xs: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         &sin.contiguous()?,
         Rotary { transpose: false },
     )
+}
+
+/// The CUDA side: one launch, a thread per rotated pair (or copied feature); the backward is
+/// the same kernel with the rotation transposed.
+#[cfg(feature = "cuda")]
+mod gpu {
+    use crate::kernels::cuda::{self, Arg, ROTARY};
+    use candle_core::backend::BackendStorage;
+    use candle_core::{CudaStorage, Layout, Result, Shape};
+
+    type Input<'a> = (&'a CudaStorage, &'a Layout);
+
+    pub fn rotate(
+        x: Input,
+        cos: Input,
+        sin: Input,
+        transpose: bool,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (dev, dtype) = (x.0.device().clone(), x.0.dtype());
+        let d = x.1.dims().last().copied().unwrap_or(1);
+        let rows = x.1.shape().elem_count() / d.max(1);
+        let (t, rot) = match cos.1.dims() {
+            &[t, rot] => (t, rot),
+            other => candle_core::bail!("rotary: tables of shape {other:?}, expected [t, rot]"),
+        };
+        let out = cuda::alloc(&dev, dtype, rows * d)?;
+        let pairs = rows * (d - rot / 2);
+        if pairs > 0 {
+            let stream = dev.cuda_stream();
+            let ((xp, _x), (cp, _c), (sp, _s), (yp, _y)) = (
+                cuda::ptr(x.0, x.1, &stream)?,
+                cuda::ptr(cos.0, cos.1, &stream)?,
+                cuda::ptr(sin.0, sin.1, &stream)?,
+                cuda::buf(&out, &stream)?,
+            );
+            let args = [
+                Arg::Ptr(xp),
+                Arg::Ptr(cp),
+                Arg::Ptr(sp),
+                Arg::Ptr(yp),
+                Arg::I64(rows as i64),
+                Arg::I32(d as i32),
+                Arg::I32(t as i32),
+                Arg::I32(rot as i32),
+                Arg::I32(transpose as i32),
+            ];
+            // SAFETY: x and y hold rows × d elements, the tables t × rot with rot ≤ d.
+            unsafe {
+                cuda::run(
+                    &dev,
+                    &ROTARY,
+                    &cuda::typed("rotary", dtype)?,
+                    cuda::elementwise_config(pairs),
+                    &args,
+                )?
+            };
+        }
+        Ok((out, x.1.shape().clone()))
+    }
 }

@@ -182,7 +182,9 @@ impl Layer {
     ) -> Result<Tensor> {
         let x = (x + self.attention(&self.input_layernorm.forward(x)?, cos, sin, mask, cache)?)?;
         let h = self.post_attention_layernorm.forward(&x)?;
-        let gated = (self.act.apply(&self.gate_proj.forward(&h)?)? * self.up_proj.forward(&h)?)?;
+        let gated = self
+            .act
+            .gated(&self.gate_proj.forward(&h)?, &self.up_proj.forward(&h)?)?;
         x + self.down_proj.forward(&gated)?
     }
 }

@@ -526,7 +526,8 @@ impl SimpleBackend for &Loader {
     }
 }
 
-/// Deterministic initialisation from (seed, tensor name), independent of creation order.
+/// Deterministic initialisation from (seed, tensor name), independent of creation order: on the
+/// CPU from a ChaCha stream, on CUDA from the device's own stream (other values, same seed).
 fn seeded_init(
     seed: u64,
     name: &str,
@@ -542,6 +543,13 @@ fn seeded_init(
             let h = name.bytes().fold(0xcbf29ce484222325u64, |h, b| {
                 (h ^ b as u64).wrapping_mul(0x100000001b3)
             });
+            // On a GPU, drawn there from a stream of its own (kernels::init): the host stream
+            // below takes a minute or more for billions of weights.
+            if let Some(t) =
+                crate::kernels::init::randn_on_device(seed ^ h, shape, mean, stdev, dev)?
+            {
+                return Ok(t);
+            }
             let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ h);
             (0..n)
                 .map(|_| {

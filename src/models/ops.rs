@@ -2,8 +2,11 @@
 //!
 //! candle's fused `softmax_last_dim`, `layer_norm`, `rms_norm`, `rope` and `sdpa` have no backward
 //! and drop gradients silently, so the models use these compositions of differentiable ops
-//! (`*_composed`) or, where [`kernels::supports`] holds (CPU, f32/f64), the fused kernels with a
-//! backward of [`crate::kernels`].
+//! (`*_composed`) or the fused kernels with a backward of [`crate::kernels`]: on the CPU in
+//! f32/f64 ([`kernels::supports`]), and on CUDA in f32/bf16/f16 for the ops that have CUDA
+//! kernels ([`kernels::supports_with_cuda`]: norms, softmax, rotary, dense layers, activations).
+//! The attention core and the output layer have CPU kernels only so far; on CUDA attention runs
+//! as a composition whose softmax and rotary are the fused kernels ([`attention`]).
 
 use crate::kernels;
 use crate::kernels::attention::QkvPacking;
@@ -22,7 +25,7 @@ pub fn accum_dtype(dtype: DType) -> DType {
 
 /// Softmax over the last dimension.
 pub fn softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
-    if kernels::supports(&[xs]) {
+    if kernels::supports_with_cuda(&[xs]) {
         return kernels::softmax::softmax_last_dim(xs);
     }
     softmax_last_dim_composed(xs)
@@ -47,7 +50,7 @@ pub fn log_softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
 
 /// LayerNorm over the last dimension.
 pub fn layer_norm(xs: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
-    if kernels::supports(&[xs, weight, bias]) {
+    if kernels::supports_with_cuda(&[xs, weight, bias]) {
         return kernels::norm::layer_norm(xs, weight, bias, eps);
     }
     layer_norm_composed(xs, weight, bias, eps)
@@ -73,7 +76,7 @@ pub fn layer_norm_composed(
 
 /// RMSNorm over the last dimension (Llama/Mistral): x / sqrt(mean(x²) + eps) · weight.
 pub fn rms_norm(xs: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
-    if kernels::supports(&[xs, weight]) {
+    if kernels::supports_with_cuda(&[xs, weight]) {
         return kernels::norm::rms_norm(xs, weight, eps);
     }
     rms_norm_composed(xs, weight, eps)
@@ -90,23 +93,67 @@ pub fn rms_norm_composed(xs: &Tensor, weight: &Tensor, eps: f64) -> Result<Tenso
 
 /// Additive causal mask [t, t]: 0 on and below the diagonal, a large negative value above it;
 /// with `window`, keys more than `window - 1` positions back are masked too (Mistral's sliding
-/// window, as `transformers` builds it).
+/// window, as `transformers` builds it). Built once per shape and device ([`cached`]).
 pub fn causal_mask(
     t: usize,
     window: Option<usize>,
     dtype: DType,
     device: &candle_core::Device,
 ) -> Result<Tensor> {
-    let mut mask = vec![0f32; t * t];
-    for i in 0..t {
-        for j in 0..t {
-            let too_old = window.is_some_and(|w| i >= j + w);
-            if j > i || too_old {
-                mask[i * t + j] = -1e9;
+    let [mask] = cached(Table::Mask { t, window }, dtype, device, || {
+        let mut mask = vec![0f32; t * t];
+        for i in 0..t {
+            for j in 0..t {
+                let too_old = window.is_some_and(|w| i >= j + w);
+                if j > i || too_old {
+                    mask[i * t + j] = -1e9;
+                }
             }
         }
+        Ok([Tensor::from_vec(mask, (t, t), device)?.to_dtype(dtype)?])
+    })?;
+    Ok(mask)
+}
+
+/// What [`cached`] keeps: causal masks and rotary tables, by shape.
+#[derive(Clone, Copy, PartialEq)]
+enum Table {
+    Mask { t: usize, window: Option<usize> },
+    Rope { t: usize, rot_dim: usize, base: f64 },
+}
+
+/// Masks and rotary tables used by every forward pass of a shape, built once per (shape,
+/// dtype, device) and then kept on the device: on a GPU, rebuilding them on the host and
+/// uploading them each forward pass costs a transfer each; they are built in the same host
+/// arithmetic as before, so CPU and GPU see the same values. The newest 32 are kept (lengths
+/// vary with `group_by_length`).
+fn cached<const N: usize>(
+    key: Table,
+    dtype: DType,
+    device: &candle_core::Device,
+    build: impl FnOnce() -> Result<[Tensor; N]>,
+) -> Result<[Tensor; N]> {
+    use std::sync::Mutex;
+    type Entry = (Table, DType, Vec<Tensor>);
+    static CACHE: Mutex<Vec<Entry>> = Mutex::new(Vec::new());
+    let hit = |(k, d, t): &Entry| *k == key && *d == dtype && t[0].device().same_device(device);
+    if let Some((_, _, t)) = CACHE
+        .lock()
+        .expect("table cache lock")
+        .iter()
+        .find(|e| hit(e))
+    {
+        if let Ok(tables) = <[Tensor; N]>::try_from(t.clone()) {
+            return Ok(tables);
+        }
     }
-    Tensor::from_vec(mask, (t, t), device)?.to_dtype(dtype)
+    let tables = build()?;
+    let mut cache = CACHE.lock().expect("table cache lock");
+    if cache.len() >= 32 {
+        cache.remove(0);
+    }
+    cache.push((key, dtype, tables.to_vec()));
+    Ok(tables)
 }
 
 /// Scaled dot-product attention over [b, heads, t, head_dim] tensors with an additive mask that
@@ -114,6 +161,10 @@ pub fn causal_mask(
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Tensor> {
     if kernels::supports(&[q, k, v, mask]) {
         return kernels::attention::attention(q, k, v, mask);
+    }
+    if kernels::supports_cuda(&[q, k, v, mask]) {
+        // Until attention has a CUDA kernel of its own: the fused softmax inside.
+        return attention_with(q, k, v, mask, softmax_last_dim);
     }
     attention_composed(q, k, v, mask)
 }
@@ -163,6 +214,16 @@ pub fn packed_attention(
     if kernels::supports(&tensors) && tables_fit {
         return kernels::attention::packed_attention(qkv, packing, heads, rope, mask);
     }
+    if kernels::supports_cuda(&tensors) {
+        // Until attention has a CUDA kernel of its own: the composition, with the fused rotary
+        // and softmax kernels in place of theirs.
+        let (q, k, v) = split_qkv(qkv, packing, heads)?;
+        let (q, k) = match rope {
+            Some((cos, sin)) => (rotary(&q, cos, sin)?, rotary(&k, cos, sin)?),
+            None => (q, k),
+        };
+        return merge_heads(&attention(&q, &k, &v, mask)?);
+    }
     packed_attention_composed(qkv, packing, heads, rope, mask)
 }
 
@@ -187,17 +248,28 @@ pub fn packed_attention_composed(
 
 /// Attention as a composition (scores and softmax in [`accum_dtype`]).
 pub fn attention_composed(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    attention_with(q, k, v, mask, softmax_last_dim_composed)
+}
+
+/// The attention composition with the given softmax: the composed one (the reference, and
+/// where no kernel applies), or the dispatching one (on CUDA, the fused kernel).
+fn attention_with(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+    softmax: fn(&Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
     let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
     let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(mask)?;
-    let probs = softmax_last_dim_composed(&scores.to_dtype(accum_dtype(scores.dtype()))?)?
-        .to_dtype(v.dtype())?;
+    let probs = softmax(&scores.to_dtype(accum_dtype(scores.dtype()))?)?.to_dtype(v.dtype())?;
     probs.matmul(v)
 }
 
 /// Rotate-half rotary embedding on the first `rot_dim` features of the last dimension (GPT-NeoX
 /// and Llama layout). `cos`/`sin` are [t, rot_dim] (or broadcast to `xs`' rows, as in cached decoding).
 pub fn rotary(xs: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    if kernels::supports(&[xs, cos, sin]) && kernels::rotary::rotary_applies(xs, cos) {
+    if kernels::supports_with_cuda(&[xs, cos, sin]) && kernels::rotary::rotary_applies(xs, cos) {
         return kernels::rotary::rotary(xs, cos, sin);
     }
     rotary_composed(xs, cos, sin)
@@ -226,7 +298,8 @@ pub fn rotary_composed(xs: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor
     }
 }
 
-/// cos/sin tables [t, rot_dim] for rotate-half RoPE with frequencies base^(-2i/rot_dim).
+/// cos/sin tables [t, rot_dim] for rotate-half RoPE with frequencies base^(-2i/rot_dim), built
+/// once per shape and device (see [`causal_mask`]).
 pub fn rotary_tables(
     t: usize,
     rot_dim: usize,
@@ -234,24 +307,28 @@ pub fn rotary_tables(
     dtype: DType,
     device: &candle_core::Device,
 ) -> Result<(Tensor, Tensor)> {
-    let half = rot_dim / 2;
-    let inv_freq: Vec<f32> = (0..half)
-        .map(|i| (1.0 / base.powf(2.0 * i as f64 / rot_dim as f64)) as f32)
-        .collect();
-    let mut cos = Vec::with_capacity(t * rot_dim);
-    let mut sin = Vec::with_capacity(t * rot_dim);
-    for pos in 0..t {
-        // rotate-half layout: the frequency list is repeated for both halves
-        for _ in 0..2 {
-            for f in &inv_freq {
-                let angle = pos as f32 * f;
-                cos.push(angle.cos());
-                sin.push(angle.sin());
+    let [cos, sin] = cached(Table::Rope { t, rot_dim, base }, dtype, device, || {
+        let half = rot_dim / 2;
+        let inv_freq: Vec<f32> = (0..half)
+            .map(|i| (1.0 / base.powf(2.0 * i as f64 / rot_dim as f64)) as f32)
+            .collect();
+        let mut cos = Vec::with_capacity(t * rot_dim);
+        let mut sin = Vec::with_capacity(t * rot_dim);
+        for pos in 0..t {
+            // rotate-half layout: the frequency list is repeated for both halves
+            for _ in 0..2 {
+                for f in &inv_freq {
+                    let angle = pos as f32 * f;
+                    cos.push(angle.cos());
+                    sin.push(angle.sin());
+                }
             }
         }
-    }
-    let cos = Tensor::from_vec(cos, (t, rot_dim), device)?.to_dtype(dtype)?;
-    let sin = Tensor::from_vec(sin, (t, rot_dim), device)?.to_dtype(dtype)?;
+        Ok([
+            Tensor::from_vec(cos, (t, rot_dim), device)?.to_dtype(dtype)?,
+            Tensor::from_vec(sin, (t, rot_dim), device)?.to_dtype(dtype)?,
+        ])
+    })?;
     Ok((cos, sin))
 }
 
@@ -287,7 +364,7 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let mut tensors = vec![x, &self.weight];
         tensors.extend(&self.bias);
-        if kernels::supports(&tensors) {
+        if kernels::supports_with_cuda(&tensors) {
             return kernels::dense::dense(x, &self.weight, self.bias.as_ref(), self.layout);
         }
         dense_composed(x, &self.weight, self.bias.as_ref(), self.layout)
@@ -381,6 +458,19 @@ impl Activation {
             Some(y) => Ok(y),
             None => self.apply_composed(x),
         }
+    }
+
+    /// act(gate) ⊙ up, the gated MLP of Llama/Mistral: one fused node where the kernels apply.
+    pub fn gated(self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+        match kernels::dense::gated(gate, up, self)? {
+            Some(y) => Ok(y),
+            None => self.gated_composed(gate, up),
+        }
+    }
+
+    /// The gated product as a composition: the activation, then a product.
+    pub fn gated_composed(self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+        self.apply_composed(gate)? * up
     }
 
     /// candle's own (single-threaded, composed backward) activations.

@@ -1,13 +1,13 @@
 //! One micro-step: the forward pass, logits-SAM, the loss and the single backward pass. Read it
 //! beside the paper's Algorithm 1 (and `sam.rs`, which holds lines 1–4):
 //!
-//! | Algorithm 1                                   | here, in [`Trainer::single_pass`]             |
-//! |-----------------------------------------------|-----------------------------------------------|
-//! | 2: forward → hidden states H                  | `forward_hidden`, then `response_hidden`     |
-//! | 1–4: W, loss_pre, g = Gᵀ H, e = ρ g/‖g‖       | `sam::logits_perturbation_with`              |
-//! | 5: logits_perturbed ← linear(H, W + e)        | `head.token_logps(&h, targets, Some(e))`     |
-//! | 6: loss_post                                  | `batch_loss`                                 |
-//! | 7: loss_post.backward()                       | `policy.backward`                            |
+//! | Algorithm 1                             | here, in `Trainer::single_pass`          |
+//! |-----------------------------------------|------------------------------------------|
+//! | 2: forward → hidden states H            | `forward_hidden`, then `response_hidden` |
+//! | 1–4: W, loss_pre, g = Gᵀ H, e = ρ g/‖g‖ | `sam::logits_perturbation_with`          |
+//! | 5: logits_perturbed ← linear(H, W + e)  | `head.token_logps(&h, targets, Some(e))` |
+//! | 6: loss_post                            | `batch_loss`                             |
+//! | 7: loss_post.backward()                 | `policy.backward`                        |
 //!
 //! Full SAM (`sam.kind = "full"`) wraps two such passes in [`Trainer::full_sam_step`].
 
@@ -15,7 +15,7 @@ use super::{Reference, Trainer};
 use crate::config::SamKind;
 use crate::data::batch::PreferenceBatch;
 use crate::data::Split;
-use crate::diagnostics::Squeeze;
+use crate::diagnostics::Diagnostics;
 use crate::logps::{pair_logps, sequence_logps};
 use crate::losses::{LossOutput, PairLogps};
 use crate::models::ops::accum_dtype;
@@ -26,7 +26,10 @@ use candle_core::{backprop::GradStore, DType, Tensor};
 /// What one micro-batch's forward/backward produced.
 pub struct MicroStep {
     pub grads: Option<GradStore>,
+    /// The micro-batch's loss (at W + e under SAM).
     pub loss: f64,
+    /// The chosen responses' NLL, when a loss term has one (TRL's `nll_loss`).
+    pub nll: Option<f64>,
     pub loss_pre: Option<f64>,
     pub sam_grad_norm: Option<f64>,
     pub chosen_rewards: Vec<f32>,
@@ -36,8 +39,8 @@ pub struct MicroStep {
     /// Reference log-probs, when the loss uses a reference.
     pub ref_chosen_logps: Option<Vec<f32>>,
     pub ref_rejected_logps: Option<Vec<f32>>,
-    /// Squeeze diagnostics, on logging steps.
-    pub squeeze: Option<Squeeze>,
+    /// Squeeze diagnostics and TRL's token metrics, on logging steps.
+    pub diagnostics: Option<Diagnostics>,
 }
 
 impl Trainer {
@@ -93,12 +96,9 @@ impl Trainer {
     /// learning rate `lr`, unless their norm is not finite (then the weights stay as they are).
     /// Returns the norm before clipping.
     pub fn apply_gradients(&mut self, acc: &GradAccumulator, lr: f64) -> Result<f64> {
-        let (norm, scale) = acc.clip(self.cfg.training.max_grad_norm)?;
-        if norm.is_finite() {
-            self.optimizer
-                .apply(&self.policy.params, acc.grads(), scale, lr)?;
-        }
-        Ok(norm)
+        let max_norm = self.cfg.training.max_grad_norm;
+        self.optimizer
+            .clip_and_apply(&self.policy.params, acc, max_norm, lr)
     }
 
     /// Full SAM (`sam.kind = "full"`), the paper's expensive baseline: a forward/backward at W
@@ -114,7 +114,7 @@ impl Trainer {
         let grads = at_w.grads.as_ref().expect("backward was requested");
         let sam = &self.cfg.sam;
         let e = crate::sam::perturb_params(&self.policy.params, grads, sam.rho, sam.adaptive)?;
-        let grad_norm = e.grad_norm;
+        let grad_norm = e.grad_norm.clone();
         // Restored before the result is looked at, so that an error never leaves W + e behind.
         let at_perturbed = self.single_pass(batch, reference, Some(weight));
         e.restore()?;
@@ -123,7 +123,7 @@ impl Trainer {
             grads: at_perturbed.grads,
             loss: at_perturbed.loss,
             loss_pre: Some(at_w.loss),
-            sam_grad_norm: Some(grad_norm),
+            sam_grad_norm: Some(scalar(&grad_norm)?),
             ..at_w
         })
     }
@@ -169,9 +169,9 @@ impl Trainer {
             None => (post, post_lp),
         };
 
-        let squeeze = if self.diagnostics {
+        let diagnostics = if self.diagnostics {
             let chosen_tokens = batch.response_lens[..batch.num_pairs].iter().sum();
-            Some(crate::diagnostics::squeeze(
+            Some(crate::diagnostics::diagnostics(
                 &head,
                 &h,
                 &batch.targets,
@@ -189,19 +189,26 @@ impl Trainer {
         Ok(MicroStep {
             grads,
             loss: scalar(&loss)?,
-            loss_pre: perturbation.as_ref().map(|p| p.loss_pre),
-            sam_grad_norm: perturbation.as_ref().map(|p| p.grad_norm),
+            nll: out.nll.as_ref().map(scalar).transpose()?,
+            loss_pre: perturbation
+                .as_ref()
+                .map(|p| scalar(&p.loss_pre))
+                .transpose()?,
+            sam_grad_norm: perturbation
+                .as_ref()
+                .map(|p| scalar(&p.grad_norm))
+                .transpose()?,
             chosen_rewards: to_f32s(&out.chosen_rewards)?,
             rejected_rewards: to_f32s(&out.rejected_rewards)?,
             chosen_logps: to_f32s(&lp.chosen)?,
             rejected_logps: to_f32s(&lp.rejected)?,
             ref_chosen_logps: lp.ref_chosen.as_ref().map(to_f32s).transpose()?,
             ref_rejected_logps: lp.ref_rejected.as_ref().map(to_f32s).transpose()?,
-            squeeze,
+            diagnostics,
         })
     }
 
-    /// The configured loss, averaged over pairs, as a function of per-token log-probs.
+    /// The configured loss of the micro-batch as a function of per-token log-probs.
     fn batch_loss(
         &self,
         batch: &PreferenceBatch,
@@ -211,7 +218,7 @@ impl Trainer {
         let seq = sequence_logps(batch, token_logps)?;
         let lp = PairLogps::from_rows(&seq, reference, &batch.response_lens)?;
         let out = self.loss.compute(&lp)?;
-        Ok((out.losses.mean_all()?, out, lp))
+        Ok((out.loss.clone(), out, lp))
     }
 }
 

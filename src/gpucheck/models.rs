@@ -1,34 +1,19 @@
-//! `dpo-sam gpu-check`: CUDA-vs-CPU parity of one random-weight model per architecture (GPT-2,
-//! GPT-NeoX, Mistral): logits, per-sequence log-probs, the DPO loss and one logits-SAM training
-//! step's gradients, printed as JSON. `scripts/gpu-check.sh` runs it on a rented GPU, where no
-//! Rust toolchain exists to run the test suite.
+//! Whole models, CUDA against CPU: one random-weight model per architecture (GPT-2, GPT-NeoX,
+//! Mistral) built on the CPU, saved, and loaded again on the device (GPU initialisation draws
+//! other values), then compared on logits, per-sequence log-probs, the DPO loss and one
+//! logits-SAM training step's gradients.
 
+use super::GpuCheckArgs;
 use crate::config::Config;
 use crate::train::Trainer;
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use serde_json::{json, Value};
 
-#[derive(clap::Args, Debug)]
-pub struct GpuCheckArgs {
-    /// The device compared against the CPU.
-    #[arg(long, default_value = "cuda:0")]
-    pub device: String,
-    /// Preference pairs in the batch.
-    #[arg(long, default_value_t = 2)]
-    pub pairs: usize,
-    /// Tokens per sequence.
-    #[arg(long, default_value_t = 48)]
-    pub seq_len: usize,
-    /// Largest relative error that passes (f32 on both sides; reductions run in another order).
-    #[arg(long, default_value_t = 1e-3)]
-    pub tolerance: f64,
-}
-
 /// Tiny configs that still exercise each architecture's distinctive parts: tied embeddings
 /// (GPT-2), partial rotary with parallel residual (GPT-NeoX), grouped-query attention with a
 /// sliding window shorter than the sequence (Mistral).
-fn configs() -> Vec<(&'static str, Value)> {
+pub(super) fn configs() -> Vec<(&'static str, Value)> {
     vec![
         (
             "gpt2",
@@ -53,15 +38,6 @@ fn configs() -> Vec<(&'static str, Value)> {
     ]
 }
 
-pub fn run(args: GpuCheckArgs) -> Result<()> {
-    let report = check(&args)?;
-    println!("{}", serde_json::to_string_pretty(&report)?);
-    if report["pass"] != json!(true) {
-        anyhow::bail!("parity check failed (see the JSON above)");
-    }
-    Ok(())
-}
-
 /// One model's outputs on one device, all moved to the CPU.
 struct Outputs {
     logits: Tensor,
@@ -70,18 +46,23 @@ struct Outputs {
     grads: Vec<(String, Option<Tensor>)>,
 }
 
-fn outputs(config: &Value, device: &str, args: &GpuCheckArgs) -> Result<Outputs> {
-    let scratch = tempfile::tempdir().context("cannot create a scratch directory")?;
-    let path = scratch.path().join("config.json");
-    std::fs::write(&path, config.to_string())?;
+/// A trainer of `model` (a `name_or_path`) on `device`.
+fn trainer(
+    model: &str,
+    device: &str,
+    scratch: &std::path::Path,
+    args: &GpuCheckArgs,
+) -> Result<Trainer> {
     let toml = format!(
         "output_dir = {out:?}\ndevice = {device:?}\n[model]\nname_or_path = {model:?}\n\
          [data]\ntrain = \"builtin:arith\"\nbuiltin_pairs = 8\n[training]\nlearning_rate = 1e-6\nbatch_size = {pairs}\n[sam]\nkind = \"logits\"\nrho = 0.05\n",
-        out = scratch.path().display().to_string(),
-        model = format!("random:{}", path.display()),
+        out = scratch.display().to_string(),
         pairs = args.pairs,
     );
-    let trainer = Trainer::new(Config::parse(&toml, "gpu-check", &[])?)?;
+    Trainer::new(Config::parse(&toml, "gpu-check", &[])?)
+}
+
+fn outputs(trainer: &Trainer, args: &GpuCheckArgs) -> Result<Outputs> {
     let head = trainer.policy().net.output_layer();
     let batch = crate::bench::random_batch(
         args.pairs,
@@ -126,7 +107,7 @@ fn outputs(config: &Value, device: &str, args: &GpuCheckArgs) -> Result<Outputs>
 }
 
 /// ‖a − b‖ / ‖a‖ (‖a − b‖ when a is zero).
-fn rel_err(a: &Tensor, b: &Tensor) -> Result<f64> {
+pub(super) fn rel_err(a: &Tensor, b: &Tensor) -> Result<f64> {
     let a = a.to_dtype(DType::F64)?;
     let b = b.to_dtype(DType::F64)?;
     let diff = (&a - &b)?.sqr()?.sum_all()?.to_scalar::<f64>()?.sqrt();
@@ -134,14 +115,32 @@ fn rel_err(a: &Tensor, b: &Tensor) -> Result<f64> {
     Ok(if norm > 0.0 { diff / norm } else { diff })
 }
 
-fn check(args: &GpuCheckArgs) -> Result<Value> {
-    crate::device::parse(&args.device)?;
+/// Every architecture's comparison, and whether all pass.
+pub fn check(args: &GpuCheckArgs) -> Result<Value> {
     let mut models = Vec::new();
     let mut all_pass = true;
     for (arch, config) in configs() {
-        let cpu = outputs(&config, "cpu", args).with_context(|| format!("{arch} on cpu"))?;
-        let dev = outputs(&config, &args.device, args)
-            .with_context(|| format!("{arch} on {}", args.device))?;
+        let scratch = tempfile::tempdir().context("cannot create a scratch directory")?;
+        let config_path = scratch.path().join("config.json");
+        std::fs::write(&config_path, config.to_string())?;
+        let random = format!("random:{}", config_path.display());
+        let on_cpu = trainer(&random, "cpu", scratch.path(), args)?;
+        let cpu = outputs(&on_cpu, args).with_context(|| format!("{arch} on cpu"))?;
+        // The same weights on the device: saved from the CPU model and loaded there.
+        let saved = scratch.path().join("weights");
+        let whole = crate::checkpoint::SaveOptions {
+            dtype: None,
+            max_shard_size: u64::MAX,
+        };
+        crate::checkpoint::save_model(on_cpu.policy(), on_cpu.tok(), &saved, &whole)?;
+        let on_device = trainer(
+            &saved.display().to_string(),
+            &args.device,
+            scratch.path(),
+            args,
+        )?;
+        let dev =
+            outputs(&on_device, args).with_context(|| format!("{arch} on {}", args.device))?;
         let logits = rel_err(&cpu.logits, &dev.logits)?;
         let logps = rel_err(
             &Tensor::new(cpu.logps.as_slice(), &Device::Cpu)?,
@@ -181,7 +180,6 @@ fn check(args: &GpuCheckArgs) -> Result<Value> {
         }));
     }
     Ok(json!({
-        "device": args.device,
         "pairs": args.pairs,
         "seq_len": args.seq_len,
         "tolerance": args.tolerance,

@@ -1,0 +1,459 @@
+//! Each CUDA kernel against its CPU twin. A fused op is one public function whose dispatch picks
+//! the kernel of the device its inputs are on, so the same call runs the CUDA kernel on the GPU
+//! and the CPU kernel on the CPU; compared are the forward output and the gradient of every
+//! trainable input of Σ y ⊙ r (r fixed and random), as relative L2 errors ‖dev − cpu‖ / ‖cpu‖:
+//! in f32 at most 1e-5; in bf16 at most 1e-2, against the CPU twin run in f32 on the same
+//! bf16-rounded inputs. Also the fused optimiser with the device-side gradient norm against the
+//! CPU's update (f32, and mixed precision with bf16 copies), and the device's random
+//! initialisation against its host reference. A check whose op launched no kernel of ours on the
+//! device fails: a fallback to a composition must not pass for a kernel.
+
+use super::models::rel_err;
+use crate::kernels::attention::QkvPacking;
+use crate::kernels::dense::{Activation, WeightLayout};
+use crate::kernels::{self, dense, norm, rotary, softmax};
+use crate::models::ops as model_ops;
+use crate::models::Param;
+use crate::optim::{GradAccumulator, Optimizer, OptimizerKind};
+use anyhow::{Context, Result};
+use candle_core::{DType, Device, Tensor, Var};
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+
+/// One comparison.
+#[derive(Debug, Serialize)]
+pub struct Outcome {
+    pub name: String,
+    pub dtype: &'static str,
+    /// Relative errors: the forward output (or the weights, for the optimiser) first, then each
+    /// gradient (or moment).
+    pub errors: Vec<f64>,
+    pub tolerance: f64,
+    /// Launches of our kernels the device side made.
+    pub launches: u64,
+    pub pass: bool,
+    /// What failed to run, if anything did.
+    pub error: Option<String>,
+}
+
+type Op = Box<dyn Fn(&[Tensor]) -> candle_core::Result<Tensor>>;
+
+/// An op under test and its inputs (f32, on the CPU); the first `trainable` get gradients.
+struct Case {
+    name: &'static str,
+    op: Op,
+    inputs: Vec<Tensor>,
+    trainable: usize,
+}
+
+/// Seeded N(mean, scale²) inputs, so that a failure reproduces.
+struct Inputs(rand_chacha::ChaCha8Rng);
+
+impl Inputs {
+    fn randn(&mut self, shape: &[usize], mean: f32, scale: f32) -> Result<Tensor> {
+        let n = shape.iter().product::<usize>();
+        let values: Vec<f32> = (0..n)
+            .map(|_| {
+                let (u1, u2): (f32, f32) = (self.0.random(), self.0.random());
+                let z = (-2.0 * (1.0 - u1).ln()).sqrt() * (std::f32::consts::TAU * u2).cos();
+                mean + scale * z
+            })
+            .collect();
+        Ok(Tensor::from_vec(values, shape, &Device::Cpu)?)
+    }
+}
+
+/// Every fused op with a CUDA kernel, at shapes that cover their edge cases: rows longer than a
+/// block's threads and shorter than a warp, partial and full rotary, both weight layouts.
+fn cases() -> Result<Vec<Case>> {
+    let mut x = Inputs(rand_chacha::ChaCha8Rng::seed_from_u64(17));
+    let (cos4, sin4) = model_ops::rotary_tables(5, 4, 10000.0, DType::F32, &Device::Cpu)?;
+    let (cos8, sin8) = model_ops::rotary_tables(5, 8, 10000.0, DType::F32, &Device::Cpu)?;
+    let mut cases = vec![
+        Case {
+            name: "softmax (short rows)",
+            op: Box::new(|t| softmax::softmax_last_dim(&t[0])),
+            inputs: vec![x.randn(&[6, 7], 0.0, 2.0)?],
+            trainable: 1,
+        },
+        Case {
+            name: "softmax (rows of 3000)",
+            op: Box::new(|t| softmax::softmax_last_dim(&t[0])),
+            inputs: vec![x.randn(&[4, 3000], 0.0, 2.0)?],
+            trainable: 1,
+        },
+        Case {
+            name: "layer norm",
+            op: Box::new(|t| norm::layer_norm(&t[0], &t[1], &t[2], 1e-5)),
+            inputs: vec![
+                x.randn(&[3, 7, 300], 0.5, 1.0)?,
+                x.randn(&[300], 1.0, 0.2)?,
+                x.randn(&[300], 0.0, 0.2)?,
+            ],
+            trainable: 3,
+        },
+        Case {
+            name: "layer norm (rows of 2560)",
+            op: Box::new(|t| norm::layer_norm(&t[0], &t[1], &t[2], 1e-5)),
+            inputs: vec![
+                x.randn(&[40, 2560], 0.5, 1.0)?,
+                x.randn(&[2560], 1.0, 0.2)?,
+                x.randn(&[2560], 0.0, 0.2)?,
+            ],
+            trainable: 3,
+        },
+        Case {
+            name: "rms norm",
+            op: Box::new(|t| norm::rms_norm(&t[0], &t[1], 1e-6)),
+            inputs: vec![x.randn(&[3, 7, 300], 0.5, 1.0)?, x.randn(&[300], 1.0, 0.2)?],
+            trainable: 2,
+        },
+        Case {
+            name: "rotary (partial)",
+            op: Box::new(|t| rotary::rotary(&t[0], &t[1], &t[2])),
+            inputs: vec![x.randn(&[2, 3, 5, 8], 0.0, 1.0)?, cos4, sin4],
+            trainable: 1,
+        },
+        Case {
+            name: "rotary (full)",
+            op: Box::new(|t| rotary::rotary(&t[0], &t[1], &t[2])),
+            inputs: vec![x.randn(&[2, 3, 5, 8], 0.0, 1.0)?, cos8, sin8],
+            trainable: 1,
+        },
+    ];
+    for (name, layout, bias) in [
+        ("dense [out, in] + bias", WeightLayout::OutIn, true),
+        ("dense [out, in]", WeightLayout::OutIn, false),
+        ("dense [in, out] + bias", WeightLayout::InOut, true),
+    ] {
+        let (n_in, n_out) = (48, 40);
+        let w = match layout {
+            WeightLayout::OutIn => x.randn(&[n_out, n_in], 0.0, 0.2)?,
+            WeightLayout::InOut => x.randn(&[n_in, n_out], 0.0, 0.2)?,
+        };
+        let mut inputs = vec![x.randn(&[3, 5, n_in], 0.0, 1.0)?, w];
+        if bias {
+            inputs.push(x.randn(&[n_out], 0.0, 0.5)?);
+        }
+        cases.push(Case {
+            name,
+            op: Box::new(move |t| dense::dense(&t[0], &t[1], t.get(2), layout)),
+            trainable: inputs.len(),
+            inputs,
+        });
+    }
+    for (name, kind) in [
+        ("gelu (erf)", Activation::GeluErf),
+        ("gelu (tanh)", Activation::GeluTanh),
+        ("silu", Activation::Silu),
+        ("relu", Activation::Relu),
+    ] {
+        cases.push(Case {
+            name,
+            op: Box::new(move |t| fused(dense::activation(&t[0], kind)?)),
+            inputs: vec![x.randn(&[3, 333], 0.0, 3.0)?],
+            trainable: 1,
+        });
+    }
+    for (name, kind) in [
+        ("silu(gate) ⊙ up", Activation::Silu),
+        ("gelu(gate) ⊙ up", Activation::GeluTanh),
+    ] {
+        cases.push(Case {
+            name,
+            op: Box::new(move |t| fused(dense::gated(&t[0], &t[1], kind)?)),
+            inputs: vec![x.randn(&[3, 333], 0.0, 3.0)?, x.randn(&[3, 333], 0.0, 1.0)?],
+            trainable: 2,
+        });
+    }
+    // The attention composition that runs on CUDA until attention has a kernel of its own: the
+    // fused rotary and softmax inside it, against the CPU's fused packed attention.
+    cases.push(Case {
+        name: "packed attention (per head, partial rotary)",
+        op: Box::new(|t| {
+            let rope = Some((&t[2], &t[3]));
+            model_ops::packed_attention(&t[0], QkvPacking::PerHead, 3, rope, &t[1])
+        }),
+        inputs: vec![
+            x.randn(&[2, 5, 72], 0.0, 1.0)?,
+            model_ops::causal_mask(5, None, DType::F32, &Device::Cpu)?,
+            model_ops::rotary_tables(5, 4, 10000.0, DType::F32, &Device::Cpu)?.0,
+            model_ops::rotary_tables(5, 4, 10000.0, DType::F32, &Device::Cpu)?.1,
+        ],
+        trainable: 1,
+    });
+    Ok(cases)
+}
+
+/// A fused op's output, or an error saying the kernels did not take it.
+fn fused(y: Option<Tensor>) -> candle_core::Result<Tensor> {
+    y.ok_or_else(|| candle_core::Error::Msg("the fused kernels did not apply".into()))
+}
+
+/// The op's output and the gradients of its trainable inputs, all moved to the CPU in f32.
+fn run(c: &Case, inputs: &[Tensor], r: &Tensor) -> Result<(Tensor, Vec<Tensor>)> {
+    let vars: Vec<Var> = inputs[..c.trainable]
+        .iter()
+        .map(Var::from_tensor)
+        .collect::<candle_core::Result<_>>()?;
+    let mut args: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    args.extend(inputs[c.trainable..].iter().cloned());
+    let y = (c.op)(&args)?;
+    let grads = (&y * r)?.sum_all()?.backward()?;
+    let host = |t: &Tensor| t.to_device(&Device::Cpu)?.to_dtype(DType::F32);
+    let g = vars
+        .iter()
+        .map(|v| {
+            let g = grads.get(v).context("no gradient reached an input")?;
+            Ok(host(g)?)
+        })
+        .collect::<Result<_>>()?;
+    Ok((host(&y)?, g))
+}
+
+/// `t` in `dtype` on `device`, and the same values (rounded to `dtype`) in f32 on the CPU.
+fn both(t: &Tensor, dtype: DType, device: &Device) -> Result<(Tensor, Tensor)> {
+    let on_device = t.to_dtype(dtype)?.to_device(device)?;
+    let on_cpu = on_device.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+    Ok((on_device, on_cpu))
+}
+
+fn compare(c: &Case, dtype: DType, device: &Device) -> Result<(Vec<f64>, u64)> {
+    let mut dev_inputs = Vec::new();
+    let mut cpu_inputs = Vec::new();
+    for t in &c.inputs {
+        let (d, h) = both(t, dtype, device)?;
+        dev_inputs.push(d);
+        cpu_inputs.push(h);
+    }
+    let y = (c.op)(&cpu_inputs)?;
+    let r = Inputs(rand_chacha::ChaCha8Rng::seed_from_u64(3)).randn(y.dims(), 0.0, 1.0)?;
+    let (r_dev, r_cpu) = both(&r, dtype, device)?;
+    let (y_cpu, g_cpu) = run(c, &cpu_inputs, &r_cpu)?;
+    let before = kernels::launches();
+    let (y_dev, g_dev) = run(c, &dev_inputs, &r_dev)?;
+    device.synchronize()?;
+    let launches = kernels::launches() - before;
+    let mut errors = vec![rel_err(&y_cpu, &y_dev)?];
+    for (a, b) in g_cpu.iter().zip(&g_dev) {
+        errors.push(rel_err(a, b)?);
+    }
+    Ok((errors, launches))
+}
+
+fn outcome(name: &str, dtype: DType, tolerance: f64, result: Result<(Vec<f64>, u64)>) -> Outcome {
+    let dtype_name = if dtype == DType::BF16 { "bf16" } else { "f32" };
+    match result {
+        Ok((errors, launches)) => Outcome {
+            name: name.to_string(),
+            dtype: dtype_name,
+            pass: launches > 0 && errors.iter().all(|e| *e <= tolerance),
+            error: (launches == 0).then(|| "no kernel of ours ran on the device".to_string()),
+            errors,
+            tolerance,
+            launches,
+        },
+        Err(e) => Outcome {
+            name: name.to_string(),
+            dtype: dtype_name,
+            errors: Vec::new(),
+            tolerance,
+            launches: 0,
+            pass: false,
+            error: Some(format!("{e:#}")),
+        },
+    }
+}
+
+/// Every op in f32 and bf16, the optimiser, and the initialisation, on `device`.
+pub fn check(device: &Device) -> Result<Vec<Outcome>> {
+    let mut out = Vec::new();
+    for (dtype, tolerance) in [(DType::F32, 1e-5), (DType::BF16, 1e-2)] {
+        for c in cases()? {
+            out.push(outcome(
+                c.name,
+                dtype,
+                tolerance,
+                compare(&c, dtype, device),
+            ));
+        }
+    }
+    for mixed in [false, true] {
+        let name = match mixed {
+            false => "AdamW + device grad norm (f32)",
+            true => "AdamW + device grad norm (f32 masters, bf16 weights)",
+        };
+        out.push(outcome(name, DType::F32, 1e-5, optimiser(device, mixed)));
+    }
+    out.push(outcome("random init", DType::F32, 1e-5, init(device)));
+    Ok(out)
+}
+
+/// Three clipped AdamW steps (weight decay on the matrices) on the device and on the CPU from
+/// the same weights and gradients; errors: the norms, then each parameter's weights and
+/// moments (and, mixed, the bf16 weights).
+fn optimiser(device: &Device, mixed: bool) -> Result<(Vec<f64>, u64)> {
+    let mut x = Inputs(rand_chacha::ChaCha8Rng::seed_from_u64(5));
+    // One parameter larger than a chunk of the kernels (65536), a matrix, a bias.
+    let shapes: [&[usize]; 3] = [&[3, 30_001], &[64, 48], &[48]];
+    let initial: Vec<Tensor> = shapes
+        .iter()
+        .map(|s| x.randn(s, 0.0, 0.1))
+        .collect::<Result<_>>()?;
+    let kind = OptimizerKind::AdamW {
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.1,
+    };
+    let params_on = |dev: &Device| -> Result<Vec<Param>> {
+        initial
+            .iter()
+            .enumerate()
+            .map(|(i, w)| {
+                let w = w.to_device(dev)?;
+                let (var, master) = match mixed {
+                    true => (
+                        Var::from_tensor(&w.to_dtype(DType::BF16)?)?,
+                        Some(Var::from_tensor(&w)?),
+                    ),
+                    false => (Var::from_tensor(&w)?, None),
+                };
+                Ok(Param {
+                    name: format!("p{i}"),
+                    var,
+                    master,
+                })
+            })
+            .collect()
+    };
+    let (dev_params, cpu_params) = (params_on(device)?, params_on(&Device::Cpu)?);
+    let mut dev_opt = Optimizer::new(kind.clone(), &dev_params)?;
+    let mut cpu_opt = Optimizer::new(kind, &cpu_params)?;
+    let mut errors = Vec::new();
+    let mut launches = 0;
+    for step in 0..3 {
+        // Gradients of Σ w ⊙ r: r itself, through a real backward on both sides.
+        let rs: Vec<Tensor> = shapes
+            .iter()
+            .map(|s| x.randn(s, 0.0, 1.0))
+            .collect::<Result<_>>()?;
+        let grads = |params: &[Param]| -> Result<GradAccumulator> {
+            let mut loss: Option<Tensor> = None;
+            for (p, r) in params.iter().zip(&rs) {
+                let w = p.var.as_tensor();
+                let term = (w * r.to_dtype(w.dtype())?.to_device(w.device())?)?.sum_all()?;
+                loss = Some(match loss {
+                    Some(l) => (l + term)?,
+                    None => term,
+                });
+            }
+            let store = loss.expect("parameters").backward()?;
+            let mut acc = GradAccumulator::new(params.len());
+            acc.add(params, &store)?;
+            Ok(acc)
+        };
+        let (dev_acc, cpu_acc) = (grads(&dev_params)?, grads(&cpu_params)?);
+        let before = kernels::launches();
+        let dev_norm = dev_opt.clip_and_apply(&dev_params, &dev_acc, 1.0, 1e-2)?;
+        device.synchronize()?;
+        launches += kernels::launches() - before;
+        let cpu_norm = cpu_opt.clip_and_apply(&cpu_params, &cpu_acc, 1.0, 1e-2)?;
+        if step == 0 {
+            errors.push((dev_norm - cpu_norm).abs() / cpu_norm);
+        }
+    }
+    for (i, (d, c)) in dev_params.iter().zip(&cpu_params).enumerate() {
+        let weights = |p: &Param| {
+            p.master
+                .as_ref()
+                .unwrap_or(&p.var)
+                .as_tensor()
+                .to_device(&Device::Cpu)
+        };
+        errors.push(rel_err(&weights(c)?, &weights(d)?)?);
+        errors.push(rel_err(
+            &cpu_opt.m[i],
+            &dev_opt.m[i].to_device(&Device::Cpu)?,
+        )?);
+        errors.push(rel_err(
+            &cpu_opt.v[i],
+            &dev_opt.v[i].to_device(&Device::Cpu)?,
+        )?);
+        if mixed {
+            // The bf16 weights the kernel wrote are its f32 master rounded once (to nearest
+            // even, as the CPU rounds): exactly, not merely close.
+            let copy = d
+                .var
+                .as_tensor()
+                .to_device(&Device::Cpu)?
+                .to_dtype(DType::F32)?;
+            let rounded = weights(d)?.to_dtype(DType::BF16)?.to_dtype(DType::F32)?;
+            errors.push(rel_err(&rounded, &copy)?);
+        }
+    }
+    Ok((errors, launches))
+}
+
+/// The device's random stream against its host reference, and drawn twice alike.
+fn init(device: &Device) -> Result<(Vec<f64>, u64)> {
+    let shape = candle_core::Shape::from((300, 257));
+    let before = kernels::launches();
+    let draw = || kernels::init::randn_on_device(99, &shape, 0.5, 0.02, device);
+    let (a, b) = (
+        draw()?.context("no device draw")?,
+        draw()?.context("no device draw")?,
+    );
+    let launches = kernels::launches() - before;
+    let host = kernels::init::randn_host(99, shape.elem_count(), 0.5, 0.02);
+    let host = Tensor::from_vec(host, shape.clone(), &Device::Cpu)?;
+    let (a, b) = (a.to_device(&Device::Cpu)?, b.to_device(&Device::Cpu)?);
+    Ok((vec![rel_err(&host, &a)?, rel_err(&a, &b)?], launches))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// On the CPU the harness compares the CPU kernels with themselves: every gradient is
+    /// found and agrees, and the launch check then fails every op (no CUDA kernel ran), which is
+    /// what keeps a composition fallback from passing on a GPU.
+    #[test]
+    fn harness_runs_every_case_and_rejects_ops_without_device_kernels() -> Result<()> {
+        for c in cases()? {
+            let result = compare(&c, DType::F32, &Device::Cpu);
+            let (errors, launches) = result
+                .as_ref()
+                .map_err(|e| anyhow::anyhow!("{}: {e:#}", c.name))?;
+            assert_eq!(errors.len(), 1 + c.trainable, "{}", c.name);
+            assert!(errors.iter().all(|e| *e == 0.0), "{}: {errors:?}", c.name);
+            assert_eq!(*launches, 0);
+            let o = outcome(c.name, DType::F32, 1e-5, result);
+            assert!(!o.pass && o.error.is_some(), "{}", c.name);
+        }
+        Ok(())
+    }
+
+    /// An op that differs from its twin by more than the bound fails.
+    #[test]
+    fn a_wrong_kernel_fails() -> Result<()> {
+        let ok = outcome("x", DType::F32, 1e-5, Ok((vec![0.0, 9e-6], 2)));
+        let bad = outcome("x", DType::F32, 1e-5, Ok((vec![0.0, 2e-5], 2)));
+        assert!(ok.pass && !bad.pass);
+        let err = outcome("x", DType::BF16, 1e-2, Err(anyhow::anyhow!("boom")));
+        assert!(!err.pass && err.error.as_deref() == Some("boom"));
+        Ok(())
+    }
+
+    /// The optimiser check on the CPU against itself: the same update bit for bit.
+    #[test]
+    fn optimiser_check_runs_on_the_cpu() -> Result<()> {
+        for mixed in [false, true] {
+            let (errors, launches) = optimiser(&Device::Cpu, mixed)?;
+            assert_eq!(launches, 0);
+            assert_eq!(errors.len(), 1 + 3 * if mixed { 4 } else { 3 });
+            assert!(errors.iter().all(|e| *e == 0.0), "{errors:?}");
+        }
+        Ok(())
+    }
+}

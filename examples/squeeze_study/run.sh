@@ -5,7 +5,7 @@
 #
 # Usage: bash examples/squeeze_study/run.sh [OUT_DIR]       (default runs/squeeze_study)
 #   DPO_SAM_BIN   an already-built binary (default: build the release one)
-#   RHOS          the sweep (default "0 0.01 0.03 0.1 0.3"; 0 is plain DPO)
+#   RHOS          the sweep (default "0 0.03 0.1 0.3"; 0 is plain DPO)
 #   SEEDS         training seeds (default "1")
 #   PROBES        Hutchinson probes per checkpoint (default 12; the same probes for every
 #                 checkpoint, so differences between runs are paired)
@@ -15,7 +15,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 out=${1:-runs/squeeze_study}
 shared=${SHARED:-../shared}
-rhos=${RHOS:-"0 0.01 0.03 0.1 0.3"}
+rhos=${RHOS:-"0 0.03 0.1 0.3"}
 seeds=${SEEDS:-1}
 probes=${PROBES:-12}
 model=$shared/models/stories260K

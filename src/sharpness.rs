@@ -91,10 +91,13 @@ pub struct LogitTraces {
     pub tokens: usize,
 }
 
+/// A batch with its fixed reference log-probs (chosen, rejected), none for reference-free losses.
+pub type ReferencedBatch = (PreferenceBatch, Option<(Tensor, Tensor)>);
+
 /// L(θ) on fixed pairs, with its gradient and curvature.
 pub struct Objective {
     policy: Model,
-    batches: Vec<(PreferenceBatch, Option<(Tensor, Tensor)>)>,
+    batches: Vec<ReferencedBatch>,
     loss: Loss,
     pairs: usize,
 }
@@ -102,11 +105,7 @@ pub struct Objective {
 impl Objective {
     /// `policy` must have trainable weights; `batches` carry their fixed reference log-probs
     /// (see [`reference_batches`]).
-    pub fn new(
-        policy: Model,
-        batches: Vec<(PreferenceBatch, Option<(Tensor, Tensor)>)>,
-        loss: Loss,
-    ) -> Result<Objective> {
+    pub fn new(policy: Model, batches: Vec<ReferencedBatch>, loss: Loss) -> Result<Objective> {
         if policy.params.is_empty() {
             bail!("sharpness needs the policy's weights as trainable parameters");
         }
@@ -127,7 +126,7 @@ impl Objective {
     }
 
     /// The batches and their reference log-probs.
-    pub fn batches(&self) -> &[(PreferenceBatch, Option<(Tensor, Tensor)>)] {
+    pub fn batches(&self) -> &[ReferencedBatch] {
         &self.batches
     }
 
@@ -340,7 +339,7 @@ pub fn reference_batches(
     batch_size: usize,
     pad_id: u32,
     device: &candle_core::Device,
-) -> Result<Vec<(PreferenceBatch, Option<(Tensor, Tensor)>)>> {
+) -> Result<Vec<ReferencedBatch>> {
     pairs
         .chunks(batch_size.max(1))
         .map(|chunk| {

@@ -445,6 +445,11 @@ pub struct DataConfig {
     /// row's file and line) as the eval split; 0 holds out nothing.
     #[serde(default)]
     pub eval_fraction: f64,
+    /// Before training, drop this fraction of the training pairs: those with the highest
+    /// length-normalised CHES under the starting policy (Razin et al. 2024, `data::ches`), the
+    /// pairs most likely to push the chosen response's probability down; 0 keeps every pair.
+    #[serde(default)]
+    pub filter_ches_quantile: f64,
     /// Records in the streaming shuffle buffer (`data.streaming`; 0 keeps file order).
     #[serde(default = "default_shuffle_buffer")]
     pub shuffle_buffer: usize,
@@ -1045,6 +1050,15 @@ impl Config {
         if d.streaming && t.precompute_ref_log_probs {
             bail!("data.streaming = true cannot be combined with training.precompute_ref_log_probs = true: the cache holds reference log-probs for every training pair, which streaming never keeps in memory; set one of them to false");
         }
+        check(
+            (0.0..1.0).contains(&d.filter_ches_quantile),
+            "data.filter_ches_quantile",
+            "must be in [0, 1) (the fraction of training pairs dropped)",
+            d.filter_ches_quantile,
+        )?;
+        if d.streaming && d.filter_ches_quantile > 0.0 {
+            bail!("data.streaming = true cannot be combined with data.filter_ches_quantile > 0: ranking pairs by CHES needs every training pair in memory; set one of them off");
+        }
         if d.eval_fraction > 0.0 && d.eval.is_some() {
             bail!("data.eval_fraction: holds out part of data.train, so it cannot be combined with data.eval");
         }
@@ -1547,6 +1561,25 @@ batch_size = 8
         assert!(e.contains("data.format: expected one of auto, hh"), "{e}");
         let e = err(MINIMAL, &["data.eval_fraction=1.5"]);
         assert!(e.contains("data.eval_fraction: must be in [0, 1)"), "{e}");
+        for q in ["1.0", "-0.1", "nan"] {
+            let e = err(MINIMAL, &[&format!("data.filter_ches_quantile={q}")]);
+            assert!(
+                e.contains("data.filter_ches_quantile: must be in [0, 1)"),
+                "{q}: {e}"
+            );
+        }
+        let e = err(
+            MINIMAL,
+            &[
+                "data.filter_ches_quantile=0.1",
+                "data.streaming=true",
+                "training.max_steps=5",
+            ],
+        );
+        assert!(
+            e.contains("data.streaming") && e.contains("data.filter_ches_quantile"),
+            "{e}"
+        );
         let e = err(
             MINIMAL,
             &["data.eval_fraction=0.1", "data.eval=\"x.jsonl\""],

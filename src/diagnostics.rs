@@ -3,8 +3,10 @@
 //!
 //! - the squeeze diagnostics of the paper's section 3: the most likely non-target token y*
 //!   along chosen responses, onto which the squeezing effect moves probability mass (Lemma
-//!   3.5), and tr(H_z) = 1 − ‖p‖², the trace of the logit Hessian H_z = Diag(p) − ppᵀ over
-//!   response tokens, the curvature that SAM's correction term is scaled by (section 4.3);
+//!   3.5), and tr(Diag(p) − ppᵀ) = 1 − ‖p‖² per response token, the trace of the softmax
+//!   cross-entropy logit Hessian H_z one token at a time — the curvature that SAM's correction
+//!   term is scaled by (Theorem 3.2). It is *not* the Hessian of the preference loss:
+//!   `dpo-sam sharpness` (src/sharpness.rs) measures that, from [`token_probs`];
 //! - TRL 1.x's token metrics, as its fused LM head defines them: the mean over the vocabulary
 //!   of each response token's logits (`logits/chosen`, `logits/rejected`), the entropy of the
 //!   next-token distribution over response tokens (`entropy`), and the share of chosen tokens
@@ -20,8 +22,8 @@ pub struct Diagnostics {
     /// Σ over chosen-response tokens of max_{v ≠ target} p_v.
     pub top_nontarget_prob: f64,
     pub chosen_tokens: usize,
-    /// Σ over all response tokens of 1 − ‖p‖².
-    pub hessian_trace: f64,
+    /// Σ over all response tokens of tr(Diag(p) − ppᵀ) = 1 − ‖p‖².
+    pub ce_logit_hessian_trace: f64,
     pub tokens: usize,
     /// Σ over chosen-response tokens of the mean logit over the vocabulary.
     pub chosen_mean_logits: f64,
@@ -37,7 +39,7 @@ impl Diagnostics {
     pub fn add(&mut self, other: &Diagnostics) {
         self.top_nontarget_prob += other.top_nontarget_prob;
         self.chosen_tokens += other.chosen_tokens;
-        self.hessian_trace += other.hessian_trace;
+        self.ce_logit_hessian_trace += other.ce_logit_hessian_trace;
         self.tokens += other.tokens;
         self.chosen_mean_logits += other.chosen_mean_logits;
         self.rejected_mean_logits += other.rejected_mean_logits;
@@ -50,6 +52,45 @@ impl Diagnostics {
     }
 }
 
+/// The softmax p of each response token's logits, summarised: p at the target, ‖p‖², and the
+/// largest p at any other token (y*'s probability).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TokenProbs {
+    pub target: Vec<f64>,
+    pub sq_norm: Vec<f64>,
+    pub top_nontarget: Vec<f64>,
+}
+
+/// [`TokenProbs`] for hidden states `h` `[n, hidden]` with `targets` `[n]`, without a graph.
+pub fn token_probs(head: &OutputLayer, h: &Tensor, targets: &Tensor) -> Result<TokenProbs> {
+    // In the logits' dtype: f32, or f64 where the exact traces of `sharpness` are checked.
+    let probs = softmax_last_dim(&head.logits(&h.detach(), None)?)?;
+    let (target, others) = target_and_top_other(&probs, targets)?;
+    let col = |t: Tensor| -> Result<Vec<f64>> { t.to_dtype(DType::F64)?.to_vec1::<f64>() };
+    Ok(TokenProbs {
+        target: col(target)?,
+        sq_norm: col(probs.sqr()?.sum(D::Minus1)?)?,
+        top_nontarget: col(others)?,
+    })
+}
+
+/// For probabilities `probs` `[n, vocab]`: each row's probability at its target, and the
+/// largest at any other token (y*'s), both `[n]`.
+fn target_and_top_other(probs: &Tensor, targets: &Tensor) -> Result<(Tensor, Tensor)> {
+    let (n, vocab) = probs.dims2()?;
+    let dt = probs.dtype();
+    let target_mask = Tensor::zeros((n, vocab), dt, probs.device())?.scatter_add(
+        &targets.unsqueeze(1)?,
+        &Tensor::ones((n, 1), dt, probs.device())?,
+        1,
+    )?;
+    // With the target's probability zeroed, the row max is y*'s probability.
+    Ok((
+        (probs * &target_mask)?.sum(D::Minus1)?,
+        (probs * (1.0 - target_mask)?)?.max(D::Minus1)?,
+    ))
+}
+
 /// Diagnostics for response tokens `h` `[n, hidden]` with `targets` `[n]`, of which the first
 /// `chosen_tokens` belong to chosen responses.
 pub fn diagnostics(
@@ -60,16 +101,10 @@ pub fn diagnostics(
 ) -> Result<Diagnostics> {
     let logits = head.logits(&h.detach(), None)?.to_dtype(DType::F32)?;
     let probs = softmax_last_dim(&logits)?;
-    let (n, vocab) = probs.dims2()?;
+    let n = probs.dim(0)?;
     let chosen = chosen_tokens.min(n);
     let trace = (1.0 - probs.sqr()?.sum(D::Minus1)?)?;
-    // Zero the target's probability, then the row max is y*'s probability.
-    let target_mask = Tensor::zeros((n, vocab), DType::F32, probs.device())?.scatter_add(
-        &targets.unsqueeze(1)?,
-        &Tensor::ones((n, 1), DType::F32, probs.device())?,
-        1,
-    )?;
-    let others = (&probs * (1.0 - target_mask)?)?.max(D::Minus1)?;
+    let (_, others) = target_and_top_other(&probs, targets)?;
     // H(p) = log Σ e^z − Σ p z, with the log-sum-exp taken from the row max.
     let max = logits.max_keepdim(D::Minus1)?;
     let lse = (logits
@@ -89,7 +124,7 @@ pub fn diagnostics(
     Ok(Diagnostics {
         top_nontarget_prob: sum(&others.narrow(0, 0, chosen)?)?,
         chosen_tokens: chosen,
-        hessian_trace: sum(&trace)?,
+        ce_logit_hessian_trace: sum(&trace)?,
         tokens: n,
         chosen_mean_logits: sum(&mean_logits.narrow(0, 0, chosen)?)?,
         rejected_mean_logits: sum(&mean_logits.narrow(0, chosen, n - chosen)?)?,
@@ -120,10 +155,13 @@ mod tests {
         assert_eq!(s.chosen_tokens, 1);
         // row 1: uniform → trace 1 − 1/3
         assert!(
-            (s.hessian_trace - (0.625 + 2.0 / 3.0)).abs() < 1e-6,
+            (s.ce_logit_hessian_trace - (0.625 + 2.0 / 3.0)).abs() < 1e-6,
             "{s:?}"
         );
         assert_eq!(s.tokens, 2);
+        let p = token_probs(&head, &h, &targets)?;
+        assert!((p.target[0] - 0.25).abs() < 1e-6 && (p.target[1] - 1.0 / 3.0).abs() < 1e-6);
+        assert!((p.sq_norm[0] - 0.375).abs() < 1e-6, "{p:?}");
         // mean logits: row 0 (ln 2)/3 (chosen), row 1 0 (rejected)
         assert!(
             (s.chosen_mean_logits - 2f64.ln() / 3.0).abs() < 1e-6,

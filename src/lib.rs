@@ -4,8 +4,8 @@
 //! way (`tests/layering.rs` checks it):
 //!
 //! - commands: `bench`, `eval`, `generate`, `gpucheck`, `merge`, `plot`, `push`, `report`,
-//!   `score`, `toy`, `trl` (`config from-trl`), `train` (whose `mod.rs` is the command and the
-//!   loop) and
+//!   `score`, `sharpness`, `toy`, `trl` (`config from-trl`), `train` (whose `mod.rs` is the
+//!   command and the loop) and
 //!   `data inspect`;
 //! - what the training run uses: `plan` (`--dry-run`), `refcache`, `checkpoint`, `card` (the
 //!   model card of every saved model), `decode` (evaluation samples; also `generate`'s);
@@ -42,6 +42,7 @@ pub mod refcache;
 pub mod report;
 pub mod sam;
 pub mod score;
+pub mod sharpness;
 pub mod tensorboard;
 pub mod tokenizer;
 pub mod toy;

@@ -7,12 +7,6 @@ use crate::models::Model;
 use anyhow::Result;
 use candle_core::Tensor;
 
-/// Hidden states `[rows, t, d]` → `[n, d]` at the flat positions that predict response tokens.
-pub fn response_hidden(h: Tensor, positions: &Tensor) -> candle_core::Result<Tensor> {
-    let (rows, t, d) = h.dims3()?;
-    h.reshape((rows * t, d))?.index_select(positions, 0)
-}
-
 /// Per-row sequence log-probs `[2b]` (chosen rows first) from per-token log-probs `[n]`: the
 /// sum over each row's response tokens (prompt and padding excluded).
 pub fn sequence_logps(
@@ -29,16 +23,20 @@ pub fn sequence_logps(
 
 /// Sequence log-probs `[2b]` of a batch's rows under `model`, without a graph.
 pub fn row_logps(model: &Model, batch: &PreferenceBatch) -> Result<Tensor> {
-    let h = response_hidden(
-        model.net.forward_hidden(&batch.input_ids)?,
-        &batch.positions,
-    )?;
+    Ok(row_logps_and_hidden(model, batch)?.0)
+}
+
+/// [`row_logps`] and the response hidden states `[n, d]` they came from (for CHES).
+pub fn row_logps_and_hidden(model: &Model, batch: &PreferenceBatch) -> Result<(Tensor, Tensor)> {
+    let h = batch
+        .response_hidden(model.net.forward_hidden(&batch.input_ids)?)?
+        .detach();
     let token_logps = model
         .net
         .output_layer()
         .token_logps(&h, &batch.targets, None)?
         .detach();
-    Ok(sequence_logps(batch, &token_logps)?)
+    Ok((sequence_logps(batch, &token_logps)?, h))
 }
 
 /// Sequence log-probs (chosen, rejected) `[b]` of one batch under `model`, without a graph.

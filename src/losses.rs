@@ -47,6 +47,28 @@ impl PairLogps {
         })
     }
 
+    /// Each pair's values as plain numbers.
+    pub fn values(&self) -> Result<Vec<PairValues>> {
+        let col = |t: &Tensor| -> Result<Vec<f64>> {
+            Ok(t.to_dtype(candle_core::DType::F64)?.to_vec1::<f64>()?)
+        };
+        let (c, r) = (col(&self.chosen)?, col(&self.rejected)?);
+        let (nc, nr) = (col(&self.chosen_tokens)?, col(&self.rejected_tokens)?);
+        let reference = match (&self.ref_chosen, &self.ref_rejected) {
+            (Some(rc), Some(rr)) => Some((col(rc)?, col(rr)?)),
+            _ => None,
+        };
+        Ok((0..c.len())
+            .map(|i| PairValues {
+                chosen: c[i],
+                rejected: r[i],
+                reference: reference.as_ref().map(|(rc, rr)| (rc[i], rr[i])),
+                chosen_tokens: nc[i],
+                rejected_tokens: nr[i],
+            })
+            .collect())
+    }
+
     /// The chosen responses' NLL over the whole micro-batch (a scalar): with `token_mean`
     /// −Σ log π(y_w|x) / Σ |y_w| over every chosen token, as TRL's `sft` loss and CPOTrainer's
     /// `nll_loss` (a cross-entropy mean); with `sequence_sum` the mean over pairs of
@@ -108,6 +130,87 @@ impl LossType {
         )
     }
 
+    /// [`Curvature`] of this loss at one pair, in closed form (each arm differentiates the
+    /// function of the same name below twice; `losses::tests` checks them against finite
+    /// differences of the per-pair losses of [`Loss::compute`]).
+    pub fn curvature(self, x: &PairValues, p: &LossParams) -> Result<Curvature> {
+        let (c, r) = (x.chosen, x.rejected);
+        let (nc, nr) = (x.chosen_tokens, x.rejected_tokens);
+        let reference = || match x.reference {
+            Some(rf) => Ok(rf),
+            None => Err(anyhow::anyhow!(
+                "this loss needs reference log-probs, but none were computed"
+            )),
+        };
+        let beta = p.beta;
+        // ∂/∂c of the pair's own chosen NLL ([`PairLogps::chosen_nll_per_pair`]).
+        let nll_slope = match p.nll_reduction {
+            NllReduction::TokenMean => -1.0 / nc,
+            NllReduction::SequenceSum => -1.0,
+        };
+        Ok(match self {
+            LossType::Sigmoid | LossType::Robust => {
+                let (rc, rr) = reference()?;
+                let z = beta * ((c - rc) - (r - rr));
+                let (dz, ddz) = if self == LossType::Robust {
+                    let eps = p.label_smoothing;
+                    let dz = (-(1.0 - eps) * sigma(-z) - eps * sigma(z)) / (1.0 - 2.0 * eps);
+                    (dz, sigma(z) * sigma(-z))
+                } else {
+                    smoothed_derivatives(z, p.label_smoothing)
+                };
+                linear_in(dz, ddz, beta, -beta)
+            }
+            LossType::Hinge => {
+                let (rc, rr) = reference()?;
+                let z = beta * ((c - rc) - (r - rr));
+                linear_in(-step(1.0 - z), 0.0, beta, -beta)
+            }
+            LossType::Ipo => {
+                let (rc, rr) = reference()?;
+                let h = (c - rc) / nc - (r - rr) / nr;
+                let dh = 2.0 * (h - 1.0 / (2.0 * beta));
+                Curvature {
+                    d_chosen: dh / nc,
+                    d_rejected: -dh / nr,
+                    dd_chosen: 2.0 / (nc * nc),
+                    dd_rejected: 2.0 / (nr * nr),
+                }
+            }
+            LossType::Slic => {
+                let active = step(p.slic_delta - c + r);
+                Curvature {
+                    d_chosen: -active + p.slic_lambda * nll_slope,
+                    d_rejected: active,
+                    ..Default::default()
+                }
+            }
+            LossType::Cpo => {
+                let (dz, ddz) = smoothed_derivatives(beta * (c - r), p.label_smoothing);
+                let mut k = linear_in(dz, ddz, beta, -beta);
+                k.d_chosen += p.cpo_alpha * nll_slope;
+                k
+            }
+            LossType::Simpo => {
+                let z = beta * (c / nc - r / nr) - p.simpo_gamma;
+                let (dz, ddz) = smoothed_derivatives(z, p.label_smoothing);
+                linear_in(dz, ddz, beta / nc, -beta / nr)
+            }
+            LossType::Dpop => {
+                let (rc, rr) = reference()?;
+                let (cr, rrat) = (c - rc, r - rr);
+                let z = beta * (cr - rrat - p.dpop_lambda * (-cr).max(0.0));
+                let (dz, ddz) = smoothed_derivatives(z, p.label_smoothing);
+                // The penalty is piecewise linear in c: its slope enters, its kink does not.
+                linear_in(dz, ddz, beta * (1.0 + p.dpop_lambda * step(-cr)), -beta)
+            }
+            LossType::Sft => Curvature {
+                d_chosen: nll_slope,
+                ..Default::default()
+            },
+        })
+    }
+
     fn term(self, lp: &PairLogps, p: &LossParams) -> Result<Term> {
         match self {
             LossType::Sigmoid => sigmoid(lp, p),
@@ -131,6 +234,85 @@ impl LossType {
     pub fn has_nll(self) -> bool {
         matches!(self, LossType::Slic | LossType::Cpo | LossType::Sft)
     }
+}
+
+/// One pair's inputs to a loss, as plain numbers (see [`PairLogps`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PairValues {
+    pub chosen: f64,
+    pub rejected: f64,
+    pub reference: Option<(f64, f64)>,
+    pub chosen_tokens: f64,
+    pub rejected_tokens: f64,
+}
+
+/// First and second derivatives of one pair's loss with respect to its sequence log-probs
+/// c = log π(y_w|x) and r = log π(y_l|x), the reference held constant: with the per-token
+/// softmax Hessians, all that the Hessian of the loss with respect to the logits is made of
+/// (docs/theory.md, "The logit Hessian of a preference loss"). ∂²/∂c∂r never enters its trace:
+/// c and r depend on disjoint logits.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Curvature {
+    /// ∂loss/∂c.
+    pub d_chosen: f64,
+    /// ∂loss/∂r.
+    pub d_rejected: f64,
+    /// ∂²loss/∂c².
+    pub dd_chosen: f64,
+    /// ∂²loss/∂r².
+    pub dd_rejected: f64,
+}
+
+impl Curvature {
+    fn scaled(self, w: f64) -> Curvature {
+        Curvature {
+            d_chosen: w * self.d_chosen,
+            d_rejected: w * self.d_rejected,
+            dd_chosen: w * self.dd_chosen,
+            dd_rejected: w * self.dd_rejected,
+        }
+    }
+
+    fn plus(self, o: Curvature) -> Curvature {
+        Curvature {
+            d_chosen: self.d_chosen + o.d_chosen,
+            d_rejected: self.d_rejected + o.d_rejected,
+            dd_chosen: self.dd_chosen + o.dd_chosen,
+            dd_rejected: self.dd_rejected + o.dd_rejected,
+        }
+    }
+}
+
+fn sigma(x: f64) -> f64 {
+    if x >= 0.0 {
+        1.0 / (1.0 + (-x).exp())
+    } else {
+        let e = x.exp();
+        e / (1.0 + e)
+    }
+}
+
+/// d/dz and d²/dz² of [`smoothed`]: −(1 − ε)σ(−z) + εσ(z) and σ(z)σ(−z).
+fn smoothed_derivatives(z: f64, eps: f64) -> (f64, f64) {
+    (
+        -(1.0 - eps) * sigma(-z) + eps * sigma(z),
+        sigma(z) * sigma(-z),
+    )
+}
+
+/// A loss of z = a·c + b·r + const (a, b constant): chain rule.
+fn linear_in(dz: f64, ddz: f64, a: f64, b: f64) -> Curvature {
+    Curvature {
+        d_chosen: dz * a,
+        d_rejected: dz * b,
+        dd_chosen: ddz * a * a,
+        dd_rejected: ddz * b * b,
+    }
+}
+
+/// Indicator as candle's relu backward takes it (relu'(0) = 1).
+fn step(x: f64) -> f64 {
+    f64::from(u8::from(x >= 0.0))
 }
 
 /// Whether any of these terms needs reference-model log-probs (if not, no reference is loaded).
@@ -195,6 +377,15 @@ impl Loss {
     /// Whether any term needs reference-model log-probs (if not, no reference is loaded).
     pub fn needs_reference(&self) -> bool {
         needs_reference(&self.terms)
+    }
+
+    /// Σ wᵢ · [`LossType::curvature`] at one pair.
+    pub fn curvature(&self, x: &PairValues) -> Result<Curvature> {
+        self.terms
+            .iter()
+            .try_fold(Curvature::default(), |acc, (kind, w)| {
+                Ok(acc.plus(kind.curvature(x, &self.params)?.scaled(*w)))
+            })
     }
 
     /// Whether any term adds the chosen responses' NLL.
@@ -433,6 +624,82 @@ mod tests {
         let expected = [-0.5f32, -0.119_202_92, -0.952_574_1, 0.0, -1.0];
         for (a, e) in g.iter().zip(expected) {
             assert!((a - e).abs() < 1e-6, "{g:?}");
+        }
+        Ok(())
+    }
+
+    /// Every loss's closed-form curvature against central differences of its per-pair loss, in
+    /// f64, at a point away from the hinge/relu kinks, with nonzero label smoothing and either
+    /// NLL reduction.
+    #[test]
+    fn curvature_matches_finite_differences_of_each_loss() -> Result<()> {
+        for nll_reduction in [NllReduction::TokenMean, NllReduction::SequenceSum] {
+            let params = LossParams {
+                beta: 0.3,
+                label_smoothing: 0.1,
+                nll_reduction,
+                ..Default::default()
+            };
+            curvature_matches_finite_differences(&params)?;
+        }
+        Ok(())
+    }
+
+    fn curvature_matches_finite_differences(params: &LossParams) -> Result<()> {
+        let x = PairValues {
+            chosen: -10.0,
+            rejected: -12.5,
+            reference: Some((-9.0, -12.0)),
+            chosen_tokens: 4.0,
+            rejected_tokens: 6.0,
+        };
+        let loss_at = |kind: LossType, c: f64, r: f64| -> Result<f64> {
+            let t = |v: f64| Tensor::new(&[v], &Device::Cpu);
+            let lp = PairLogps {
+                chosen: t(c)?,
+                rejected: t(r)?,
+                ref_chosen: Some(t(-9.0)?),
+                ref_rejected: Some(t(-12.0)?),
+                chosen_tokens: t(4.0)?,
+                rejected_tokens: t(6.0)?,
+            };
+            Ok(Loss::single(kind, params.clone())
+                .compute(&lp)?
+                .losses
+                .to_vec1::<f64>()?[0])
+        };
+        let h = 1e-4;
+        for kind in [
+            LossType::Sigmoid,
+            LossType::Robust,
+            LossType::Hinge,
+            LossType::Ipo,
+            LossType::Slic,
+            LossType::Cpo,
+            LossType::Simpo,
+            LossType::Dpop,
+            LossType::Sft,
+        ] {
+            let k = kind.curvature(&x, params)?;
+            let f = |dc: f64, dr: f64| loss_at(kind, x.chosen + dc, x.rejected + dr);
+            let f0 = f(0.0, 0.0)?;
+            let fd = [
+                (f(h, 0.0)? - f(-h, 0.0)?) / (2.0 * h),
+                (f(0.0, h)? - f(0.0, -h)?) / (2.0 * h),
+                (f(h, 0.0)? - 2.0 * f0 + f(-h, 0.0)?) / (h * h),
+                (f(0.0, h)? - 2.0 * f0 + f(0.0, -h)?) / (h * h),
+            ];
+            let got = [k.d_chosen, k.d_rejected, k.dd_chosen, k.dd_rejected];
+            for (what, (g, e)) in ["d_c", "d_r", "dd_c", "dd_r"]
+                .iter()
+                .zip(got.iter().zip(fd))
+            {
+                assert!(
+                    (g - e).abs() < 1e-5 * (1.0 + e.abs()),
+                    "{kind:?} {what} ({:?}): {g} vs {e}",
+                    params.nll_reduction
+                );
+            }
         }
         Ok(())
     }

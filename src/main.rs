@@ -37,6 +37,9 @@ enum Command {
     Report(dpo_sam::report::ReportArgs),
     /// Upload a saved model directory (with its model card) to a Hugging Face Hub repository.
     Push(dpo_sam::push::PushArgs),
+    /// Curvature of the preference loss at a checkpoint (the paper's §4.3): Hutchinson's trace of
+    /// the parameter Hessian and the exact trace of the logit Hessian.
+    Sharpness(dpo_sam::sharpness::SharpnessArgs),
     /// Look at preference data before training: `data inspect` counts records and skipped rows
     /// by reason, token-length percentiles, padding, and shows which tokens are scored.
     Data(dpo_sam::data::inspect::DataArgs),
@@ -66,6 +69,7 @@ fn main() {
         Command::Plot(args) => dpo_sam::plot::run(args),
         Command::Report(args) => dpo_sam::report::run(args),
         Command::Push(args) => dpo_sam::push::run(args),
+        Command::Sharpness(args) => dpo_sam::sharpness::run(args),
         Command::Data(args) => dpo_sam::data::inspect::run(args),
         Command::Generate(args) => dpo_sam::generate::run(args),
         Command::Merge(args) => dpo_sam::merge::run(args),

@@ -1,16 +1,20 @@
-//! Precomputed reference log-probs (TRL's `precompute_ref_log_probs`): the frozen reference is
-//! run once over the training and eval pairs, its per-pair sequence log-probs are cached on disk,
-//! and the trainer frees the reference model.
+//! Per-pair values computed once before training and cached on disk:
 //!
-//! The cache file `ref_logps-<fingerprint>.safetensors` holds four f64 vectors (train/eval ×
-//! chosen/rejected, in pair order) and, in its header, the [`Fingerprint`]: the list of what the
-//! values depend on — the reference model's files (or its random-init config and seed), the
+//! - reference log-probs (TRL's `precompute_ref_log_probs`): the frozen reference is run once
+//!   over the training and eval pairs, and the trainer frees the reference model;
+//! - CHES scores of the training pairs under the starting policy (`data.filter_ches_quantile`),
+//!   so that a resumed run filters the same pairs without another pass.
+//!
+//! A cache file (`ref_logps-<fingerprint>.safetensors`, `ches-<fingerprint>.safetensors`) holds
+//! f64 vectors in pair order and, in its header, its format and the [`Fingerprint`]: the list of
+//! what the values depend on — the model's files (or its random-init config and seed), the
 //! dtype it computes in, mixed precision, the device kind, the tokenizer, the truncation
 //! settings and every tokenised pair — and its SHA-256. A file made for other inputs, or whose
 //! lengths differ from the data, is reported with what differs and recomputed, never used.
 
 use crate::config::MixedPrecision;
 use crate::data::batch::{PreferenceBatch, TokenizedPair, Truncation};
+use crate::data::ches::Ches;
 use crate::data::Split;
 use crate::dist::Collective;
 use crate::logps::pair_logps;
@@ -25,7 +29,9 @@ use std::path::{Path, PathBuf};
 
 /// Header key naming the file's format, so that other safetensors files are never mistaken for
 /// a cache.
-const FORMAT: &str = "dpo-sam ref_logps v2";
+pub const FORMAT: &str = "dpo-sam ref_logps v2";
+/// The same for CHES scores.
+const CHES_FORMAT: &str = "dpo-sam ches v2";
 
 /// Per-pair reference log-probs, indexed like the trainer's training and eval pairs.
 #[derive(Debug, Clone, PartialEq)]
@@ -70,8 +76,9 @@ impl RefLogps {
 
 /// What the cached values depend on.
 pub struct FingerprintInputs<'a> {
-    pub reference: &'a ModelSource,
-    /// The dtype the reference computes in: `model.dtype`, or bf16 under mixed precision.
+    /// The model that computes them: the reference, or the starting policy for CHES.
+    pub model: &'a ModelSource,
+    /// The dtype it computes in: `model.dtype`, or bf16 under mixed precision.
     pub dtype: DType,
     pub mixed_precision: MixedPrecision,
     /// Its kind only (`cpu`, `cuda`): the kernels, and so the rounding, differ between kinds,
@@ -83,7 +90,7 @@ pub struct FingerprintInputs<'a> {
     pub eval: &'a [TokenizedPair],
 }
 
-/// The identity of a cache: a readable list of everything the reference log-probs depend on
+/// The identity of a cache: a readable list of everything its values depend on
 /// (large inputs by their SHA-256), kept in the cache's header so that a mismatch can say what
 /// changed, and the SHA-256 of that list, which names the file.
 #[derive(Debug, Clone, PartialEq)]
@@ -93,10 +100,11 @@ pub struct Fingerprint {
 }
 
 impl Fingerprint {
-    pub fn new(inputs: &FingerprintInputs) -> Result<Fingerprint> {
-        let mut list = vec![("format".to_string(), FORMAT.to_string())];
+    /// The fingerprint of `inputs` for a cache in `format`.
+    pub fn new(format: &str, inputs: &FingerprintInputs) -> Result<Fingerprint> {
+        let mut list = vec![("format".to_string(), format.to_string())];
         let mut add = |key: &str, value: String| list.push((key.to_string(), value));
-        describe_source(&mut add, inputs.reference)?;
+        describe_source(&mut add, inputs.model)?;
         add("dtype", inputs.dtype.as_str().into());
         add("mixed_precision", inputs.mixed_precision.to_string());
         add(
@@ -206,34 +214,34 @@ fn pairs_digest(pairs: &[TokenizedPair]) -> String {
     short(&h.finalize())
 }
 
-/// The reference model's weights: its files' digest, or its random-init config and seed; an
+/// The model's weights: its files' digest, or its random-init config and seed; an
 /// adapter's files after its base's.
 fn describe_source(add: &mut impl FnMut(&str, String), source: &ModelSource) -> Result<()> {
     match source {
         ModelSource::Random { config, seed, .. } => {
-            add("reference", format!("random initialisation, seed {seed}"));
+            add("model", format!("random initialisation, seed {seed}"));
             add(
-                "reference config.json",
+                "model config.json",
                 digest(&[config.to_string().as_bytes()]),
             );
         }
         ModelSource::Dir(dir) => {
-            add("reference", "weights from a directory".into());
+            add("model", "weights from a directory".into());
             add(
-                "reference config.json",
+                "model config.json",
                 digest(&[&read(&dir.join("config.json"))?]),
             );
             add(
-                "reference weights",
+                "model weights",
                 files_digest(&crate::models::weight_files(dir)?)?,
             );
         }
         ModelSource::Adapted { base, adapter } => {
             describe_source(add, base)?;
             let config = adapter.join(crate::models::lora::CONFIG_FILE);
-            add("reference adapter_config.json", digest(&[&read(&config)?]));
+            add("model adapter_config.json", digest(&[&read(&config)?]));
             add(
-                "reference adapter weights",
+                "model adapter weights",
                 files_digest(&[adapter.join(crate::models::lora::WEIGHTS_FILE)])?,
             );
         }
@@ -267,8 +275,12 @@ fn files_digest(files: &[PathBuf]) -> Result<String> {
 
 /// `dir/ref_logps-<first 16 hex digits>.safetensors`.
 pub fn cache_path(dir: &Path, fingerprint: &str) -> PathBuf {
+    named_path(dir, "ref_logps", fingerprint)
+}
+
+fn named_path(dir: &Path, stem: &str, fingerprint: &str) -> PathBuf {
     dir.join(format!(
-        "ref_logps-{}.safetensors",
+        "{stem}-{}.safetensors",
         &fingerprint[..16.min(fingerprint.len())]
     ))
 }
@@ -282,6 +294,49 @@ fn my_batches<'a>(
     let chunks: Vec<&[TokenizedPair]> = split.chunks(batch_size.max(1)).collect();
     let mine = crate::dist::shard(chunks.len(), world.rank(), world.world_size());
     chunks[mine].to_vec()
+}
+
+/// CHES scores (both forms) of the training pairs under `inputs.model`
+/// ([`crate::data::ches`]): read from `dir/ches-<fingerprint>.safetensors` when a valid file is
+/// there, else `compute`d and written. Returns the scores, the file, and whether they came from
+/// disk.
+pub fn ches_cached(
+    dir: &Path,
+    inputs: &FingerprintInputs,
+    compute: impl FnOnce() -> Result<Vec<Ches>>,
+) -> Result<(Vec<Ches>, PathBuf, bool)> {
+    let fingerprint = Fingerprint::new(CHES_FORMAT, inputs)?;
+    let path = named_path(dir, "ches", &fingerprint.hash);
+    let n = inputs.train.len();
+    if path.is_file() {
+        let names = [("train_ches", n), ("train_ln_ches", n)];
+        match read(&path).and_then(|bytes| parse_vectors(&bytes, CHES_FORMAT, &fingerprint, &names))
+        {
+            Ok(v) => {
+                let scores = v[0]
+                    .iter()
+                    .zip(&v[1])
+                    .map(|(&ches, &ln_ches)| Ches { ches, ln_ches })
+                    .collect();
+                return Ok((scores, path, true));
+            }
+            Err(e) => eprintln!(
+                "warning: not using CHES cache {}: {e:#}; recomputing",
+                path.display()
+            ),
+        }
+    }
+    let scores = compute()?;
+    let ches: Vec<f64> = scores.iter().map(|c| c.ches).collect();
+    let ln: Vec<f64> = scores.iter().map(|c| c.ln_ches).collect();
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    save_vectors(
+        &path,
+        CHES_FORMAT,
+        &fingerprint,
+        &[("train_ches", &ches), ("train_ln_ches", &ln)],
+    )?;
+    Ok((scores, path, false))
 }
 
 /// Loads the cache for `fingerprint` from `dir` if a valid one is there; otherwise runs
@@ -412,7 +467,7 @@ pub fn unfit_caches(dir: &Path, fingerprint: &Fingerprint) -> Vec<(PathBuf, Stri
         .filter_map(|p| {
             let why = read(&p)
                 .and_then(|bytes| metadata(&bytes))
-                .and_then(|meta| check(&meta, fingerprint))
+                .and_then(|meta| check(&meta, FORMAT, fingerprint))
                 .err()?;
             Some((p, format!("{why:#}")))
         })
@@ -427,19 +482,35 @@ const NAMES: [&str; 4] = [
 ];
 
 fn save(r: &RefLogps, path: &Path) -> Result<()> {
-    let bytes: Vec<Vec<u8>> = [
+    let vectors = [
         &r.train_chosen,
         &r.train_rejected,
         &r.eval_chosen,
         &r.eval_rejected,
-    ]
-    .iter()
-    .map(|v| v.iter().flat_map(|x| x.to_le_bytes()).collect())
-    .collect();
-    let views = NAMES
+    ];
+    let named: Vec<(&str, &[f64])> = NAMES
+        .iter()
+        .zip(vectors)
+        .map(|(n, v)| (*n, v.as_slice()))
+        .collect();
+    save_vectors(path, FORMAT, &r.fingerprint, &named)
+}
+
+/// Writes named f64 vectors with the format and fingerprint in the header.
+fn save_vectors(
+    path: &Path,
+    format: &str,
+    fingerprint: &Fingerprint,
+    vectors: &[(&str, &[f64])],
+) -> Result<()> {
+    let bytes: Vec<Vec<u8>> = vectors
+        .iter()
+        .map(|(_, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect())
+        .collect();
+    let views = vectors
         .iter()
         .zip(&bytes)
-        .map(|(name, b)| {
+        .map(|((name, _), b)| {
             Ok((
                 *name,
                 safetensors::tensor::TensorView::new(
@@ -451,11 +522,11 @@ fn save(r: &RefLogps, path: &Path) -> Result<()> {
         })
         .collect::<Result<Vec<_>>>()?;
     let meta = HashMap::from([
-        ("format".to_string(), FORMAT.to_string()),
-        ("fingerprint".to_string(), r.fingerprint.hash.clone()),
+        ("format".to_string(), format.to_string()),
+        ("fingerprint".to_string(), fingerprint.hash.clone()),
         (
             "inputs".to_string(),
-            serde_json::to_string(&r.fingerprint.inputs)?,
+            serde_json::to_string(&fingerprint.inputs)?,
         ),
     ]);
     // Written to a temporary name first so that an interrupted run never leaves a truncated cache.
@@ -473,13 +544,13 @@ fn metadata(bytes: &[u8]) -> Result<HashMap<String, String>> {
     Ok(header.metadata().clone().unwrap_or_default())
 }
 
-/// Whether a cache's header is this version's and made for `fingerprint`'s inputs; if not,
-/// what differs.
-fn check(meta: &HashMap<String, String>, fingerprint: &Fingerprint) -> Result<()> {
+/// Whether a cache's header is `format` and made for `fingerprint`'s inputs; if not, what
+/// differs.
+fn check(meta: &HashMap<String, String>, format: &str, fingerprint: &Fingerprint) -> Result<()> {
     match meta.get("format") {
-        Some(f) if f == FORMAT => {}
-        Some(f) => bail!("written in another format (`{f}`; this dpo-sam reads `{FORMAT}`)"),
-        None => bail!("not a dpo-sam reference cache (no `{FORMAT}` header)"),
+        Some(f) if f == format => {}
+        Some(f) => bail!("written in another format (`{f}`; this dpo-sam reads `{format}`)"),
+        None => bail!("not a dpo-sam cache of this kind (no `{format}` header)"),
     }
     if meta.get("fingerprint") == Some(&fingerprint.hash) {
         return Ok(());
@@ -496,7 +567,7 @@ fn check(meta: &HashMap<String, String>, fingerprint: &Fingerprint) -> Result<()
     }
 }
 
-/// Reads a cache file, checking its format, fingerprint and lengths.
+/// Reads a reference cache file, checking its format, fingerprint and lengths.
 pub fn load(
     path: &Path,
     fingerprint: &Fingerprint,
@@ -513,28 +584,9 @@ fn parse(
     n_train: usize,
     n_eval: usize,
 ) -> Result<RefLogps> {
-    check(&metadata(bytes)?, fingerprint)?;
-    let st = safetensors::SafeTensors::deserialize(bytes).context("not a safetensors file")?;
-    let mut vecs = Vec::with_capacity(4);
-    for (name, want) in NAMES.iter().zip([n_train, n_train, n_eval, n_eval]) {
-        let view = st
-            .tensor(name)
-            .with_context(|| format!("missing tensor `{name}`"))?;
-        if view.dtype() != safetensors::Dtype::F64 || view.shape() != [want] {
-            bail!(
-                "tensor `{name}`: expected f64 [{want}], got {:?} {:?}",
-                view.dtype(),
-                view.shape()
-            );
-        }
-        vecs.push(
-            view.data()
-                .chunks_exact(8)
-                .map(|c| f64::from_le_bytes(c.try_into().expect("8-byte chunk")))
-                .collect::<Vec<f64>>(),
-        );
-    }
-    let mut it = vecs.into_iter();
+    let lens = [n_train, n_train, n_eval, n_eval];
+    let named: Vec<(&str, usize)> = NAMES.iter().copied().zip(lens).collect();
+    let mut it = parse_vectors(bytes, FORMAT, fingerprint, &named)?.into_iter();
     let mut next = || it.next().expect("four tensors were read");
     Ok(RefLogps {
         fingerprint: fingerprint.clone(),
@@ -543,4 +595,36 @@ fn parse(
         eval_chosen: next(),
         eval_rejected: next(),
     })
+}
+
+/// Named f64 vectors of the given lengths from a cache file's bytes, checking the header's
+/// format and fingerprint.
+fn parse_vectors(
+    bytes: &[u8],
+    format: &str,
+    fingerprint: &Fingerprint,
+    names: &[(&str, usize)],
+) -> Result<Vec<Vec<f64>>> {
+    check(&metadata(bytes)?, format, fingerprint)?;
+    let st = safetensors::SafeTensors::deserialize(bytes).context("not a safetensors file")?;
+    names
+        .iter()
+        .map(|&(name, want)| {
+            let view = st
+                .tensor(name)
+                .with_context(|| format!("missing tensor `{name}`"))?;
+            if view.dtype() != safetensors::Dtype::F64 || view.shape() != [want] {
+                bail!(
+                    "tensor `{name}`: expected f64 [{want}], got {:?} {:?}",
+                    view.dtype(),
+                    view.shape()
+                );
+            }
+            Ok(view
+                .data()
+                .chunks_exact(8)
+                .map(|c| f64::from_le_bytes(c.try_into().expect("8-byte chunk")))
+                .collect())
+        })
+        .collect()
 }

@@ -361,6 +361,40 @@ fn precomputed_reference_log_probs_are_computed_in_shares_and_shared() {
 }
 
 #[test]
+fn the_ches_filter_drops_the_same_pairs_on_every_rank() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), "batch_size = 4\nmicro_batch_size = 2");
+    let (one, two) = (dir.path().join("one"), dir.path().join("two"));
+    let q = ["--set", "data.filter_ches_quantile=0.25"];
+    let dropped = |log: &str| -> Vec<(usize, usize)> {
+        log.lines()
+            .filter_map(|l| l.split_once("dropped ")?.1.split_once(" training pairs"))
+            .map(|(counts, _)| {
+                let (d, n) = counts.split_once(" of ").unwrap();
+                (d.parse().unwrap(), n.parse().unwrap())
+            })
+            .collect()
+    };
+    let solo = dropped(&train(&cfg, &one, 1, &q));
+    assert!(
+        solo.len() == 1 && solo[0].0 == solo[0].1 / 4 && solo[0].0 > 0,
+        "{solo:?}"
+    );
+    // Rank 0 scores the pairs, reports and writes the cache; both ranks drop the same pairs,
+    // so the weights are those of one process.
+    assert_eq!(dropped(&train(&cfg, &two, 2, &q)), solo);
+    let caches = std::fs::read_dir(&two)
+        .unwrap()
+        .filter(|e| {
+            let name = e.as_ref().unwrap().file_name();
+            name.to_string_lossy().starts_with("ches-")
+        })
+        .count();
+    assert_eq!(caches, 1);
+    assert!(bit_identical(&weights(&one), &weights(&two)));
+}
+
+#[test]
 fn a_run_resumes_on_another_number_of_ranks_with_the_same_data_order() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(

@@ -12,6 +12,7 @@ const ORDER: &[&str] = &[
     // Commands.
     "gpucheck",
     "bench",
+    "sharpness",
     "score",
     "generate",
     "merge",

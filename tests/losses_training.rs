@@ -196,7 +196,7 @@ fn changed_model_or_data_invalidates_the_cache() {
     let other_precision = fp(&trainer(dir.path(), &[on, mixed]));
     // Each names what changed.
     for (other, change) in [
-        (&other_model, "reference config.json: sha256:"),
+        (&other_model, "model config.json: sha256:"),
         (&other_data, "train pairs: 16 pairs"),
         (
             &other_trunc,

@@ -13,7 +13,7 @@
 use candle_core::{DType, Tensor, Var};
 use dpo_sam::config::{Config, SamKind};
 use dpo_sam::data::batch::PreferenceBatch;
-use dpo_sam::logps::{pair_logps, response_hidden, sequence_logps};
+use dpo_sam::logps::{pair_logps, sequence_logps};
 use dpo_sam::losses::PairLogps;
 use dpo_sam::models::ops::log_softmax_last_dim;
 use dpo_sam::train::{configured_loss, Trainer};
@@ -190,12 +190,10 @@ struct LogitSpace {
 fn logit_space(tr: &Trainer, batch: &PreferenceBatch, e_dtype: DType) -> LogitSpace {
     let net = &tr.policy().net;
     let head = net.output_layer();
-    let h = response_hidden(
-        net.forward_hidden(&batch.input_ids).unwrap(),
-        &batch.positions,
-    )
-    .unwrap()
-    .detach();
+    let h = batch
+        .response_hidden(net.forward_hidden(&batch.input_ids).unwrap())
+        .unwrap()
+        .detach();
     let reference = pair_logps(tr.reference().model().unwrap(), batch).unwrap();
     let loss = configured_loss(tr.config());
     let objective = |token_logps: &Tensor| -> anyhow::Result<Tensor> {

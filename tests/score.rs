@@ -1,7 +1,15 @@
 //! `dpo-sam score` on tiny GPT-2 models against the log-probs Python `transformers` computed
-//! for the same pairs (tests/fixtures/score, written by scripts/make_score_fixture.py).
+//! for the same pairs (tests/fixtures/score, written by scripts/make_score_fixture.py), and its
+//! CHES scores against Razin et al.'s formula on `transformers`' hidden states
+//! (scripts/make_ches_fixture.py) and against a direct computation.
 
-use dpo_sam::score::{score, ScoreArgs};
+use candle_core::{DType, Device, Tensor};
+use dpo_sam::config::TruncationMode;
+use dpo_sam::data::batch::{tokenize_pair, Sequence, Truncation};
+use dpo_sam::data::PreferencePair;
+use dpo_sam::models::{Model, ModelSource};
+use dpo_sam::score::{score, PairArgs, ScoreArgs};
+use dpo_sam::tokenizer::Tok;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
@@ -13,8 +21,8 @@ fn fixture(name: &str) -> String {
         .to_string()
 }
 
-fn args(out: PathBuf, ref_model: Option<String>, loss_type: &str) -> ScoreArgs {
-    ScoreArgs {
+fn input(ref_model: Option<String>, loss_type: &str) -> PairArgs {
+    PairArgs {
         model: fixture("policy"),
         ref_model,
         data: fixture("data.jsonl"),
@@ -22,9 +30,16 @@ fn args(out: PathBuf, ref_model: Option<String>, loss_type: &str) -> ScoreArgs {
         loss_type: loss_type.into(),
         beta: 0.1,
         max_length: 64,
+        max_prompt_length: None,
         batch_size: 2,
         dtype: "f32".into(),
         device: "cpu".into(),
+    }
+}
+
+fn args(out: PathBuf, ref_model: Option<String>, loss_type: &str) -> ScoreArgs {
+    ScoreArgs {
+        input: input(ref_model, loss_type),
         out,
     }
 }
@@ -123,8 +138,11 @@ fn bad_arguments_name_the_flag() {
     let e = format!(
         "{:#}",
         score(&ScoreArgs {
-            format: "csv".into(),
-            ..args(out.clone(), None, "sigmoid")
+            input: PairArgs {
+                format: "csv".into(),
+                ..input(None, "sigmoid")
+            },
+            out: out.clone(),
         })
         .unwrap_err()
     );
@@ -132,10 +150,131 @@ fn bad_arguments_name_the_flag() {
     let e = format!(
         "{:#}",
         score(&ScoreArgs {
-            beta: 0.0,
-            ..args(out, None, "sigmoid")
+            input: PairArgs {
+                beta: 0.0,
+                ..input(None, "sigmoid")
+            },
+            out,
         })
         .unwrap_err()
     );
     assert!(e.contains("--beta"), "{e}");
+}
+
+/// Σ of the final hidden states that predict a sequence's response tokens, computed alone
+/// (batch of one, no padding), in f64.
+fn response_sum(model: &Model, seq: &Sequence) -> (Vec<f64>, usize) {
+    let ids = Tensor::new(seq.ids.as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let h = model.net.forward_hidden(&ids).unwrap().squeeze(0).unwrap();
+    let rows = h.to_dtype(DType::F64).unwrap().to_vec2::<f64>().unwrap();
+    let used = &rows[seq.prompt_len - 1..seq.ids.len() - 1];
+    let mut sum = vec![0.0; rows[0].len()];
+    for r in used {
+        for (s, x) in sum.iter_mut().zip(r) {
+            *s += x;
+        }
+    }
+    (sum, used.len())
+}
+
+#[test]
+fn ches_agrees_with_transformers_and_with_a_direct_computation() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("scores.jsonl");
+    score(&args(out.clone(), Some(fixture("ref")), "sigmoid")).unwrap();
+    let got = lines(&out);
+    // Razin et al.'s formula on transformers' hidden states (scripts/make_ches_fixture.py).
+    let expected: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("ches.json")).unwrap()).unwrap();
+    let expected = expected["pairs"].as_array().unwrap();
+    assert_eq!(got.len(), expected.len());
+    let close = |a: f64, b: f64| (a - b).abs() < 1e-4 * b.abs().max(1.0);
+    for (g, e) in got.iter().zip(expected) {
+        for key in ["ches", "ln_ches"] {
+            assert!(close(f(g, key), f(e, key)), "{key}: {g} vs {e}");
+        }
+    }
+    // The same from each sequence run alone, summed by hand.
+    let policy = Model::load(
+        &ModelSource::Dir(fixture("policy").into()),
+        false,
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let tok = Tok::from_dir(Path::new(&fixture("policy"))).unwrap();
+    let trunc = Truncation {
+        max_length: 64,
+        max_prompt_length: None,
+        mode: TruncationMode::KeepEnd,
+    };
+    let data = std::fs::read_to_string(fixture("data.jsonl")).unwrap();
+    for (line, g) in data.lines().zip(&got) {
+        let pair: PreferencePair = serde_json::from_str(line).unwrap();
+        let tp = tokenize_pair(&tok, &pair, &trunc).unwrap().unwrap();
+        let (w, nw) = response_sum(&policy, &tp.chosen);
+        let (l, nl) = response_sum(&policy, &tp.rejected);
+        let dot = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f64>();
+        let ches = dot(&w, &l) - dot(&w, &w);
+        let (nw, nl) = (nw as f64, nl as f64);
+        let ln_ches = dot(&w, &l) / (nw * nl) - dot(&w, &w) / (nw * nw);
+        assert!(close(f(g, "ches"), ches), "{g}: direct CHES {ches}");
+        assert!(
+            close(f(g, "ln_ches"), ln_ches),
+            "{g}: direct LN-CHES {ln_ches}"
+        );
+    }
+}
+
+#[test]
+fn data_inspect_summarises_ches_and_lists_the_top_pairs() {
+    let run = |extra: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_dpo-sam"))
+            .args(["data", "inspect", "--data", &fixture("data.jsonl")])
+            .args([
+                "--format",
+                "explicit",
+                "--model",
+                &fixture("policy"),
+                "--top",
+                "2",
+            ])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let summary: Value = serde_json::from_str(&run(&["--json"])).unwrap();
+    let c = &summary["ches"];
+    assert_eq!(c["pairs"], 3);
+    let expected: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("ches.json")).unwrap()).unwrap();
+    let mut ln: Vec<f64> = expected["pairs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| f(p, "ln_ches"))
+        .collect();
+    ln.sort_by(|a, b| b.total_cmp(a));
+    let top = c["top"].as_array().unwrap();
+    assert_eq!(top.len(), 2);
+    for (t, want) in top.iter().zip(&ln) {
+        assert!((f(t, "ln_ches") - want).abs() < 1e-4, "{t} vs {want}");
+    }
+    assert!((f(&c["ln_ches"], "max") - ln[0]).abs() < 1e-4);
+    assert!((f(&c["ln_ches"], "min") - ln[2]).abs() < 1e-4);
+    assert!(top[0]["origin"].as_str().unwrap().contains("data.jsonl:"));
+    let text = run(&[]);
+    assert!(
+        text.contains("CHES under") && text.contains("#2 "),
+        "{text}"
+    );
 }

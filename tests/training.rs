@@ -3,7 +3,6 @@
 
 use candle_core::{DType, Tensor, Var};
 use dpo_sam::data::batch::PreferenceBatch;
-use dpo_sam::logps::response_hidden;
 use dpo_sam::models::output::OutputLayer;
 use dpo_sam::train::Trainer;
 
@@ -108,11 +107,9 @@ fn sam_perturbation_has_norm_rho_along_the_output_gradient() {
     let tr = trainer(&[]);
     let b = batch(&tr, 4);
     let head = tr.policy().net.output_layer();
-    let h = response_hidden(
-        tr.policy().net.forward_hidden(&b.input_ids).unwrap(),
-        &b.positions,
-    )
-    .unwrap();
+    let h = b
+        .response_hidden(tr.policy().net.forward_hidden(&b.input_ids).unwrap())
+        .unwrap();
     let rho = 0.05;
     // The objective: the mean DPO loss with reference log-probs of the (identical) reference.
     let objective = |token_logps: &Tensor| -> anyhow::Result<Tensor> {
@@ -152,11 +149,9 @@ fn sam_step_gradient_is_the_gradient_at_the_shifted_output_weight() {
     // (the embedding keeps using the unshifted wte) and differentiate.
     let plain = trainer(&["sam.kind=\"none\""]);
     let head = plain.policy().net.output_layer();
-    let h = response_hidden(
-        plain.policy().net.forward_hidden(&b.input_ids).unwrap(),
-        &b.positions,
-    )
-    .unwrap();
+    let h = b
+        .response_hidden(plain.policy().net.forward_hidden(&b.input_ids).unwrap())
+        .unwrap();
     let reference = tr.micro_step(&b, None).unwrap();
     let (rc, rr) = (
         reference.chosen_logps.clone(),

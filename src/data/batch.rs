@@ -200,6 +200,13 @@ impl PreferenceBatch {
             padding_fraction: 1.0 - num_tokens as f64 / (rows.len() * t) as f64,
         })
     }
+
+    /// Hidden states `[2b, t, d]` of this batch → `[n, d]` at [`PreferenceBatch::positions`],
+    /// the positions that predict response tokens: what log-probs and CHES are computed from.
+    pub fn response_hidden(&self, h: Tensor) -> candle_core::Result<Tensor> {
+        let (rows, t, d) = h.dims3()?;
+        h.reshape((rows * t, d))?.index_select(&self.positions, 0)
+    }
 }
 
 #[cfg(test)]

@@ -1,12 +1,16 @@
 //! `dpo-sam data inspect`: what a data configuration yields before any training — records
 //! read, pairs kept, skipped rows by reason, token-length percentiles, the padding of micro-
 //! batches with and without length grouping, examples showing exactly which tokens are masked
-//! prompt and which are scored, and (with `--bench`) the throughput of each data stage.
+//! prompt and which are scored, (with `--model`) the distribution of the pairs' CHES scores
+//! under that model and the most displacement-prone pairs, and (with `--bench`) the throughput
+//! of each data stage.
 
 use super::batch::{self, PreferenceBatch, TokenizedPair, Truncation};
+use super::ches::{ches_scores, Ches};
 use super::stream::{self, Skips};
 use super::Split;
 use crate::config::{Config, DataConfig};
+use crate::models::{Model, ModelSource};
 use crate::tokenizer::Tok;
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Value};
@@ -29,7 +33,8 @@ Formats (data.format, --format; auto detects per record):
 Examples:
   dpo-sam data inspect --config configs/hh.toml
   dpo-sam data inspect --data '../shared/data/hh-rlhf/*.jsonl.gz' --tokenizer models/pythia --json
-  dpo-sam data inspect --data train.parquet --tokenizer tok/ --bench";
+  dpo-sam data inspect --data train.parquet --tokenizer tok/ --bench
+  dpo-sam data inspect --config configs/hh.toml --model sft/ --top 10   # CHES scores";
 
 #[derive(clap::Args, Debug)]
 pub struct DataArgs {
@@ -56,9 +61,20 @@ pub struct InspectArgs {
     #[arg(long, required_unless_present = "config")]
     pub data: Vec<String>,
     /// Tokenizer: a model directory or a tokenizer.json beside its tokenizer_config.json
-    /// (default: the config's model).
-    #[arg(long, required_unless_present = "config")]
+    /// (default: `--model`'s, else the config's model).
+    #[arg(long, required_unless_present_any = ["config", "model"])]
     pub tokenizer: Option<PathBuf>,
+    /// Score every kept pair's CHES and length-normalised CHES (Razin et al. 2024) under this
+    /// model — the SFT model about to be trained — and summarise them: a Hugging Face
+    /// directory, a Hub repo id, `random:CONFIG` or `builtin:tiny-gpt2`.
+    #[arg(long)]
+    pub model: Option<String>,
+    /// With `--model`: how many of the highest-scoring pairs to list.
+    #[arg(long, default_value_t = 5)]
+    pub top: usize,
+    /// With `--model`: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
     /// Record format (auto, hh, explicit, implicit, conversational, tldr).
     #[arg(long)]
     pub format: Option<String>,
@@ -115,8 +131,18 @@ pub fn run(args: DataArgs) -> Result<()> {
     Ok(())
 }
 
-/// The `[data]` section, seed, micro-batch size, tokenizer and model directory to inspect.
-fn setup(args: &InspectArgs) -> Result<(DataConfig, u64, usize, Tok, Option<PathBuf>)> {
+/// What `data inspect` reads with: the `[data]` section, seed, micro-batch size, tokenizer,
+/// model directory, and the model that `--model` names (resolved, not yet loaded).
+struct Setup {
+    data: DataConfig,
+    seed: u64,
+    micro: usize,
+    tok: Tok,
+    dir: Option<PathBuf>,
+    scorer: Option<ModelSource>,
+}
+
+fn setup(args: &InspectArgs) -> Result<Setup> {
     let (mut data, seed, micro, model) = match &args.config {
         Some(path) => {
             let cfg = Config::load(path, &args.overrides)?;
@@ -161,6 +187,17 @@ fn setup(args: &InspectArgs) -> Result<(DataConfig, u64, usize, Tok, Option<Path
         data.chat_template = args.chat_template.clone();
     }
     data.strict |= args.strict;
+    let builtin = model.as_ref().map(|m| m.1.clone()).unwrap_or_default();
+    let scorer = args
+        .model
+        .as_deref()
+        .map(|spec| ModelSource::resolve(spec, &builtin, seed).context("--model"))
+        .transpose()?;
+    // The tokenizer: --tokenizer, else --model's, else the config's model's.
+    let model = match &args.model {
+        Some(spec) => Some((spec.clone(), builtin)),
+        None => model,
+    };
     let (tok, dir) = match (&args.tokenizer, model) {
         (Some(p), _) => {
             let dir = if p.is_file() {
@@ -174,18 +211,19 @@ fn setup(args: &InspectArgs) -> Result<(DataConfig, u64, usize, Tok, Option<Path
             )
         }
         (None, Some((name, builtin))) => {
-            let source = crate::models::ModelSource::resolve(&name, &builtin, seed)?;
+            let source = ModelSource::resolve(&name, &builtin, seed)?;
             (source.tokenizer()?, source.dir().map(PathBuf::from))
         }
-        (None, None) => bail!("--tokenizer is required without --config"),
+        (None, None) => bail!("--tokenizer is required without --config or --model"),
     };
-    Ok((
+    Ok(Setup {
         data,
         seed,
-        args.batch_size.unwrap_or(micro).max(1),
+        micro: args.batch_size.unwrap_or(micro).max(1),
         tok,
         dir,
-    ))
+        scorer,
+    })
 }
 
 /// Lengths of one kept pair, before and after truncation.
@@ -197,7 +235,14 @@ struct Lengths {
 
 /// Builds the summary (the `--json` object).
 pub fn inspect(args: &InspectArgs) -> Result<Value> {
-    let (data, seed, micro, tok, dir) = setup(args)?;
+    let Setup {
+        data,
+        seed,
+        micro,
+        tok,
+        dir,
+        scorer,
+    } = setup(args)?;
     let split = if args.eval { Split::Eval } else { Split::Train };
     let trunc = Truncation::from_config(&data);
     let conv = super::converter(&data, &tok, dir.as_deref())?;
@@ -206,7 +251,7 @@ pub fn inspect(args: &InspectArgs) -> Result<Value> {
     let mut skips = Skips::new(data.strict);
     let (mut raw, mut kept_lens, mut examples) = (Vec::new(), Vec::new(), Vec::new());
     let mut truncated = 0usize;
-    let mut kept_pairs = Vec::new();
+    let (mut kept_pairs, mut origins) = (Vec::new(), Vec::new());
     let bar = crate::progress::bar("reading", stream.bytes_total, crate::progress::Unit::Bytes);
     let read = stream.bytes_read();
     for (n, row) in stream.by_ref().enumerate() {
@@ -243,8 +288,9 @@ pub fn inspect(args: &InspectArgs) -> Result<Value> {
                 if examples.len() < args.examples {
                     examples.push(example(&tok, &origin.to_string(), &tp)?);
                 }
-                if args.bench {
+                if args.bench || scorer.is_some() {
                     kept_pairs.push(tp);
+                    origins.push(origin.to_string());
                 }
             }
         }
@@ -282,12 +328,80 @@ pub fn inspect(args: &InspectArgs) -> Result<Value> {
         "records_per_second": records as f64 / seconds.max(1e-9),
         "examples": examples,
     });
+    if let Some(source) = &scorer {
+        summary["ches"] = ches_summary(args, source, &tok, micro, &kept_pairs, &origins)?;
+    }
     if args.bench {
         summary["bench"] = bench(
             &data, split, conv, &tok, &trunc, seed, micro, window, kept_pairs,
         )?;
     }
     Ok(summary)
+}
+
+/// CHES and length-normalised CHES of every kept pair under `--model`: their distributions,
+/// and the `--top` pairs by length-normalised CHES (what `data.filter_ches_quantile` drops
+/// first).
+fn ches_summary(
+    args: &InspectArgs,
+    source: &ModelSource,
+    tok: &Tok,
+    micro: usize,
+    pairs: &[TokenizedPair],
+    origins: &[String],
+) -> Result<Value> {
+    let device = crate::device::parse(&args.device).context("--device")?;
+    let model = Model::load(source, false, candle_core::DType::F32, &device)?;
+    let name = args.model.as_deref().unwrap_or_default();
+    tok.check_fits(model.net.output_layer().vocab_size()?, name)?;
+    let scores: Vec<Ches> = ches_scores(&model, pairs, micro, tok.pad_id, &device)?;
+    let mut order: Vec<usize> = (0..scores.len()).collect();
+    order.sort_by(|&a, &b| scores[b].ln_ches.total_cmp(&scores[a].ln_ches));
+    let clip = |ids: &[u32], from_end: bool| -> Result<String> {
+        let text = tok.decode(ids)?;
+        let chars: Vec<char> = text.chars().collect();
+        Ok(match chars.len() {
+            n if n <= 80 => text,
+            n if from_end => format!("…{}", chars[n - 80..].iter().collect::<String>()),
+            _ => format!("{}…", chars[..80].iter().collect::<String>()),
+        })
+    };
+    let top = order
+        .iter()
+        .take(args.top)
+        .map(|&i| {
+            let p = &pairs[i];
+            Ok(json!({
+                "origin": origins[i],
+                "ches": scores[i].ches,
+                "ln_ches": scores[i].ln_ches,
+                "prompt": clip(&p.chosen.ids[..p.chosen.prompt_len], true)?,
+                "chosen": clip(&p.chosen.ids[p.chosen.prompt_len..], false)?,
+                "rejected": clip(&p.rejected.ids[p.rejected.prompt_len..], false)?,
+            }))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(json!({
+        "model": name,
+        "pairs": scores.len(),
+        "ches": float_percentiles(scores.iter().map(|c| c.ches).collect()),
+        "ln_ches": float_percentiles(scores.iter().map(|c| c.ln_ches).collect()),
+        "top": top,
+    }))
+}
+
+/// Nearest-rank percentiles of real numbers (NaN sorts last).
+fn float_percentiles(mut v: Vec<f64>) -> Value {
+    if v.is_empty() {
+        return json!({});
+    }
+    v.sort_by(f64::total_cmp);
+    let at = |p: f64| v[((p / 100.0 * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1];
+    json!({
+        "min": v[0], "p10": at(10.0), "p25": at(25.0), "p50": at(50.0), "p75": at(75.0),
+        "p90": at(90.0), "max": v[v.len() - 1],
+        "mean": v.iter().sum::<f64>() / v.len() as f64,
+    })
 }
 
 /// Times each stage separately over the same split.
@@ -432,6 +546,33 @@ fn render(s: &Value) -> String {
         "read + tokenized {:.0} records/s\n",
         s["records_per_second"].as_f64().unwrap_or(0.0)
     );
+    if let Some(c) = s["ches"].as_object() {
+        out += &format!(
+            "CHES under {} ({} pairs; higher = more likely to push the chosen response down)\n",
+            c["model"].as_str().unwrap_or(""),
+            c["pairs"]
+        );
+        out += "                             min        p10        p25        p50        p75        p90        max\n";
+        for (key, label) in [("ches", "CHES"), ("ln_ches", "length-normalised CHES")] {
+            out += &format!("  {label:<22}");
+            for k in ["min", "p10", "p25", "p50", "p75", "p90", "max"] {
+                out += &format!(" {:>10.4}", c[key][k].as_f64().unwrap_or(f64::NAN));
+            }
+            out += "\n";
+        }
+        for (i, t) in c["top"].as_array().into_iter().flatten().enumerate() {
+            out += &format!(
+                "  #{} {}: length-normalised CHES {:.4}, CHES {:.4}\n    prompt   {:?}\n    chosen   {:?}\n    rejected {:?}\n",
+                i + 1,
+                t["origin"].as_str().unwrap_or(""),
+                t["ln_ches"].as_f64().unwrap_or(f64::NAN),
+                t["ches"].as_f64().unwrap_or(f64::NAN),
+                t["prompt"].as_str().unwrap_or(""),
+                t["chosen"].as_str().unwrap_or(""),
+                t["rejected"].as_str().unwrap_or(""),
+            );
+        }
+    }
     if let Some(b) = s["bench"].as_object() {
         out += "bench (records or pairs per second):\n";
         for (k, v) in b {

@@ -2,10 +2,12 @@
 //! Hub datasets ([`source`]), in several record formats ([`format`], [`chat`]), streamed with
 //! a shuffle buffer and an eval holdout ([`stream`]), and tokenised into DPO batches
 //! ([`batch`]). Bad rows are skipped and counted by reason, or stop the run with `strict`.
+//! [`ches`] scores pairs by how likely they are to displace the chosen response's likelihood.
 
 pub mod batch;
 pub mod builtin;
 pub mod chat;
+pub mod ches;
 pub mod format;
 pub mod inspect;
 pub mod source;

@@ -137,9 +137,9 @@ impl Tally {
                 top_nontarget_prob: self
                     .diagnostics
                     .map(|s| s.top_nontarget_prob / s.chosen_tokens.max(1) as f64),
-                hessian_trace: self
+                ce_logit_hessian_trace: self
                     .diagnostics
-                    .map(|s| s.hessian_trace / s.tokens.max(1) as f64),
+                    .map(|s| s.ce_logit_hessian_trace / s.tokens.max(1) as f64),
             },
         }
     }
@@ -201,8 +201,8 @@ pub struct SamMetrics {
 }
 
 /// `squeeze/*` (README "Metrics"): how far chosen and rejected log-probs moved from the
-/// reference (with a reference), y*'s probability along chosen responses and tr(H_z) (on
-/// logging steps).
+/// reference (with a reference), y*'s probability along chosen responses and the per-token
+/// cross-entropy logit-Hessian trace 1 − ‖p‖² (on logging steps).
 #[derive(Debug, Clone, Serialize)]
 pub struct SqueezeMetrics {
     #[serde(
@@ -221,10 +221,10 @@ pub struct SqueezeMetrics {
     )]
     pub top_nontarget_prob: Option<f64>,
     #[serde(
-        rename = "squeeze/hessian_trace",
+        rename = "squeeze/ce_logit_hessian_trace",
         skip_serializing_if = "Option::is_none"
     )]
-    pub hessian_trace: Option<f64>,
+    pub ce_logit_hessian_trace: Option<f64>,
 }
 
 /// One optimiser step's line.

@@ -16,7 +16,7 @@ use crate::config::SamKind;
 use crate::data::batch::PreferenceBatch;
 use crate::data::Split;
 use crate::diagnostics::Diagnostics;
-use crate::logps::{pair_logps, response_hidden, sequence_logps};
+use crate::logps::{pair_logps, sequence_logps};
 use crate::losses::{LossOutput, PairLogps};
 use crate::models::ops::accum_dtype;
 use crate::optim::GradAccumulator;
@@ -145,10 +145,7 @@ impl Trainer {
             lora.begin_forward(backward_weight.is_some());
         }
         // The one forward pass, to the final hidden states H at positions that predict response tokens.
-        let h = response_hidden(
-            self.policy.net.forward_hidden(&batch.input_ids)?,
-            &batch.positions,
-        )?;
+        let h = batch.response_hidden(self.policy.net.forward_hidden(&batch.input_ids)?)?;
 
         // logits-SAM, Algorithm 1 lines 1–4: e from loss_pre with H and W detached.
         let perturbation = if self.cfg.sam.kind == SamKind::Logits && backward_weight.is_some() {

@@ -131,9 +131,71 @@ impl Trainer {
             (&[Split::Train, Split::Eval][..], None)
         };
         let data = crate::data::load_splits(&cfg.data, &tok, cfg.seed, model_dir, splits)?;
-        let (train_pairs, eval_pairs, skipped) = (data.train, data.eval, data.skipped);
+        let (mut train_pairs, eval_pairs, mut skipped) = (data.train, data.eval, data.skipped);
         if train_pairs.is_empty() && stream.is_none() {
             anyhow::bail!("no usable training pairs (skipped: {skipped:?})");
+        }
+        let quantile = cfg.data.filter_ches_quantile;
+        if quantile > 0.0 {
+            // Scored by the policy as loaded (the SFT model), before any checkpoint is restored,
+            // so a resumed run keeps the same pairs; cached beside the run. In a data-parallel
+            // run rank 0 alone scores (or reads) them and sends them, bit for bit, to the others,
+            // so every rank drops the same pairs.
+            let encoded = super::parallel::from_rank_0(&*world, || {
+                let inputs = crate::refcache::FingerprintInputs {
+                    model: &policy_src,
+                    dtype: compute_dtype,
+                    mixed_precision: cfg.training.mixed_precision,
+                    device: &device,
+                    tok: &tok,
+                    truncation: &Truncation::from_config(&cfg.data),
+                    train: &train_pairs,
+                    eval: &[],
+                };
+                let (scores, path, cached) =
+                    crate::refcache::ches_cached(&cfg.output_dir, &inputs, || {
+                        crate::data::ches::ches_scores(
+                            &policy,
+                            &train_pairs,
+                            cfg.micro_batch_size(),
+                            tok.pad_id,
+                            &device,
+                        )
+                    })?;
+                eprintln!(
+                    "data.filter_ches_quantile = {quantile}: CHES of {} training pairs {} {}",
+                    scores.len(),
+                    if cached { "read from" } else { "written to" },
+                    path.display()
+                );
+                Ok(scores
+                    .iter()
+                    .map(|c| format!("{:016x}", c.ln_ches.to_bits()))
+                    .collect())
+            })?;
+            let ln_ches = (0..encoded.len() / 16)
+                .map(|i| {
+                    Ok(f64::from_bits(u64::from_str_radix(
+                        &encoded[16 * i..16 * (i + 1)],
+                        16,
+                    )?))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let (keep, threshold) = crate::data::ches::filter_mask(&ln_ches, quantile);
+            let before = train_pairs.len();
+            train_pairs = train_pairs
+                .into_iter()
+                .zip(keep)
+                .filter_map(|(pair, keep)| keep.then_some(pair))
+                .collect();
+            let dropped = before - train_pairs.len();
+            skipped.insert("ches_filter", dropped);
+            if world.rank() == 0 {
+                eprintln!(
+                    "data.filter_ches_quantile = {quantile}: dropped {dropped} of {before} training pairs{}",
+                    threshold.map_or(String::new(), |t| format!(", length-normalised CHES >= {t:.6}")),
+                );
+            }
         }
 
         let reference = if !loss.needs_reference() {
@@ -160,7 +222,7 @@ impl Trainer {
                     _ => resolve_source(&cfg, cfg.ref_name_or_path())?,
                 };
                 let inputs = crate::refcache::FingerprintInputs {
-                    reference: &ref_src,
+                    model: &ref_src,
                     dtype: compute_dtype,
                     mixed_precision: cfg.training.mixed_precision,
                     device: &device,
@@ -171,7 +233,8 @@ impl Trainer {
                 };
                 // Rank 0 alone hashes the model files; every rank hashes the list it sends.
                 let list = super::parallel::from_rank_0(&*world, || {
-                    let inputs = crate::refcache::Fingerprint::new(&inputs)?.inputs;
+                    let inputs =
+                        crate::refcache::Fingerprint::new(crate::refcache::FORMAT, &inputs)?.inputs;
                     Ok(serde_json::to_string(&inputs)?)
                 })?;
                 let fingerprint = crate::refcache::Fingerprint::from_inputs(

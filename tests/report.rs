@@ -137,7 +137,7 @@ fn the_page_compares_configs_metrics_curves_squeeze_and_samples() {
         .split("<h2>")
         .next()
         .unwrap()
-        .contains("aria-label=\"squeeze/hessian_trace\""));
+        .contains("aria-label=\"squeeze/ce_logit_hessian_trace\""));
     // sam/* exists for the logits-SAM run only: its charts have one line, the loss chart two.
     let chart = |m: &str| {
         page.split(&format!("aria-label=\"{m}\""))

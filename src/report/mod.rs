@@ -47,7 +47,7 @@ const SQUEEZE: &[(&str, &str)] = &[
         "mean over chosen-response tokens of the most likely wrong token's probability (the paper's y*), which the squeezing effect inflates",
     ),
     (
-        "squeeze/hessian_trace",
+        "squeeze/ce_logit_hessian_trace",
         "mean over response tokens of tr(H_z) = 1 − ‖p‖², the logit-Hessian trace that scales SAM's correction",
     ),
 ];

@@ -37,8 +37,27 @@ export CUDA_COMPUTE_CAP="\${CUDA_COMPUTE_CAP:-90}"
 EOF
 }
 
+# Link-time stand-in for NCCL (candle's `nccl` feature links libnccl like cuBLAS; the real
+# libnccl.so.2 comes with PyTorch's nvidia-nccl wheel on the GPU machine): one dummy per NCCL
+# function that cudarc binds. Also added to an install made before it existed.
+nccl_stub() {
+  [[ -f "$ROOT/lib/stubs/libnccl.so" ]] && return 0
+  local sys
+  sys=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-*/src/nccl/sys 2>/dev/null | sort -V | tail -1)
+  if [[ -z "$sys" ]]; then
+    echo "cudarc sources not found; run 'cargo fetch' in the repo first" >&2
+    exit 1
+  fi
+  mkdir -p "$ROOT/lib/stubs"
+  grep -rhoE '\bfn nccl[A-Za-z0-9_]+' "$sys" | sed 's/^fn //' | sort -u |
+    awk '{ print "void " $1 "(void) {}" }' >"$ROOT/lib/stubs/libnccl_stub.c"
+  gcc -shared -fPIC -Wl,-soname,libnccl.so.2 -o "$ROOT/lib/stubs/libnccl.so" "$ROOT/lib/stubs/libnccl_stub.c"
+  log "libnccl stub: $(wc -l <"$ROOT/lib/stubs/libnccl_stub.c") symbols from $sys"
+}
+
 if [[ -f "$CACHE/.complete" ]]; then
   log "already installed in $CACHE"
+  nccl_stub
   print_exports
   exit 0
 fi
@@ -84,6 +103,8 @@ grep -rhoE '\bfn cu[A-Za-z0-9_]+' "$CUDARC_SYS" | sed 's/^fn //' | sort -u |
   awk '{ print "void " $1 "(void) {}" }' >"$ROOT/lib/stubs/libcuda_stub.c"
 gcc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$ROOT/lib/stubs/libcuda.so" "$ROOT/lib/stubs/libcuda_stub.c"
 log "libcuda stub: $(wc -l <"$ROOT/lib/stubs/libcuda_stub.c") symbols from $CUDARC_SYS"
+
+nccl_stub
 
 "$ROOT/bin/nvcc" --version >&2
 rm -rf "$CACHE/wheels"

@@ -43,7 +43,7 @@ step() {
   log "$name: exit $(cat "$PARTS/$name.rc")"
 }
 
-# The binary links libcudart/cublas/cublasLt/curand 13 dynamically; PyTorch's cu13 wheels carry
+# The binary links libcudart/cublas/cublasLt/curand 13 and NCCL dynamically; PyTorch's cu13 wheels carry
 # them. Any wheels put in .whl/ (e.g. nvidia-curand, which some torch installs lack) are unpacked too.
 LIBS=$(python3 - <<'PY'
 import glob, os, site
@@ -83,6 +83,9 @@ step torch-attention 60 15 python3 scripts/torch_attention.py
 step bench-pythia-2.8b-bf16 240 90 "$BIN" "${BENCH[@]}" --shape pythia-2.8b "${BIG[@]}" --mixed-precision bf16 --gradient-checkpointing
 step torch-pythia-2.8b-bf16 150 60 "${TORCH[@]}" --shape pythia-2.8b "${BIG[@]}" --dtype bf16 --gradient-checkpointing
 step models 120 30 "$BIN" gpu-check --checks models
+# Data parallelism: NCCL initialised in a world of one process, an all-reduce, and two training
+# steps through the data-parallel loop against plain ones (the same weights).
+step nccl 90 20 "$BIN" gpu-check --checks nccl
 for shape in pythia-1.4b pythia-410m pythia-160m; do
   step "bench-$shape-bf16" 120 45 "$BIN" "${BENCH[@]}" --shape "$shape" "${BIG[@]}" --mixed-precision bf16 --gradient-checkpointing
   step "torch-$shape-bf16" 90 30 "${TORCH[@]}" --shape "$shape" "${BIG[@]}" --dtype bf16 --gradient-checkpointing
@@ -122,6 +125,7 @@ report = {
     "attention": result("attention"),
     "torch_attention": result("torch-attention"),
     "models": result("models"),
+    "nccl": result("nccl"),
     "bench": [],
     "wall_s": wall,
 }
@@ -147,6 +151,7 @@ except (KeyError, TypeError):
 json.dump(report, open(dest, "w"), indent=2)
 passed = lambda r: (r.get("result") or {}).get("pass")
 print(json.dumps({"gpu": report["gpu"], "ops_pass": passed(report["ops"]), "models_pass": passed(report["models"]),
+                  "nccl_pass": passed(report["nccl"]),
                   "attention_ratio_to_sdpa": report.get("attention_ratio_to_sdpa"),
                   "ratios": {f'{r["shape"]}/{r["dtype"]}': r.get("ratio_dpo_sam_to_torch") for r in report["bench"]}}))
 PY

@@ -169,6 +169,10 @@ pub struct TrainerState {
     pub metrics_lines: usize,
     /// Steps skipped for a non-finite loss or gradient norm (`training.skip_nonfinite`).
     pub nonfinite_skipped: usize,
+    /// Training tokens (prompt and responses, both rows of each pair, no padding) seen so far:
+    /// TRL's cumulative `num_tokens` metric.
+    #[serde(default)]
+    pub num_tokens: usize,
     /// The learning-rate schedule in force (recomputed from the config on resume; recorded so
     /// that a reader of the checkpoint sees it).
     pub schedule: Schedule,
@@ -462,9 +466,10 @@ pub fn load_state(dir: &Path) -> Result<TrainerState> {
 }
 
 /// Config keys that may change between a run and its resumption: where output goes, what is
-/// logged, evaluated and saved, the device, the non-finite guard, and activation checkpointing
-/// (same gradients). Every other key changes the sequence of updates (data, model, loss,
-/// optimiser, schedule via `max_steps`, seed).
+/// logged, evaluated and saved, the device, the non-finite guard, activation checkpointing
+/// (same gradients), and data parallelism's timeout and bucket size. Every other key changes
+/// the sequence of updates (data, model, loss, optimiser, schedule via `max_steps`, seed). The
+/// number of ranks is not a key: a run resumes on any.
 pub const DRIFT_ALLOWED: &[&str] = &[
     "output_dir",
     "device",
@@ -474,46 +479,19 @@ pub const DRIFT_ALLOWED: &[&str] = &[
     "training.save_total_limit",
     "training.skip_nonfinite",
     "training.gradient_checkpointing",
+    "training.ddp_timeout",
+    "training.ddp_bucket_cap_mb",
 ];
 
 /// Keys whose values differ between the saved and the current config and that affect the
 /// trajectory, as `key: saved -> now` lines.
 pub fn config_drift(saved: &Config, now: &Config) -> Result<Vec<String>> {
-    let (a, b) = (flatten(saved)?, flatten(now)?);
-    let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
-    let show = |v: Option<&toml::Value>| v.map_or("(unset)".to_string(), |v| v.to_string());
-    Ok(keys
+    Ok(saved
+        .differences(now)?
         .into_iter()
-        .filter(|k| !DRIFT_ALLOWED.contains(&k.as_str()) && a.get(*k) != b.get(*k))
-        .map(|k| format!("{k}: {} -> {}", show(a.get(k)), show(b.get(k))))
+        .filter(|(key, _)| !DRIFT_ALLOWED.contains(&key.as_str()))
+        .map(|(_, line)| line)
         .collect())
-}
-
-fn flatten(cfg: &Config) -> Result<BTreeMap<String, toml::Value>> {
-    fn walk(prefix: &str, v: toml::Value, out: &mut BTreeMap<String, toml::Value>) {
-        match v {
-            toml::Value::Table(t) => {
-                for (k, v) in t {
-                    let key = if prefix.is_empty() {
-                        k
-                    } else {
-                        format!("{prefix}.{k}")
-                    };
-                    walk(&key, v, out);
-                }
-            }
-            other => {
-                out.insert(prefix.to_string(), other);
-            }
-        }
-    }
-    let mut out = BTreeMap::new();
-    walk(
-        "",
-        toml::Value::try_from(cfg).context("cannot serialise the config")?,
-        &mut out,
-    );
-    Ok(out)
 }
 
 /// Loads a verified checkpoint's weights into `model` (and its f32 masters) and its moments and

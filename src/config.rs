@@ -92,8 +92,26 @@ choice! {
 }
 
 choice! {
-    /// `training.lr_scheduler_type`: the shape after warmup.
-    SchedulerType { Constant = "constant", Linear = "linear", Cosine = "cosine" }
+    /// `training.lr_scheduler_type` (HF's names): `constant` ignores warmup, the others warm up
+    /// linearly over `warmup_steps` / `warmup_ratio` first.
+    SchedulerType {
+        Constant = "constant",
+        ConstantWithWarmup = "constant_with_warmup",
+        Linear = "linear",
+        Cosine = "cosine",
+    }
+}
+
+choice! {
+    /// `training.nll_reduction`: how the chosen responses' NLL in `cpo`, `slic` and `sft` (and
+    /// `rpo_alpha`) is reduced over a micro-batch.
+    NllReduction {
+        /// TRL's: the mean over every chosen-response token of the micro-batch.
+        TokenMean = "token_mean",
+        /// The paper's Table 5 written literally: each chosen response's summed NLL, averaged
+        /// over pairs (100–300× stronger for responses of 100–300 tokens).
+        SequenceSum = "sequence_sum",
+    }
 }
 
 choice! {
@@ -330,6 +348,11 @@ pub struct TrainingConfig {
     /// DPO-Positive's λ (Pal et al. 2024).
     #[serde(default = "default_dpop_lambda")]
     pub dpop_lambda: f64,
+    /// How the NLL of `cpo`, `slic`, `sft` and `rpo_alpha` is reduced: `token_mean` (TRL's: over
+    /// every chosen-response token of a micro-batch) or `sequence_sum` (the paper's Table 5:
+    /// summed per response, averaged over pairs).
+    #[serde(default = "default_nll_reduction")]
+    pub nll_reduction: NllReduction,
     #[serde(default = "default_beta")]
     pub beta: f64,
     /// Compute the reference log-probs once over train + eval before training, cache them in
@@ -343,6 +366,10 @@ pub struct TrainingConfig {
     /// Pairs per forward/backward; `batch_size / micro_batch_size` micro-batches are accumulated.
     #[serde(default)]
     pub micro_batch_size: Option<usize>,
+    /// Drop each epoch's last micro-batch when it has fewer than `micro_batch_size` pairs (HF's
+    /// `dataloader_drop_last`); by default it is kept, smaller, as HF's DataLoader does.
+    #[serde(default)]
+    pub dataloader_drop_last: bool,
     /// Stop after this many optimizer steps (takes precedence over `num_train_epochs`).
     #[serde(default)]
     pub max_steps: Option<usize>,
@@ -359,7 +386,7 @@ pub struct TrainingConfig {
     pub adam_beta2: f64,
     #[serde(default = "default_eps")]
     pub adam_epsilon: f64,
-    /// `constant`, `linear` or `cosine` (after warmup).
+    /// `constant` (no warmup), `constant_with_warmup`, `linear` or `cosine` (HF's names).
     #[serde(default = "default_scheduler")]
     pub lr_scheduler_type: SchedulerType,
     #[serde(default)]
@@ -408,6 +435,14 @@ pub struct TrainingConfig {
     /// `model-0000i-of-0000n.safetensors` with `model.safetensors.index.json`.
     #[serde(default = "default_max_shard_size")]
     pub max_shard_size: ByteSize,
+    /// Seconds a rank of a data-parallel run waits for the others (the rendezvous, each
+    /// exchange) before failing (HF TrainingArguments' `ddp_timeout`).
+    #[serde(default = "default_ddp_timeout")]
+    pub ddp_timeout: u64,
+    /// Gradients are summed over ranks in buckets of about this many MiB (HF's
+    /// `ddp_bucket_cap_mb`).
+    #[serde(default = "default_ddp_bucket_cap_mb")]
+    pub ddp_bucket_cap_mb: usize,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -443,6 +478,12 @@ fn default_max_shard_size() -> ByteSize {
         bytes: 5_000_000_000,
         text: "5GB".into(),
     }
+}
+fn default_ddp_timeout() -> u64 {
+    1800
+}
+fn default_ddp_bucket_cap_mb() -> usize {
+    25
 }
 fn default_seed() -> u64 {
     42
@@ -485,6 +526,9 @@ fn default_one_f() -> f64 {
 }
 fn default_dpop_lambda() -> f64 {
     50.0
+}
+fn default_nll_reduction() -> NllReduction {
+    NllReduction::TokenMean
 }
 
 impl LossType {
@@ -828,6 +872,18 @@ impl Config {
             "must be >= 0",
             self.sam.rho,
         )?;
+        check(
+            t.ddp_timeout > 0,
+            "training.ddp_timeout",
+            "must be > 0 (seconds)",
+            t.ddp_timeout,
+        )?;
+        check(
+            t.ddp_bucket_cap_mb > 0,
+            "training.ddp_bucket_cap_mb",
+            "must be > 0",
+            t.ddp_bucket_cap_mb,
+        )?;
         let ordinal =
             crate::device::parse_name(&self.device).map_err(|e| anyhow!("device: {e}"))?;
         if t.tf32 && ordinal.is_none() {
@@ -839,11 +895,102 @@ impl Config {
         Ok(())
     }
 
+    /// The keys whose values differ from `other`'s, in key order, each with its line
+    /// `key: self's -> other's` (dotted keys; `(unset)` for an absent optional key).
+    pub fn differences(&self, other: &Config) -> Result<Vec<(String, String)>> {
+        let (a, b) = (self.flatten()?, other.flatten()?);
+        let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+        let show = |v: Option<&toml::Value>| v.map_or("(unset)".to_string(), |v| v.to_string());
+        Ok(keys
+            .into_iter()
+            .filter(|k| a.get(*k) != b.get(*k))
+            .map(|k| {
+                (
+                    k.clone(),
+                    format!("{k}: {} -> {}", show(a.get(k)), show(b.get(k))),
+                )
+            })
+            .collect())
+    }
+
+    /// Every set value under its dotted key.
+    fn flatten(&self) -> Result<std::collections::BTreeMap<String, toml::Value>> {
+        fn walk(
+            prefix: &str,
+            v: toml::Value,
+            out: &mut std::collections::BTreeMap<String, toml::Value>,
+        ) {
+            match v {
+                toml::Value::Table(t) => {
+                    for (k, v) in t {
+                        let key = match prefix {
+                            "" => k,
+                            _ => format!("{prefix}.{k}"),
+                        };
+                        walk(&key, v, out);
+                    }
+                }
+                other => {
+                    out.insert(prefix.to_string(), other);
+                }
+            }
+        }
+        let mut out = std::collections::BTreeMap::new();
+        walk(
+            "",
+            toml::Value::try_from(self).context("cannot serialise the config")?,
+            &mut out,
+        );
+        Ok(out)
+    }
+
+    /// Refuses a global batch that does not split evenly over `world_size` ranks' micro-batches
+    /// (data parallelism: every rank runs the same number per step).
+    pub fn check_world_size(&self, world_size: usize) -> Result<()> {
+        let (batch, micro) = (self.training.batch_size, self.micro_batch_size());
+        if !batch.is_multiple_of(world_size * micro) {
+            bail!(
+                "training.batch_size = {batch} (pairs per optimiser step, over all ranks) must be divisible by \
+                 ranks × training.micro_batch_size = {world_size} × {micro} = {}, so that every rank runs the same \
+                 number of micro-batches per step",
+                world_size * micro
+            );
+        }
+        Ok(())
+    }
+
     /// Pairs per forward/backward pass.
     pub fn micro_batch_size(&self) -> usize {
         self.training
             .micro_batch_size
             .unwrap_or(self.training.batch_size)
+    }
+
+    /// Micro-batches in an epoch of `pairs` training pairs, as HF's `len(dataloader)`: the last
+    /// one smaller, or dropped with `training.dataloader_drop_last`.
+    pub fn micro_batches_per_epoch(&self, pairs: usize) -> usize {
+        let micro = self.micro_batch_size();
+        match self.training.dataloader_drop_last {
+            true => pairs / micro,
+            false => pairs.div_ceil(micro),
+        }
+    }
+
+    /// Optimiser steps in an epoch of `pairs` training pairs, as HF's Trainer counts them:
+    /// its micro-batches in groups of `batch_size / micro_batch_size`, the last group smaller.
+    pub fn steps_per_epoch(&self, pairs: usize) -> usize {
+        let accumulation = self.training.batch_size / self.micro_batch_size();
+        self.micro_batches_per_epoch(pairs)
+            .div_ceil(accumulation)
+            .max(1)
+    }
+
+    /// The run's optimiser steps: `max_steps`, else ⌈num_train_epochs × steps per epoch⌉.
+    pub fn total_steps(&self, pairs: usize) -> usize {
+        let t = &self.training;
+        t.max_steps.unwrap_or_else(|| {
+            (t.num_train_epochs * self.steps_per_epoch(pairs) as f64).ceil() as usize
+        })
     }
 
     /// The configured losses and their weights: `loss_type` × `loss_weights` (default all 1),

@@ -37,6 +37,24 @@ pub fn parse(name: &str) -> Result<Device> {
     }
 }
 
+/// GPUs visible to this process (`CUDA_VISIBLE_DEVICES` applies); an error in a build without
+/// CUDA.
+pub fn cuda_count() -> Result<usize> {
+    #[cfg(feature = "cuda")]
+    {
+        use candle_core::cuda_backend::cudarc::driver::CudaContext;
+        let n = CudaContext::device_count().map_err(|e| {
+            anyhow::anyhow!("cannot count the GPUs (is the NVIDIA driver loaded?): {e:?}")
+        })?;
+        Ok(n.max(0) as usize)
+    }
+    #[cfg(not(feature = "cuda"))]
+    bail!(
+        "a CUDA device: this binary was built without CUDA; rebuild with \
+         `cargo build --release --features cuda` (see scripts/build-cuda.sh)"
+    )
+}
+
 /// Makes glibc's malloc keep freed tensor buffers for reuse. By default it maps every buffer
 /// above its mmap threshold (at most 32 MiB) afresh and unmaps it when freed, and trims the heap
 /// top, so each training step faulted in and zeroed its logits tiles and embedding gradients

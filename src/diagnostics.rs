@@ -1,47 +1,67 @@
-//! Squeeze diagnostics: what the paper's section 3 says to watch in a DPO run.
+//! What the logging-step pass over the output layer measures, from the hidden states the step
+//! already has (one more output-layer matmul, without a graph, only on logging steps):
 //!
-//! - the most likely non-target token y* along chosen responses: the squeezing effect moves
-//!   probability mass onto it (Lemma 3.5);
-//! - tr(H_z) = 1 − ‖p‖², the trace of the logit Hessian H_z = Diag(p) − ppᵀ, averaged over
-//!   response tokens: the curvature that SAM's correction term is scaled by (section 4.3).
-//!
-//! Computed without a graph from the hidden states the step already has; the trainer asks for
-//! them only on logging steps, since they cost one more output-layer matmul.
+//! - the squeeze diagnostics of the paper's section 3: the most likely non-target token y*
+//!   along chosen responses, onto which the squeezing effect moves probability mass (Lemma
+//!   3.5), and tr(H_z) = 1 − ‖p‖², the trace of the logit Hessian H_z = Diag(p) − ppᵀ over
+//!   response tokens, the curvature that SAM's correction term is scaled by (section 4.3);
+//! - TRL 1.x's token metrics, as its fused LM head defines them: the mean over the vocabulary
+//!   of each response token's logits (`logits/chosen`, `logits/rejected`), the entropy of the
+//!   next-token distribution over response tokens (`entropy`), and the share of chosen tokens
+//!   whose target is the most likely token, ties to the lowest id (`mean_token_accuracy`).
 
 use crate::models::ops::softmax_last_dim;
 use crate::models::output::OutputLayer;
 use candle_core::{DType, Result, Tensor, D};
 
-/// Sums over tokens, so micro-batches add up.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct Squeeze {
+/// Sums over one micro-batch's response tokens (so micro-batches add up) and their counts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Diagnostics {
     /// Σ over chosen-response tokens of max_{v ≠ target} p_v.
     pub top_nontarget_prob: f64,
     pub chosen_tokens: usize,
     /// Σ over all response tokens of 1 − ‖p‖².
     pub hessian_trace: f64,
     pub tokens: usize,
+    /// Σ over chosen-response tokens of the mean logit over the vocabulary.
+    pub chosen_mean_logits: f64,
+    /// Σ over rejected-response tokens of the mean logit over the vocabulary.
+    pub rejected_mean_logits: f64,
+    /// Σ over all response tokens of the entropy −Σ_v p_v log p_v (nats).
+    pub entropy: f64,
+    /// Chosen-response tokens whose target is the most likely token.
+    pub chosen_top1: usize,
 }
 
-impl Squeeze {
-    pub fn add(&mut self, other: &Squeeze) {
+impl Diagnostics {
+    pub fn add(&mut self, other: &Diagnostics) {
         self.top_nontarget_prob += other.top_nontarget_prob;
         self.chosen_tokens += other.chosen_tokens;
         self.hessian_trace += other.hessian_trace;
         self.tokens += other.tokens;
+        self.chosen_mean_logits += other.chosen_mean_logits;
+        self.rejected_mean_logits += other.rejected_mean_logits;
+        self.entropy += other.entropy;
+        self.chosen_top1 += other.chosen_top1;
+    }
+
+    pub fn rejected_tokens(&self) -> usize {
+        self.tokens - self.chosen_tokens
     }
 }
 
 /// Diagnostics for response tokens `h` `[n, hidden]` with `targets` `[n]`, of which the first
 /// `chosen_tokens` belong to chosen responses.
-pub fn squeeze(
+pub fn diagnostics(
     head: &OutputLayer,
     h: &Tensor,
     targets: &Tensor,
     chosen_tokens: usize,
-) -> Result<Squeeze> {
-    let probs = softmax_last_dim(&head.logits(&h.detach(), None)?)?.to_dtype(DType::F32)?;
+) -> Result<Diagnostics> {
+    let logits = head.logits(&h.detach(), None)?.to_dtype(DType::F32)?;
+    let probs = softmax_last_dim(&logits)?;
     let (n, vocab) = probs.dims2()?;
+    let chosen = chosen_tokens.min(n);
     let trace = (1.0 - probs.sqr()?.sum(D::Minus1)?)?;
     // Zero the target's probability, then the row max is y*'s probability.
     let target_mask = Tensor::zeros((n, vocab), DType::F32, probs.device())?.scatter_add(
@@ -50,12 +70,31 @@ pub fn squeeze(
         1,
     )?;
     let others = (&probs * (1.0 - target_mask)?)?.max(D::Minus1)?;
+    // H(p) = log Σ e^z − Σ p z, with the log-sum-exp taken from the row max.
+    let max = logits.max_keepdim(D::Minus1)?;
+    let lse = (logits
+        .broadcast_sub(&max)?
+        .exp()?
+        .sum_keepdim(D::Minus1)?
+        .log()?
+        + max)?;
+    let entropy = (lse.squeeze(1)? - (&probs * &logits)?.sum(D::Minus1)?)?;
+    let mean_logits = logits.mean(D::Minus1)?;
+    // candle's argmax keeps the first of equal maxima, as TRL's `is_top1` does.
+    let top1 = logits
+        .narrow(0, 0, chosen)?
+        .argmax(D::Minus1)?
+        .eq(&targets.narrow(0, 0, chosen)?)?;
     let sum = |t: &Tensor| -> Result<f64> { t.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>() };
-    Ok(Squeeze {
-        top_nontarget_prob: sum(&others.narrow(0, 0, chosen_tokens.min(n))?)?,
-        chosen_tokens: chosen_tokens.min(n),
+    Ok(Diagnostics {
+        top_nontarget_prob: sum(&others.narrow(0, 0, chosen)?)?,
+        chosen_tokens: chosen,
         hessian_trace: sum(&trace)?,
         tokens: n,
+        chosen_mean_logits: sum(&mean_logits.narrow(0, 0, chosen)?)?,
+        rejected_mean_logits: sum(&mean_logits.narrow(0, chosen, n - chosen)?)?,
+        entropy: sum(&entropy)?,
+        chosen_top1: top1.to_dtype(DType::U32)?.sum_all()?.to_scalar::<u32>()? as usize,
     })
 }
 
@@ -65,7 +104,7 @@ mod tests {
     use candle_core::Device;
 
     #[test]
-    fn trace_and_top_nontarget_match_hand_values() -> Result<()> {
+    fn diagnostics_match_hand_values() -> Result<()> {
         let dev = Device::Cpu;
         // identity weight: logits = h; pick h so p is known
         let head = OutputLayer {
@@ -75,7 +114,7 @@ mod tests {
         let logits = [[2f32.ln(), 1f32.ln(), 1f32.ln()], [0.0, 0.0, 0.0]];
         let h = Tensor::new(&logits, &dev)?;
         let targets = Tensor::new(&[1u32, 0], &dev)?;
-        let s = squeeze(&head, &h, &targets, 1)?;
+        let s = diagnostics(&head, &h, &targets, 1)?;
         // row 0: p = (.5, .25, .25), target 1 → y* = 0 with .5; trace 1 − (.25 + .0625·2) = .625
         assert!((s.top_nontarget_prob - 0.5).abs() < 1e-6, "{s:?}");
         assert_eq!(s.chosen_tokens, 1);
@@ -85,6 +124,22 @@ mod tests {
             "{s:?}"
         );
         assert_eq!(s.tokens, 2);
+        // mean logits: row 0 (ln 2)/3 (chosen), row 1 0 (rejected)
+        assert!(
+            (s.chosen_mean_logits - 2f64.ln() / 3.0).abs() < 1e-6,
+            "{s:?}"
+        );
+        assert_eq!(s.rejected_mean_logits, 0.0);
+        // entropy: −Σ p ln p = 1.5 ln 2 for (.5, .25, .25), ln 3 for uniform
+        assert!(
+            (s.entropy - (1.5 * 2f64.ln() + 3f64.ln())).abs() < 1e-6,
+            "{s:?}"
+        );
+        // the chosen token's target 1 is not the argmax 0
+        assert_eq!(s.chosen_top1, 0);
+        let s = diagnostics(&head, &h, &Tensor::new(&[0u32, 0], &dev)?, 2)?;
+        // row 0: target 0 is the argmax; row 1: all tie, and the first (0) counts as top
+        assert_eq!(s.chosen_top1, 2);
         Ok(())
     }
 }

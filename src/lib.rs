@@ -3,11 +3,13 @@
 //! One module per concern; `main.rs` maps each subcommand onto one of them. Imports run one
 //! way (`tests/layering.rs` checks it):
 //!
-//! - commands: `bench`, `eval`, `generate`, `gpucheck`, `plot`, `score`, `toy`, `train` (whose
-//!   `mod.rs` is the command and the loop) and `data inspect`;
+//! - commands: `bench`, `eval`, `generate`, `gpucheck`, `plot`, `score`, `toy`, `trl`
+//!   (`config from-trl`), `train` (whose `mod.rs` is the command and the loop) and
+//!   `data inspect`;
 //! - what the training run uses: `plan` (`--dry-run`), `refcache`, `checkpoint`;
 //! - what a step is made of: `sam`, `losses`, `logps`, `diagnostics`, `optim`, `data`, `models`;
 //! - `kernels`: the hand-written fused ops, which import nothing of the crate;
+//! - `dist`: data parallelism's collective (CPU over TCP, NCCL on GPUs), rendezvous and launcher;
 //! - settings and utilities: `config`, `tokenizer`, `hub`, `device`.
 
 pub mod bench;
@@ -16,6 +18,7 @@ pub mod config;
 pub mod data;
 pub mod device;
 pub mod diagnostics;
+pub mod dist;
 pub mod eval;
 pub mod generate;
 pub mod gpucheck;
@@ -33,3 +36,4 @@ pub mod score;
 pub mod tokenizer;
 pub mod toy;
 pub mod train;
+pub mod trl;

@@ -1,12 +1,14 @@
-//! Preference losses: one registry of per-pair objectives, selected by `training.loss_type` and
-//! mixed by `training.loss_weights` as TRL's `DPOTrainer` does.
+//! Preference losses: one registry of objectives, selected by `training.loss_type` and mixed by
+//! `training.loss_weights` as TRL's `DPOTrainer` does.
 //!
 //! Every loss is a function of [`PairLogps`] (policy sequence log-probs, and where it needs them
-//! the reference log-probs and response lengths) returning per-pair losses and the implicit
-//! rewards that TRL logs. The trainer only ever calls [`Loss::compute`], so logits-SAM's
-//! perturbation is shaped by whatever mix is configured. The names are `config::LossType`'s.
+//! the reference log-probs and response lengths). A term has a pairwise part, averaged over the
+//! micro-batch's pairs, and may add λ × the chosen responses' NLL, reduced over the micro-batch
+//! by `training.nll_reduction` (TRL's token mean by default). The trainer only ever calls
+//! [`Loss::compute`], so logits-SAM's perturbation is shaped by whatever mix is configured. The
+//! names are `config::LossType`'s.
 
-use crate::config::LossType;
+use crate::config::{LossType, NllReduction};
 use anyhow::{bail, Result};
 use candle_core::Tensor;
 
@@ -45,17 +47,56 @@ impl PairLogps {
         })
     }
 
-    /// Mean negative log-likelihood per chosen-response token (TRL's `nll_loss`, per pair).
-    pub fn chosen_nll(&self) -> candle_core::Result<Tensor> {
-        (&self.chosen / &self.chosen_tokens)?.neg()
+    /// The chosen responses' NLL over the whole micro-batch (a scalar): with `token_mean`
+    /// −Σ log π(y_w|x) / Σ |y_w| over every chosen token, as TRL's `sft` loss and CPOTrainer's
+    /// `nll_loss` (a cross-entropy mean); with `sequence_sum` the mean over pairs of
+    /// −log π(y_w|x).
+    pub fn chosen_nll(&self, reduction: NllReduction) -> candle_core::Result<Tensor> {
+        match reduction {
+            NllReduction::TokenMean => (self.chosen.sum_all()? / self.chosen_tokens.sum_all()?)?,
+            NllReduction::SequenceSum => self.chosen.mean_all()?,
+        }
+        .neg()
+    }
+
+    /// Each pair's own NLL `[b]` under `reduction` (the micro-batch NLL of that pair alone).
+    pub fn chosen_nll_per_pair(&self, reduction: NllReduction) -> candle_core::Result<Tensor> {
+        match reduction {
+            NllReduction::TokenMean => (&self.chosen / &self.chosen_tokens)?,
+            NllReduction::SequenceSum => self.chosen.clone(),
+        }
+        .neg()
     }
 }
 
-/// Per-pair losses `[b]` and (detached) implicit rewards `[b]`.
+/// What a configured loss gives for one micro-batch.
 pub struct LossOutput {
+    /// The micro-batch's loss, which is differentiated: Σ wᵢ × (the mean over pairs of term i's
+    /// pairwise part + λᵢ × the micro-batch NLL). With `token_mean` that NLL is taken over all
+    /// the micro-batch's chosen tokens, so this is not the mean of `losses`.
+    pub loss: Tensor,
+    /// Per-pair losses `[b]`: each pair scored alone (its own NLL under `nll_reduction`).
     pub losses: Tensor,
+    /// The micro-batch's NLL under `nll_reduction` (logged as `nll_loss`) when a term has one.
+    pub nll: Option<Tensor>,
+    /// Implicit rewards `[b]`, detached.
     pub chosen_rewards: Tensor,
     pub rejected_rewards: Tensor,
+}
+
+/// One term before weighting: its pairwise part `[b]` (none for `sft`) and λ of its NLL.
+struct Term {
+    pairwise: Option<Tensor>,
+    nll_weight: f64,
+}
+
+impl Term {
+    fn pairwise(losses: Tensor) -> Result<Term> {
+        Ok(Term {
+            pairwise: Some(losses),
+            nll_weight: 0.0,
+        })
+    }
 }
 
 /// What each `training.loss_type` computes.
@@ -67,7 +108,7 @@ impl LossType {
         )
     }
 
-    pub fn compute(self, lp: &PairLogps, p: &LossParams) -> Result<LossOutput> {
+    fn term(self, lp: &PairLogps, p: &LossParams) -> Result<Term> {
         match self {
             LossType::Sigmoid => sigmoid(lp, p),
             LossType::Robust => robust(lp, p),
@@ -77,8 +118,18 @@ impl LossType {
             LossType::Cpo => cpo(lp, p),
             LossType::Simpo => simpo(lp, p),
             LossType::Dpop => dpop(lp, p),
-            LossType::Sft => sft(lp, p),
+            // `sft`: the chosen responses' NLL alone (TRL's `sft` loss type; `rpo_alpha` adds
+            // it with that weight, RPO, Pang et al. 2024), see [`PairLogps::chosen_nll`].
+            LossType::Sft => Ok(Term {
+                pairwise: None,
+                nll_weight: 1.0,
+            }),
         }
+    }
+
+    /// Whether the term adds an NLL of the chosen responses (`nll_loss` is then logged).
+    pub fn has_nll(self) -> bool {
+        matches!(self, LossType::Slic | LossType::Cpo | LossType::Sft)
     }
 }
 
@@ -104,11 +155,13 @@ pub struct LossParams {
     pub slic_lambda: f64,
     /// DPO-Positive's λ.
     pub dpop_lambda: f64,
+    /// How the NLL of cpo, slic and sft is reduced over a micro-batch.
+    pub nll_reduction: NllReduction,
 }
 
 impl Default for LossParams {
-    /// TRL's defaults (`DPOConfig`, `CPOConfig`); SLiC-HF's λ = δ = 1 from the paper's grid;
-    /// DPOP's λ = 50 from Pal et al.
+    /// TRL's defaults (`DPOConfig`, `CPOConfig`, the token-mean NLL); SLiC-HF's λ = δ = 1 from
+    /// the paper's grid; DPOP's λ = 50 from Pal et al.
     fn default() -> Self {
         Self {
             beta: 0.1,
@@ -118,6 +171,7 @@ impl Default for LossParams {
             slic_delta: 1.0,
             slic_lambda: 1.0,
             dpop_lambda: 50.0,
+            nll_reduction: NllReduction::TokenMean,
         }
     }
 }
@@ -143,35 +197,61 @@ impl Loss {
         needs_reference(&self.terms)
     }
 
-    /// Σ wᵢ · lossᵢ per pair. The rewards are those of the first term that uses the reference
-    /// (TRL's β·log-ratio whenever a reference is in play), else of the first term.
+    /// Whether any term adds the chosen responses' NLL.
+    pub fn has_nll(&self) -> bool {
+        self.terms.iter().any(|(k, _)| k.has_nll())
+    }
+
+    /// Σ wᵢ · termᵢ as TRL combines `loss_type` lists: `loss += per_sequence_loss.mean() × w`.
+    /// Rewards are TRL 1.x's: β × the summed log-ratio whenever a reference is in play, for any
+    /// mix (IPO included); without one, CPOTrainer's β × log π (β × the length-averaged log π
+    /// when the first term is `simpo`).
     pub fn compute(&self, lp: &PairLogps) -> Result<LossOutput> {
-        let primary = self
-            .terms
-            .iter()
-            .position(|(k, _)| k.needs_reference())
-            .unwrap_or(0);
-        let mut total: Option<Tensor> = None;
-        let mut rewards = None;
-        for (i, (kind, weight)) in self.terms.iter().enumerate() {
-            let out = kind.compute(lp, &self.params)?;
-            let weighted = (out.losses * *weight)?;
-            total = Some(match total {
-                Some(t) => (t + weighted)?,
-                None => weighted,
-            });
-            if i == primary {
-                rewards = Some((out.chosen_rewards, out.rejected_rewards));
+        let Some(&(first, _)) = self.terms.first() else {
+            bail!("training.loss_type: no loss configured");
+        };
+        let p = &self.params;
+        let (mut pairwise, mut nll_weight): (Option<Tensor>, f64) = (None, 0.0);
+        for (kind, weight) in &self.terms {
+            let term = kind.term(lp, p)?;
+            if let Some(part) = term.pairwise {
+                let part = (part * *weight)?;
+                pairwise = Some(match pairwise {
+                    Some(sum) => (sum + part)?,
+                    None => part,
+                });
             }
+            nll_weight += weight * term.nll_weight;
         }
-        match (total, rewards) {
-            (Some(losses), Some((chosen_rewards, rejected_rewards))) => Ok(LossOutput {
-                losses,
-                chosen_rewards,
-                rejected_rewards,
-            }),
-            _ => bail!("training.loss_type: no loss configured"),
+        let nll = match self.has_nll() {
+            true => Some(lp.chosen_nll(p.nll_reduction)?),
+            false => None,
+        };
+        let mut losses = match &pairwise {
+            Some(t) => t.clone(),
+            None => lp.chosen.zeros_like()?,
+        };
+        let mut loss = losses.mean_all()?;
+        if let Some(nll) = &nll {
+            loss = (loss + (nll * nll_weight)?)?;
+            losses = (losses + (lp.chosen_nll_per_pair(p.nll_reduction)? * nll_weight)?)?;
         }
+        let (chosen_rewards, rejected_rewards) = if self.needs_reference() {
+            let (cr, rr) = ref_logratios(lp)?;
+            rewards(&cr, &rr, p.beta)?
+        } else if first == LossType::Simpo {
+            let (c, r) = length_averaged(lp)?;
+            rewards(&c, &r, p.beta)?
+        } else {
+            rewards(&lp.chosen, &lp.rejected, p.beta)?
+        };
+        Ok(LossOutput {
+            loss,
+            losses,
+            nll,
+            chosen_rewards,
+            rejected_rewards,
+        })
     }
 }
 
@@ -208,115 +288,99 @@ fn ref_logratios(lp: &PairLogps) -> Result<(Tensor, Tensor)> {
     Ok(((&lp.chosen - rc)?, (&lp.rejected - rr)?))
 }
 
+/// (l̄π(y_w), l̄π(y_l)): log-probs divided by the response lengths.
+fn length_averaged(lp: &PairLogps) -> Result<(Tensor, Tensor)> {
+    Ok((
+        (&lp.chosen / &lp.chosen_tokens)?,
+        (&lp.rejected / &lp.rejected_tokens)?,
+    ))
+}
+
 /// Rewards r = β·x, detached (they are logged, never differentiated).
 fn rewards(chosen: &Tensor, rejected: &Tensor, beta: f64) -> Result<(Tensor, Tensor)> {
     Ok(((chosen * beta)?.detach(), (rejected * beta)?.detach()))
 }
 
-fn output(
-    losses: Tensor,
-    (chosen_rewards, rejected_rewards): (Tensor, Tensor),
-) -> Result<LossOutput> {
-    Ok(LossOutput {
-        losses,
-        chosen_rewards,
-        rejected_rewards,
-    })
-}
-
 /// `sigmoid` — DPO (Rafailov et al. 2023, eq. 7; the paper's eq. 2), with cDPO's label
 /// smoothing ε (`label_smoothing`, Mitchell 2023):
 /// z = β[(log π(y_w|x) − log π_ref(y_w|x)) − (log π(y_l|x) − log π_ref(y_l|x))],
-/// loss = −(1 − ε) log σ(z) − ε log σ(−z). Rewards β·log-ratio.
-pub fn sigmoid(lp: &PairLogps, p: &LossParams) -> Result<LossOutput> {
+/// loss = −(1 − ε) log σ(z) − ε log σ(−z).
+fn sigmoid(lp: &PairLogps, p: &LossParams) -> Result<Term> {
     let (cr, rr) = ref_logratios(lp)?;
     let z = ((&cr - &rr)? * p.beta)?;
-    output(smoothed(&z, p.label_smoothing)?, rewards(&cr, &rr, p.beta)?)
+    Term::pairwise(smoothed(&z, p.label_smoothing)?)
 }
 
 /// `robust` — robust DPO for noisy preferences (Chowdhury et al. 2024, eq. 6), TRL's form:
 /// loss = [−(1 − ε) log σ(z) + ε log σ(−z)] / (1 − 2ε), z as in [`sigmoid`], ε = `label_smoothing`
 /// (the assumed label-flip rate, < 0.5).
-pub fn robust(lp: &PairLogps, p: &LossParams) -> Result<LossOutput> {
+fn robust(lp: &PairLogps, p: &LossParams) -> Result<Term> {
     let eps = p.label_smoothing;
     let (cr, rr) = ref_logratios(lp)?;
     let z = ((&cr - &rr)? * p.beta)?;
     let num = ((neg_log_sigmoid(&z)? * (1.0 - eps))? - (neg_log_sigmoid(&z.neg()?)? * eps)?)?;
-    output((num / (1.0 - 2.0 * eps))?, rewards(&cr, &rr, p.beta)?)
+    Term::pairwise((num / (1.0 - 2.0 * eps))?)
 }
 
 /// `hinge` — the hinge loss of RSO / SLiC on DPO's log-ratios (Liu et al. 2024; TRL "hinge"):
 /// loss = max(0, 1 − z), z as in [`sigmoid`].
-pub fn hinge(lp: &PairLogps, p: &LossParams) -> Result<LossOutput> {
+fn hinge(lp: &PairLogps, p: &LossParams) -> Result<Term> {
     let (cr, rr) = ref_logratios(lp)?;
     let z = ((&cr - &rr)? * p.beta)?;
-    output(
-        z.neg()?.affine(1.0, 1.0)?.relu()?,
-        rewards(&cr, &rr, p.beta)?,
-    )
+    Term::pairwise(z.neg()?.affine(1.0, 1.0)?.relu()?)
 }
 
 /// `ipo` — IPO (Azar et al. 2024, eq. 17) on length-averaged log-probs as TRL computes it, with
 /// τ = `beta`: h = (l̄π(y_w) − l̄_ref(y_w)) − (l̄π(y_l) − l̄_ref(y_l)), l̄ = log π / tokens;
-/// loss = (h − 1/(2τ))². Rewards β·averaged log-ratio.
-pub fn ipo(lp: &PairLogps, p: &LossParams) -> Result<LossOutput> {
-    let (rc, rr) = ref_logps(lp)?;
-    let cr = ((&lp.chosen - rc)? / &lp.chosen_tokens)?;
-    let rrat = ((&lp.rejected - rr)? / &lp.rejected_tokens)?;
-    let h = (&cr - &rrat)?;
-    output(
-        (h - 1.0 / (2.0 * p.beta))?.sqr()?,
-        rewards(&cr, &rrat, p.beta)?,
-    )
+/// loss = (h − 1/(2τ))².
+fn ipo(lp: &PairLogps, p: &LossParams) -> Result<Term> {
+    let (cr, rr) = ref_logratios(lp)?;
+    let h = ((cr / &lp.chosen_tokens)? - (rr / &lp.rejected_tokens)?)?;
+    Term::pairwise((h - 1.0 / (2.0 * p.beta))?.sqr()?)
 }
 
 /// `slic` — SLiC-HF (Zhao et al. 2023) as in the paper's Table 5, reference-free:
-/// loss = max(0, δ − log π(y_w|x) + log π(y_l|x)) − λ log π(y_w|x), δ = `slic_delta`,
-/// λ = `slic_lambda`; log-probs are sequence sums. Rewards β·log π.
-pub fn slic(lp: &PairLogps, p: &LossParams) -> Result<LossOutput> {
+/// max(0, δ − log π(y_w|x) + log π(y_l|x)) per pair (sequence sums), plus λ × the chosen NLL
+/// (`nll_reduction`), δ = `slic_delta`, λ = `slic_lambda`.
+fn slic(lp: &PairLogps, p: &LossParams) -> Result<Term> {
     let margin = (&lp.rejected - &lp.chosen)?
         .affine(1.0, p.slic_delta)?
         .relu()?;
-    let losses = (margin - (&lp.chosen * p.slic_lambda)?)?;
-    output(losses, rewards(&lp.chosen, &lp.rejected, p.beta)?)
+    Ok(Term {
+        pairwise: Some(margin),
+        nll_weight: p.slic_lambda,
+    })
 }
 
-/// `cpo` — CPO (Xu et al. 2024) as in the paper's Table 5, reference-free:
-/// loss = −log σ(β log π(y_w|x) − β log π(y_l|x)) − λ log π(y_w|x), λ = `cpo_alpha` (TRL's
-/// name), sequence sums; `label_smoothing` smooths the first term as in TRL's CPOTrainer. TRL's
-/// CPOTrainer takes the NLL term per token instead of per sequence. Rewards β·log π.
-pub fn cpo(lp: &PairLogps, p: &LossParams) -> Result<LossOutput> {
+/// `cpo` — CPO (Xu et al. 2024), reference-free, as TRL's CPOTrainer:
+/// −log σ(β log π(y_w|x) − β log π(y_l|x)) per pair (sequence sums; `label_smoothing` smooths
+/// it as CPOTrainer does), plus λ × the chosen NLL (`nll_reduction`), λ = `cpo_alpha`.
+fn cpo(lp: &PairLogps, p: &LossParams) -> Result<Term> {
     let z = ((&lp.chosen - &lp.rejected)? * p.beta)?;
-    let losses = (smoothed(&z, p.label_smoothing)? - (&lp.chosen * p.cpo_alpha)?)?;
-    output(losses, rewards(&lp.chosen, &lp.rejected, p.beta)?)
+    Ok(Term {
+        pairwise: Some(smoothed(&z, p.label_smoothing)?),
+        nll_weight: p.cpo_alpha,
+    })
 }
 
 /// `simpo` — SimPO (Meng et al. 2024, eq. 6), reference-free on length-averaged log-probs:
 /// loss = −log σ(β l̄π(y_w) − β l̄π(y_l) − γ), γ = `simpo_gamma`, with `label_smoothing` as in
-/// TRL's CPOTrainer. Rewards β·l̄π.
-pub fn simpo(lp: &PairLogps, p: &LossParams) -> Result<LossOutput> {
-    let c = (&lp.chosen / &lp.chosen_tokens)?;
-    let r = (&lp.rejected / &lp.rejected_tokens)?;
+/// TRL's CPOTrainer.
+fn simpo(lp: &PairLogps, p: &LossParams) -> Result<Term> {
+    let (c, r) = length_averaged(lp)?;
     let z = (((&c - &r)? * p.beta)? - p.simpo_gamma)?;
-    output(smoothed(&z, p.label_smoothing)?, rewards(&c, &r, p.beta)?)
+    Term::pairwise(smoothed(&z, p.label_smoothing)?)
 }
 
 /// `dpop` — DPO-Positive (Pal et al. 2024, eq. 3): DPO with a penalty when the chosen
 /// log-prob falls below the reference's:
 /// z = β[(log π(y_w) − log π_ref(y_w)) − (log π(y_l) − log π_ref(y_l)) − λ max(0, log π_ref(y_w) − log π(y_w))],
-/// loss = −log σ(z) (label-smoothed as [`sigmoid`]), λ = `dpop_lambda`. Rewards β·log-ratio.
-pub fn dpop(lp: &PairLogps, p: &LossParams) -> Result<LossOutput> {
+/// loss = −log σ(z) (label-smoothed as [`sigmoid`]), λ = `dpop_lambda`.
+fn dpop(lp: &PairLogps, p: &LossParams) -> Result<Term> {
     let (cr, rr) = ref_logratios(lp)?;
     let penalty = (cr.neg()?.relu()? * p.dpop_lambda)?;
     let z = (((&cr - &rr)? - penalty)? * p.beta)?;
-    output(smoothed(&z, p.label_smoothing)?, rewards(&cr, &rr, p.beta)?)
-}
-
-/// `sft` — supervised NLL of the chosen response, −log π(y_w|x) / |y_w| (per-token mean, per
-/// pair; TRL's `nll_loss`, added with weight `rpo_alpha` for RPO, Pang et al. 2024). TRL
-/// averages over all chosen tokens of the batch instead of per pair. Rewards β·log π.
-pub fn sft(lp: &PairLogps, p: &LossParams) -> Result<LossOutput> {
-    output(lp.chosen_nll()?, rewards(&lp.chosen, &lp.rejected, p.beta)?)
+    Term::pairwise(smoothed(&z, p.label_smoothing)?)
 }
 
 #[cfg(test)]

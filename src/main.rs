@@ -35,6 +35,9 @@ enum Command {
     /// Look at preference data before training: `data inspect` counts records and skipped rows
     /// by reason, token-length percentiles, padding, and shows which tokens are scored.
     Data(dpo_sam::data::inspect::DataArgs),
+    /// Configs: `config from-trl` converts a TRL / alignment-handbook recipe into a dpo-sam
+    /// TOML, listing every field it cannot carry over.
+    Config(dpo_sam::trl::ConfigArgs),
     /// Generate completions for a data file's prompts as JSONL for `eval` (batched, KV cache,
     /// greedy or sampled; `--preset hh|tldr` for the paper's settings).
     Generate(dpo_sam::generate::GenerateArgs),
@@ -56,6 +59,7 @@ fn main() {
         Command::Plot(args) => dpo_sam::plot::run(args),
         Command::Data(args) => dpo_sam::data::inspect::run(args),
         Command::Generate(args) => dpo_sam::generate::run(args),
+        Command::Config(args) => dpo_sam::trl::run(args),
         Command::GpuCheck(args) => dpo_sam::gpucheck::run(args),
     };
     if let Err(err) = result {

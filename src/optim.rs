@@ -59,12 +59,14 @@ impl GradAccumulator {
     }
 
     /// Global-norm clipping as `torch.nn.utils.clip_grad_norm_`: returns the norm before clipping
-    /// and the factor (≤ 1; 1 when `max_norm` is 0) by which the gradients are to be scaled.
-    /// [`Optimizer::apply`] takes the factor rather than this rewriting every gradient.
+    /// and the factor min(1, max_norm / (norm + 1e-6)) by which the gradients are to be scaled
+    /// (1 when `max_norm` is 0, which HF's Trainer reads as no clipping). Like torch's, the
+    /// factor is applied whenever it is below 1, so a norm within 1e-6 of `max_norm` is scaled
+    /// too. [`Optimizer::apply`] takes the factor rather than this rewriting every gradient.
     pub fn clip(&self, max_norm: f64) -> Result<(f64, f64)> {
         let norm = self.norm()?;
-        let scale = match max_norm > 0.0 && norm > max_norm {
-            true => max_norm / (norm + 1e-6),
+        let scale = match max_norm > 0.0 {
+            true => (max_norm / (norm + 1e-6)).min(1.0),
             false => 1.0,
         };
         Ok((norm, scale))
@@ -72,6 +74,11 @@ impl GradAccumulator {
 
     pub fn grads(&self) -> &[Option<Tensor>] {
         &self.grads
+    }
+
+    /// The slots themselves: a data-parallel run replaces them with their sums over ranks.
+    pub fn grads_mut(&mut self) -> &mut [Option<Tensor>] {
+        &mut self.grads
     }
 }
 
@@ -307,9 +314,10 @@ impl Optimizer {
     }
 }
 
-/// Learning rate at an optimiser step: linear warmup from 0, then constant, linear decay to 0, or
-/// cosine decay to 0 over the remaining steps (as `transformers`' schedulers). A checkpoint's
-/// `trainer_state.json` records it.
+/// Learning rate at an optimiser step, as `transformers`' schedulers of the same names: `linear`,
+/// `cosine` and `constant_with_warmup` warm up linearly from 0 over `warmup` steps, then decay
+/// linearly to 0, decay along a half cosine to 0, or stay at the peak; `constant` ignores
+/// `warmup`, as `get_constant_schedule` does. A checkpoint's `trainer_state.json` records it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Schedule {
     pub peak: f64,
@@ -320,6 +328,9 @@ pub struct Schedule {
 
 impl Schedule {
     pub fn lr(&self, step: usize) -> f64 {
+        if self.kind == SchedulerType::Constant {
+            return self.peak;
+        }
         if step < self.warmup {
             return self.peak * step as f64 / self.warmup.max(1) as f64;
         }
@@ -330,7 +341,7 @@ impl Schedule {
             SchedulerType::Cosine => {
                 self.peak * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
             }
-            SchedulerType::Constant => self.peak,
+            SchedulerType::Constant | SchedulerType::ConstantWithWarmup => self.peak,
         }
     }
 }
@@ -359,10 +370,54 @@ mod tests {
         assert!((c.lr(60) - 0.5).abs() < 1e-12);
         assert!(c.lr(110).abs() < 1e-12);
         let k = Schedule {
+            kind: SchedulerType::ConstantWithWarmup,
+            ..s.clone()
+        };
+        assert_eq!((k.lr(0), k.lr(5), k.lr(100)), (0.0, 0.5, 1.0));
+        // HF's `constant` ignores warmup.
+        let c = Schedule {
             kind: SchedulerType::Constant,
             ..s
         };
-        assert_eq!(k.lr(100), 1.0);
+        assert_eq!((c.lr(0), c.lr(5), c.lr(100)), (1.0, 1.0, 1.0));
+    }
+
+    /// `transformers`' LambdaLR factors, written out independently: `get_linear_schedule_with_warmup`,
+    /// `get_cosine_schedule_with_warmup` (num_cycles 0.5) and `get_constant_schedule_with_warmup`.
+    #[test]
+    fn schedules_match_transformers_lambdas() {
+        let (warmup, total) = (7usize, 40usize);
+        let hf = |kind: SchedulerType, step: usize| -> f64 {
+            let s = step as f64;
+            let (w, t) = (warmup as f64, total as f64);
+            match kind {
+                SchedulerType::Constant => 1.0,
+                _ if step < warmup => s / w.max(1.0),
+                SchedulerType::ConstantWithWarmup => 1.0,
+                SchedulerType::Linear => ((t - s) / (t - w).max(1.0)).max(0.0),
+                SchedulerType::Cosine => {
+                    let progress = (s - w) / (t - w).max(1.0);
+                    (0.5 * (1.0 + (std::f64::consts::PI * 0.5 * 2.0 * progress).cos())).max(0.0)
+                }
+            }
+        };
+        for kind in [
+            SchedulerType::Constant,
+            SchedulerType::ConstantWithWarmup,
+            SchedulerType::Linear,
+            SchedulerType::Cosine,
+        ] {
+            let s = Schedule {
+                peak: 3e-4,
+                warmup,
+                total,
+                kind,
+            };
+            for step in 0..total {
+                let want = 3e-4 * hf(kind, step);
+                assert!((s.lr(step) - want).abs() < 1e-15, "{kind} step {step}");
+            }
+        }
     }
 
     #[test]
@@ -466,10 +521,14 @@ mod tests {
         let acc = GradAccumulator {
             grads: vec![Some(Tensor::new(&[3f32, 4.0], &dev)?), None],
         };
+        // torch: clip_coef = max_norm / (total_norm + 1e-6), clamped to 1.
         let (norm, scale) = acc.clip(1.0)?;
         assert!((norm - 5.0).abs() < 1e-6);
-        assert!((scale - 0.2).abs() < 1e-6);
+        assert_eq!(scale, 1.0 / (norm + 1e-6));
         assert_eq!(acc.clip(10.0)?.1, 1.0);
+        // At the bound the factor is just below 1 and applied, as in torch.
+        assert_eq!(acc.clip(norm)?.1, norm / (norm + 1e-6));
+        assert_eq!(acc.clip(0.0)?.1, 1.0);
         Ok(())
     }
 }

@@ -1,7 +1,10 @@
 //! `dpo-sam train --dry-run`: validates a config and prints the plan — parameter counts (total,
 //! lm_head share), estimated memory for weights, gradients, optimiser state, reference model, the
 //! output layer's logits and the policy's activations (with and without
-//! `training.gradient_checkpointing`), and steps per epoch — without loading any weights.
+//! `training.gradient_checkpointing`), and steps per epoch — without loading any weights. With
+//! `--nproc-per-node`, the split of each batch over the ranks and the memory per GPU: every rank
+//! holds the whole model, gradients and optimiser state (plain data parallelism; no ZeRO
+//! sharding), plus two gradient buckets.
 
 use crate::config::{Config, OptimizerType};
 use crate::models::{param_shapes, ModelSource};
@@ -30,8 +33,9 @@ const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
 /// An "80 GB" GPU (A100/H100 80GB), in bytes.
 const GPU_80GB: f64 = 80e9;
 
-/// The plan as JSON (also printed by [`print`]).
-pub fn plan(cfg: &Config) -> Result<serde_json::Value> {
+/// The plan as JSON (also printed by [`print`]) for a run over `ranks` data-parallel processes.
+pub fn plan(cfg: &Config, ranks: usize) -> Result<serde_json::Value> {
+    cfg.check_world_size(ranks)?;
     let spec = &cfg.model.name_or_path;
     let (config_json, config_origin) =
         match ModelSource::resolve(spec, &cfg.model.builtin, cfg.seed) {
@@ -112,6 +116,12 @@ pub fn plan(cfg: &Config) -> Result<serde_json::Value> {
     )?;
     let checkpointing = cfg.training.gradient_checkpointing;
     let before = weights + grads + optimizer + reference + logits;
+    let memory = before + acts.total(checkpointing);
+    // Data parallel: a bucket of gradients laid end to end, and its sum, besides the above.
+    let per_gpu = match ranks {
+        1 => memory,
+        _ => memory + 2.0 * (cfg.training.ddp_bucket_cap_mb << 20) as f64,
+    };
 
     // A streamed dataset is never read whole, here either: its length is unknown (as for an
     // IterableDataset), and `max_steps`, which streaming requires, is the run's length.
@@ -129,8 +139,8 @@ pub fn plan(cfg: &Config) -> Result<serde_json::Value> {
     let steps = match tokenized {
         Ok(data) => json!({
             "train_pairs": data.train.len(),
-            "steps_per_epoch": data.train.len().div_ceil(cfg.training.batch_size),
-            "total_steps": cfg.training.max_steps.unwrap_or(((cfg.training.num_train_epochs * data.train.len() as f64) / cfg.training.batch_size as f64).ceil() as usize),
+            "steps_per_epoch": cfg.steps_per_epoch(data.train.len()),
+            "total_steps": cfg.total_steps(data.train.len()),
         }),
         Err(err) => json!({ "unknown": format!("{err:#}") }),
     };
@@ -153,9 +163,16 @@ pub fn plan(cfg: &Config) -> Result<serde_json::Value> {
             "activations_per_micro_batch": acts.total(checkpointing) / GIB,
             "activations_without_checkpointing": acts.total(false) / GIB,
             "activations_with_checkpointing": acts.total(true) / GIB,
-            "total": (before + acts.total(checkpointing)) / GIB,
+            "total": memory / GIB,
         },
-        "fits_80gb_gpu": before + acts.total(checkpointing) <= GPU_80GB,
+        "fits_80gb_gpu": memory <= GPU_80GB,
+        "data_parallel": {
+            "ranks": ranks,
+            "micro_batches_per_rank_per_step": cfg.training.batch_size / (ranks * cfg.micro_batch_size()),
+            "per_gpu_gib": per_gpu / GIB,
+            "fits_80gb_gpu": per_gpu <= GPU_80GB,
+            "optimizer_state_sharding": "none: each rank holds the whole model, gradients and optimizer state",
+        },
         "gradient_checkpointing": checkpointing,
         "data": steps,
         "micro_batches_per_step": cfg.training.batch_size / cfg.micro_batch_size(),
@@ -382,8 +399,8 @@ pub fn activations(
 }
 
 /// Prints the plan for a person.
-pub fn print(cfg: &Config) -> Result<()> {
-    let plan = plan(cfg)?;
+pub fn print(cfg: &Config, ranks: usize) -> Result<()> {
+    let plan = plan(cfg, ranks)?;
     let g = |k: &str| plan["memory_gib"][k].as_f64().unwrap_or(0.0);
     println!(
         "model        {} ({}; config.json {})",
@@ -432,6 +449,17 @@ pub fn print(cfg: &Config) -> Result<()> {
             plan["data"]["unknown"].as_str().unwrap_or("")
         ),
     }
+    let dp = &plan["data_parallel"];
+    if ranks > 1 {
+        println!(
+            "parallel     {ranks} ranks, each {} micro-batch(es) of {} pairs per step; per GPU {:.2} GiB (every rank holds the whole model, gradients and optimizer state, plus two {} MiB gradient buckets; no ZeRO sharding): {} one 80 GB GPU",
+            dp["micro_batches_per_rank_per_step"],
+            cfg.micro_batch_size(),
+            dp["per_gpu_gib"].as_f64().unwrap_or(0.0),
+            cfg.training.ddp_bucket_cap_mb,
+            if dp["fits_80gb_gpu"].as_bool().unwrap_or(false) { "fits" } else { "does not fit" },
+        );
+    }
     Ok(())
 }
 
@@ -447,7 +475,7 @@ mod tests {
         ] {
             let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(file);
             let cfg = Config::load(&path, &["device=\"cpu\"".into()]).unwrap();
-            let plan = plan(&cfg).unwrap();
+            let plan = plan(&cfg, 1).unwrap();
             assert_eq!(plan["params"].as_u64().unwrap() as usize, params, "{file}");
             let got = plan["lm_head_share_of_params"].as_f64().unwrap();
             assert!(
@@ -466,7 +494,7 @@ mod tests {
                 "data.max_length=512".into(),
                 format!("training.gradient_checkpointing={on}"),
             ];
-            plan(&Config::load(&path, &set).unwrap()).unwrap()
+            plan(&Config::load(&path, &set).unwrap(), 1).unwrap()
         };
         assert_eq!(at(true)["fits_80gb_gpu"], true, "{}", at(true));
         assert_eq!(at(false)["fits_80gb_gpu"], false, "{}", at(false));
@@ -503,7 +531,7 @@ mod tests {
         ))
         .unwrap();
         let cfg = Config::parse(&text, "tiny_gpt2.toml", &[]).unwrap();
-        let plan = plan(&cfg).unwrap();
+        let plan = plan(&cfg, 1).unwrap();
         let src = ModelSource::resolve("builtin:tiny-gpt2", &cfg.model.builtin, 0).unwrap();
         let model = crate::models::Model::load(
             &src,
@@ -517,7 +545,8 @@ mod tests {
         assert_eq!(plan["data"]["steps_per_epoch"], 1024usize.div_ceil(32));
         // Streamed data is not read to plan: its length is max_steps.
         let set = ["data.streaming=true".into(), "training.max_steps=7".into()];
-        let streamed = super::plan(&Config::parse(&text, "tiny_gpt2.toml", &set).unwrap()).unwrap();
+        let streamed =
+            super::plan(&Config::parse(&text, "tiny_gpt2.toml", &set).unwrap(), 1).unwrap();
         assert!(streamed["data"].get("steps_per_epoch").is_none());
         let why = streamed["data"]["unknown"].as_str().unwrap();
         assert!(

@@ -10,6 +10,7 @@
 
 use crate::data::batch::{PreferenceBatch, TokenizedPair, Truncation};
 use crate::data::Split;
+use crate::dist::Collective;
 use crate::logps::pair_logps;
 use crate::models::{Model, ModelSource};
 use crate::tokenizer::Tok;
@@ -157,6 +158,12 @@ pub fn cache_path(dir: &Path, fingerprint: &str) -> PathBuf {
 /// Loads the cache for `fingerprint` from `dir` if a valid one is there; otherwise runs
 /// `reference` over the pairs in batches of `batch_size` and writes the cache. Returns the
 /// values and whether they came from disk.
+///
+/// In a data-parallel run, rank 0 alone reads and writes the file: it sends a valid cache to the
+/// other ranks, or else each rank runs its contiguous share of the batches and the shares are
+/// gathered, in batch order, on every rank. Batches are the same as in one process, so are the
+/// values.
+#[allow(clippy::too_many_arguments)]
 pub fn load_or_compute(
     dir: &Path,
     fingerprint: &str,
@@ -165,27 +172,60 @@ pub fn load_or_compute(
     batch_size: usize,
     pad_id: u32,
     device: &Device,
+    world: &dyn Collective,
 ) -> Result<(RefLogps, bool)> {
     let path = cache_path(dir, fingerprint);
-    if path.is_file() {
-        match load(&path, fingerprint, pairs.0.len(), pairs.1.len()) {
-            Ok(cached) => return Ok((cached, true)),
+    let (n_train, n_eval) = (pairs.0.len(), pairs.1.len());
+    let mut cached = Vec::new();
+    if world.rank() == 0 && path.is_file() {
+        let bytes = read(&path)?;
+        match parse(&bytes, fingerprint, n_train, n_eval) {
+            Ok(_) => cached = bytes,
             Err(e) => eprintln!(
                 "warning: not using reference cache {}: {e:#}; recomputing",
                 path.display()
             ),
         }
     }
+    let cached = world.broadcast(&cached)?;
+    if !cached.is_empty() {
+        return Ok((parse(&cached, fingerprint, n_train, n_eval)?, true));
+    }
     let run = |split: &[TokenizedPair]| -> Result<(Vec<f64>, Vec<f64>)> {
-        let (mut chosen, mut rejected) = (
-            Vec::with_capacity(split.len()),
-            Vec::with_capacity(split.len()),
-        );
-        for chunk in split.chunks(batch_size.max(1)) {
+        let chunks: Vec<&[TokenizedPair]> = split.chunks(batch_size.max(1)).collect();
+        let mine = crate::dist::shard(chunks.len(), world.rank(), world.world_size());
+        let (mut chosen, mut rejected) = (Vec::new(), Vec::new());
+        for chunk in &chunks[mine] {
             let batch = PreferenceBatch::new(chunk, pad_id, device)?;
             let (c, r) = pair_logps(reference, &batch)?;
             chosen.extend(c.to_dtype(DType::F64)?.to_vec1::<f64>()?);
             rejected.extend(r.to_dtype(DType::F64)?.to_vec1::<f64>()?);
+        }
+        // Each rank's share as its chosen values, then its rejected ones.
+        let share: Vec<u8> = chosen
+            .iter()
+            .chain(&rejected)
+            .flat_map(|x| x.to_le_bytes())
+            .collect();
+        let (mut chosen, mut rejected) = (
+            Vec::with_capacity(split.len()),
+            Vec::with_capacity(split.len()),
+        );
+        for part in world.all_gather(&share)? {
+            let values: Vec<f64> = part
+                .chunks_exact(8)
+                .map(|c| f64::from_le_bytes(c.try_into().expect("8-byte chunk")))
+                .collect();
+            let (c, r) = values.split_at(values.len() / 2);
+            chosen.extend_from_slice(c);
+            rejected.extend_from_slice(r);
+        }
+        if chosen.len() != split.len() {
+            bail!(
+                "reference log-probs: the ranks returned {} pairs of {}",
+                chosen.len(),
+                split.len()
+            );
         }
         Ok((chosen, rejected))
     };
@@ -198,8 +238,10 @@ pub fn load_or_compute(
         eval_chosen,
         eval_rejected,
     };
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    save(&out, &path)?;
+    if world.rank() == 0 {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        save(&out, &path)?;
+    }
     Ok((out, false))
 }
 
@@ -248,10 +290,13 @@ fn save(r: &RefLogps, path: &Path) -> Result<()> {
 
 /// Reads a cache file, checking its format, fingerprint and lengths.
 pub fn load(path: &Path, fingerprint: &str, n_train: usize, n_eval: usize) -> Result<RefLogps> {
-    let bytes = read(path)?;
-    let st = safetensors::SafeTensors::deserialize(&bytes)
-        .with_context(|| format!("{}: not a safetensors file", path.display()))?;
-    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)?;
+    parse(&read(path)?, fingerprint, n_train, n_eval).with_context(|| format!("{}", path.display()))
+}
+
+/// [`load`] from the file's bytes.
+fn parse(bytes: &[u8], fingerprint: &str, n_train: usize, n_eval: usize) -> Result<RefLogps> {
+    let st = safetensors::SafeTensors::deserialize(bytes).context("not a safetensors file")?;
+    let (_, header) = safetensors::SafeTensors::read_metadata(bytes)?;
     let meta = header.metadata().clone().unwrap_or_default();
     if meta.get("format").map(String::as_str) != Some(FORMAT) {
         bail!("not a dpo-sam reference cache (no `{FORMAT}` header)");

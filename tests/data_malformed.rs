@@ -122,6 +122,7 @@ fn json_arrays_gzip_and_parquet_read_the_same_pairs() {
             prompt: p.to_string(),
             chosen: c.to_string(),
             rejected: r.to_string(),
+            append_eos: true,
         })
         .collect();
     for name in ["x.json", "lines.json", "x.jsonl.gz", "x.parquet"] {
@@ -204,7 +205,8 @@ fn conversations_render_with_a_chat_template_file() {
         PreferencePair {
             prompt: "<|user|>Hi<|assistant|>".into(),
             chosen: "Hello".into(),
-            rejected: "Bye".into()
+            rejected: "Bye".into(),
+            append_eos: false,
         }
     );
     let (_, _, skipped) = read(&cfg(&[&data], "")).unwrap();

@@ -377,3 +377,59 @@ fn inspect_json_summarises_hh() {
     assert!(ex["prompt"].as_str().unwrap().ends_with("\n\nAssistant:"));
     assert_eq!(ex["chosen"].as_array().unwrap().last().unwrap(), "</s>");
 }
+
+/// TRL 1.x appends EOS to text responses only: a chat template that closes the turn with
+/// `eos_token` gets no second one. On the real Mistral-7B tokenizer with Zephyr's template
+/// (Zephyr-7B is Mistral-7B and keeps its tokenizer), and on the Pythia and GPT-2 tokenizers.
+#[test]
+fn eos_ends_each_response_once_with_real_tokenizers() {
+    let root = Path::new(MISTRAL).parent().unwrap();
+    if !root.is_dir() {
+        eprintln!("skipping: {} is absent", root.display());
+        return;
+    }
+    const ZEPHYR: &str = "{% for message in messages %}\n{% if message['role'] == 'user' %}\n{{ '<|user|>\n' + message['content'] + eos_token }}\n{% elif message['role'] == 'assistant' %}\n{{ '<|assistant|>\n'  + message['content'] + eos_token }}\n{% endif %}\n{% if loop.last and add_generation_prompt %}\n{{ '<|assistant|>' }}\n{% endif %}\n{% endfor %}";
+    let tok = Tok::from_dir(Path::new(MISTRAL)).unwrap();
+    let template = data::chat::ChatTemplate::new(ZEPHYR, "<s>", "</s>").unwrap();
+    let turn = |role: &str, content: &str| serde_json::json!({"role": role, "content": content});
+    let record = serde_json::json!({
+        "chosen": [turn("user", "Name a colour."), turn("assistant", "Blue.")],
+        "rejected": [turn("user", "Name a colour."), turn("assistant", "I would rather not.")],
+    });
+    let pair = template.pair(&record).unwrap();
+    assert!(!pair.append_eos);
+    assert_eq!(pair.chosen, "Blue.</s>\n");
+    let tp = data::batch::tokenize_full(&tok, &pair).unwrap();
+    let eos_count = |ids: &[u32]| ids.iter().filter(|&&i| i == tok.eos_id).count();
+    for seq in [&tp.chosen, &tp.rejected] {
+        let response = &seq.ids[seq.prompt_len..];
+        assert_eq!(
+            eos_count(response),
+            1,
+            "one EOS, the template's: {response:?}"
+        );
+        // The template's EOS is followed by its newline: nothing was appended after the turn.
+        assert_ne!(response.last(), Some(&tok.eos_id), "{response:?}");
+    }
+    for dir in [
+        MISTRAL.to_string(),
+        format!("{}/pythia", root.display()),
+        format!("{}/gpt2", root.display()),
+    ] {
+        let tok = Tok::from_dir(Path::new(&dir)).unwrap();
+        let eos = tok.inner.id_to_token(tok.eos_id).unwrap();
+        let eos_count = |ids: &[u32]| ids.iter().filter(|&&i| i == tok.eos_id).count();
+        for chosen in [" Blue.".to_string(), format!(" Blue.{eos}")] {
+            let pair = PreferencePair {
+                prompt: "Name a colour:".into(),
+                chosen: chosen.clone(),
+                rejected: " Red.".into(),
+                append_eos: true,
+            };
+            let tp = data::batch::tokenize_full(&tok, &pair).unwrap();
+            let response = &tp.chosen.ids[tp.chosen.prompt_len..];
+            assert_eq!(response.last(), Some(&tok.eos_id), "{dir}: {chosen:?}");
+            assert_eq!(eos_count(response), 1, "{dir}: {chosen:?} → {response:?}");
+        }
+    }
+}

@@ -17,6 +17,7 @@ const ORDER: &[&str] = &[
     "eval",
     "toy",
     "plot",
+    "trl",
     // The training run and what only it uses.
     "train",
     "plan",
@@ -31,6 +32,8 @@ const ORDER: &[&str] = &[
     "data",
     "models",
     "kernels",
+    // Processes working together: the collective, rendezvous and launcher (knows no training).
+    "dist",
     // Settings and utilities.
     "config",
     "tokenizer",

@@ -2,7 +2,7 @@
 //! without overflow), and weighted combinations as `loss_type` lists configure them.
 
 use candle_core::{Device, Tensor, Var};
-use dpo_sam::config::{Config, LossType};
+use dpo_sam::config::{Config, LossType, NllReduction};
 use dpo_sam::losses::{Loss, LossParams, PairLogps};
 
 fn t(v: &[f64]) -> Tensor {
@@ -106,8 +106,17 @@ fn ipo_uses_length_averaged_log_ratios() {
     // chosen 2/4 = 0.5, rejected −1/5 = −0.2, h = 0.7; τ = 0.5: (0.7 − 1)² = 0.09
     let (l, rc, rr) = loss(LossType::Ipo, p(), &pair());
     close(l[0], 0.09);
-    close(rc[0], 0.25);
-    close(rr[0], -0.1);
+    // TRL 1.x logs β × the summed log-ratios for every loss type, IPO included.
+    close(rc[0], 1.0);
+    close(rr[0], -0.5);
+}
+
+/// The paper's Table 5 written literally: λ × the summed NLL of the chosen response.
+fn literal() -> LossParams {
+    LossParams {
+        nll_reduction: NllReduction::SequenceSum,
+        ..p()
+    }
 }
 
 #[test]
@@ -115,7 +124,7 @@ fn slic_hf_as_in_table_5() {
     let params = LossParams {
         slic_delta: 1.0,
         slic_lambda: 0.1,
-        ..p()
+        ..literal()
     };
     // margin met: max(0, 1 + (−10)·(−1) + (−15)) = 0, NLL term −0.1·(−10) = 1
     let (l, rc, rr) = loss(LossType::Slic, params.clone(), &pair());
@@ -131,11 +140,89 @@ fn cpo_as_in_table_5() {
     // −log σ(0.5·(−10 + 15)) − 1·(−10) = softplus(−2.5) + 10
     let params = LossParams {
         cpo_alpha: 1.0,
-        ..p()
+        ..literal()
     };
     close(
         loss(LossType::Cpo, params, &pair()).0[0],
         softplus(-2.5) + 10.0,
+    );
+}
+
+/// Two pairs of different lengths: log π(y_w) = −10 over 4 tokens and −3 over 2, log π(y_l) =
+/// −15 and −1. TRL's CPOTrainer: `losses.mean() + cpo_alpha * nll_loss`, where nll_loss is
+/// `nn.CrossEntropyLoss()` (a mean) over every chosen token of the batch: (10 + 3) / (4 + 2).
+/// TRL's DPOTrainer `sft`: `-chosen_per_token_logps[chosen_mask].mean()`, the same mean.
+#[test]
+fn nll_terms_default_to_trl_token_mean_over_the_micro_batch() {
+    let lp = pairs(
+        &[-10.0, -3.0],
+        &[-15.0, -1.0],
+        &[0.0, 0.0],
+        &[0.0, 0.0],
+        &[4.0, 2.0],
+        &[5.0, 1.0],
+    );
+    assert_eq!(LossParams::default().nll_reduction, NllReduction::TokenMean);
+    let params = LossParams {
+        cpo_alpha: 0.7,
+        slic_lambda: 0.3,
+        ..p()
+    };
+    let trl_nll = (10.0 + 3.0) / (4.0 + 2.0);
+    let sigmoid_part = |c: f64, r: f64| softplus(-0.5 * (c - r));
+    let cpo = Loss::single(LossType::Cpo, params.clone())
+        .compute(&lp)
+        .unwrap();
+    let want = (sigmoid_part(-10.0, -15.0) + sigmoid_part(-3.0, -1.0)) / 2.0 + 0.7 * trl_nll;
+    close(cpo.loss.to_scalar::<f64>().unwrap(), want);
+    close(
+        cpo.nll.as_ref().unwrap().to_scalar::<f64>().unwrap(),
+        trl_nll,
+    );
+    // Each pair scored alone: its own token mean (10/4 and 3/2).
+    let per_pair = v(&cpo.losses);
+    close(per_pair[0], sigmoid_part(-10.0, -15.0) + 0.7 * 2.5);
+    close(per_pair[1], sigmoid_part(-3.0, -1.0) + 0.7 * 1.5);
+
+    // SLiC-HF: hinge per pair (δ = 1: max(0, 1 − 5) = 0 and max(0, 1 + 2) = 3), mean, + λ × NLL.
+    let slic = Loss::single(LossType::Slic, params.clone())
+        .compute(&lp)
+        .unwrap();
+    close(
+        slic.loss.to_scalar::<f64>().unwrap(),
+        (0.0 + 3.0) / 2.0 + 0.3 * trl_nll,
+    );
+
+    // `sft` in a mix, as TRL's DPOTrainer: Σ wᵢ · per_sequence_lossᵢ.mean(), sft's being the
+    // batch token mean; with `rpo_alpha` the same term.
+    let mix = Loss {
+        terms: vec![(LossType::Sigmoid, 1.0), (LossType::Sft, 0.25)],
+        params: params.clone(),
+    };
+    let out = mix.compute(&lp).unwrap();
+    let dpo = |c: f64, r: f64| softplus(-0.5 * (c - r));
+    close(
+        out.loss.to_scalar::<f64>().unwrap(),
+        (dpo(-10.0, -15.0) + dpo(-3.0, -1.0)) / 2.0 + 0.25 * trl_nll,
+    );
+
+    // The paper's literal form: λ × Σ log π(y_w) per pair, averaged over pairs.
+    let literal = Loss::single(
+        LossType::Cpo,
+        LossParams {
+            nll_reduction: NllReduction::SequenceSum,
+            ..params
+        },
+    )
+    .compute(&lp)
+    .unwrap();
+    close(
+        literal.loss.to_scalar::<f64>().unwrap(),
+        (sigmoid_part(-10.0, -15.0) + sigmoid_part(-3.0, -1.0)) / 2.0 + 0.7 * (10.0 + 3.0) / 2.0,
+    );
+    close(
+        literal.loss.to_scalar::<f64>().unwrap(),
+        v(&literal.losses).iter().sum::<f64>() / 2.0,
     );
 }
 
@@ -203,12 +290,24 @@ fn equal_log_probs() {
             LossType::Cpo,
             LossParams {
                 cpo_alpha: 1.0,
-                ..p()
+                ..literal()
             },
             &lp,
         )
         .0[0],
         ln2 + 7.0,
+    );
+    close(
+        loss(
+            LossType::Cpo,
+            LossParams {
+                cpo_alpha: 1.0,
+                ..p()
+            },
+            &lp,
+        )
+        .0[0],
+        ln2 + 7.0 / 3.0,
     );
     close(
         loss(
@@ -279,13 +378,23 @@ fn huge_margins_neither_overflow_nor_lose_the_gradient() {
 
 #[test]
 fn weighted_combination_sums_terms_and_keeps_reference_rewards() {
-    // sft listed first, sigmoid second: loss = 0.5·2.5 + 1·softplus(−1.5); rewards from sigmoid.
+    // sft listed first, sigmoid second: loss = 0.5·2.5 + 1·softplus(−1.5). Rewards are TRL
+    // 1.x's β × log-ratio whatever the mix (not Σ weight × each term's rewards).
     let mix = Loss {
         terms: vec![(LossType::Sft, 0.5), (LossType::Sigmoid, 1.0)],
         params: p(),
     };
     let out = mix.compute(&pair()).unwrap();
     close(v(&out.losses)[0], 1.25 + softplus(-1.5));
+    assert_eq!(
+        (v(&out.chosen_rewards)[0], v(&out.rejected_rewards)[0]),
+        (1.0, -0.5)
+    );
+    let ipo_mix = Loss {
+        terms: vec![(LossType::Ipo, 0.3), (LossType::Sigmoid, 2.0)],
+        params: p(),
+    };
+    let out = ipo_mix.compute(&pair()).unwrap();
     assert_eq!(
         (v(&out.chosen_rewards)[0], v(&out.rejected_rewards)[0]),
         (1.0, -0.5)

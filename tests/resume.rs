@@ -499,3 +499,113 @@ fn bf16_sharded_saves_keep_resume_exact() {
     assert_eq!(metrics(&out), metrics(&reference().0));
     assert!(final_weights(&out) == first, "final bf16 weights differ");
 }
+
+/// HF's epochs: 20 pairs in micro-batches of 6 make 6, 6, 6 and 2, two accumulated per step,
+/// so each epoch is a full step and a step of the last two micro-batches (one of them short);
+/// with `dataloader_drop_last` the short one is dropped. No step borrows pairs from the next
+/// epoch: after each epoch `num_tokens` has grown by exactly the epoch's pairs' tokens, the
+/// `epoch` metric is HF's, and resuming inside the second epoch is bit-identical.
+#[test]
+fn epochs_end_with_a_partial_step_and_resume_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    // tiny_gpt2.toml sets max_steps; without it num_train_epochs decides the run's length.
+    let cfg_text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/tiny_gpt2.toml"),
+    )
+    .unwrap()
+    .replace("max_steps = 150\n", "");
+    let cfg_path = tmp.path().join("epochs.toml");
+    std::fs::write(&cfg_path, cfg_text).unwrap();
+    let run_args = |out: &Path, extra: &[&str]| -> Vec<String> {
+        let mut v = vec![
+            "train".to_string(),
+            "--config".into(),
+            cfg_path.display().to_string(),
+            "--quiet".into(),
+        ];
+        for set in [
+            "data.builtin_pairs=20",
+            "training.batch_size=12",
+            "training.micro_batch_size=6",
+            "training.num_train_epochs=2",
+            "training.eval_steps=0",
+            "training.save_steps=1",
+        ]
+        .iter()
+        .chain(extra)
+        {
+            v.push("--set".into());
+            v.push(set.to_string());
+        }
+        v.push("--output-dir".into());
+        v.push(out.display().to_string());
+        v
+    };
+    let full = tmp.path().join("full");
+    ok(&run(&run_args(&full, &[])));
+    let cfg = Config::load(&cfg_path, &["data.builtin_pairs=20".into()]).unwrap();
+    let trainer = Trainer::new(cfg).unwrap();
+    let pairs = trainer.train_pairs();
+    assert_eq!(pairs.len(), 20);
+    let epoch_tokens: usize = pairs
+        .iter()
+        .map(|p| p.chosen.ids.len() + p.rejected.ids.len())
+        .sum();
+    let lines: Vec<serde_json::Value> = metrics(&full)
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|l: &serde_json::Value| l.get("epoch").is_some())
+        .collect();
+    let column =
+        |key: &str| -> Vec<f64> { lines.iter().map(|l| l[key].as_f64().unwrap()).collect() };
+    // Two steps per epoch (HF: ⌈4 micro-batches / 2⌉), HF's epoch = micro-batches drawn / 4.
+    assert_eq!(column("epoch"), vec![0.5, 1.0, 1.5, 2.0]);
+    let tokens = column("num_tokens");
+    assert_eq!(
+        tokens[1] as usize, epoch_tokens,
+        "epoch 1 drew every pair once"
+    );
+    assert_eq!(tokens[3] as usize, 2 * epoch_tokens, "and so did epoch 2");
+
+    // Resumed from step 3 (inside epoch 2, before its partial step): bit for bit.
+    let resumed = tmp.path().join("resumed");
+    std::fs::create_dir_all(&resumed).unwrap();
+    let copy = |from: &Path, to: &Path| {
+        std::fs::create_dir_all(to).unwrap();
+        for e in std::fs::read_dir(from).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    };
+    copy(&full.join("checkpoint-3"), &resumed.join("checkpoint-3"));
+    std::fs::copy(full.join("metrics.jsonl"), resumed.join("metrics.jsonl")).unwrap();
+    let mut resume_args = run_args(&resumed, &[]);
+    resume_args.push("--resume".into());
+    ok(&run(&resume_args));
+    assert_eq!(metrics(&resumed), metrics(&full));
+    assert!(
+        std::fs::read(resumed.join("model.safetensors")).unwrap()
+            == std::fs::read(full.join("model.safetensors")).unwrap()
+    );
+
+    // dataloader_drop_last: 3 full micro-batches per epoch, so 2 steps, the second of one.
+    let dropped = tmp.path().join("drop_last");
+    ok(&run(&run_args(
+        &dropped,
+        &["training.dataloader_drop_last=true"],
+    )));
+    let text = std::fs::read_to_string(dropped.join("metrics.jsonl")).unwrap();
+    let epochs: Vec<f64> = text
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter_map(|l| l.get("epoch").and_then(|e| e.as_f64()))
+        .collect();
+    let third = 1.0 / 3.0;
+    assert_eq!(epochs.len(), 4);
+    for (got, want) in epochs
+        .iter()
+        .zip([2.0 * third, 1.0, 1.0 + 2.0 * third, 2.0])
+    {
+        assert!((got - want).abs() < 1e-12, "{epochs:?}");
+    }
+}

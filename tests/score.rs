@@ -103,9 +103,10 @@ fn reference_free_loss_scores_without_a_reference() {
             g["ref_chosen_logps"].is_null() && g["ref_rejected_logps"].is_null(),
             "{g}"
         );
-        // CPO with β = 0.1, λ = 1: −log σ(0.1(c − r)) − c
+        // CPO with β = 0.1, λ = 1 and TRL's token-mean NLL, the pair scored alone:
+        // −log σ(0.1(c − r)) − c / |y_w|
         let (c, r) = (f(&g, "chosen_logps"), f(&g, "rejected_logps"));
-        let want = (-(0.1 * (c - r))).exp().ln_1p() - c;
+        let want = (-(0.1 * (c - r))).exp().ln_1p() - c / f(&g, "chosen_tokens");
         assert!((f(&g, "loss") - want).abs() < 1e-4, "{g}");
     }
 }

@@ -1,7 +1,9 @@
 //! Tokenising preference pairs and stacking them into one forward pass, as TRL 1.x's
-//! DPOTrainer does: EOS appended to each response; the prompt and the prompt followed by each
-//! response tokenised with the tokenizer's own special-token rule; a response's tokens are those
-//! after the common prefix of the two token lists. Chosen rows come first, rejected rows after.
+//! DPOTrainer does: EOS appended to each response of a text record (not to a chat template's
+//! rendering, which closes the turn itself, nor to a text that already ends with it); the
+//! prompt and the prompt followed by each response tokenised with the tokenizer's own
+//! special-token rule; a response's tokens are those after the common prefix of the two token
+//! lists. Chosen rows come first, rejected rows after.
 
 use super::PreferencePair;
 use crate::config::TruncationMode;
@@ -87,9 +89,13 @@ pub fn tokenize_pair(
 /// The pair's token sequences before truncation (for length statistics).
 pub fn tokenize_full(tok: &Tok, pair: &PreferencePair) -> Result<TokenizedPair> {
     let prompt_ids = tok.encode(&pair.prompt)?;
+    let eos_text = tok.inner.id_to_token(tok.eos_id);
     let split = |response: &str| -> Result<Sequence> {
         let mut ids = tok.encode(&format!("{}{}", pair.prompt, response))?;
-        ids.push(tok.eos_id);
+        let ends_with_eos = eos_text.as_deref().is_some_and(|e| response.ends_with(e));
+        if pair.append_eos && !ends_with_eos {
+            ids.push(tok.eos_id);
+        }
         let prompt_len = prompt_ids
             .iter()
             .zip(&ids)
@@ -205,6 +211,7 @@ mod tests {
             prompt: p.into(),
             chosen: c.into(),
             rejected: r.into(),
+            append_eos: true,
         }
     }
 

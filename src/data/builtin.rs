@@ -59,6 +59,7 @@ fn addition(rng: &mut impl Rng) -> PreferencePair {
         prompt: format!("{a}+{b}="),
         chosen: sum.to_string(),
         rejected: wrong.to_string(),
+        append_eos: true,
     }
 }
 
@@ -93,6 +94,7 @@ fn sorting(rng: &mut impl Rng) -> PreferencePair {
         prompt: format!("sort {word}="),
         chosen: sorted,
         rejected,
+        append_eos: true,
     }
 }
 
@@ -114,6 +116,7 @@ fn reversal(rng: &mut impl Rng) -> PreferencePair {
         prompt: format!("rev {word}="),
         chosen: reversed,
         rejected,
+        append_eos: true,
     }
 }
 

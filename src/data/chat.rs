@@ -181,6 +181,8 @@ impl ChatTemplate {
             chosen: response(chosen, "chosen")?,
             rejected: response(rejected, "rejected")?,
             prompt: prompt_text,
+            // The template ends the turn itself; TRL 1.x adds no EOS to conversational data.
+            append_eos: false,
         })
     }
 }

@@ -76,6 +76,7 @@ impl Converter {
                         prompt: p.into(),
                         chosen: c.into(),
                         rejected: r.into(),
+                        append_eos: true,
                     },
                     (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => return bad(e.0, e.1),
                 }
@@ -176,6 +177,7 @@ pub fn implicit(chosen: &str, rejected: &str) -> PreferencePair {
         prompt: chosen[..idx].into(),
         chosen: chosen[idx..].into(),
         rejected: rejected[idx..].into(),
+        append_eos: true,
     }
 }
 
@@ -199,6 +201,7 @@ pub fn hh(chosen: &str, rejected: &str) -> std::result::Result<PreferencePair, F
         prompt: prompt.into(),
         chosen: chosen[prompt.len()..].into(),
         rejected: rejected.into(),
+        append_eos: true,
     })
 }
 
@@ -269,6 +272,7 @@ pub fn tldr(record: &Value) -> std::result::Result<PreferencePair, FieldError> {
         prompt,
         chosen: spaced(chosen),
         rejected: spaced(rejected),
+        append_eos: true,
     })
 }
 

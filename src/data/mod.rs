@@ -27,6 +27,15 @@ pub struct PreferencePair {
     pub prompt: String,
     pub chosen: String,
     pub rejected: String,
+    /// End each response with EOS, as TRL 1.x does for text (non-conversational) records unless
+    /// the text already ends with the EOS token; off for chat-template renderings, whose
+    /// template closes the turn itself.
+    #[serde(default = "append_eos_default")]
+    pub append_eos: bool,
+}
+
+fn append_eos_default() -> bool {
+    true
 }
 
 /// Which side of the data: the training pairs or the held-out ones.

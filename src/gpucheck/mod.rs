@@ -2,12 +2,14 @@
 //! check with the shipped binary, printed as one JSON object. [`ops`] compares each CUDA kernel
 //! with its CPU twin (forward and every gradient, f32 and bf16; the fused optimiser, the device
 //! gradient norm and the device initialisation); [`models`] compares whole random-weight models
-//! and one logits-SAM training step; [`attention`] times the fused attention at Pythia-2.8B's and
-//! Mistral-7B's shapes. `scripts/gpu-check.sh` runs them all; `tests/cuda_ops.rs` runs the op
-//! checks under `cargo test` wherever a GPU is present.
+//! and one logits-SAM training step; [`nccl`] runs data parallelism's path in a world of one
+//! process; [`attention`] times the fused attention at Pythia-2.8B's and Mistral-7B's shapes.
+//! `scripts/gpu-check.sh` runs them all; `tests/cuda_ops.rs` runs the op checks under `cargo
+//! test` wherever a GPU is present.
 
 pub mod attention;
 pub mod models;
+pub mod nccl;
 pub mod ops;
 
 use anyhow::Result;
@@ -19,6 +21,8 @@ pub enum Check {
     Ops,
     /// Whole models and a training step, CUDA against CPU.
     Models,
+    /// NCCL initialised, an all-reduce, and data-parallel training steps against plain ones.
+    Nccl,
     /// The fused attention's time at Pythia-2.8B's and Mistral-7B's shapes (not a pass/fail
     /// check: `scripts/torch_attention.py` gives PyTorch SDPA's beside it).
     Attention,
@@ -57,6 +61,11 @@ pub fn run(args: GpuCheckArgs) -> Result<()> {
         let models = models::check(&args)?;
         pass &= models["pass"] == json!(true);
         report["models"] = models;
+    }
+    if args.checks.contains(&Check::Nccl) {
+        let nccl = nccl::check(&args)?;
+        pass &= nccl["pass"] == json!(true);
+        report["nccl"] = nccl;
     }
     if args.checks.contains(&Check::Attention) {
         report["attention"] = attention::time(&device, 10)?;

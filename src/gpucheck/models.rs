@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 /// Tiny configs that still exercise each architecture's distinctive parts: tied embeddings
 /// (GPT-2), partial rotary with parallel residual (GPT-NeoX), grouped-query attention with a
 /// sliding window shorter than the sequence (Mistral).
-fn configs() -> Vec<(&'static str, Value)> {
+pub(super) fn configs() -> Vec<(&'static str, Value)> {
     vec![
         (
             "gpt2",

@@ -1,6 +1,10 @@
 //! The training pairs as the loop draws them: from memory in each epoch's permutation, or
-//! streamed (`data.streaming`), from a [`DataCursor`] that a checkpoint saves, a micro-batch at a
-//! time. A run resumed at a cursor draws exactly the pairs an uninterrupted one would.
+//! streamed (`data.streaming`), from a [`DataCursor`] that a checkpoint saves, a step at a time.
+//! A run resumed at a cursor draws exactly the pairs an uninterrupted one would.
+//!
+//! Epochs are cut as HF's Trainer cuts them: micro-batches never span two epochs, so an epoch's
+//! last micro-batch has the pairs that are left (or is dropped, with
+//! `training.dataloader_drop_last`), and its last step has the micro-batches that are left.
 
 use super::Trainer;
 use crate::config::DataConfig;
@@ -16,8 +20,13 @@ pub(super) struct Feed {
     source: Source,
     cursor: DataCursor,
     micro: usize,
+    drop_last: bool,
     seed: u64,
 }
+
+/// One micro-batch: the pairs' indices (into the training pairs, or streamed, their positions
+/// in the epoch) and the pairs.
+pub(super) type MicroBatch = (Vec<usize>, Vec<TokenizedPair>);
 
 enum Source {
     /// Tokenised pairs in memory, epoch by epoch in [`epoch_order`].
@@ -26,6 +35,8 @@ enum Source {
         lengths: Vec<usize>,
         window: usize,
         order: Vec<usize>,
+        /// Micro-batches per epoch.
+        per_epoch: usize,
     },
     /// The current epoch's micro-batches ([`crate::data::train_batches`], opened on first
     /// use) and what is left of the one being drawn from.
@@ -55,6 +66,7 @@ impl Feed {
                     lengths,
                     window,
                     order,
+                    per_epoch: tr.cfg.micro_batches_per_epoch(tr.train_pairs.len()),
                 }
             }
             Some(converter) => Source::Stream {
@@ -70,6 +82,7 @@ impl Feed {
             source,
             cursor: saved.clone(),
             micro,
+            drop_last: tr.cfg.training.dataloader_drop_last,
             seed,
         };
         if replay {
@@ -78,7 +91,14 @@ impl Feed {
                 ..DataCursor::default()
             };
             while feed.cursor.cursor < saved.cursor {
-                feed.next_pair()?;
+                if feed.next_pair()?.is_none() {
+                    anyhow::bail!(
+                        "data.train: epoch {} of the stream ended after {} pairs, but the checkpoint was saved after {}: the training data changed since",
+                        saved.epoch,
+                        feed.cursor.cursor,
+                        saved.cursor
+                    );
+                }
             }
             feed.cursor = saved;
         }
@@ -90,40 +110,94 @@ impl Feed {
         &self.cursor
     }
 
-    /// The next micro-batch's pairs and their indices (into the training pairs, or streamed,
-    /// their positions in the epoch).
-    pub(super) fn next_micro_batch(&mut self) -> Result<(Vec<usize>, Vec<TokenizedPair>)> {
+    /// Fractional epochs after the pairs drawn so far, as HF's Trainer logs `epoch`: the epoch
+    /// plus the share of its micro-batches drawn. `None` when streamed (the length is unknown).
+    pub(super) fn epoch_progress(&self) -> Option<f64> {
+        let Source::Memory { per_epoch, .. } = self.source else {
+            return None;
+        };
+        let per_epoch = per_epoch.max(1);
+        let drawn = self.cursor.cursor.div_ceil(self.micro).min(per_epoch);
+        Some(self.cursor.epoch as f64 + drawn as f64 / per_epoch as f64)
+    }
+
+    /// The next optimiser step's micro-batches: up to `accumulation` of them from the current
+    /// epoch, fewer at its end, the first from the next epoch when this one is used up.
+    pub(super) fn next_step(&mut self, accumulation: usize) -> Result<Vec<MicroBatch>> {
+        let mut step = Vec::with_capacity(accumulation);
+        let mut new_epoch = false;
+        while step.len() < accumulation {
+            match self.next_micro_batch()? {
+                Some(mb) => step.push(mb),
+                None if !step.is_empty() => break,
+                None if !new_epoch => {
+                    self.start_next_epoch();
+                    new_epoch = true;
+                }
+                None => anyhow::bail!(
+                    "data.train: an epoch holds no micro-batch of {} pairs{} (skipped: {:?})",
+                    self.micro,
+                    if self.drop_last {
+                        " (training.dataloader_drop_last drops a smaller one)"
+                    } else {
+                        ""
+                    },
+                    self.cursor.skipped
+                ),
+            }
+        }
+        Ok(step)
+    }
+
+    /// The next micro-batch of the current epoch: `micro` pairs, or those left at its end;
+    /// `None` when none are left (or, with `drop_last`, fewer than `micro`).
+    fn next_micro_batch(&mut self) -> Result<Option<MicroBatch>> {
         let (mut idx, mut pairs) = (
             Vec::with_capacity(self.micro),
             Vec::with_capacity(self.micro),
         );
         while idx.len() < self.micro {
-            let (i, pair) = self.next_pair()?;
+            let Some((i, pair)) = self.next_pair()? else {
+                break;
+            };
             idx.push(i);
             pairs.push(pair);
         }
-        Ok((idx, pairs))
+        let keep = !idx.is_empty() && (idx.len() == self.micro || !self.drop_last);
+        Ok(keep.then_some((idx, pairs)))
     }
 
-    /// The next pair and its index, moving the cursor on, into the next epoch at the end of one.
-    fn next_pair(&mut self) -> Result<(usize, TokenizedPair)> {
-        let (micro, seed) = (self.micro, self.seed);
+    /// Moves the cursor to the start of the next epoch.
+    fn start_next_epoch(&mut self) {
         let pos = &mut self.cursor;
+        pos.epoch += 1;
+        pos.cursor = 0;
         match &mut self.source {
             Source::Memory {
-                pairs,
                 lengths,
                 window,
                 order,
-            } => {
-                if pos.cursor >= order.len() {
-                    pos.epoch += 1;
-                    pos.cursor = 0;
-                    *order = epoch_order(lengths, micro, *window, seed, pos.epoch);
-                }
-                let i = order[pos.cursor];
+                ..
+            } => *order = epoch_order(lengths, self.micro, *window, self.seed, pos.epoch),
+            Source::Stream { batches, ready, .. } => {
+                *batches = None;
+                *ready = Vec::new().into_iter();
+            }
+        }
+    }
+
+    /// The next pair of the current epoch and its index, moving the cursor on; `None` at the
+    /// epoch's end.
+    fn next_pair(&mut self) -> Result<Option<(usize, TokenizedPair)>> {
+        let (micro, seed) = (self.micro, self.seed);
+        let pos = &mut self.cursor;
+        match &mut self.source {
+            Source::Memory { pairs, order, .. } => {
+                let Some(&i) = order.get(pos.cursor) else {
+                    return Ok(None);
+                };
                 pos.cursor += 1;
-                Ok((i, pairs[i].clone()))
+                Ok(Some((i, pairs[i].clone())))
             }
             Source::Stream {
                 data,
@@ -134,7 +208,7 @@ impl Feed {
             } => loop {
                 if let Some(pair) = ready.next() {
                     pos.cursor += 1;
-                    return Ok((pos.cursor - 1, pair));
+                    return Ok(Some((pos.cursor - 1, pair)));
                 }
                 let b = match batches {
                     Some(b) => b,
@@ -156,15 +230,7 @@ impl Feed {
                 }
                 match next {
                     Some(pairs) => *ready = pairs.into_iter(),
-                    None if pos.cursor == 0 => anyhow::bail!(
-                        "no usable training pairs in data.train (skipped: {:?})",
-                        pos.skipped
-                    ),
-                    None => {
-                        *batches = None;
-                        pos.epoch += 1;
-                        pos.cursor = 0;
-                    }
+                    None => return Ok(None),
                 }
             },
         }

@@ -5,52 +5,78 @@
 
 use super::step::MicroStep;
 use crate::data::batch::PreferenceBatch;
-use crate::diagnostics::Squeeze;
+use crate::diagnostics::Diagnostics;
 use anyhow::{Context, Result};
-use serde::{Serialize, Serializer};
+use serde::{Deserialize, Serialize, Serializer};
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-/// Sums of per-pair quantities over the micro-batches of one step (or of an evaluation).
-#[derive(Default)]
+/// One step's (or one evaluation's) micro-batches, summed the way TRL averages them: each
+/// micro-batch contributes its own means (over its pairs, or over its tokens for the token
+/// metrics), and a line reports the mean over micro-batches. With equal micro-batches that is
+/// the mean over pairs; an epoch's smaller last micro-batch weighs as much as the others, as in
+/// TRL (its `_metrics` lists, and HF's loss divided by the step's micro-batch count).
+/// Every field is a sum: the ranks of a data-parallel run add theirs field by field (see
+/// `parallel::sum_tallies`), so a field that is not a sum needs its own reduction there.
+#[derive(Default, Serialize, Deserialize)]
 pub(super) struct Tally {
+    micro_batches: f64,
     pairs: f64,
+    /// Σ over micro-batches of the micro-batch loss, and of loss × pairs (HF's eval loss is a
+    /// mean over examples).
     loss: f64,
+    loss_by_pairs: f64,
     chosen_rewards: f64,
     rejected_rewards: f64,
     accuracies: f64,
+    margins: f64,
     chosen_logps: f64,
     rejected_logps: f64,
+    nll: Option<f64>,
     loss_pre: f64,
     sam_grad_norm: f64,
-    /// Σ(policy − reference) log-probs; `None` without a reference.
+    /// Σ(policy − reference) log-probs over pairs; `None` without a reference.
     chosen_delta: Option<f64>,
     rejected_delta: Option<f64>,
-    squeeze: Option<Squeeze>,
+    /// Token sums over the micro-batches with diagnostics, for the squeeze metrics.
+    diagnostics: Option<Diagnostics>,
+    /// Σ over micro-batches with diagnostics of their token means, for TRL's token metrics.
+    token_means: Option<TokenMeans>,
     pub(super) tokens: usize,
     padding: f64,
+}
+
+/// TRL's token metrics summed over micro-batches, each micro-batch's own token mean.
+#[derive(Default, Clone, Copy, Serialize, Deserialize)]
+struct TokenMeans {
     micro_batches: f64,
+    chosen_logits: f64,
+    rejected_logits: f64,
+    entropy: f64,
+    accuracy: f64,
 }
 
 impl Tally {
     pub(super) fn add(&mut self, ms: &MicroStep, batch: &PreferenceBatch) {
         let b = ms.chosen_rewards.len() as f64;
-        self.pairs += b;
-        self.micro_batches += 1.0;
-        self.loss += ms.loss * b;
+        let mean = |v: &[f32]| v.iter().map(|&x| x as f64).sum::<f64>() / b.max(1.0);
         let sum = |v: &[f32]| v.iter().map(|&x| x as f64).sum::<f64>();
-        self.chosen_rewards += sum(&ms.chosen_rewards);
-        self.rejected_rewards += sum(&ms.rejected_rewards);
-        self.accuracies += ms
-            .chosen_rewards
-            .iter()
-            .zip(&ms.rejected_rewards)
-            .filter(|(c, r)| c > r)
-            .count() as f64;
-        self.chosen_logps += sum(&ms.chosen_logps);
-        self.rejected_logps += sum(&ms.rejected_logps);
-        self.loss_pre += ms.loss_pre.unwrap_or(0.0) * b;
+        self.micro_batches += 1.0;
+        self.pairs += b;
+        self.loss += ms.loss;
+        self.loss_by_pairs += ms.loss * b;
+        self.chosen_rewards += mean(&ms.chosen_rewards);
+        self.rejected_rewards += mean(&ms.rejected_rewards);
+        let pairs = || ms.chosen_rewards.iter().zip(&ms.rejected_rewards);
+        self.accuracies += pairs().filter(|(c, r)| c > r).count() as f64 / b.max(1.0);
+        self.margins += pairs().map(|(&c, &r)| (c - r) as f64).sum::<f64>() / b.max(1.0);
+        self.chosen_logps += mean(&ms.chosen_logps);
+        self.rejected_logps += mean(&ms.rejected_logps);
+        if let Some(nll) = ms.nll {
+            *self.nll.get_or_insert(0.0) += nll;
+        }
+        self.loss_pre += ms.loss_pre.unwrap_or(0.0);
         self.sam_grad_norm += ms.sam_grad_norm.unwrap_or(0.0);
         self.tokens += batch.num_tokens;
         self.padding += batch.padding_fraction;
@@ -58,44 +84,68 @@ impl Tally {
             *self.chosen_delta.get_or_insert(0.0) += sum(&ms.chosen_logps) - sum(rc);
             *self.rejected_delta.get_or_insert(0.0) += sum(&ms.rejected_logps) - sum(rr);
         }
-        if let Some(s) = &ms.squeeze {
-            self.squeeze.get_or_insert_with(Default::default).add(s);
+        if let Some(d) = &ms.diagnostics {
+            self.diagnostics.get_or_insert_with(Default::default).add(d);
+            let per = |total: f64, n: usize| if n > 0 { total / n as f64 } else { 0.0 };
+            let t = self.token_means.get_or_insert_with(Default::default);
+            t.micro_batches += 1.0;
+            t.chosen_logits += per(d.chosen_mean_logits, d.chosen_tokens);
+            t.rejected_logits += per(d.rejected_mean_logits, d.rejected_tokens());
+            t.entropy += per(d.entropy, d.tokens);
+            t.accuracy += per(d.chosen_top1 as f64, d.chosen_tokens);
         }
     }
 
-    /// Means per pair (per micro-batch for padding and ‖g‖), with the SAM metrics when `sam`.
-    pub(super) fn metrics(&self, sam: bool) -> PairMetrics {
+    /// Means over the micro-batches, with the SAM metrics when `sam`. The loss is the mean of
+    /// the micro-batch losses (HF's training loss), or with `by_pairs` the mean over pairs (HF's
+    /// `eval_loss`).
+    pub(super) fn metrics(&self, sam: bool, by_pairs: bool) -> PairMetrics {
+        let m = self.micro_batches.max(1.0);
+        let loss = match by_pairs {
+            true => self.loss_by_pairs / self.pairs.max(1.0),
+            false => self.loss / m,
+        };
         let p = self.pairs.max(1.0);
-        let micro_batches = self.micro_batches.max(1.0);
+        let token_means = self.token_means.map(|t| {
+            let n = t.micro_batches.max(1.0);
+            TokenMetrics {
+                logits_chosen: t.chosen_logits / n,
+                logits_rejected: t.rejected_logits / n,
+                entropy: t.entropy / n,
+                mean_token_accuracy: t.accuracy / n,
+            }
+        });
         PairMetrics {
-            loss: self.loss / p,
-            rewards_chosen: self.chosen_rewards / p,
-            rewards_rejected: self.rejected_rewards / p,
-            rewards_accuracies: self.accuracies / p,
-            rewards_margins: (self.chosen_rewards - self.rejected_rewards) / p,
-            logps_chosen: self.chosen_logps / p,
-            logps_rejected: self.rejected_logps / p,
-            padding_fraction: self.padding / micro_batches,
+            loss,
+            rewards_chosen: self.chosen_rewards / m,
+            rewards_rejected: self.rejected_rewards / m,
+            rewards_accuracies: self.accuracies / m,
+            rewards_margins: self.margins / m,
+            logps_chosen: self.chosen_logps / m,
+            logps_rejected: self.rejected_logps / m,
+            nll_loss: self.nll.map(|n| n / m),
+            padding_fraction: self.padding / m,
+            tokens: token_means,
             sam: sam.then(|| SamMetrics {
-                loss_pre: self.loss_pre / p,
-                loss_post: self.loss / p,
-                grad_norm: self.sam_grad_norm / micro_batches,
+                loss_pre: self.loss_pre / m,
+                loss_post: self.loss / m,
+                grad_norm: self.sam_grad_norm / m,
             }),
             squeeze: SqueezeMetrics {
                 chosen_logps_delta: self.chosen_delta.map(|c| c / p),
                 rejected_logps_delta: self.rejected_delta.map(|r| r / p),
                 top_nontarget_prob: self
-                    .squeeze
+                    .diagnostics
                     .map(|s| s.top_nontarget_prob / s.chosen_tokens.max(1) as f64),
                 hessian_trace: self
-                    .squeeze
+                    .diagnostics
                     .map(|s| s.hessian_trace / s.tokens.max(1) as f64),
             },
         }
     }
 }
 
-/// Means over the pairs of a step or of the eval set, under TRL's names.
+/// Means over the micro-batches of a step or of the eval set, under TRL's names.
 #[derive(Debug, Clone, Serialize)]
 pub struct PairMetrics {
     pub loss: f64,
@@ -111,12 +161,32 @@ pub struct PairMetrics {
     pub logps_chosen: f64,
     #[serde(rename = "logps/rejected")]
     pub logps_rejected: f64,
+    /// The chosen responses' NLL (`training.nll_reduction`), when a loss term has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nll_loss: Option<f64>,
     pub padding_fraction: f64,
+    /// TRL's token metrics, on logging steps and in evaluations.
+    #[serde(flatten)]
+    pub tokens: Option<TokenMetrics>,
     /// With SAM on (training steps only).
     #[serde(flatten)]
     pub sam: Option<SamMetrics>,
     #[serde(flatten)]
     pub squeeze: SqueezeMetrics,
+}
+
+/// TRL 1.x's metrics of the output distribution over response tokens (see `diagnostics`).
+#[derive(Debug, Clone, Serialize)]
+pub struct TokenMetrics {
+    /// Mean over chosen-response tokens of the mean logit over the vocabulary.
+    #[serde(rename = "logits/chosen")]
+    pub logits_chosen: f64,
+    #[serde(rename = "logits/rejected")]
+    pub logits_rejected: f64,
+    /// Mean next-token entropy over all response tokens (nats).
+    pub entropy: f64,
+    /// Share of chosen-response tokens whose target is the most likely token.
+    pub mean_token_accuracy: f64,
 }
 
 /// `sam/*`: the loss at W and at the perturbed point, and ‖g‖ of the perturbed weights.
@@ -166,6 +236,8 @@ pub struct TrainLine {
     pub grad_norm: f64,
     pub learning_rate: f64,
     pub tokens_per_second: f64,
+    /// Training tokens seen so far, cumulative (TRL's `num_tokens`).
+    pub num_tokens: usize,
     pub step: usize,
     /// Fractional epochs; streamed, the epoch being read (a stream's length is unknown).
     pub epoch: f64,
@@ -174,10 +246,12 @@ pub struct TrainLine {
     pub nonfinite_skipped: Option<usize>,
 }
 
-/// An evaluation's line: [`PairMetrics`] with TRL's `eval_` prefix, and the step.
+/// An evaluation's line: [`PairMetrics`] and the training tokens seen so far with TRL's
+/// `eval_` prefix, and the step.
 #[derive(Debug, Clone)]
 pub struct EvalLine {
     pub metrics: PairMetrics,
+    pub num_tokens: usize,
     pub step: usize,
 }
 
@@ -189,6 +263,7 @@ impl Serialize for EvalLine {
         for (key, value) in metrics.as_object().into_iter().flatten() {
             map.serialize_entry(&format!("eval_{key}"), value)?;
         }
+        map.serialize_entry("eval_num_tokens", &self.num_tokens)?;
         map.serialize_entry("step", &self.step)?;
         map.end()
     }
@@ -232,7 +307,7 @@ pub enum Summary {
         #[serde(skip_serializing_if = "Option::is_none")]
         nonfinite_skipped: Option<usize>,
         #[serde(skip_serializing_if = "Option::is_none")]
-        eval: Option<EvalLine>,
+        eval: Option<Box<EvalLine>>,
     },
     /// Stopped by a signal after a step, with a checkpoint.
     Interrupted {
@@ -282,7 +357,8 @@ pub fn to_sorted_json<T: Serialize>(value: &T, pretty: bool) -> Result<String> {
 /// `metrics.jsonl`, counting its lines: a checkpoint records the count, and resuming cuts the
 /// file there, so that there is one line per step.
 pub(super) struct MetricsFile {
-    file: std::fs::File,
+    /// `None` on the ranks of a data-parallel run other than 0, which count lines only.
+    file: Option<std::fs::File>,
     lines: usize,
 }
 
@@ -292,7 +368,10 @@ impl MetricsFile {
         let cannot = || format!("cannot write {}", path.display());
         let Some(lines) = lines else {
             let file = std::fs::File::create(path).with_context(cannot)?;
-            return Ok(MetricsFile { file, lines: 0 });
+            return Ok(MetricsFile {
+                file: Some(file),
+                lines: 0,
+            });
         };
         let text = std::fs::read_to_string(path).unwrap_or_default();
         let kept: Vec<&str> = text.lines().take(lines).collect();
@@ -308,14 +387,21 @@ impl MetricsFile {
             .open(path)
             .with_context(cannot)?;
         Ok(MetricsFile {
-            file,
+            file: Some(file),
             lines: kept.len(),
         })
     }
 
+    /// Lines counted, none written (ranks other than 0, starting after `lines` lines).
+    pub(super) fn discard(lines: usize) -> MetricsFile {
+        MetricsFile { file: None, lines }
+    }
+
     pub(super) fn write<T: Serialize>(&mut self, line: &T) -> Result<()> {
-        writeln!(self.file, "{}", to_sorted_json(line, false)?)
-            .context("cannot write metrics.jsonl")?;
+        if let Some(file) = &mut self.file {
+            writeln!(file, "{}", to_sorted_json(line, false)?)
+                .context("cannot write metrics.jsonl")?;
+        }
         self.lines += 1;
         Ok(())
     }

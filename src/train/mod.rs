@@ -1,15 +1,18 @@
 //! `dpo-sam train`: the command (resume, signals) and the training loop. One optimiser step =
-//! `batch_size / micro_batch_size` micro-batches ([`step`]: forward, logits-SAM, loss, one
-//! backward), then clipping, the learning-rate schedule and the update; metrics, evaluation and
-//! checkpoints on their steps.
+//! `batch_size / micro_batch_size` micro-batches (fewer at an epoch's end, as in HF's Trainer;
+//! [`step`]: forward, logits-SAM, loss, one backward), then clipping, the learning-rate
+//! schedule and the update; metrics, evaluation and checkpoints on their steps.
 //!
 //! - [`trainer`]: what a run holds and how it is built from the config;
 //! - [`step`]: one micro-step, beside the paper's Algorithm 1;
 //! - [`feed`]: the training pairs, micro-batch by micro-batch, from a saveable cursor;
-//! - [`metrics`]: the lines of `metrics.jsonl` and the summary.
+//! - [`metrics`]: the lines of `metrics.jsonl` and the summary;
+//! - [`parallel`]: data parallelism: each rank's share of a batch, what the ranks agree on after
+//!   it, the gradients' all-reduce.
 
 mod feed;
 pub mod metrics;
+mod parallel;
 mod step;
 mod trainer;
 
@@ -28,7 +31,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 #[derive(clap::Args, Debug)]
 #[command(
@@ -60,6 +63,11 @@ pub struct TrainArgs {
     /// training trajectory.
     #[arg(long)]
     pub allow_config_drift: bool,
+    #[command(
+        flatten,
+        next_help_heading = "Data parallelism (one worker process per GPU)"
+    )]
+    pub launch: crate::dist::Launch,
 }
 
 pub fn run(args: TrainArgs) -> Result<()> {
@@ -74,25 +82,57 @@ pub fn run(args: TrainArgs) -> Result<()> {
         overrides.push(format!("device={}", toml::Value::String(dev.clone())));
     }
     let cfg = Config::load(&args.config, &overrides)?;
+    let launching = args.launch.validated()?;
     if args.dry_run {
-        return crate::plan::print(&cfg);
+        return crate::plan::print(&cfg, args.launch.world_size());
     }
+    if launching.is_some() {
+        cfg.check_world_size(args.launch.world_size())?;
+        return crate::dist::launch(&args.launch, &cfg.device);
+    }
+    let env = crate::dist::Env::from_process()?;
+    match &env {
+        Some(e) if e.world_size > 1 => run_rank(&args, cfg, env.as_ref())
+            .with_context(|| format!("rank {} of {}", e.rank, e.world_size)),
+        _ => run_rank(&args, cfg, env.as_ref()),
+    }
+}
+
+/// This process's part of the run: all of it, or one rank of a data-parallel run (`env`).
+fn run_rank(args: &TrainArgs, mut cfg: Config, env: Option<&crate::dist::Env>) -> Result<()> {
+    let world_size = env.map_or(1, |e| e.world_size);
+    let world = crate::dist::join(env, Duration::from_secs(cfg.training.ddp_timeout))?;
+    // Compared first, so that a rank with another batch size is named rather than left alone.
+    parallel::check_same_config(&*world, &cfg)?;
+    cfg.check_world_size(world_size)?;
+    if let Some(env) = env {
+        cfg.device = env.device_name(&cfg.device)?;
+    }
+    let main = world.rank() == 0;
+    // Rank 0 picks the checkpoint; every rank reads it.
     let resume_from = match &args.resume {
-        Some(dir) => Some(resume_checkpoint(
-            &cfg,
-            dir.as_deref(),
-            args.allow_config_drift,
-        )?),
+        Some(dir) => Some(PathBuf::from(parallel::from_rank_0(&*world, || {
+            let ckpt = resume_checkpoint(&cfg, dir.as_deref(), args.allow_config_drift)?;
+            Ok(ckpt.display().to_string())
+        })?)),
         None => None,
     };
-    let mut trainer = Trainer::new(cfg)?;
+    let mut trainer = Trainer::new_in(cfg, world)?;
     if let Some(ckpt) = &resume_from {
-        trainer.restore(ckpt)?;
-        eprintln!("resuming from {} (step {})", ckpt.display(), trainer.step());
+        trainer.restore(ckpt).with_context(|| match world_size {
+            1 => String::new(),
+            _ => "every rank reads the checkpoint: output_dir must be on a filesystem all nodes share".into(),
+        })?;
+        if main {
+            eprintln!("resuming from {} (step {})", ckpt.display(), trainer.step());
+        }
     }
-    trainer.set_progress(!args.quiet);
+    trainer.set_progress(!args.quiet && main);
     watch_signals(trainer.stop_flag())?;
     let summary = trainer.train()?;
+    if !main {
+        return Ok(());
+    }
     eprintln!("{}", metrics::to_sorted_json(&summary, true)?);
     if let Summary::Interrupted {
         interrupted_at_step: step,
@@ -102,6 +142,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
         let mut cmd = format!("dpo-sam train --config {}", args.config.display());
         for ov in &args.overrides {
             cmd.push_str(&format!(" --set '{ov}'"));
+        }
+        if world_size > 1 {
+            cmd.push_str(" <launcher flags: any number of ranks>");
         }
         eprintln!(
             "interrupted after step {step}; checkpoint saved. Resume with:\n  {cmd} --output-dir {dir} --resume {dir}",
@@ -154,13 +197,17 @@ impl Trainer {
     /// final model. Stops early, with a checkpoint, when the stop flag is set.
     pub fn train(&mut self) -> Result<Summary> {
         let out_dir = self.cfg.output_dir.clone();
-        std::fs::create_dir_all(&out_dir)
-            .with_context(|| format!("cannot create output_dir {}", out_dir.display()))?;
+        // Data parallel: rank 0 alone writes metrics, checkpoints and the model.
+        let main = self.world.rank() == 0;
+        if main {
+            std::fs::create_dir_all(&out_dir)
+                .with_context(|| format!("cannot create output_dir {}", out_dir.display()))?;
+        }
+        parallel::check_same_weights(&*self.world, &self.policy.params)?;
         let mut metrics = self.open_metrics(&out_dir.join("metrics.jsonl"))?;
 
         let t = self.cfg.training.clone();
-        let micro = self.cfg.micro_batch_size();
-        let micro_batches = t.batch_size / micro;
+        let accumulation = t.batch_size / self.cfg.micro_batch_size();
         let total = self.state.schedule.total;
         let mut feed = Feed::open(self)?;
         let bar = self.progress_bar(total);
@@ -170,23 +217,30 @@ impl Trainer {
             self.diagnostics = step.is_multiple_of(t.logging_steps) || step == total;
             let started = Instant::now();
             let lr = self.state.schedule.lr(step - 1);
+            let micro_batches = feed.next_step(accumulation)?;
+            let n = micro_batches.len();
+            // HF divides each micro-batch's loss by the step's micro-batch count (fewer at an
+            // epoch's end), so every micro-batch weighs the same, however many pairs it has.
+            let weight = 1.0 / n as f64;
             let mut acc = GradAccumulator::new(self.policy.params.len());
             let mut tally = Tally::default();
             // Set by a non-finite loss under `skip_nonfinite`: the rest of the step's batch is
             // still drawn, so that later steps see the same data as without the skip.
             let mut nonfinite: Option<String> = None;
-            for mb in 0..micro_batches {
-                let (idx, pairs) = feed.next_micro_batch()?;
-                if nonfinite.is_some() {
+            // Data parallel: this rank's share of the step's micro-batches (all are drawn and
+            // counted on every rank, so that the cursor and `num_tokens` agree).
+            let mine = crate::dist::shard(n, self.world.rank(), self.world.world_size());
+            for (mb, (idx, pairs)) in micro_batches.iter().enumerate() {
+                let batch = PreferenceBatch::new(pairs, self.tok.pad_id, &self.device)?;
+                self.state.num_tokens += batch.num_tokens;
+                if nonfinite.is_some() || !mine.contains(&mb) {
                     continue;
                 }
-                let batch = PreferenceBatch::new(&pairs, self.tok.pad_id, &self.device)?;
-                let weight = micro as f64 / t.batch_size as f64;
-                let reference = self.reference_for(&batch, Some((Split::Train, &idx)))?;
+                let reference = self.reference_for(&batch, Some((Split::Train, idx)))?;
                 let ms = self.micro_step_with(&batch, reference, Some(weight))?;
                 if !ms.loss.is_finite() {
                     nonfinite = Some(format!(
-                        "non-finite loss ({}) at step {step}, micro-batch {mb} of {micro_batches} (train pairs {idx:?})",
+                        "non-finite loss ({}) at step {step}, micro-batch {mb} of {n} (train pairs {idx:?})",
                         ms.loss
                     ));
                     continue;
@@ -197,12 +251,28 @@ impl Trainer {
                 )?;
                 tally.add(&ms, &batch);
             }
+            // Data parallel: every rank's view of the step, then the gradients summed over ranks.
+            let stop = self.stop.load(Ordering::SeqCst);
+            let agreed = parallel::agree(&*self.world, nonfinite, stop, tally, &acc)?;
+            let (mut nonfinite, tally) = (agreed.nonfinite.clone(), &agreed.tally);
             let grad_norm = match nonfinite {
                 Some(_) => f64::NAN,
-                None => self.apply_gradients(&acc, lr)?,
+                None => {
+                    let bucket = t.ddp_bucket_cap_mb;
+                    parallel::all_reduce_grads(
+                        &*self.world,
+                        &mut acc,
+                        &agreed,
+                        &self.policy.params,
+                        bucket,
+                    )?;
+                    self.apply_gradients(&acc, lr)?
+                }
             };
             if nonfinite.is_none() && !grad_norm.is_finite() {
-                nonfinite = Some(format!("non-finite gradient norm ({grad_norm}) at step {step} (micro-batches 0..{micro_batches})"));
+                nonfinite = Some(format!(
+                    "non-finite gradient norm ({grad_norm}) at step {step} (micro-batches 0..{n})"
+                ));
             }
             match &nonfinite {
                 Some(what) if !t.skip_nonfinite => anyhow::bail!(
@@ -212,7 +282,9 @@ impl Trainer {
                 ),
                 Some(what) => {
                     self.state.nonfinite_skipped += 1;
-                    bar.suspend(|| eprintln!("warning: {what}: update skipped"));
+                    if main {
+                        bar.suspend(|| eprintln!("warning: {what}: update skipped"));
+                    }
                 }
                 None => {}
             }
@@ -221,16 +293,16 @@ impl Trainer {
             let elapsed = started.elapsed().as_secs_f64();
             if step.is_multiple_of(t.logging_steps) || step == total {
                 let line = TrainLine {
-                    metrics: tally.metrics(self.cfg.sam.kind != SamKind::None),
+                    metrics: tally.metrics(self.cfg.sam.kind != SamKind::None, false),
                     grad_norm,
                     learning_rate: lr,
                     tokens_per_second: tally.tokens as f64 / elapsed,
+                    num_tokens: self.state.num_tokens,
                     step,
                     // A stream's length is unknown: its lines carry the epoch being read.
-                    epoch: match self.stream {
-                        Some(_) => self.state.data.epoch as f64,
-                        None => (step * t.batch_size) as f64 / self.train_pairs.len() as f64,
-                    },
+                    epoch: feed
+                        .epoch_progress()
+                        .unwrap_or(self.state.data.epoch as f64),
                     nonfinite_skipped: t.skip_nonfinite.then_some(self.state.nonfinite_skipped),
                 };
                 metrics.write(&line)?;
@@ -243,17 +315,22 @@ impl Trainer {
             }
             let eval_due = t.eval_steps > 0 && step.is_multiple_of(t.eval_steps) && step != total;
             if eval_due && !self.eval_pairs.is_empty() {
+                self.diagnostics = true;
                 let metrics_line = EvalLine {
                     metrics: self.evaluate()?,
+                    num_tokens: self.state.num_tokens,
                     step,
                 };
                 metrics.write(&metrics_line)?;
             }
             bar.inc(1);
-            let stop = self.stop.load(Ordering::SeqCst);
+            let stop = agreed.stop;
             if (t.save_steps > 0 && step.is_multiple_of(t.save_steps)) || step == total || stop {
                 self.state.metrics_lines = metrics.lines();
-                let checkpoint = self.save_checkpoint(&out_dir)?;
+                let checkpoint = match main {
+                    true => self.save_checkpoint(&out_dir)?,
+                    false => out_dir.join(crate::checkpoint::dir_name(step)),
+                };
                 if stop {
                     bar.abandon();
                     return Ok(Summary::Interrupted {
@@ -279,12 +356,17 @@ impl Trainer {
             self.diagnostics = true;
             let line = EvalLine {
                 metrics: self.evaluate()?,
+                num_tokens: self.state.num_tokens,
                 step: total,
             };
             metrics.write(&line)?;
-            Some(line)
+            Some(Box::new(line))
         };
-        crate::checkpoint::save_model(&self.policy, &self.tok, &out_dir, &self.save_options())?;
+        if main {
+            crate::checkpoint::save_model(&self.policy, &self.tok, &out_dir, &self.save_options())?;
+        }
+        // Every rank returns once the model is saved (or fails with rank 0).
+        self.world.barrier()?;
         Ok(Summary::Finished {
             train: last,
             skipped,
@@ -294,26 +376,34 @@ impl Trainer {
         })
     }
 
-    /// Loss and reward metrics over the held-out pairs (logged with TRL's `eval_` prefix).
+    /// Loss, reward and token metrics over the held-out pairs (logged with TRL's `eval_`
+    /// prefix; the token metrics when `diagnostics` is on, as the loop sets it for evaluations).
     pub fn evaluate(&self) -> Result<PairMetrics> {
-        let mut tally = Tally::default();
         let micro = self.cfg.micro_batch_size();
-        for (c, chunk) in self.eval_pairs.chunks(micro).enumerate() {
+        let chunks: Vec<&[_]> = self.eval_pairs.chunks(micro).collect();
+        // Data parallel: each rank its share of the batches, the tallies summed.
+        let mine = crate::dist::shard(chunks.len(), self.world.rank(), self.world.world_size());
+        let mut tallies = Vec::with_capacity(mine.len());
+        for (c, chunk) in chunks.iter().enumerate().take(mine.end).skip(mine.start) {
             let batch = PreferenceBatch::new(chunk, self.tok.pad_id, &self.device)?;
             let idx: Vec<usize> = (c * micro..c * micro + chunk.len()).collect();
             let reference = self.reference_for(&batch, Some((Split::Eval, &idx)))?;
+            let mut tally = Tally::default();
             tally.add(&self.micro_step_with(&batch, reference, None)?, &batch);
+            tallies.push(tally);
         }
-        Ok(tally.metrics(false))
+        Ok(parallel::sum_tallies(&*self.world, tallies)?.metrics(false, true))
     }
 
     /// metrics.jsonl for appending: a fresh file starting with the data line, or, resumed, the
     /// file cut to the lines the checkpoint had seen.
     fn open_metrics(&mut self, path: &Path) -> Result<MetricsFile> {
-        if self.state.step > 0 {
-            return MetricsFile::open(path, Some(self.state.metrics_lines));
-        }
-        let mut file = MetricsFile::open(path, None)?;
+        let mut file = match (self.world.rank(), self.state.step) {
+            (0, 0) => MetricsFile::open(path, None)?,
+            (0, _) => return MetricsFile::open(path, Some(self.state.metrics_lines)),
+            (_, 0) => MetricsFile::discard(0),
+            (_, _) => return Ok(MetricsFile::discard(self.state.metrics_lines)),
+        };
         file.write(&DataLine {
             train_pairs: self.stream.is_none().then_some(self.train_pairs.len()),
             eval_pairs: self.eval_pairs.len(),

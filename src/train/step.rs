@@ -1,13 +1,13 @@
 //! One micro-step: the forward pass, logits-SAM, the loss and the single backward pass. Read it
 //! beside the paper's Algorithm 1 (and `sam.rs`, which holds lines 1–4):
 //!
-//! | Algorithm 1                                   | here, in [`Trainer::single_pass`]             |
-//! |-----------------------------------------------|-----------------------------------------------|
-//! | 2: forward → hidden states H                  | `forward_hidden`, then `response_hidden`     |
-//! | 1–4: W, loss_pre, g = Gᵀ H, e = ρ g/‖g‖       | `sam::logits_perturbation_with`              |
-//! | 5: logits_perturbed ← linear(H, W + e)        | `head.token_logps(&h, targets, Some(e))`     |
-//! | 6: loss_post                                  | `batch_loss`                                 |
-//! | 7: loss_post.backward()                       | `policy.backward`                            |
+//! | Algorithm 1                             | here, in `Trainer::single_pass`          |
+//! |-----------------------------------------|------------------------------------------|
+//! | 2: forward → hidden states H            | `forward_hidden`, then `response_hidden` |
+//! | 1–4: W, loss_pre, g = Gᵀ H, e = ρ g/‖g‖ | `sam::logits_perturbation_with`          |
+//! | 5: logits_perturbed ← linear(H, W + e)  | `head.token_logps(&h, targets, Some(e))` |
+//! | 6: loss_post                            | `batch_loss`                             |
+//! | 7: loss_post.backward()                 | `policy.backward`                        |
 //!
 //! Full SAM (`sam.kind = "full"`) wraps two such passes in [`Trainer::full_sam_step`].
 
@@ -15,7 +15,7 @@ use super::{Reference, Trainer};
 use crate::config::SamKind;
 use crate::data::batch::PreferenceBatch;
 use crate::data::Split;
-use crate::diagnostics::Squeeze;
+use crate::diagnostics::Diagnostics;
 use crate::logps::{pair_logps, response_hidden, sequence_logps};
 use crate::losses::{LossOutput, PairLogps};
 use crate::models::ops::accum_dtype;
@@ -26,7 +26,10 @@ use candle_core::{backprop::GradStore, DType, Tensor};
 /// What one micro-batch's forward/backward produced.
 pub struct MicroStep {
     pub grads: Option<GradStore>,
+    /// The micro-batch's loss (at W + e under SAM).
     pub loss: f64,
+    /// The chosen responses' NLL, when a loss term has one (TRL's `nll_loss`).
+    pub nll: Option<f64>,
     pub loss_pre: Option<f64>,
     pub sam_grad_norm: Option<f64>,
     pub chosen_rewards: Vec<f32>,
@@ -36,8 +39,8 @@ pub struct MicroStep {
     /// Reference log-probs, when the loss uses a reference.
     pub ref_chosen_logps: Option<Vec<f32>>,
     pub ref_rejected_logps: Option<Vec<f32>>,
-    /// Squeeze diagnostics, on logging steps.
-    pub squeeze: Option<Squeeze>,
+    /// Squeeze diagnostics and TRL's token metrics, on logging steps.
+    pub diagnostics: Option<Diagnostics>,
 }
 
 impl Trainer {
@@ -169,9 +172,9 @@ impl Trainer {
             None => (post, post_lp),
         };
 
-        let squeeze = if self.diagnostics {
+        let diagnostics = if self.diagnostics {
             let chosen_tokens = batch.response_lens[..batch.num_pairs].iter().sum();
-            Some(crate::diagnostics::squeeze(
+            Some(crate::diagnostics::diagnostics(
                 &head,
                 &h,
                 &batch.targets,
@@ -189,6 +192,7 @@ impl Trainer {
         Ok(MicroStep {
             grads,
             loss: scalar(&loss)?,
+            nll: out.nll.as_ref().map(scalar).transpose()?,
             loss_pre: perturbation
                 .as_ref()
                 .map(|p| scalar(&p.loss_pre))
@@ -203,11 +207,11 @@ impl Trainer {
             rejected_logps: to_f32s(&lp.rejected)?,
             ref_chosen_logps: lp.ref_chosen.as_ref().map(to_f32s).transpose()?,
             ref_rejected_logps: lp.ref_rejected.as_ref().map(to_f32s).transpose()?,
-            squeeze,
+            diagnostics,
         })
     }
 
-    /// The configured loss, averaged over pairs, as a function of per-token log-probs.
+    /// The configured loss of the micro-batch as a function of per-token log-probs.
     fn batch_loss(
         &self,
         batch: &PreferenceBatch,
@@ -217,7 +221,7 @@ impl Trainer {
         let seq = sequence_logps(batch, token_logps)?;
         let lp = PairLogps::from_rows(&seq, reference, &batch.response_lens)?;
         let out = self.loss.compute(&lp)?;
-        Ok((out.losses.mean_all()?, out, lp))
+        Ok((out.loss.clone(), out, lp))
     }
 }
 

@@ -8,6 +8,7 @@ use crate::config::{Config, OptimizerType, SamKind, TrainingConfig};
 use crate::data::batch::{TokenizedPair, Truncation};
 use crate::data::format::Converter;
 use crate::data::{DataCursor, Split};
+use crate::dist::{Collective, Solo};
 use crate::losses::{Loss, LossParams};
 use crate::models::{Model, ModelSource};
 use crate::optim::{Optimizer, OptimizerKind, Schedule};
@@ -19,6 +20,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// Where reference log-probs come from.
 pub enum Reference {
@@ -70,12 +72,24 @@ pub struct Trainer {
     pub(super) diagnostics: bool,
     /// Set (by a signal) to stop after the current step with a checkpoint.
     pub(super) stop: Arc<AtomicBool>,
+    /// The other ranks of a data-parallel run ([`Solo`] for one process).
+    pub(super) world: Box<dyn Collective>,
 }
 
 impl Trainer {
+    /// A single-process run.
     pub fn new(cfg: Config) -> Result<Trainer> {
+        Trainer::new_in(cfg, Box::new(Solo))
+    }
+
+    /// One rank of the data-parallel run `world` (from [`crate::dist::join`]), on the device
+    /// of `cfg` (this rank's).
+    pub fn new_in(cfg: Config, world: Box<dyn Collective>) -> Result<Trainer> {
+        cfg.check_world_size(world.world_size())?;
         let device = crate::device::parse(&cfg.device)?;
         crate::kernels::set_tf32(&device, cfg.training.tf32)?;
+        let timeout = Duration::from_secs(cfg.training.ddp_timeout);
+        let world = crate::dist::on_device(world, &device, timeout)?;
         let dtype = cfg.model.dtype.dtype();
         let loss = configured_loss(&cfg);
 
@@ -124,7 +138,10 @@ impl Trainer {
                     train: &train_pairs,
                     eval: &eval_pairs,
                 };
-                let fingerprint = crate::refcache::fingerprint(&inputs)?;
+                // Rank 0 alone hashes the model files.
+                let fingerprint = super::parallel::from_rank_0(&*world, || {
+                    crate::refcache::fingerprint(&inputs)
+                })?;
                 let (cache, _) = crate::refcache::load_or_compute(
                     &cfg.output_dir,
                     &fingerprint,
@@ -133,6 +150,7 @@ impl Trainer {
                     cfg.micro_batch_size(),
                     tok.pad_id,
                     &device,
+                    &*world,
                 )?;
                 Reference::Cache(cache)
             } else {
@@ -141,10 +159,14 @@ impl Trainer {
         };
 
         let t = &cfg.training;
-        let steps_per_epoch = train_pairs.len().div_ceil(t.batch_size);
-        let total = t
-            .max_steps
-            .unwrap_or_else(|| (t.num_train_epochs * steps_per_epoch as f64).ceil() as usize);
+        if !cfg.data.streaming && cfg.micro_batches_per_epoch(train_pairs.len()) == 0 {
+            anyhow::bail!(
+                "data.train: {} training pairs make no micro-batch of {} with training.dataloader_drop_last = true",
+                train_pairs.len(),
+                cfg.micro_batch_size()
+            );
+        }
+        let total = cfg.total_steps(train_pairs.len());
         let warmup = if t.warmup_steps > 0 {
             t.warmup_steps
         } else {
@@ -174,11 +196,13 @@ impl Trainer {
                 data: DataCursor::default(),
                 metrics_lines: 0,
                 nonfinite_skipped: 0,
+                num_tokens: 0,
                 schedule,
             },
             progress: false,
             diagnostics: false,
             stop: Arc::new(AtomicBool::new(false)),
+            world,
         })
     }
 
@@ -282,6 +306,7 @@ pub fn configured_loss(cfg: &Config) -> Loss {
         slic_delta: t.slic_delta,
         slic_lambda: t.slic_lambda,
         dpop_lambda: t.dpop_lambda,
+        nll_reduction: t.nll_reduction,
     };
     Loss {
         terms: cfg.loss_terms(),

@@ -94,6 +94,9 @@ pub fn time(device: &Device, reps: usize) -> Result<serde_json::Value> {
             Ok(())
         })?;
         let peak = kernels::device_memory(device)?.map(|m| m.1);
+        let peak_mib = peak
+            .zip(before)
+            .map(|(p, b)| p.saturating_sub(b) as f64 / (1 << 20) as f64);
         rows.push(json!({
             "shape": s.name,
             "b": s.b, "heads": s.h, "kv_heads": s.kv_heads, "t": s.t, "head_dim": s.d,
@@ -101,7 +104,7 @@ pub fn time(device: &Device, reps: usize) -> Result<serde_json::Value> {
             "forward_ms": 1e3 * fwd,
             "forward_backward_ms": 1e3 * fwd_bwd,
             "launches_forward": fwd_launches,
-            "peak_over_inputs_mib": peak.zip(before).map(|(p, b)| (p.saturating_sub(b)) as f64 / (1 << 20) as f64),
+            "peak_over_inputs_mib": peak_mib,
         }));
     }
     Ok(json!({ "dtype": "bf16", "reps": reps, "shapes": rows }))

@@ -281,7 +281,7 @@ impl Attention {
         g: &Tensor,
     ) -> Result<(Tensor, Tensor, Tensor)> {
         let hs = self.heads(q.layout(), k.layout(), v.layout())?;
-        let problem = gpu::Problem::apart(&hs, self, None);
+        let problem = gpu::Problem::apart(&hs, self);
         let (dq, dkv) = problem.backward(q, Some((k, v)), y, g, &self.lse()?)?;
         let (dk, dv) = dkv.expect("dk and dv when k and v are apart");
         Ok((dq, dk, dv))
@@ -360,7 +360,7 @@ impl CustomOp3 for Attention {
             super::cuda::ptr(ks, kl, &stream)?,
             super::cuda::ptr(vs, vl, &stream)?,
         );
-        let problem = gpu::Problem::apart(&hs, self, None);
+        let problem = gpu::Problem::apart(&hs, self);
         let (o, lse) = problem.forward(&dev, qs.dtype(), [qp, kp, vp])?;
         self.keep_lse(lse, &hs);
         Ok((o, ql.shape().clone()))
@@ -682,7 +682,7 @@ mod gpu {
 
     impl<'a> Problem<'a> {
         /// q `[b, h, t, d]`, k and v `[b, kvh, s, d]`, contiguous; the output as q.
-        pub fn apart(hs: &Heads, core: &'a Attention, rope: Option<&'a (Tensor, Tensor)>) -> Self {
+        pub fn apart(hs: &Heads, core: &'a Attention) -> Self {
             let Heads {
                 h, kvh, t, s, d, ..
             } = *hs;
@@ -697,7 +697,7 @@ mod gpu {
                 hs: *hs,
                 views,
                 mask: &core.mask,
-                rope,
+                rope: None,
                 scale: core.scale,
             }
         }

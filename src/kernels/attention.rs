@@ -636,7 +636,7 @@ pub fn packed_attention(
 /// Whether the CUDA kernels take heads `head_dim` wide: a multiple of 8 (the threads per row)
 /// up to 128 (`ATT_MAXD` in `cuda/attention.cu`): Pythia's 80, Mistral's 128, GPT-2's 64.
 pub fn cuda_head_dim_fits(head_dim: usize) -> bool {
-    head_dim > 0 && head_dim % 8 == 0 && head_dim <= 128
+    head_dim > 0 && head_dim.is_multiple_of(8) && head_dim <= 128
 }
 
 /// The CUDA side (kernels in `cuda/attention.cu`, FlashAttention-2's scheme): the forward

@@ -219,8 +219,8 @@ enum AttentionOp {
     Composed,
     /// The fused CPU op: its output only; k and v repeated to every head before it.
     FusedCpu,
-    /// The fused CUDA op: its output and an f32 log-sum-exp per row and head; k and v as
-    /// they are under grouped-query attention.
+    /// The fused CUDA op: its output and a log-sum-exp per row and head (two f32: the max and
+    /// the log of the sum); k and v as they are under grouped-query attention.
     FusedCuda,
 }
 
@@ -281,10 +281,10 @@ pub fn activations(
         AttentionOp::Composed => 3.0 * e + 3.0 * f + casts,
         AttentionOp::FusedCpu | AttentionOp::FusedCuda => 0.0,
     };
-    // Per token and head: the fused CUDA op's log-sum-exp.
+    // Per token and head: the fused CUDA op's log-sum-exp (two f32).
     let lse = |op: AttentionOp| {
         if op == AttentionOp::FusedCuda {
-            4.0
+            8.0
         } else {
             0.0
         }

@@ -758,7 +758,7 @@ mod gpu {
             let tiles = t.div_ceil(TILE);
             let ranges = cuda::alloc(dev, DType::U32, 2 * tiles * slices)?;
             let stream = dev.cuda_stream();
-            let (rp, _r) = cuda::buf(&ranges, &stream)?;
+            let (rp, r) = cuda::buf(&ranges, &stream)?;
             let args = [
                 Arg::Ptr(mask),
                 Arg::Ptr(rp),
@@ -775,6 +775,7 @@ mod gpu {
                     &args,
                 )?
             };
+            drop(r);
             Ok(ranges)
         }
 

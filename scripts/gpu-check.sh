@@ -6,9 +6,10 @@
 # $OUT (./ without OUT): gpu-check.json (everything measured) and gpu-check.log (each step's
 # stderr tail). Intermediate files live in a temporary folder outside $OUT.
 #
-# Order, most important first: each CUDA kernel against its CPU twin (seconds); the Pythia-2.8B
-# bf16 step (4 pairs × 512 tokens, activation checkpointing) beside PyTorch's; whole-model
-# parity; then smaller shapes while time remains.
+# Order, most important first: each CUDA kernel against its CPU twin (seconds, the fused
+# attention's cases included); the fused attention's time beside PyTorch SDPA's at Pythia-2.8B and
+# Mistral-7B head shapes; the Pythia-2.8B bf16 step (4 pairs × 512 tokens, activation
+# checkpointing) beside PyTorch's; whole-model parity; then smaller shapes while time remains.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -77,6 +78,8 @@ TORCH=(python3 scripts/torch_step.py --steps 3)
 BIG=(--pairs 4 --seq-len 512)
 
 step ops 120 20 "$BIN" gpu-check --checks ops
+step attention 90 20 "$BIN" gpu-check --checks attention
+step torch-attention 60 15 python3 scripts/torch_attention.py
 step bench-pythia-2.8b-bf16 240 90 "$BIN" "${BENCH[@]}" --shape pythia-2.8b "${BIG[@]}" --mixed-precision bf16 --gradient-checkpointing
 step torch-pythia-2.8b-bf16 150 60 "${TORCH[@]}" --shape pythia-2.8b "${BIG[@]}" --dtype bf16 --gradient-checkpointing
 step models 120 30 "$BIN" gpu-check --checks models
@@ -119,6 +122,8 @@ report = {
             for i, k in enumerate(["name", "memory", "driver", "compute_cap"])},
     "missing_libs": [l.strip() for l in (read("ldd.txt") or "").splitlines() if "not found" in l],
     "ops": result("ops"),
+    "attention": result("attention"),
+    "torch_attention": result("torch-attention"),
     "models": result("models"),
     "nccl": result("nccl"),
     "bench": [],
@@ -135,10 +140,19 @@ for shape, dtype in runs:
     except (KeyError, StopIteration, TypeError):
         pass
     report["bench"].append(row)
+# Attention alone: ours over SDPA's, forward + backward, per shape.
+try:
+    theirs = {r["shape"]: r for r in report["torch_attention"]["result"]["shapes"]}
+    report["attention_ratio_to_sdpa"] = {
+        r["shape"]: r["forward_backward_ms"] / theirs[r["shape"]]["forward_backward_ms"]
+        for r in report["attention"]["result"]["attention"]["shapes"]}
+except (KeyError, TypeError):
+    pass
 json.dump(report, open(dest, "w"), indent=2)
 passed = lambda r: (r.get("result") or {}).get("pass")
 print(json.dumps({"gpu": report["gpu"], "ops_pass": passed(report["ops"]), "models_pass": passed(report["models"]),
                   "nccl_pass": passed(report["nccl"]),
+                  "attention_ratio_to_sdpa": report.get("attention_ratio_to_sdpa"),
                   "ratios": {f'{r["shape"]}/{r["dtype"]}': r.get("ratio_dpo_sam_to_torch") for r in report["bench"]}}))
 PY
 rm -rf "$WORK"

@@ -330,6 +330,7 @@ fn step_memory(
         args.seq_len,
         if half { 2.0 } else { 4.0 },
         trainer.device().is_cpu() && !half,
+        trainer.device().is_cuda(),
     )?;
     let params: usize = trainer
         .policy()

@@ -152,7 +152,8 @@ pub fn plan(cfg: &Config, ranks: usize) -> Result<serde_json::Value> {
         vocab as usize,
     );
 
-    // The fused CPU kernels keep less than the compositions used elsewhere (see models::ops).
+    // The fused CPU kernels keep less than the compositions used elsewhere (see models::ops);
+    // on CUDA, the fused attention keeps no [t, t] scores.
     let fused = cfg.device == "cpu" && compute_bytes >= 4.0;
     let rows = 2 * cfg.micro_batch_size();
     let mut acts = activations(
@@ -161,6 +162,7 @@ pub fn plan(cfg: &Config, ranks: usize) -> Result<serde_json::Value> {
         cfg.data.max_length,
         compute_bytes,
         fused,
+        cfg.device.starts_with("cuda"),
     )?;
     if let Some(l) = &lora {
         acts.block +=
@@ -333,16 +335,39 @@ impl Activations {
     }
 }
 
+/// The attention op a plan counts (the one `models::ops::attention` picks).
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum AttentionOp {
+    /// The composition: scores, scale, mask and softmax kept per element of `[t, t]`.
+    Composed,
+    /// The fused CPU op: its output only; k and v repeated to every head before it.
+    FusedCpu,
+    /// The fused CUDA op: its output and a log-sum-exp per row and head (two f32: the max and
+    /// the log of the sum); k and v as they are under grouped-query attention.
+    FusedCuda,
+}
+
 /// [`Activations`] of the model `config_json` describes for `rows` sequences of `t` tokens,
 /// computing in `e`-byte floats; `fused`: with the CPU kernels of [`crate::kernels`] (CPU, f32
-/// or f64), which keep only their outputs.
+/// or f64), which keep only their outputs; `cuda`: on a GPU, where attention is the fused
+/// CUDA op at head dims it takes ([`crate::kernels::attention::cuda_head_dim_fits`]).
 pub fn activations(
     config_json: &serde_json::Value,
     rows: usize,
     t: usize,
     e: f64,
     fused: bool,
+    cuda: bool,
 ) -> Result<Activations> {
+    let attention_op = |head_dim: usize| {
+        if fused {
+            AttentionOp::FusedCpu
+        } else if cuda && crate::kernels::attention::cuda_head_dim_fits(head_dim) {
+            AttentionOp::FusedCuda
+        } else {
+            AttentionOp::Composed
+        }
+    };
     use crate::models::{gpt2, gpt_neox, mistral, ops::rope_settings};
     // Reductions run in f32 for half-precision inputs (models::ops::accum_dtype).
     let half = e < 4.0;
@@ -373,22 +398,33 @@ pub fn activations(
     };
     // The fused dense layer adds its bias inside the matmul; composed, the sum is a second tensor.
     let linear = |w: f64, bias: bool| if bias && !fused { 2.0 * e * w } else { e * w };
-    // Per head and element of the [t, t] scores: none fused (the backward recomputes them per
-    // head); composed, each step of scale, mask and softmax (in f32 for half inputs).
-    let core = if fused {
-        0.0
-    } else {
-        3.0 * e + 3.0 * f + casts
+    // Per head and element of the [t, t] scores: none fused (the backward recomputes them);
+    // composed, each step of scale, mask and softmax (in f32 for half inputs).
+    let core = |op: AttentionOp| match op {
+        AttentionOp::Composed => 3.0 * e + 3.0 * f + casts,
+        AttentionOp::FusedCpu | AttentionOp::FusedCuda => 0.0,
+    };
+    // Per token and head: the fused CUDA op's log-sum-exp (two f32).
+    let lse = |op: AttentionOp| {
+        if op == AttentionOp::FusedCuda {
+            8.0
+        } else {
+            0.0
+        }
     };
     let json = config_json.clone();
-    let (hidden, layers, heads, per_token) = match config_json["model_type"].as_str() {
+    let (hidden, layers, heads, per_token, core) = match config_json["model_type"].as_str() {
         Some("gpt2") => {
             let c: gpt2::Config = serde_json::from_value(json)?;
             let (h, i) = (c.n_embd as f64, c.n_inner.unwrap_or(4 * c.n_embd) as f64);
             // c_attn (+bias), then the merged attention output (fused) or q/k/v copied
             // twice (reshaping a narrowed tensor copies), the attention output and its merged
             // copy; c_proj (+bias), residual; c_fc (+bias), activation, c_proj (+bias), residual.
-            let attention = if fused { e * h } else { e * (6.0 + 2.0) * h };
+            let op = attention_op(c.n_embd / c.n_head);
+            let attention = match op {
+                AttentionOp::Composed => e * (6.0 + 2.0) * h,
+                _ => e * h + lse(op) * c.n_head as f64,
+            };
             let tok = 2.0 * layer_norm(h)
                 + linear(3.0 * h, true)
                 + attention
@@ -398,7 +434,7 @@ pub fn activations(
                 + e * i
                 + linear(h, true)
                 + e * h;
-            (c.n_embd, c.n_layer, c.n_head, tok)
+            (c.n_embd, c.n_layer, c.n_head, tok, core(op))
         }
         Some("gpt_neox") => {
             let c: gpt_neox::Config = serde_json::from_value(json)?;
@@ -416,10 +452,12 @@ pub fn activations(
             // query_key_value, then the merged attention output (fused) or q/k/v copies,
             // rotary on q and k, the attention output and its merged copy; dense; the MLP
             // (biased) and its activation; two residual sums.
-            let attention = if fused {
-                e * h
-            } else {
-                3.0 * e * h + 2.0 * rotary(h, pct.unwrap_or(0.25)) + 2.0 * e * h
+            let op = attention_op(c.hidden_size / c.num_attention_heads);
+            let attention = match op {
+                AttentionOp::Composed => {
+                    3.0 * e * h + 2.0 * rotary(h, pct.unwrap_or(0.25)) + 2.0 * e * h
+                }
+                _ => e * h + lse(op) * c.num_attention_heads as f64,
             };
             let tok = 2.0 * layer_norm(h)
                 + linear(3.0 * h, bias)
@@ -434,6 +472,7 @@ pub fn activations(
                 c.num_hidden_layers,
                 c.num_attention_heads,
                 tok,
+                core(op),
             )
         }
         Some("mistral" | "llama") => {
@@ -447,8 +486,13 @@ pub fn activations(
             let (ab, mb) = (llama && c.attention_bias, llama && c.mlp_bias);
             // q/k/v projections and their copies, rotary on q and k, the repeated k and v,
             // attention output and its copy, o_proj, residual; gate, up, activation, product,
-            // down, residual.
-            let repeated = if n_kv < n_head { 2.0 * e * q } else { 0.0 };
+            // down, residual. The fused CUDA attention takes k and v unrepeated.
+            let op = attention_op(hd);
+            let repeated = if n_kv < n_head && op != AttentionOp::FusedCuda {
+                2.0 * e * q
+            } else {
+                0.0
+            };
             let tok = 2.0 * rms_norm(h)
                 + linear(q, ab)
                 + 2.0 * linear(kv, ab)
@@ -457,12 +501,13 @@ pub fn activations(
                 + rotary(kv, 1.0)
                 + repeated
                 + 2.0 * e * q
+                + lse(op) * n_head as f64
                 + linear(h, ab)
                 + 2.0 * linear(i, mb)
                 + 2.0 * e * i
                 + linear(h, mb)
                 + 2.0 * e * h;
-            (c.hidden_size, c.num_hidden_layers, n_head, tok)
+            (c.hidden_size, c.num_hidden_layers, n_head, tok, core(op))
         }
         other => anyhow::bail!("no activation estimate for model_type {other:?}"),
     };
@@ -673,6 +718,29 @@ mod tests {
         );
         assert_eq!(sr["fits_141gb_gpu"], true, "{sr}");
         assert_eq!(sr["fits_80gb_gpu"], false, "{sr}");
+    }
+
+    /// On CUDA the fused attention keeps nothing `[t, t]`-sized: a block's activations grow
+    /// linearly in t at head dims it takes (Pythia's 80, Mistral's 128), quadratically where
+    /// attention is the composition (GPT-2 with 160-wide heads here).
+    #[test]
+    fn cuda_attention_keeps_no_scores() {
+        let pythia: serde_json::Value = serde_json::from_str(PYTHIA_2_8B).unwrap();
+        let mistral: serde_json::Value = serde_json::from_str(MISTRAL_7B).unwrap();
+        let wide = serde_json::json!({"model_type": "gpt2", "vocab_size": 100, "n_embd": 640,
+            "n_layer": 2, "n_head": 4, "n_positions": 2048});
+        let block = |json: &serde_json::Value, t: usize, cuda: bool| {
+            activations(json, 8, t, 2.0, false, cuda).unwrap().block
+        };
+        for json in [&pythia, &mistral] {
+            assert_eq!(block(json, 1024, true), 2.0 * block(json, 512, true));
+            assert!(block(json, 1024, false) > 2.1 * block(json, 512, false));
+        }
+        assert!(block(&wide, 1024, true) > 2.1 * block(&wide, 512, true));
+        // What the composition kept more at Pythia-2.8B, 8 × 512 tokens, per layer: 24 bytes a
+        // score (bf16 inputs, f32 softmax), 1.5 GiB, and its q/k/v copies and rotaries.
+        let saved = (block(&pythia, 512, false) - block(&pythia, 512, true)) / (1u64 << 30) as f64;
+        assert!((1.5..1.8).contains(&saved), "{saved} GiB");
     }
 
     #[test]

@@ -3,9 +3,11 @@
 //! with its CPU twin (forward and every gradient, f32 and bf16; the fused optimiser, the device
 //! gradient norm and the device initialisation); [`models`] compares whole random-weight models
 //! and one logits-SAM training step; [`nccl`] runs data parallelism's path in a world of one
-//! process. `scripts/gpu-check.sh` runs them all; `tests/cuda_ops.rs` runs the op checks under
-//! `cargo test` wherever a GPU is present.
+//! process; [`attention`] times the fused attention at Pythia-2.8B's and Mistral-7B's shapes.
+//! `scripts/gpu-check.sh` runs them all; `tests/cuda_ops.rs` runs the op checks under `cargo
+//! test` wherever a GPU is present.
 
+pub mod attention;
 pub mod models;
 pub mod nccl;
 pub mod ops;
@@ -21,6 +23,9 @@ pub enum Check {
     Models,
     /// NCCL initialised, an all-reduce, and data-parallel training steps against plain ones.
     Nccl,
+    /// The fused attention's time at Pythia-2.8B's and Mistral-7B's shapes (not a pass/fail
+    /// check: `scripts/torch_attention.py` gives PyTorch SDPA's beside it).
+    Attention,
 }
 
 #[derive(clap::Args, Debug)]
@@ -61,6 +66,9 @@ pub fn run(args: GpuCheckArgs) -> Result<()> {
         let nccl = nccl::check(&args)?;
         pass &= nccl["pass"] == json!(true);
         report["nccl"] = nccl;
+    }
+    if args.checks.contains(&Check::Attention) {
+        report["attention"] = attention::time(&device, 10)?;
     }
     report["pass"] = json!(pass);
     println!("{}", serde_json::to_string_pretty(&report)?);

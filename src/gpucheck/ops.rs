@@ -64,7 +64,8 @@ impl Inputs {
 }
 
 /// Every fused op with a CUDA kernel, at shapes that cover their edge cases: rows longer than a
-/// block's threads and shorter than a warp, partial and full rotary, both weight layouts.
+/// block's threads and shorter than a warp, partial and full rotary, both weight layouts, and
+/// the attention cases of [`attention_cases`].
 fn cases() -> Result<Vec<Case>> {
     let mut x = Inputs(rand_chacha::ChaCha8Rng::seed_from_u64(17));
     let (cos4, sin4) = model_ops::rotary_tables(5, 4, 10000.0, DType::F32, &Device::Cpu)?;
@@ -166,23 +167,92 @@ fn cases() -> Result<Vec<Case>> {
             trainable: 2,
         });
     }
-    // The attention composition that runs on CUDA until attention has a kernel of its own: the
-    // fused rotary and softmax inside it, against the CPU's fused packed attention.
+    attention_cases(&mut x, &mut cases)?;
+    Ok(cases)
+}
+
+/// An additive mask `[b, 1, t, s]`: 0 where query `q` of sequence `bi` sees key `k`, else −1e9.
+fn mask(
+    b: usize,
+    t: usize,
+    s: usize,
+    sees: impl Fn(usize, usize, usize) -> bool,
+) -> Result<Tensor> {
+    let values = (0..b * t * s)
+        .map(|i| match sees(i / (t * s), (i / s) % t, i % s) {
+            true => 0f32,
+            false => -1e9,
+        })
+        .collect();
+    Ok(Tensor::from_vec(values, (b, 1, t, s), &Device::Cpu)?)
+}
+
+/// The fused attention (FlashAttention-2's scheme on CUDA) against the CPU packed attention:
+/// each mask kind (causal, left padding with fully masked rows, right padding, a sliding
+/// window shorter than t), grouped-query attention, head dims 64/80/128, lengths that are not
+/// a multiple of the 16-row tile, partial rotary read from a packed projection, and the shape of
+/// a cached decoding step (3 queries over 23 keys).
+fn attention_cases(x: &mut Inputs, cases: &mut Vec<Case>) -> Result<()> {
+    let causal = |t| model_ops::causal_mask(t, None, DType::F32, &Device::Cpu);
+    let (cos, sin) = model_ops::rotary_tables(37, 20, 10000.0, DType::F32, &Device::Cpu)?;
     cases.push(Case {
-        name: "packed attention (per head, partial rotary)",
+        name: "packed attention (per head, d 80, rotary 20, causal)",
         op: Box::new(|t| {
             let rope = Some((&t[2], &t[3]));
-            model_ops::packed_attention(&t[0], QkvPacking::PerHead, 3, rope, &t[1])
+            model_ops::packed_attention(&t[0], QkvPacking::PerHead, 2, rope, &t[1])
         }),
         inputs: vec![
-            x.randn(&[2, 5, 72], 0.0, 1.0)?,
-            model_ops::causal_mask(5, None, DType::F32, &Device::Cpu)?,
-            model_ops::rotary_tables(5, 4, 10000.0, DType::F32, &Device::Cpu)?.0,
-            model_ops::rotary_tables(5, 4, 10000.0, DType::F32, &Device::Cpu)?.1,
+            x.randn(&[2, 37, 3 * 2 * 80], 0.0, 1.0)?,
+            causal(37)?,
+            cos,
+            sin,
         ],
         trainable: 1,
     });
-    Ok(cases)
+    cases.push(Case {
+        name: "packed attention (blocks, d 64, left padding)",
+        op: Box::new(|t| model_ops::packed_attention(&t[0], QkvPacking::Blocked, 2, None, &t[1])),
+        inputs: vec![
+            x.randn(&[2, 21, 3 * 2 * 64], 0.0, 1.0)?,
+            // Sequence 1 is left-padded by 5: its first 5 query rows see no key.
+            mask(2, 21, 21, |bi, q, k| k <= q && k >= 5 * bi)?,
+        ],
+        trainable: 1,
+    });
+    cases.push(Case {
+        name: "attention (d 80, right padding)",
+        op: Box::new(|t| model_ops::attention(&t[0], &t[1], &t[2], &t[3])),
+        inputs: vec![
+            x.randn(&[2, 2, 21, 80], 0.0, 1.0)?,
+            x.randn(&[2, 2, 21, 80], 0.0, 1.0)?,
+            x.randn(&[2, 2, 21, 80], 0.0, 1.0)?,
+            mask(2, 21, 21, |bi, q, k| k <= q && k < 21 - 6 * bi)?,
+        ],
+        trainable: 3,
+    });
+    cases.push(Case {
+        name: "attention (GQA 4/2, d 128, sliding window 7)",
+        op: Box::new(|t| model_ops::attention(&t[0], &t[1], &t[2], &t[3])),
+        inputs: vec![
+            x.randn(&[2, 4, 37, 128], 0.0, 1.0)?,
+            x.randn(&[2, 2, 37, 128], 0.0, 1.0)?,
+            x.randn(&[2, 2, 37, 128], 0.0, 1.0)?,
+            model_ops::causal_mask(37, Some(7), DType::F32, &Device::Cpu)?,
+        ],
+        trainable: 3,
+    });
+    cases.push(Case {
+        name: "attention (GQA 4/1, d 64, 3 queries over 23 cached keys)",
+        op: Box::new(|t| model_ops::attention(&t[0], &t[1], &t[2], &t[3])),
+        inputs: vec![
+            x.randn(&[1, 4, 3, 64], 0.0, 1.0)?,
+            x.randn(&[1, 1, 23, 64], 0.0, 1.0)?,
+            x.randn(&[1, 1, 23, 64], 0.0, 1.0)?,
+            mask(1, 3, 23, |_, q, k| k <= q + 20)?,
+        ],
+        trainable: 3,
+    });
+    Ok(())
 }
 
 /// A fused op's output, or an error saying the kernels did not take it.

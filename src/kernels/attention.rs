@@ -45,13 +45,19 @@ struct Attention {
     /// The additive mask `[mb, mh, t, s]`, mb ∈ {1, b} and mh ∈ {1, heads}, contiguous.
     mask: Tensor,
     scale: f64,
+    /// On CUDA, the forward's log-sum-exp per row (f32 `[b · heads · t, 2]`: the max and the
+    /// log of the sum apart), all the backward needs besides the inputs and the output.
+    #[cfg(feature = "cuda")]
+    lse: std::sync::Mutex<Option<Tensor>>,
 }
 
-/// `[b, h, rows, d]` sizes of q (t rows), k and v (s rows).
+/// `[b, h, rows, d]` sizes of q (t rows), k and v (s rows, `kvh` heads: grouped-query attention
+/// where fewer than h, on CUDA only).
 #[derive(Clone, Copy)]
 struct Heads {
     b: usize,
     h: usize,
+    kvh: usize,
     t: usize,
     s: usize,
     d: usize,
@@ -71,6 +77,8 @@ impl Attention {
         Ok(Self {
             mask: mask.detach().contiguous()?,
             scale: 1.0 / (d as f64).sqrt(),
+            #[cfg(feature = "cuda")]
+            lse: std::sync::Mutex::new(None),
         })
     }
 
@@ -218,11 +226,12 @@ impl Attention {
         }
     }
 
+    /// The sizes of q `[b, h, t, d]`, k and v `[b, kvh, s, d]` (kvh dividing h).
     fn heads(&self, q: &Layout, k: &Layout, v: &Layout) -> Result<Heads> {
-        let (&[b, h, t, d], &[kb, kh, s, kd]) = (q.dims(), k.dims()) else {
+        let (&[b, h, t, d], &[kb, kvh, s, kd]) = (q.dims(), k.dims()) else {
             bail!("attention: q and k must be [b, heads, t, head_dim]")
         };
-        if (kb, kh, kd) != (b, h, d) || v.dims() != k.dims() {
+        if (kb, kd) != (b, d) || kvh == 0 || h % kvh != 0 || v.dims() != k.dims() {
             bail!(
                 "attention: q {:?}, k {:?} and v {:?} do not match",
                 q.dims(),
@@ -230,9 +239,52 @@ impl Attention {
                 v.dims()
             );
         }
-        let hs = Heads { b, h, t, s, d };
+        let hs = Heads { b, h, kvh, t, s, d };
         self.check_mask(&hs)?;
         Ok(hs)
+    }
+
+    /// [`Self::heads`] for the CPU kernel, which takes k and v with every query head's.
+    fn cpu_heads(&self, q: &Layout, k: &Layout, v: &Layout) -> Result<Heads> {
+        let hs = self.heads(q, k, v)?;
+        if hs.kvh != hs.h {
+            bail!(
+                "attention: the CPU kernel takes k and v repeated to all {} heads (models::ops::attention repeats them)",
+                hs.h
+            );
+        }
+        Ok(hs)
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl Attention {
+    /// Keeps the forward's log-sum-exp for the backward.
+    fn keep_lse(&self, lse: candle_core::CudaStorage, hs: &Heads) {
+        let lse = super::cuda::tensor(lse, (hs.b * hs.h * hs.t, 2));
+        *self.lse.lock().expect("attention lse lock") = Some(lse);
+    }
+
+    fn lse(&self) -> Result<Tensor> {
+        match &*self.lse.lock().expect("attention lse lock") {
+            Some(lse) => Ok(lse.clone()),
+            None => bail!("attention: backward on CUDA without the forward's log-sum-exp"),
+        }
+    }
+
+    fn cuda_bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        y: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let hs = self.heads(q.layout(), k.layout(), v.layout())?;
+        let problem = gpu::Problem::apart(&hs, self);
+        let (dq, dkv) = problem.backward(q, Some((k, v)), y, g, &self.lse()?)?;
+        let (dk, dv) = dkv.expect("dk and dv when k and v are apart");
+        Ok((dq, dk, dv))
     }
 }
 
@@ -275,8 +327,8 @@ impl CustomOp3 for Attention {
         vs: &CpuStorage,
         vl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let hs = self.heads(ql, kl, vl)?;
-        let Heads { b, h, t, s, d } = hs;
+        let hs = self.cpu_heads(ql, kl, vl)?;
+        let Heads { b, h, t, s, d, .. } = hs;
         let out = by_dtype!(qs.dtype(), T => {
             let (q, k, v) = (slice::<T>(qs, ql)?, slice::<T>(ks, kl)?, slice::<T>(vs, vl)?);
             let mut y = vec![T::from_f64(0.0); b * h * t * d];
@@ -291,16 +343,45 @@ impl CustomOp3 for Attention {
         Ok((out, ql.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        qs: &candle_core::CudaStorage,
+        ql: &Layout,
+        ks: &candle_core::CudaStorage,
+        kl: &Layout,
+        vs: &candle_core::CudaStorage,
+        vl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let hs = self.heads(ql, kl, vl)?;
+        let (dev, stream) = (qs.device().clone(), qs.device().cuda_stream());
+        let ((qp, _q), (kp, _k), (vp, _v)) = (
+            super::cuda::ptr(qs, ql, &stream)?,
+            super::cuda::ptr(ks, kl, &stream)?,
+            super::cuda::ptr(vs, vl, &stream)?,
+        );
+        let problem = gpu::Problem::apart(&hs, self);
+        let (o, lse) = problem.forward(&dev, qs.dtype(), [qp, kp, vp])?;
+        self.keep_lse(lse, &hs);
+        Ok((o, ql.shape().clone()))
+    }
+
     fn bwd(
         &self,
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
-        _y: &Tensor,
+        y: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let hs = self.heads(q.layout(), k.layout(), v.layout())?;
-        let Heads { b, h, t, s, d } = hs;
+        #[cfg(feature = "cuda")]
+        if q.device().is_cuda() {
+            let (dq, dk, dv) = self.cuda_bwd(q, k, v, y, g)?;
+            return Ok((Some(dq), Some(dk), Some(dv)));
+        }
+        let _ = y;
+        let hs = self.cpu_heads(q.layout(), k.layout(), v.layout())?;
+        let Heads { b, h, t, s, d, .. } = hs;
         by_dtype!(q.dtype(), T => {
             let zeros = |n: usize| vec![T::from_f64(0.0); n];
             let (mut dq, mut dk, mut dv) = (zeros(b * h * t * d), zeros(b * h * s * d), zeros(b * h * s * d));
@@ -362,6 +443,7 @@ impl PackedAttention {
         let hs = Heads {
             b,
             h,
+            kvh: h,
             t,
             s: t,
             d: w / (3 * h),
@@ -475,10 +557,32 @@ impl CustomOp1 for PackedAttention {
         Ok((out, Shape::from((b, t, h * d))))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let hs = self.heads(l)?;
+        let (dev, stream) = (s.device().clone(), s.device().cuda_stream());
+        let (p, _p) = super::cuda::ptr(s, l, &stream)?;
+        let problem = gpu::Problem::packed(&hs, &self.core, self.packing, self.rope.as_ref());
+        let (o, lse) = problem.forward(&dev, s.dtype(), [p; 3])?;
+        self.core.keep_lse(lse, &hs);
+        Ok((o, Shape::from((hs.b, hs.t, hs.h * hs.d))))
+    }
+
     /// Per head: q, k and v gathered again, the core's backward, the rotation's transpose on
     /// dq and dk; the gradients land in one `[b, t, 3 · heads · d]` tensor.
-    fn bwd(&self, qkv: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+    fn bwd(&self, qkv: &Tensor, y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
         let hs = self.heads(qkv.layout())?;
+        #[cfg(feature = "cuda")]
+        if qkv.device().is_cuda() {
+            let problem = gpu::Problem::packed(&hs, &self.core, self.packing, self.rope.as_ref());
+            let dqkv = problem.backward(qkv, None, y, g, &self.core.lse()?)?;
+            return Ok(Some(dqkv.0));
+        }
+        let _ = y;
         let Heads { b, h, t, d, .. } = hs;
         by_dtype!(qkv.dtype(), T => {
             let tables = self.tables::<T>()?;
@@ -527,4 +631,312 @@ pub fn packed_attention(
         packing,
         rope,
     })
+}
+
+/// Whether the CUDA kernels take heads `head_dim` wide: a multiple of 8 (the threads per row)
+/// up to 128 (`ATT_MAXD` in `cuda/attention.cu`): Pythia's 80, Mistral's 128, GPT-2's 64.
+pub fn cuda_head_dim_fits(head_dim: usize) -> bool {
+    head_dim > 0 && head_dim.is_multiple_of(8) && head_dim <= 128
+}
+
+/// The CUDA side (kernels in `cuda/attention.cu`, FlashAttention-2's scheme): the forward
+/// keeps the log-sum-exp per row and nothing `[t, s]`-sized; the backward recomputes the
+/// probabilities tile by tile, dq in one launch and dk, dv in another.
+#[cfg(feature = "cuda")]
+mod gpu {
+    use super::{Attention, Heads, QkvPacking};
+    use crate::kernels::cuda::{self, Arg, Held, ATTENTION};
+    use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
+    use candle_core::{CudaDevice, CudaStorage, DType, Result, Tensor};
+
+    /// Query rows and keys per tile (`ATT_B` in attention.cu).
+    const TILE: usize = 16;
+
+    /// The (batch, head, row) strides of the q, k/v and output views, and the offsets of q, k
+    /// and v in their buffers: the kernels' view of q, k and v apart (`[b, heads, rows, d]`)
+    /// or of one fused projection (`[b, t, 3 · heads · d]`, the output merged `[b, t, heads ·
+    /// d]`). The gradients have the inputs' views.
+    #[derive(Clone, Copy)]
+    struct Views {
+        q: [i64; 3],
+        kv: [i64; 3],
+        o: [i64; 3],
+        starts: [usize; 3],
+    }
+
+    pub(super) struct Problem<'a> {
+        hs: Heads,
+        views: Views,
+        mask: &'a Tensor,
+        rope: Option<&'a (Tensor, Tensor)>,
+        scale: f64,
+    }
+
+    fn grid(x: usize, y: usize, threads: u32) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (x as u32, y as u32, 1),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    impl<'a> Problem<'a> {
+        /// q `[b, h, t, d]`, k and v `[b, kvh, s, d]`, contiguous; the output as q.
+        pub fn apart(hs: &Heads, core: &'a Attention) -> Self {
+            let Heads {
+                h, kvh, t, s, d, ..
+            } = *hs;
+            let q = [(h * t * d) as i64, (t * d) as i64, d as i64];
+            let views = Views {
+                q,
+                kv: [(kvh * s * d) as i64, (s * d) as i64, d as i64],
+                o: q,
+                starts: [0; 3],
+            };
+            Self {
+                hs: *hs,
+                views,
+                mask: &core.mask,
+                rope: None,
+                scale: core.scale,
+            }
+        }
+
+        /// Heads read out of a `[b, t, 3 · h · d]` projection packed as `packing` says.
+        pub fn packed(
+            hs: &Heads,
+            core: &'a Attention,
+            packing: QkvPacking,
+            rope: Option<&'a (Tensor, Tensor)>,
+        ) -> Self {
+            let Heads { h, t, d, .. } = *hs;
+            let w = 3 * h * d;
+            let at = |part, head| packing.offset(part, head, h, d);
+            let qkv = [(t * w) as i64, (at(0, 1) - at(0, 0)) as i64, w as i64];
+            let views = Views {
+                q: qkv,
+                kv: qkv,
+                o: [(t * h * d) as i64, d as i64, (h * d) as i64],
+                starts: [at(0, 0), at(1, 0), at(2, 0)],
+            };
+            Self {
+                hs: *hs,
+                views,
+                mask: &core.mask,
+                rope,
+                scale: core.scale,
+            }
+        }
+
+        /// The kernels' `AttnShape` arguments.
+        fn shape_args(&self) -> Vec<Arg> {
+            let Heads {
+                h, kvh, t, s, d, ..
+            } = self.hs;
+            let (m, rot) = (self.mask.dims(), self.rope.map_or(0, |(c, _)| c.dims()[1]));
+            let v = &self.views;
+            let mut args: Vec<Arg> = [v.q, v.kv, v.o]
+                .iter()
+                .flatten()
+                .map(|&x| Arg::I64(x))
+                .collect();
+            args.extend([h, kvh, t, s, d, rot, m[0], m[1]].map(|x| Arg::I32(x as i32)));
+            args.push(Arg::F32(self.scale as f32));
+            args
+        }
+
+        /// Addresses of q, k and v (or of their gradients) in buffers at `bufs`.
+        fn at(&self, bufs: [u64; 3], dtype: DType) -> [u64; 3] {
+            let size = dtype.size_in_bytes() as u64;
+            std::array::from_fn(|i| bufs[i] + self.views.starts[i] as u64 * size)
+        }
+
+        /// The keys each query tile attends to, per mask slice (`attn_ranges`).
+        fn ranges(&self, dev: &CudaDevice, dtype: DType, mask: u64) -> Result<CudaStorage> {
+            let Heads { t, s, .. } = self.hs;
+            let slices = self.mask.dims()[0] * self.mask.dims()[1];
+            let tiles = t.div_ceil(TILE);
+            let ranges = cuda::alloc(dev, DType::U32, 2 * tiles * slices)?;
+            let stream = dev.cuda_stream();
+            let (rp, r) = cuda::buf(&ranges, &stream)?;
+            let args = [
+                Arg::Ptr(mask),
+                Arg::Ptr(rp),
+                Arg::I32(t as i32),
+                Arg::I32(s as i32),
+            ];
+            // SAFETY: the mask holds slices × t × s values, ranges 2 per tile and slice.
+            unsafe {
+                cuda::run(
+                    dev,
+                    &ATTENTION,
+                    &cuda::typed("attn_ranges", dtype)?,
+                    grid(tiles, slices, 32),
+                    &args,
+                )?
+            };
+            drop(r);
+            Ok(ranges)
+        }
+
+        /// Runs `f` with the addresses of the mask, the rotary tables (0 without) and the
+        /// ranges of this problem.
+        fn with_common<R>(
+            &self,
+            dev: &CudaDevice,
+            dtype: DType,
+            f: impl FnOnce([u64; 4]) -> Result<R>,
+        ) -> Result<R> {
+            let stream = dev.cuda_stream();
+            let mask = Held::new(self.mask)?;
+            let (mp, _m) = mask.ptr(&stream)?;
+            let tables = match self.rope {
+                Some((c, s)) => Some((Held::new(c)?, Held::new(s)?)),
+                None => None,
+            };
+            let (cos, sin) = match &tables {
+                Some((c, s)) => (Some(c.ptr(&stream)?), Some(s.ptr(&stream)?)),
+                None => (None, None),
+            };
+            let ranges = self.ranges(dev, dtype, mp)?;
+            let (rp, _r) = cuda::buf(&ranges, &stream)?;
+            let addr = |p: &Option<(u64, _)>| p.as_ref().map_or(0, |(a, _)| *a);
+            f([mp, addr(&cos), addr(&sin), rp])
+        }
+
+        /// The output (in the output view) and the log-sum-exp of each row (f32 `[b, h, t, 2]`),
+        /// from q, k and v in buffers at `bufs` (the same buffer three times when packed).
+        pub fn forward(
+            &self,
+            dev: &CudaDevice,
+            dtype: DType,
+            bufs: [u64; 3],
+        ) -> Result<(CudaStorage, CudaStorage)> {
+            let Heads { b, h, t, d, .. } = self.hs;
+            let o = cuda::alloc(dev, dtype, b * h * t * d)?;
+            let lse = cuda::alloc(dev, DType::F32, 2 * b * h * t)?;
+            self.with_common(dev, dtype, |[mask, cos, sin, ranges]| {
+                let stream = dev.cuda_stream();
+                let ((op, _o), (lp, _l)) = (cuda::buf(&o, &stream)?, cuda::buf(&lse, &stream)?);
+                let [q, k, v] = self.at(bufs, dtype);
+                let mut args = [q, k, v, cos, sin, mask, ranges, op, lp]
+                    .map(Arg::Ptr)
+                    .to_vec();
+                args.extend(self.shape_args());
+                // SAFETY: the views address b × h × t × d (q, output) and b × kvh × s × d (k,
+                // v) elements of their buffers; mask, tables and ranges as `ranges` made them.
+                unsafe {
+                    cuda::run(
+                        dev,
+                        &ATTENTION,
+                        &cuda::typed("attn_fwd", dtype)?,
+                        grid(t.div_ceil(TILE), b * h, 128),
+                        &args,
+                    )
+                }
+            })?;
+            Ok((o, lse))
+        }
+
+        /// The gradients of q and (when given apart) of k and v, from the inputs, the output
+        /// `y`, its gradient `g` and the forward's `lse`. Packed, `q` is the projection and the
+        /// one gradient is the projection's, every element written by one of the two launches.
+        pub fn backward(
+            &self,
+            q: &Tensor,
+            kv: Option<(&Tensor, &Tensor)>,
+            y: &Tensor,
+            g: &Tensor,
+            lse: &Tensor,
+        ) -> Result<(Tensor, Option<(Tensor, Tensor)>)> {
+            let Heads { b, h, kvh, t, s, d } = self.hs;
+            let (dev, dtype) = (cuda::device_of(q)?, q.dtype());
+            let stream = dev.cuda_stream();
+            let g = g.contiguous()?;
+            let held: Vec<Held> = [
+                Some(q),
+                kv.map(|p| p.0),
+                kv.map(|p| p.1),
+                Some(y),
+                Some(&g),
+                Some(lse),
+            ]
+            .into_iter()
+            .flatten()
+            .map(Held::new)
+            .collect::<Result<_>>()?;
+            let ptrs = held
+                .iter()
+                .map(|x| x.ptr(&stream))
+                .collect::<Result<Vec<_>>>()?;
+            let p: Vec<u64> = ptrs.iter().map(|(a, _)| *a).collect();
+            let (bufs, [yp, gp, lp]) = match kv {
+                Some(_) => ([p[0], p[1], p[2]], [p[3], p[4], p[5]]),
+                None => ([p[0]; 3], [p[1], p[2], p[3]]),
+            };
+            let grads: Vec<CudaStorage> = match kv {
+                Some(_) => vec![
+                    cuda::alloc(&dev, dtype, b * h * t * d)?,
+                    cuda::alloc(&dev, dtype, b * kvh * s * d)?,
+                    cuda::alloc(&dev, dtype, b * kvh * s * d)?,
+                ],
+                None => vec![cuda::alloc(&dev, dtype, q.elem_count())?],
+            };
+            let delta = cuda::alloc(&dev, DType::F32, b * h * t)?;
+            self.with_common(&dev, dtype, |[mask, cos, sin, ranges]| {
+                let gptrs = grads
+                    .iter()
+                    .map(|x| cuda::buf(x, &stream))
+                    .collect::<Result<Vec<_>>>()?;
+                let gaddr: Vec<u64> = gptrs.iter().map(|(a, _)| *a).collect();
+                let (dp, _d) = cuda::buf(&delta, &stream)?;
+                let [q, k, v] = self.at(bufs, dtype);
+                let [dq, dk, dv] = self.at(
+                    if gaddr.len() == 3 {
+                        [gaddr[0], gaddr[1], gaddr[2]]
+                    } else {
+                        [gaddr[0]; 3]
+                    },
+                    dtype,
+                );
+                let mut dq_args = [q, k, v, cos, sin, mask, ranges, yp, gp, lp, dq, dp]
+                    .map(Arg::Ptr)
+                    .to_vec();
+                dq_args.extend(self.shape_args());
+                let mut dkv_args = [q, k, v, cos, sin, mask, ranges, gp, lp, dp, dk, dv]
+                    .map(Arg::Ptr)
+                    .to_vec();
+                dkv_args.extend(self.shape_args());
+                // SAFETY: as in `forward`; dq has q's view, dk and dv k's, δ b × h × t floats.
+                unsafe {
+                    cuda::run(
+                        &dev,
+                        &ATTENTION,
+                        &cuda::typed("attn_bwd_dq", dtype)?,
+                        grid(t.div_ceil(TILE), b * h, 128),
+                        &dq_args,
+                    )?;
+                    cuda::run(
+                        &dev,
+                        &ATTENTION,
+                        &cuda::typed("attn_bwd_dkv", dtype)?,
+                        grid(s.div_ceil(TILE), b * kvh, 128),
+                        &dkv_args,
+                    )
+                }
+            })?;
+            let mut grads = grads.into_iter();
+            let dq = grads.next().expect("a gradient for q");
+            Ok(match kv {
+                Some((k, _)) => {
+                    let (dk, dv) = (grads.next().expect("dk"), grads.next().expect("dv"));
+                    (
+                        cuda::tensor(dq, q.shape()),
+                        Some((cuda::tensor(dk, k.shape()), cuda::tensor(dv, k.shape()))),
+                    )
+                }
+                None => (cuda::tensor(dq, q.shape()), None),
+            })
+        }
+    }
 }

@@ -40,6 +40,7 @@ pub(crate) const ROTARY: Module = module!("rotary");
 pub(crate) const DENSE: Module = module!("dense");
 pub(crate) const ADAMW: Module = module!("adamw");
 pub(crate) const INIT: Module = module!("init");
+pub(crate) const ATTENTION: Module = module!("attention");
 
 /// The kernel instance for a storage type: `name_f32`, `name_bf16`, `name_f16`.
 pub(crate) fn typed(name: &str, dtype: DType) -> Result<String> {

@@ -677,8 +677,8 @@ mod gpu {
             .as_ref()
             .map_or(Epilogue::None, |(p, _)| Epilogue::Bias(*p));
         cuda::gemm(&dev, dtype, gemm, wp, xp, yp, epilogue)?;
-        // The guard borrows `out`: its drop (recording the write on the stream) comes first.
-        drop(_y);
+        // The launch is enqueued: the records on `out` go before it is handed on.
+        drop((_x, _w, _y, b));
         Ok((out, Shape::from(dims)))
     }
 

@@ -10,9 +10,7 @@
 
 use super::cache::{KvCache, Step};
 use super::checkpoint::{run_blocks, GradSink};
-use super::ops::{
-    attention, causal_mask, linear, repeat_kv, rms_norm, rope_settings, rotary, rotary_tables,
-};
+use super::ops::{attention, causal_mask, linear, rms_norm, rope_settings, rotary, rotary_tables};
 use super::ops::{merge_heads, Linear, RopeParameters};
 use super::output::OutputLayer;
 use super::CausalLm;
@@ -167,8 +165,7 @@ impl Layer {
             Some((cache, layer)) => cache.append(layer, &k, &v)?,
             None => (k, v),
         };
-        let rep = self.n_head / self.n_kv_head;
-        let y = attention(&q, &repeat_kv(k, rep)?, &repeat_kv(v, rep)?, mask)?;
+        let y = attention(&q, &k, &v, mask)?;
         self.o_proj.forward(&merge_heads(&y)?)
     }
 

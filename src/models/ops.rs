@@ -4,9 +4,9 @@
 //! and drop gradients silently, so the models use these compositions of differentiable ops
 //! (`*_composed`) or the fused kernels with a backward of [`crate::kernels`]: on the CPU in
 //! f32/f64 ([`kernels::supports`]), and on CUDA in f32/bf16/f16 for the ops that have CUDA
-//! kernels ([`kernels::supports_with_cuda`]: norms, softmax, rotary, dense layers, activations).
-//! The attention core and the output layer have CPU kernels only so far; on CUDA attention runs
-//! as a composition whose softmax and rotary are the fused kernels ([`attention`]).
+//! kernels ([`kernels::supports_with_cuda`]: norms, softmax, rotary, dense layers, activations,
+//! and attention where the head dim fits [`kernels::attention::cuda_head_dim_fits`]). The output
+//! layer has CPU kernels only so far.
 
 use super::lora::Adapter;
 use crate::kernels;
@@ -158,14 +158,22 @@ fn cached<const N: usize>(
     Ok(tables)
 }
 
-/// Scaled dot-product attention over [b, heads, t, head_dim] tensors with an additive mask that
-/// broadcasts to [b, heads, t, t].
+/// Scaled dot-product attention of q `[b, heads, t, head_dim]` over k and v `[b, kv_heads, s,
+/// head_dim]` (grouped-query attention where kv_heads < heads, as [`repeat_kv`] pairs them) with
+/// an additive mask that broadcasts to `[b, heads, t, s]`. On CUDA the fused kernel takes the
+/// kv heads as they are; elsewhere they are repeated first.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    let fits = kernels::attention::cuda_head_dim_fits(q.dim(D::Minus1)?);
+    if kernels::supports_cuda(&[q, k, v, mask]) && fits {
+        return kernels::attention::attention(q, k, v, mask);
+    }
+    let rep = q.dim(1)? / k.dim(1)?.max(1);
+    let (k, v) = (&repeat_kv(k.clone(), rep)?, &repeat_kv(v.clone(), rep)?);
     if kernels::supports(&[q, k, v, mask]) {
         return kernels::attention::attention(q, k, v, mask);
     }
     if kernels::supports_cuda(&[q, k, v, mask]) {
-        // Until attention has a CUDA kernel of its own: the fused softmax inside.
+        // Heads too wide for the CUDA kernel: the composition, with the fused softmax inside.
         return attention_with(q, k, v, mask, softmax_last_dim);
     }
     attention_composed(q, k, v, mask)
@@ -201,8 +209,8 @@ pub fn merge_heads(y: &Tensor) -> Result<Tensor> {
 
 /// Self-attention from a fused q/k/v projection `[b, t, 3 · heads · head_dim]` to the merged
 /// heads `[b, t, heads · head_dim]`, with rotary tables `[t, rot_dim]` (cos, sin) on q and k and
-/// a mask that broadcasts to `[b, heads, t, t]`: one fused op on CPU in f32/f64
-/// ([`kernels::attention::packed_attention`]), else the composition.
+/// a mask that broadcasts to `[b, heads, t, t]`: one fused op on CPU in f32/f64 and on CUDA
+/// where the head dim fits ([`kernels::attention::packed_attention`]), else the composition.
 pub fn packed_attention(
     qkv: &Tensor,
     packing: QkvPacking,
@@ -213,12 +221,14 @@ pub fn packed_attention(
     let mut tensors = vec![qkv, mask];
     tensors.extend(rope.iter().flat_map(|(c, s)| [*c, *s]));
     let tables_fit = rope.is_none_or(|(c, _)| c.rank() == 2 && c.dim(0).ok() == qkv.dim(1).ok());
-    if kernels::supports(&tensors) && tables_fit {
+    let cuda_fits = kernels::supports_cuda(&tensors)
+        && kernels::attention::cuda_head_dim_fits(qkv.dim(2)? / (3 * heads).max(1));
+    if (kernels::supports(&tensors) || cuda_fits) && tables_fit {
         return kernels::attention::packed_attention(qkv, packing, heads, rope, mask);
     }
     if kernels::supports_cuda(&tensors) {
-        // Until attention has a CUDA kernel of its own: the composition, with the fused rotary
-        // and softmax kernels in place of theirs.
+        // Heads the CUDA kernel does not take: the composition, with the fused rotary and
+        // softmax kernels in place of theirs.
         let (q, k, v) = split_qkv(qkv, packing, heads)?;
         let (q, k) = match rope {
             Some((cos, sin)) => (rotary(&q, cos, sin)?, rotary(&k, cos, sin)?),

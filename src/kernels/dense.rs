@@ -618,7 +618,7 @@ mod gpu {
     use super::{Activation, WeightLayout};
     use crate::kernels::cuda::{self, Arg, Epilogue, Gemm, Held, DENSE};
     use candle_core::backend::BackendStorage;
-    use candle_core::{bail, CudaStorage, Layout, Result, Shape, Tensor, D};
+    use candle_core::{bail, CudaDevice, CudaStorage, DType, Layout, Result, Shape, Tensor, D};
 
     type Input<'a> = (&'a CudaStorage, &'a Layout);
 
@@ -630,6 +630,30 @@ mod gpu {
             Activation::Relu => 2,
             Activation::Silu => 3,
         })
+    }
+
+    /// Launches the elementwise activation kernel `name` of `dtype` over `n` elements: its
+    /// buffers `ptrs` in the kernel's order, then `n` and the activation.
+    ///
+    /// # Safety
+    /// Every pointer holds `n` elements of `dtype` and stays valid until the launch completes.
+    unsafe fn elementwise(
+        dev: &CudaDevice,
+        name: &str,
+        dtype: DType,
+        ptrs: &[u64],
+        n: usize,
+        a: Activation,
+    ) -> Result<()> {
+        let mut args: Vec<Arg> = ptrs.iter().map(|&p| Arg::Ptr(p)).collect();
+        args.extend([Arg::I64(n as i64), kind(a)]);
+        cuda::run(
+            dev,
+            &DENSE,
+            &cuda::typed(name, dtype)?,
+            cuda::elementwise_config(n),
+            &args,
+        )
     }
 
     /// y = x · Wᵀ (+ b) (x · W for `[in, out]` weights). cuBLAS is column-major: a row-major
@@ -801,17 +825,8 @@ mod gpu {
         if n > 0 {
             let stream = dev.cuda_stream();
             let ((xp, _x), (yp, _y)) = (cuda::ptr(s, l, &stream)?, cuda::buf(&out, &stream)?);
-            let args = [Arg::Ptr(xp), Arg::Ptr(yp), Arg::I64(n as i64), kind(a)];
             // SAFETY: x and y hold n elements.
-            unsafe {
-                cuda::run(
-                    &dev,
-                    &DENSE,
-                    &cuda::typed("act_fwd", dtype)?,
-                    cuda::elementwise_config(n),
-                    &args,
-                )?
-            };
+            unsafe { elementwise(&dev, "act_fwd", dtype, &[xp, yp], n, a)? };
         }
         Ok((out, l.shape().clone()))
     }
@@ -825,23 +840,8 @@ mod gpu {
             let (xh, gh) = (Held::new(x)?, Held::new(&g)?);
             let ((xp, _x), (gp, _g), (dxp, _dx)) =
                 (xh.ptr(&stream)?, gh.ptr(&stream)?, cuda::buf(&dx, &stream)?);
-            let args = [
-                Arg::Ptr(xp),
-                Arg::Ptr(gp),
-                Arg::Ptr(dxp),
-                Arg::I64(n as i64),
-                kind(a),
-            ];
             // SAFETY: x, g and dx hold n elements.
-            unsafe {
-                cuda::run(
-                    &dev,
-                    &DENSE,
-                    &cuda::typed("act_bwd", dtype)?,
-                    cuda::elementwise_config(n),
-                    &args,
-                )?
-            };
+            unsafe { elementwise(&dev, "act_bwd", dtype, &[xp, gp, dxp], n, a)? };
         }
         Ok(cuda::tensor(dx, x.shape()))
     }
@@ -857,23 +857,8 @@ mod gpu {
                 cuda::ptr(up.0, up.1, &stream)?,
                 cuda::buf(&out, &stream)?,
             );
-            let args = [
-                Arg::Ptr(gp),
-                Arg::Ptr(up_p),
-                Arg::Ptr(yp),
-                Arg::I64(n as i64),
-                kind(a),
-            ];
             // SAFETY: gate, up and y hold n elements.
-            unsafe {
-                cuda::run(
-                    &dev,
-                    &DENSE,
-                    &cuda::typed("glu_fwd", dtype)?,
-                    cuda::elementwise_config(n),
-                    &args,
-                )?
-            };
+            unsafe { elementwise(&dev, "glu_fwd", dtype, &[gp, up_p, yp], n, a)? };
         }
         Ok((out, gate.1.shape().clone()))
     }
@@ -894,25 +879,8 @@ mod gpu {
                 (xh.ptr(&stream)?, uh.ptr(&stream)?, gh.ptr(&stream)?);
             let ((dgp, _dg), (dup_p, _du)) =
                 (cuda::buf(&dgate, &stream)?, cuda::buf(&dup, &stream)?);
-            let args = [
-                Arg::Ptr(xp),
-                Arg::Ptr(up_p),
-                Arg::Ptr(gp),
-                Arg::Ptr(dgp),
-                Arg::Ptr(dup_p),
-                Arg::I64(n as i64),
-                kind(a),
-            ];
             // SAFETY: every buffer holds n elements.
-            unsafe {
-                cuda::run(
-                    &dev,
-                    &DENSE,
-                    &cuda::typed("glu_bwd", dtype)?,
-                    cuda::elementwise_config(n),
-                    &args,
-                )?
-            };
+            unsafe { elementwise(&dev, "glu_bwd", dtype, &[xp, up_p, gp, dgp, dup_p], n, a)? };
         }
         Ok((
             cuda::tensor(dgate, gate.shape()),

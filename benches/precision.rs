@@ -261,6 +261,13 @@ fn run(shape: &Shape, seed: u64) -> Result<()> {
         "H·bf16(W32 + e), autocast, bf16 logits",
         &moved(&bf16_out(&delta_autocast)?, &exact, &gm)?,
     );
+    // The tiled CUDA path: H eᵀ as a tensor-core GEMM of bf16 H and bf16 e (e rounded alone,
+    // to its own relative precision) accumulated in f32 onto the f32 logits.
+    let product = hb.to_dtype(DType::F32)?.matmul(&bf16(&e)?.t()?)?;
+    line(
+        "dpo-sam on CUDA: f32 logits + bf16(H)·bf16(e)ᵀ in f32 (tiled kernel)",
+        &moved(&((&plain + product)? - &plain)?, &exact, &gm)?,
+    );
     line(
         "bf16 logits + bf16(H eᵀ)",
         &moved(

@@ -7,9 +7,10 @@
 # stderr tail). Intermediate files live in a temporary folder outside $OUT.
 #
 # Order, most important first: each CUDA kernel against its CPU twin (seconds, the fused
-# attention's cases included); the fused attention's time beside PyTorch SDPA's at Pythia-2.8B and
+# attention's and the tiled output layer's cases included, with the logits-SAM pass's parity and
+# its lm_head GEMM count); the fused attention's time beside PyTorch SDPA's at Pythia-2.8B and
 # Mistral-7B head shapes; the Pythia-2.8B bf16 step (4 pairs × 512 tokens, activation
-# checkpointing) beside PyTorch's; whole-model parity; then smaller shapes while time remains.
+# checkpointing), plain and logits-SAM (their ratio: issue 19's ≤ 1.035), beside PyTorch's; whole-model parity; then smaller shapes while time remains.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -135,9 +136,10 @@ for shape, dtype in runs:
     ours, torch = result(f"bench-{shape}-{dtype}"), result(f"torch-{shape}-{dtype}")
     row = {"shape": shape, "dtype": dtype, "dpo_sam": ours, "torch": torch}
     try:
-        plain = next(v for v in ours["result"]["variants"] if v["variant"] == "none")["median_s"]
-        row["ratio_dpo_sam_to_torch"] = plain / torch["result"]["median_s"]
-    except (KeyError, StopIteration, TypeError):
+        variants = {v["variant"]: v["median_s"] for v in ours["result"]["variants"]}
+        row["logits_sam_to_plain"] = variants["logits"] / variants["none"]
+        row["ratio_dpo_sam_to_torch"] = variants["none"] / torch["result"]["median_s"]
+    except (KeyError, TypeError, ZeroDivisionError):
         pass
     report["bench"].append(row)
 # Attention alone: ours over SDPA's, forward + backward, per shape.
@@ -153,7 +155,8 @@ passed = lambda r: (r.get("result") or {}).get("pass")
 print(json.dumps({"gpu": report["gpu"], "ops_pass": passed(report["ops"]), "models_pass": passed(report["models"]),
                   "nccl_pass": passed(report["nccl"]),
                   "attention_ratio_to_sdpa": report.get("attention_ratio_to_sdpa"),
-                  "ratios": {f'{r["shape"]}/{r["dtype"]}': r.get("ratio_dpo_sam_to_torch") for r in report["bench"]}}))
+                  "ratios": {f'{r["shape"]}/{r["dtype"]}': r.get("ratio_dpo_sam_to_torch") for r in report["bench"]},
+                  "logits_sam_to_plain": {f'{r["shape"]}/{r["dtype"]}': r.get("logits_sam_to_plain") for r in report["bench"]}}))
 PY
 rm -rf "$WORK"
 log "wrote $OUTDIR/gpu-check.json and $LOG"

@@ -324,11 +324,12 @@ fn step_memory(
 ) -> Result<serde_json::Value> {
     const MIB: f64 = 1024.0 * 1024.0;
     let half = mixed_precision == MixedPrecision::Bf16;
+    let compute_bytes = if half { 2.0 } else { 4.0 };
     let acts = crate::plan::activations(
         &trainer.policy().config_json,
         2 * args.pairs,
         args.seq_len,
-        if half { 2.0 } else { 4.0 },
+        compute_bytes,
         trainer.device().is_cpu() && !half,
         trainer.device().is_cuda(),
     )?;
@@ -339,7 +340,8 @@ fn step_memory(
         .map(|p| p.var.elem_count())
         .sum();
     let vocab = trainer.policy().net.output_layer().vocab_size()?;
-    let logits = crate::plan::logits_bytes(2 * args.pairs * args.seq_len, vocab);
+    let tile = crate::plan::output_tile(trainer.device().is_cuda(), compute_bytes);
+    let logits = crate::plan::logits_bytes(2 * args.pairs * args.seq_len, vocab, tile);
     let activations = acts.total(args.gradient_checkpointing);
     crate::device::release_free_memory();
     let before = proc_status_kib("VmRSS:");

@@ -8,6 +8,7 @@
 //! sharding), plus two gradient buckets.
 
 use crate::config::{Config, OptimizerType};
+use crate::kernels::output::Tile;
 use crate::models::{param_shapes, ModelSource};
 use anyhow::{Context, Result};
 use serde_json::json;
@@ -150,6 +151,7 @@ pub fn plan(cfg: &Config, ranks: usize) -> Result<serde_json::Value> {
     let logits = logits_bytes(
         2 * cfg.micro_batch_size() * cfg.data.max_length,
         vocab as usize,
+        output_tile(cfg.device.starts_with("cuda"), compute_bytes),
     );
 
     // The fused CPU kernels keep less than the compositions used elsewhere (see models::ops);
@@ -303,9 +305,31 @@ fn lora_plan(cfg: &Config, config_json: &serde_json::Value) -> Result<Option<Lor
     }))
 }
 
-/// Logits, log-softmax and their gradient, f32, for `tokens` scored tokens.
-pub fn logits_bytes(tokens: usize, vocab: usize) -> f64 {
-    3.0 * 4.0 * (tokens * vocab) as f64
+/// The output layer's working memory for `tokens` scored tokens, in bytes: on the tiled path
+/// (`tile`, see `kernels::output`) the forward's f32 logits when they fit its keep budget and a
+/// tile of ∂L/∂logits, else a tile of each; on the unfused path logits, log-softmax and their
+/// gradient, f32.
+pub fn logits_bytes(tokens: usize, vocab: usize, tile: Option<Tile>) -> f64 {
+    let all = 4.0 * (tokens * vocab) as f64;
+    match tile {
+        None => 3.0 * all,
+        Some(t) => {
+            let one = 4.0 * (t.rows.min(tokens) * t.vocab.min(vocab)) as f64;
+            match all <= t.keep_bytes as f64 {
+                true => all + one,
+                false => 2.0 * one,
+            }
+        }
+    }
+}
+
+/// The output layer's tile where its tiled path runs: on CUDA, and on the CPU in f32/f64.
+pub fn output_tile(cuda: bool, compute_bytes: f64) -> Option<Tile> {
+    match (cuda, compute_bytes >= 4.0) {
+        (true, _) => Some(Tile::CUDA),
+        (false, true) => Some(Tile::DEFAULT),
+        (false, false) => None,
+    }
 }
 
 /// What the policy's forward pass keeps alive for its backward, per micro-batch, in bytes:

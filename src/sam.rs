@@ -7,14 +7,14 @@
 //! | 2: forward → loss_pre, hidden states H        | `h` from the step's forward; `loss_pre`      |
 //! | 3: g ← grad(loss_pre, W)                      | g = Gᵀ H, `OutputLayer::sam_gradient`        |
 //! | 4: e ← ρ g / ‖g‖₂                             | [`Perturbation::e`]                          |
-//! | 5: logits_perturbed ← linear(H, W + e)        | `OutputLayer::token_logps(h, _, Some(e))`    |
+//! | 5: logits_perturbed ← linear(H, W + e)        | [`Perturbation::token_logps_at_w_plus_e`]    |
 //! | 6–7: loss_post, backward                      | in `train::step`                             |
 //!
 //! Also full SAM (`sam.kind = "full"`, [`perturb_params`]), the two-pass baseline the paper
 //! compares against, and the adaptive (ASAM) variant of both (`sam.adaptive`).
 
 use crate::models::ops::accum_dtype;
-use crate::models::output::OutputLayer;
+use crate::models::output::{OutputLayer, SamPrePass};
 use crate::models::Param;
 use anyhow::Result;
 use candle_core::{backprop::GradStore, DType, Tensor, Var};
@@ -29,6 +29,25 @@ pub struct Perturbation {
     pub grad_norm: Tensor,
     /// Per-token log-probs at the unperturbed W (no graph), for metrics of the actual model.
     pub token_logps: Tensor,
+    /// The pre-pass, until line 5 reuses its logits.
+    pre: Option<SamPrePass>,
+}
+
+impl Perturbation {
+    /// Line 5: the per-token log-probs at W + e, differentiable in H and W (e a constant, the
+    /// bias unperturbed), for the same `h` and `targets` as lines 1–4. The first call reuses the
+    /// pre-pass's logits where the output layer can (see `OutputLayer::token_logps_perturbed`).
+    pub fn token_logps_at_w_plus_e(
+        &mut self,
+        head: &OutputLayer,
+        h: &Tensor,
+        targets: &Tensor,
+    ) -> Result<Tensor> {
+        Ok(match self.pre.take() {
+            Some(pre) => head.token_logps_perturbed(h, targets, &self.e, pre)?,
+            None => head.token_logps(h, targets, Some(&self.e))?,
+        })
+    }
 }
 
 /// Lines 1–4 of Algorithm 1. `objective` maps per-token log-probs `[n]` to the scalar loss; it is
@@ -75,6 +94,7 @@ pub fn logits_perturbation_with(
         loss_pre: loss_pre.detach().to_dtype(DType::F64)?,
         grad_norm,
         token_logps: token_logps.as_tensor().detach(),
+        pre: Some(pre),
     })
 }
 

@@ -3,7 +3,8 @@
 //! (`host.h`: each block's threads as OS threads, barriers, warp shuffles through memory) and
 //! compares each kernel, at the launch shapes `src/kernels/cuda.rs` uses, with a double-precision
 //! reference — rows longer and shorter than a block, column stripes and rows that do not divide
-//! evenly, a parameter spanning two optimiser chunks, bf16 storage. It prints the first values of
+//! evenly, a parameter spanning two optimiser chunks, the output layer's ragged vocabulary
+//! tiles, bf16 storage. It prints the first values of
 //! the device random stream, which must be `kernels::init::randn_host`'s. What it cannot check
 //! (the Rust launch code, cuBLASLt, real warp scheduling) `tests/cuda_ops.rs` checks on a GPU.
 //! `tests/cuda_emulation/attention.cpp` runs the fused attention kernels the same way on cases

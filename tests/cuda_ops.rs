@@ -1,8 +1,10 @@
 //! Each CUDA kernel against its CPU twin, wherever a GPU is present: the forward output and
 //! every input gradient of each fused op (relative error ≤ 1e-5 in f32, ≤ 1e-2 in bf16 against
 //! the twin in f32 on the same bf16-rounded inputs; the fused attention at each mask kind, GQA,
-//! head dims 64/80/128, lengths off the tile size and fully masked rows), the fused AdamW with
-//! the device-side gradient norm against the CPU update, and the device's random
+//! head dims 64/80/128, lengths off the tile size and fully masked rows; the tiled output layer
+//! with recomputed and kept tiles, and its SAM gradient), a logits-SAM pass of the output layer
+//! (what e changes, at most five lm_head GEMMs) and its memory without kept logits, the fused
+//! AdamW with the device-side gradient norm against the CPU update, and the device's random
 //! initialisation against its host reference. The comparisons are `dpo_sam::gpucheck::ops`,
 //! which the shipped binary also runs (`dpo-sam gpu-check --checks ops`, from
 //! `scripts/gpu-check.sh`) on GPU machines without a Rust toolchain. Elsewhere this test is

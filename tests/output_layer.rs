@@ -338,3 +338,28 @@ fn half_precision_falls_back_to_unfused() -> Result<()> {
     assert_eq!(max_diff(&g, &recomputed)?, 0.0);
     Ok(())
 }
+
+/// The paper's cost: with the logits kept, a plain pass (forward and backward) runs three
+/// lm_head-sized GEMMs and a logits-SAM pass (lines 1–7 of Algorithm 1) five; recomputing them
+/// costs one more per pass over the tiles.
+#[test]
+fn logits_sam_runs_five_lm_head_gemms() -> anyhow::Result<()> {
+    use dpo_sam::kernels::output::take_gemm_products;
+    let c = case(DType::F32, false)?;
+    let head = c.head();
+    let loss = |lp: &Tensor| -> anyhow::Result<Tensor> { Ok((lp * &c.coef)?.sum_all()?) };
+    let gemms = || take_gemm_products() as f64 / (N * VOCAB) as f64;
+    take_gemm_products();
+    let lp = head.token_logps(c.h.as_tensor(), &c.targets, None)?;
+    loss(&lp)?.backward()?;
+    assert_eq!(gemms(), 3.0);
+    let mut p = dpo_sam::sam::logits_perturbation(&head, c.h.as_tensor(), &c.targets, 0.1, &loss)?;
+    let lp = p.token_logps_at_w_plus_e(&head, c.h.as_tensor(), &c.targets)?;
+    loss(&lp)?.backward()?;
+    assert_eq!(gemms(), 5.0);
+    // Recomputed: the pre-pass's g and the backward each redo the logits.
+    let lp = head.token_logps_tiled(c.h.as_tensor(), &c.targets, None, TILE)?;
+    loss(&lp)?.backward()?;
+    assert_eq!(gemms(), 4.0);
+    Ok(())
+}

@@ -5,14 +5,20 @@
 //! in f32 at most 1e-5; in bf16 at most 1e-2, against the CPU twin run in f32 on the same
 //! bf16-rounded inputs. Also the fused optimiser with the device-side gradient norm against the
 //! CPU's update (f32, and mixed precision with bf16 copies), and the device's random
-//! initialisation against its host reference. A check whose op launched no kernel of ours on the
-//! device fails: a fallback to a composition must not pass for a kernel.
+//! initialisation against its host reference. The tiled output layer is checked three ways: as
+//! an op (token log-probs and ∂L/∂H, ∂L/∂W, ∂L/∂b, tiles recomputed and kept; the SAM gradient
+//! g = Gᵀ H), as a logits-SAM pass (what e changes in the log-probs and in ∂L/∂W against the
+//! CPU's, at most five lm_head-sized GEMMs), and by its memory (the device's peak beyond the
+//! operands, a fraction of the N×V logits it never holds). A check whose op launched no kernel of
+//! ours on the device fails: a fallback to a composition must not pass for a kernel.
 
 use super::models::rel_err;
 use crate::kernels::attention::QkvPacking;
 use crate::kernels::dense::{Activation, WeightLayout};
+use crate::kernels::output::{take_gemm_products, Tile};
 use crate::kernels::{self, dense, norm, rotary, softmax};
 use crate::models::ops as model_ops;
+use crate::models::output::OutputLayer;
 use crate::models::Param;
 use crate::optim::{GradAccumulator, Optimizer, OptimizerKind, Rounding};
 use anyhow::{Context, Result};
@@ -168,7 +174,77 @@ fn cases() -> Result<Vec<Case>> {
         });
     }
     attention_cases(&mut x, &mut cases)?;
+    output_cases(&mut x, &mut cases)?;
     Ok(cases)
+}
+
+/// The output layer's shapes in these checks: a vocabulary and a tile that divide nothing.
+const OUT_N: usize = 300;
+const OUT_VOCAB: usize = 5003;
+const OUT_HIDDEN: usize = 64;
+const OUT_TILE: Tile = Tile {
+    rows: 128,
+    vocab: 1024,
+    keep_bytes: 0,
+};
+
+/// Targets `[n]` spread over the vocabulary, on `device`.
+fn targets(n: usize, vocab: usize, device: &Device) -> candle_core::Result<Tensor> {
+    let t: Vec<u32> = (0..n).map(|i| ((i * 7919 + 3) % vocab) as u32).collect();
+    Tensor::from_vec(t, n, device)
+}
+
+fn head(t: &[Tensor], bias: bool) -> OutputLayer {
+    OutputLayer {
+        weight: t[1].clone(),
+        bias: bias.then(|| t[2].clone()),
+    }
+}
+
+/// The tiled output layer at ragged tiles: tiles recomputed in the backward (with a bias) and
+/// kept from the forward (without), and the SAM gradient g = Gᵀ H from the pre-pass.
+fn output_cases(x: &mut Inputs, cases: &mut Vec<Case>) -> Result<()> {
+    for (name, bias, keep_bytes) in [
+        ("output layer (tiles recomputed, bias)", true, 0),
+        ("output layer (tiles kept)", false, usize::MAX),
+    ] {
+        let tile = Tile {
+            keep_bytes,
+            ..OUT_TILE
+        };
+        let mut inputs = vec![
+            x.randn(&[OUT_N, OUT_HIDDEN], 0.0, 1.0)?,
+            x.randn(&[OUT_VOCAB, OUT_HIDDEN], 0.0, 0.2)?,
+        ];
+        if bias {
+            inputs.push(x.randn(&[OUT_VOCAB], 0.0, 0.5)?);
+        }
+        cases.push(Case {
+            name,
+            op: Box::new(move |t| {
+                let targets = targets(OUT_N, OUT_VOCAB, t[0].device())?;
+                head(t, bias).token_logps_tiled(&t[0], &targets, None, tile)
+            }),
+            trainable: inputs.len(),
+            inputs,
+        });
+    }
+    cases.push(Case {
+        name: "output layer SAM gradient g = Gᵀ H",
+        op: Box::new(|t| {
+            let targets = targets(OUT_N, OUT_VOCAB, t[0].device())?;
+            let head = head(t, false);
+            let (_, pre) = head.token_logps_for_sam_tiled(&t[0], &targets, OUT_TILE)?;
+            head.sam_gradient(&t[0], &targets, &t[2], &pre)
+        }),
+        inputs: vec![
+            x.randn(&[OUT_N, OUT_HIDDEN], 0.0, 1.0)?,
+            x.randn(&[OUT_VOCAB, OUT_HIDDEN], 0.0, 0.2)?,
+            x.randn(&[OUT_N], 0.0, 1.0)?,
+        ],
+        trainable: 0,
+    });
+    Ok(())
 }
 
 /// An additive mask `[b, 1, t, s]`: 0 where query `q` of sequence `bi` sees key `k`, else −1e9.
@@ -269,8 +345,12 @@ fn run(c: &Case, inputs: &[Tensor], r: &Tensor) -> Result<(Tensor, Vec<Tensor>)>
     let mut args: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
     args.extend(inputs[c.trainable..].iter().cloned());
     let y = (c.op)(&args)?;
-    let grads = (&y * r)?.sum_all()?.backward()?;
     let host = |t: &Tensor| t.to_device(&Device::Cpu)?.to_dtype(DType::F32);
+    if vars.is_empty() {
+        return Ok((host(&y)?, Vec::new()));
+    }
+    // The output layer's log-probs are f32 whatever its inputs' dtype.
+    let grads = (&y * r.to_dtype(y.dtype())?)?.sum_all()?.backward()?;
     let g = vars
         .iter()
         .map(|v| {
@@ -356,7 +436,123 @@ pub fn check(device: &Device) -> Result<Vec<Outcome>> {
         out.push(outcome(name, DType::F32, 1e-5, optimiser(device, mixed)));
     }
     out.push(outcome("random init", DType::F32, 1e-5, init(device)));
+    for (dtype, tolerance) in [(DType::F32, 1e-3), (DType::BF16, 0.05)] {
+        let name = "logits-SAM: what e changes (log-probs, ∂L/∂W), ≤ 5 lm_head GEMMs";
+        out.push(outcome(name, dtype, tolerance, logits_sam(device, dtype)));
+    }
+    let name = "output layer memory: peak beyond the operands / N×V f32 logits";
+    out.push(outcome(name, DType::BF16, 0.125, output_memory(device)));
     Ok(out)
+}
+
+/// The SAM ascent's size here: large enough that what e changes in G stands well above bf16's
+/// rounding of it. G's target entries are c (1 − p) with p ~ 1e-3 at these shapes, rounded to
+/// bf16's step near |c|, so e must move p by more than that step: modelled in PyTorch with G
+/// rounded to bf16, what e changes in ∂L/∂W is off by 9% at ρ = 2 and by 0.6% at ρ = 10.
+const CHECK_RHO: f64 = 10.0;
+
+/// One logits-SAM pass of the output layer (Algorithm 1, lines 1–7, with Σ c ⊙ log-probs as the
+/// loss) on the device in `dtype` and on the CPU in f32 from the same rounded inputs; errors:
+/// what e changes in the token log-probs and in ∂L/∂W (perturbed minus plain), device against
+/// CPU. Fails if the device ran more than five lm_head-sized GEMMs for lines 1–7, the paper's
+/// bound (the default tiles, which keep these logits).
+fn logits_sam(device: &Device, dtype: DType) -> Result<(Vec<f64>, u64)> {
+    let mut x = Inputs(rand_chacha::ChaCha8Rng::seed_from_u64(9));
+    let h = x.randn(&[OUT_N, OUT_HIDDEN], 0.0, 1.0)?;
+    let w = x.randn(&[OUT_VOCAB, OUT_HIDDEN], 0.0, 0.2)?;
+    let c = x.randn(&[OUT_N], 0.0, 1.0)?;
+    // (log-probs at W + e minus at W, ∂L/∂W likewise, lm_head GEMMs of lines 1–7) on `dev`.
+    let pass = |dev: &Device, dtype: DType| -> Result<(Tensor, Tensor, f64)> {
+        let h = Var::from_tensor(&h.to_dtype(dtype)?.to_device(dev)?)?;
+        let w = Var::from_tensor(&w.to_dtype(dtype)?.to_device(dev)?)?;
+        let c = c.to_device(dev)?;
+        let head = OutputLayer {
+            weight: w.as_tensor().clone(),
+            bias: None,
+        };
+        let targets = targets(OUT_N, OUT_VOCAB, dev)?;
+        let loss = |lp: &Tensor| -> Result<Tensor> { Ok((lp * &c)?.sum_all()?) };
+        let dw = |lp: &Tensor| -> Result<Tensor> {
+            let grads = loss(lp)?.backward()?;
+            Ok(grads
+                .get(&w)
+                .context("no gradient reached W")?
+                .to_dtype(DType::F32)?)
+        };
+        let plain = head.token_logps(h.as_tensor(), &targets, None)?;
+        let dw_plain = dw(&plain)?;
+        take_gemm_products();
+        let mut p =
+            crate::sam::logits_perturbation(&head, h.as_tensor(), &targets, CHECK_RHO, &loss)?;
+        let perturbed = p.token_logps_at_w_plus_e(&head, h.as_tensor(), &targets)?;
+        let dw_perturbed = dw(&perturbed)?;
+        let gemms = take_gemm_products() as f64 / (OUT_N * OUT_VOCAB) as f64;
+        let host = |t: Tensor| t.to_device(&Device::Cpu)?.to_dtype(DType::F32);
+        Ok((
+            host((perturbed - plain)?)?,
+            host((dw_perturbed - dw_plain)?)?,
+            gemms,
+        ))
+    };
+    let (lp_cpu, dw_cpu, _) = pass(&Device::Cpu, DType::F32)?;
+    // Rounded to dtype first, as `both` does.
+    let before = kernels::launches();
+    let (lp_dev, dw_dev, gemms) = pass(device, dtype)?;
+    device.synchronize()?;
+    let launches = kernels::launches() - before;
+    if gemms > 5.0 + 1e-9 {
+        anyhow::bail!("lines 1–7 ran {gemms} lm_head-sized GEMMs; the bound is 5");
+    }
+    Ok((
+        vec![rel_err(&lp_cpu, &lp_dev)?, rel_err(&dw_cpu, &dw_dev)?],
+        launches,
+    ))
+}
+
+/// The device's peak memory over a tiled forward and backward that keeps no logits
+/// (n 4096, vocabulary 32768, hidden 64, tiles of 512 × 4096), beyond the operands and the
+/// gradients, as a fraction of the 512 MiB of f32 logits an unfused layer holds (three times
+/// over): at most the tiles and the f32 accumulators.
+fn output_memory(device: &Device) -> Result<(Vec<f64>, u64)> {
+    let (n, vocab, hidden) = (4096, 32768, 64);
+    let tile = Tile {
+        rows: 512,
+        vocab: 4096,
+        keep_bytes: 0,
+    };
+    let mut x = Inputs(rand_chacha::ChaCha8Rng::seed_from_u64(11));
+    let h = Var::from_tensor(
+        &x.randn(&[n, hidden], 0.0, 1.0)?
+            .to_dtype(DType::BF16)?
+            .to_device(device)?,
+    )?;
+    let w = Var::from_tensor(
+        &x.randn(&[vocab, hidden], 0.0, 0.2)?
+            .to_dtype(DType::BF16)?
+            .to_device(device)?,
+    )?;
+    let targets = targets(n, vocab, device)?;
+    let head = OutputLayer {
+        weight: w.as_tensor().clone(),
+        bias: None,
+    };
+    device.synchronize()?;
+    let Some((base, _)) = kernels::device_memory(device)? else {
+        anyhow::bail!("no device memory counter on {device:?}");
+    };
+    kernels::reset_peak_device_memory(device)?;
+    let before = kernels::launches();
+    let lp = head.token_logps_tiled(h.as_tensor(), &targets, None, tile)?;
+    let grads = lp.sum_all()?.backward()?;
+    device.synchronize()?;
+    let launches = kernels::launches() - before;
+    let (_, peak) = kernels::device_memory(device)?.context("device memory")?;
+    // The gradients (bf16) are results, not working memory.
+    let results = (grads.get(&w).context("∂L/∂W")?.elem_count()
+        + grads.get(&h).context("∂L/∂H")?.elem_count())
+        * 2;
+    let working = peak.saturating_sub(base) as f64 - results as f64;
+    Ok((vec![working.max(0.0) / (n * vocab * 4) as f64], launches))
 }
 
 /// Three clipped AdamW steps (weight decay on the matrices) on the device and on the CPU from
@@ -501,6 +697,16 @@ mod tests {
             let o = outcome(c.name, DType::F32, 1e-5, result);
             assert!(!o.pass && o.error.is_some(), "{}", c.name);
         }
+        Ok(())
+    }
+
+    /// The logits-SAM check on the CPU against itself: what e changes agrees exactly, within
+    /// five lm_head GEMMs.
+    #[test]
+    fn logits_sam_check_runs_on_the_cpu() -> Result<()> {
+        let (errors, launches) = logits_sam(&Device::Cpu, DType::F32)?;
+        assert_eq!(launches, 0);
+        assert_eq!(errors, vec![0.0, 0.0]);
         Ok(())
     }
 

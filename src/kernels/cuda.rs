@@ -41,6 +41,7 @@ pub(crate) const DENSE: Module = module!("dense");
 pub(crate) const ADAMW: Module = module!("adamw");
 pub(crate) const INIT: Module = module!("init");
 pub(crate) const ATTENTION: Module = module!("attention");
+pub(crate) const OUTPUT: Module = module!("output");
 
 /// The kernel instance for a storage type: `name_f32`, `name_bf16`, `name_f16`.
 pub(crate) fn typed(name: &str, dtype: DType) -> Result<String> {
@@ -299,19 +300,7 @@ pub(crate) enum Epilogue {
     BiasGradB(u64),
 }
 
-/// A column-major GEMM D (m × n, leading dimension ldd) = op(A) · op(B), with op(A) m × k and
-/// op(B) k × n; `lda`/`ldb` are the stored matrices' leading dimensions.
-#[derive(Clone, Copy)]
-pub(crate) struct Gemm {
-    pub transa: bool,
-    pub transb: bool,
-    pub m: usize,
-    pub n: usize,
-    pub k: usize,
-    pub lda: usize,
-    pub ldb: usize,
-    pub ldd: usize,
-}
+pub(crate) use super::gemm::Gemm;
 
 /// cuBLASLt's errors as candle's (candle converts cuBLAS's, not cuBLASLt's).
 fn lt_err(e: lt::CublasError) -> candle_core::Error {
@@ -370,30 +359,53 @@ pub(crate) fn gemm(
     d: u64,
     epilogue: Epilogue,
 ) -> Result<bool> {
+    gemm_with(dev, (dtype, dtype), g, a, b, d, false, epilogue)
+}
+
+/// `D = op(A) · op(B)`, or `D += …` when `accumulate`, with A and B in `dtype` and D in `out`
+/// (f32 from bf16/f16 operands: the tensor cores' f32 accumulator, never rounded to 16 bits).
+pub(crate) fn gemm_into(
+    dev: &CudaDevice,
+    (dtype, out): (DType, DType),
+    g: Gemm,
+    (a, b, d): (u64, u64, u64),
+    accumulate: bool,
+) -> Result<()> {
+    gemm_with(dev, (dtype, out), g, a, b, d, accumulate, Epilogue::None)?;
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn gemm_with(
+    dev: &CudaDevice,
+    (dtype, out): (DType, DType),
+    g: Gemm,
+    a: u64,
+    b: u64,
+    d: u64,
+    accumulate: bool,
+    epilogue: Epilogue,
+) -> Result<bool> {
     use lt_sys::cublasLtMatmulDescAttributes_t as Desc;
     use lt_sys::cublasLtMatmulPreferenceAttributes_t as Pref;
     let bgrad = matches!(epilogue, Epilogue::BiasGradA(_) | Epilogue::BiasGradB(_));
     if bgrad && BGRAD_UNSUPPORTED.load(Ordering::Relaxed) {
         return Ok(false);
     }
-    let (data, compute) = match dtype {
-        DType::F32 if candle_core::cuda::gemm_reduced_precision_f32() => (
-            lt_sys::cudaDataType_t::CUDA_R_32F,
-            lt_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32,
-        ),
-        DType::F32 => (
-            lt_sys::cudaDataType_t::CUDA_R_32F,
-            lt_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-        ),
-        DType::BF16 => (
-            lt_sys::cudaDataType_t::CUDA_R_16BF,
-            lt_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-        ),
-        DType::F16 => (
-            lt_sys::cudaDataType_t::CUDA_R_16F,
-            lt_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-        ),
-        other => bail!("cuBLASLt GEMM: unsupported dtype {other:?}"),
+    let storage = |t: DType| {
+        Ok(match t {
+            DType::F32 => lt_sys::cudaDataType_t::CUDA_R_32F,
+            DType::BF16 => lt_sys::cudaDataType_t::CUDA_R_16BF,
+            DType::F16 => lt_sys::cudaDataType_t::CUDA_R_16F,
+            other => bail!("cuBLASLt GEMM: unsupported dtype {other:?}"),
+        })
+    };
+    let (data, out_data) = (storage(dtype)?, storage(out)?);
+    let compute = match dtype {
+        DType::F32 if candle_core::cuda::gemm_reduced_precision_f32() => {
+            lt_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32
+        }
+        _ => lt_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
     };
     let lt = lt_handle(dev)?;
     let stream = dev.cuda_stream();
@@ -402,13 +414,13 @@ pub(crate) fn gemm(
         |trans: bool, rows: usize, cols: usize| if trans { (cols, rows) } else { (rows, cols) };
     let (a_rows, a_cols) = stored(g.transa, g.m, g.k);
     let (b_rows, b_cols) = stored(g.transb, g.k, g.n);
-    let layout = |rows: usize, cols: usize, ld: usize| {
+    let layout = |data, rows: usize, cols: usize, ld: usize| {
         lt::create_matrix_layout(data, rows as u64, cols as u64, ld as i64).map_err(lt_err)
     };
     let layouts = [
-        layout(a_rows, a_cols, g.lda)?,
-        layout(b_rows, b_cols, g.ldb)?,
-        layout(g.m, g.n, g.ldd)?,
+        layout(data, a_rows, a_cols, g.lda)?,
+        layout(data, b_rows, b_cols, g.ldb)?,
+        layout(out_data, g.m, g.n, g.ldd)?,
     ];
     let desc =
         lt::create_matmul_desc(compute, lt_sys::cudaDataType_t::CUDA_R_32F).map_err(lt_err)?;
@@ -485,7 +497,7 @@ pub(crate) fn gemm(
     })();
     let outcome = match result {
         Ok(Some(heuristic)) => {
-            let (alpha, beta) = (1f32, 0f32);
+            let (alpha, beta) = (1f32, if accumulate { 1f32 } else { 0f32 });
             LAUNCHES.fetch_add(1, Ordering::Relaxed);
             // SAFETY: the pointers address buffers of the shapes the layouts describe, and the
             // workspace is the size the preference allows.

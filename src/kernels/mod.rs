@@ -35,6 +35,8 @@ mod cpu;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
 pub mod dense;
+#[cfg(any(feature = "cuda", test))]
+mod gemm;
 pub mod init;
 pub mod norm;
 pub mod output;

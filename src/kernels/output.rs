@@ -8,10 +8,20 @@
 //! forward keeps its tiles and the backward reuses them instead, so a plain step costs the three
 //! lm_head matmuls of the unfused path and logits-SAM two more, the paper's bound. Composition
 //! twins: `OutputLayer::token_logps_unfused` and `sam_gradient_unfused` in `models/output.rs`.
+//!
+//! On CUDA (the `gpu` module) each tile is a cuBLASLt GEMM into f32 (bf16 or f16 operands on the
+//! tensor cores, f32 accumulation) followed by one row kernel of `cuda/output.cu`: the forward
+//! folds the tile into the running log-sum-exp and picks the target's logit, the backward turns
+//! it into G = ∂L/∂logits in the GEMMs' input type, and two GEMMs fold G into ∂L/∂H and ∂L/∂W
+//! (f32 accumulators, rounded once). Where e cannot be added to the weight without rounding
+//! (a bf16 weight, TF32), the perturbed logits are H Wᵀ + H eᵀ, the first product taken from the
+//! SAM pre-pass's kept logits, so that a logits-SAM step still runs five lm_head-sized GEMMs.
 
 use super::cpu::{by_dtype, par_blocks, row_max, row_sum, slice, vectorized, Real};
+#[cfg(feature = "cuda")]
+use candle_core::CudaStorage;
 use candle_core::{
-    bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor,
+    bail, CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape, Storage, Tensor,
 };
 use std::cell::Cell;
 use std::sync::Mutex;
@@ -35,13 +45,32 @@ impl Tile {
         vocab: 8192,
         keep_bytes: 256 << 20,
     };
+
+    /// On CUDA: 8192 × 8192 f32 logits (256 MiB) per GEMM, and up to 2 GiB kept (4 pairs ×
+    /// 1024 tokens of a 50k vocabulary: Pythia-2.8B's micro-batch, Mistral-7B's 32k at 8k tokens).
+    pub const CUDA: Tile = Tile {
+        rows: 8192,
+        vocab: 8192,
+        keep_bytes: 2 << 30,
+    };
+
+    /// The default tile of a device.
+    pub fn for_device(device: &Device) -> Tile {
+        match device {
+            Device::Cuda(_) => Tile::CUDA,
+            _ => Tile::DEFAULT,
+        }
+    }
 }
 
 /// The log-probs of `targets` `[n]` (u32) under softmax(h wᵀ + bias), `h` `[n, hidden]`,
-/// as one graph node over (h, weight[, bias]); `[n]` in h's dtype. Under logits-SAM the logits
-/// use W + e, `perturbation` e (a constant) in the weight's dtype: this path is f32/f64 only,
-/// where W + e keeps e (a bf16 weight takes the unfused path, which adds H eᵀ in f32). The node
-/// hangs off `weight` itself: off W + e, candle's backward would add its gradient onto
+/// as one graph node over (h, weight[, bias]); `[n]`, f32 (f64 for f64). Under logits-SAM the
+/// logits use W + e, `perturbation` e a constant. On the CPU e is in the weight's dtype and
+/// added to it (f32/f64, where W + e keeps e). On CUDA e is f32 and added to an f32 weight
+/// (without TF32); else the logits are H Wᵀ + H eᵀ, with H Wᵀ from `pre` (the SAM pre-pass at
+/// the same h, weight and targets) when it kept its logits, and ∂L/∂H is G W: its G e term is
+/// about ‖e‖/‖W‖ of it (4e-7 at Pythia-2.8B's ρ), below a 16-bit ∂L/∂H's resolution.
+/// The node hangs off `weight` itself: off W + e, candle's backward would add its gradient onto
 /// zero-filled `[vocab, hidden]` tensors for both W and e.
 pub fn token_logps(
     h: &Tensor,
@@ -49,28 +78,47 @@ pub fn token_logps(
     bias: Option<&Tensor>,
     targets: &Tensor,
     perturbation: Option<&Tensor>,
+    pre: Option<PrePass>,
     tile: Tile,
 ) -> Result<Tensor> {
-    let perturbed = match perturbation {
-        Some(e) if e.dtype() != weight.dtype() => bail!(
-            "fused output layer: the perturbation is {:?} but the weight {:?}",
-            e.dtype(),
-            weight.dtype()
-        ),
-        Some(e) => Some((weight.detach() + e)?),
-        None => None,
+    let (out, pass) = match h.device() {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => {
+            let pre = pre.and_then(|p| match p.0 {
+                Pass::Cuda(pass) => Some(pass),
+                Pass::Cpu(..) => None,
+            });
+            let (out, pass) =
+                gpu::Pass::forward(h, weight, bias, targets, perturbation, pre, tile)?;
+            (out, Pass::Cuda(pass))
+        }
+        _ => {
+            drop(pre);
+            let perturbed = match perturbation {
+                Some(e) if e.dtype() != weight.dtype() => bail!(
+                    "fused output layer: the perturbation is {:?} but the weight {:?}",
+                    e.dtype(),
+                    weight.dtype()
+                ),
+                Some(e) => Some((weight.detach() + e)?),
+                None => None,
+            };
+            let w = perturbed.as_ref().unwrap_or(weight);
+            let chunked = Chunked::new(h, w, bias, targets, tile)?;
+            let (out, lse) = by_dtype!(h.dtype(), T => chunked.forward::<T>()?);
+            (out, Pass::Cpu(chunked, lse))
+        }
     };
-    let chunked = Chunked::new(h, perturbed.as_ref().unwrap_or(weight), bias, targets, tile)?;
-    let (out, lse) = by_dtype!(h.dtype(), T => chunked.forward::<T>()?);
-    let op = TokenLogps { chunked, lse, out };
+    let op = TokenLogps { pass, out };
     match bias {
         Some(b) => h.apply_op3(weight, b, op),
         None => h.apply_op2(weight, op),
     }
 }
 
-/// [`token_logps`] without a graph, for the SAM pre-pass, and the [`PrePass`] (log-sum-exps,
-/// and the logits when they fit [`Tile::keep_bytes`]) that [`PrePass::sam_gradient`] reuses.
+/// [`token_logps`] without a graph or a perturbation, for the SAM pre-pass, and the [`PrePass`]
+/// (log-sum-exps, and the logits when they fit [`Tile::keep_bytes`]) that
+/// [`PrePass::sam_gradient`] and the perturbed pass reuse.
 pub fn token_logps_for_sam(
     h: &Tensor,
     weight: &Tensor,
@@ -78,35 +126,88 @@ pub fn token_logps_for_sam(
     targets: &Tensor,
     tile: Tile,
 ) -> Result<(Tensor, PrePass)> {
-    let chunked = Chunked::new(h, weight, bias, targets, tile)?;
-    let (out, lse) = by_dtype!(h.dtype(), T => chunked.forward::<T>()?);
-    Ok((out, PrePass { chunked, lse }))
+    let (out, pass) = match h.device() {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => {
+            let (out, pass) = gpu::Pass::forward(h, weight, bias, targets, None, None, tile)?;
+            (out, Pass::Cuda(pass))
+        }
+        _ => {
+            let chunked = Chunked::new(h, weight, bias, targets, tile)?;
+            let (out, lse) = by_dtype!(h.dtype(), T => chunked.forward::<T>()?);
+            (out, Pass::Cpu(chunked, lse))
+        }
+    };
+    Ok((out, PrePass(pass)))
 }
 
-/// What the SAM pre-pass's forward leaves for line 3 of Algorithm 1.
-pub struct PrePass {
-    chunked: Chunked,
-    lse: Tensor,
-}
+/// What the SAM pre-pass's forward leaves for line 3 of Algorithm 1 (and, on CUDA, for line 5).
+pub struct PrePass(Pass);
 
 impl PrePass {
     /// ∂L/∂W from ∂L/∂(token log-probs) `dlogp` `[n]`, without a graph: g = Gᵀ H with
-    /// G = ∂L/∂logits = dlogp ⊙ (onehot(target) − softmax) (Algorithm 1, line 3), tile by tile.
+    /// G = ∂L/∂logits = dlogp ⊙ (onehot(target) − softmax) (Algorithm 1, line 3), tile by tile;
+    /// f32 on CUDA whatever the weight's dtype.
     pub fn sam_gradient(&self, dlogp: &Tensor) -> Result<Tensor> {
-        let c = &self.chunked;
-        let (_, dw, _) = by_dtype!(c.h.dtype(), T => c.backward::<T>(dlogp, &self.lse, false)?);
+        let (_, dw, _) = self.0.backward(dlogp, false, true)?;
         Ok(dw)
+    }
+}
+
+/// One forward's operands and what its backward needs, on the device they are on.
+enum Pass {
+    /// The operands and the forward's log-sum-exp.
+    Cpu(Chunked, Tensor),
+    #[cfg(feature = "cuda")]
+    Cuda(gpu::Pass),
+}
+
+impl Pass {
+    /// (∂L/∂H if `want_dh`, ∂L/∂W, ∂L/∂b if there is a bias) from ∂L/∂(token log-probs), in the
+    /// operands' dtypes (∂L/∂W in f32 on CUDA when `f32_dw`).
+    fn backward(
+        &self,
+        dlogp: &Tensor,
+        want_dh: bool,
+        f32_dw: bool,
+    ) -> Result<(Option<Tensor>, Tensor, Option<Tensor>)> {
+        match self {
+            Pass::Cpu(c, lse) => {
+                let _ = f32_dw;
+                by_dtype!(c.h.dtype(), T => c.backward::<T>(dlogp, lse, want_dh))
+            }
+            #[cfg(feature = "cuda")]
+            Pass::Cuda(p) => p.backward(dlogp, want_dh, f32_dw),
+        }
     }
 }
 
 thread_local! {
     static LARGEST_CHUNK: Cell<usize> = const { Cell::new(0) };
+    static GEMM_PRODUCTS: Cell<usize> = const { Cell::new(0) };
 }
 
 /// The most logits the fused path has held at once on this thread since the last call, in
 /// elements (then reset): what the memory tests bound by the tile's size.
 pub fn take_largest_logits_chunk() -> usize {
     LARGEST_CHUNK.with(|c| c.replace(0))
+}
+
+/// Records that `held` logits are alive while a tile of `tile` more is computed.
+fn note_logits(held: usize, tile: usize) {
+    LARGEST_CHUNK.with(|c| c.set(c.get().max(held + tile)));
+}
+
+/// Σ rows × vocab over the tiles of every lm_head-sized GEMM the fused path has run on this
+/// thread since the last call (then reset): divided by n × vocab, the number of lm_head GEMMs,
+/// which the paper's bound for a logits-SAM step (five) is about.
+pub fn take_gemm_products() -> usize {
+    GEMM_PRODUCTS.with(|c| c.replace(0))
+}
+
+/// Counts one tile GEMM of `rows × vocab` products (see [`take_gemm_products`]).
+fn note_gemm(rows: usize, vocab: usize) {
+    GEMM_PRODUCTS.with(|c| c.set(c.get() + rows * vocab));
 }
 
 /// The constant operands of the fused path, detached.
@@ -125,6 +226,20 @@ struct Chunked {
 
 /// Row and vocabulary ranges `(start, len)` of one tile of logits.
 type Span = ((usize, usize), (usize, usize));
+
+/// The tiles of `n × vocab` logits, vocabulary-major: each slice of W is read (packed for the
+/// matmul) once per row block, and its rows of ∂L/∂W are finished before the next slice starts.
+fn tiles(n: usize, vocab: usize, tile: Tile) -> Vec<Span> {
+    let ranges = |n: usize, step: usize| -> Vec<(usize, usize)> {
+        (0..n).step_by(step).map(|s| (s, step.min(n - s))).collect()
+    };
+    let rows = ranges(n, tile.rows.max(1));
+    let vocab = ranges(vocab, tile.vocab.max(1));
+    vocab
+        .iter()
+        .flat_map(|&v| rows.iter().map(move |&r| (r, v)))
+        .collect()
+}
 
 impl Chunked {
     /// The operands, `w` the weight the logits are computed with.
@@ -163,18 +278,8 @@ impl Chunked {
         })
     }
 
-    /// The tiles, vocabulary-major: each slice of W is packed for the matmul once per row
-    /// block, and its rows of ∂L/∂W are finished before the next slice starts.
     fn tiles(&self) -> Vec<Span> {
-        let ranges = |n: usize, step: usize| -> Vec<(usize, usize)> {
-            (0..n).step_by(step).map(|s| (s, step.min(n - s))).collect()
-        };
-        let rows = ranges(self.targets.len(), self.tile.rows);
-        let vocab = ranges(self.w.dims()[0], self.tile.vocab);
-        vocab
-            .iter()
-            .flat_map(|&v| rows.iter().map(move |&r| (r, v)))
-            .collect()
+        tiles(self.targets.len(), self.w.dims()[0], self.tile)
     }
 
     /// Tile `index`'s logits H[rows] W[vocab]ᵀ `[rows, vocab]`, bias not added (the row kernels
@@ -185,8 +290,8 @@ impl Chunked {
         if let Some(t) = kept.get(index) {
             return Ok(t.clone());
         }
-        let held: usize = kept.iter().map(Tensor::elem_count).sum();
-        LARGEST_CHUNK.with(|c| c.set(c.get().max(held + rn * vn)));
+        note_logits(kept.iter().map(Tensor::elem_count).sum(), rn * vn);
+        note_gemm(rn, vn);
         let logits = self
             .h
             .narrow(0, r0, rn)?
@@ -319,6 +424,7 @@ impl Chunked {
             }
             let g = Tensor::from_vec(g, (rn, vn), dev)?;
             if want_dh {
+                note_gemm(rn, vn);
                 let part = g.matmul(&self.w.narrow(0, v0, vn)?)?;
                 let block = &mut dh[r0 / self.tile.rows];
                 *block = Some(match block.take() {
@@ -326,6 +432,7 @@ impl Chunked {
                     None => part,
                 });
             }
+            note_gemm(rn, vn);
             let part = g.t()?.matmul(&self.h.narrow(0, r0, rn)?)?;
             // Tiles are vocabulary-major: a new slice starts a new block of ∂L/∂W's rows.
             match dw_rows.last_mut() {
@@ -363,12 +470,82 @@ fn row_stats<T: Real>(x: &[T], bias: Option<&[T]>) -> (T, T) {
     }
 }
 
-/// Token log-probs as one graph node over (h, weight[, bias]). The chunked forward is written
-/// with tensor ops (candle's matmul), so it runs before the op is applied; `cpu_fwd` only hands
-/// its result to the graph, and the backward recomputes the logits chunk by chunk.
+/// One tile's lm_head GEMMs as cuBLASLt sees them (column-major, row-major buffers read
+/// transposed), each with the offsets in elements of its operands: H `[n, hidden]`, W
+/// `[vocab, hidden]`, ∂L/∂H and ∂L/∂W row-major and whole; the tile's logits Z and ∂L/∂logits G
+/// `[rows, vocab]`, buffers of their own.
+#[cfg(any(feature = "cuda", test))]
+use super::gemm::Gemm;
+
+#[cfg(any(feature = "cuda", test))]
+struct TileGemms {
+    hidden: usize,
+    span: Span,
+}
+
+#[cfg(any(feature = "cuda", test))]
+impl TileGemms {
+    /// Z = H[r0..] W[v0..]ᵀ (also H e[v0..]ᵀ): column-major Zᵀ = op(W) · Hᵀ; (GEMM, offset of
+    /// W (A), offset of H (B)).
+    fn logits(&self) -> (Gemm, usize, usize) {
+        let ((r0, rn), (v0, vn)) = self.span;
+        let h = self.hidden;
+        let g = Gemm {
+            transa: true,
+            transb: false,
+            m: vn,
+            n: rn,
+            k: h,
+            lda: h,
+            ldb: h,
+            ldd: vn,
+        };
+        (g, v0 * h, r0 * h)
+    }
+
+    /// ∂L/∂H[r0..] (+)= G W[v0..]: column-major ∂L/∂Hᵀ = W[v0..]ᵀ · Gᵀ; (GEMM, offset of W (A),
+    /// offset of ∂L/∂H (D)).
+    fn dh(&self) -> (Gemm, usize, usize) {
+        let ((r0, rn), (v0, vn)) = self.span;
+        let h = self.hidden;
+        let g = Gemm {
+            transa: false,
+            transb: false,
+            m: h,
+            n: rn,
+            k: vn,
+            lda: h,
+            ldb: vn,
+            ldd: h,
+        };
+        (g, v0 * h, r0 * h)
+    }
+
+    /// ∂L/∂W[v0..] (+)= Gᵀ H[r0..]: column-major ∂L/∂W[v0..]ᵀ = H[r0..]ᵀ · G; (GEMM, offset of H
+    /// (A), offset of ∂L/∂W (D)).
+    fn dw(&self) -> (Gemm, usize, usize) {
+        let ((r0, rn), (v0, vn)) = self.span;
+        let h = self.hidden;
+        let g = Gemm {
+            transa: false,
+            transb: true,
+            m: h,
+            n: vn,
+            k: rn,
+            lda: h,
+            ldb: vn,
+            ldd: h,
+        };
+        (g, r0 * h, v0 * h)
+    }
+}
+
+/// Token log-probs as one graph node over (h, weight[, bias]). The tiled forward runs before
+/// the op is applied (it is written with tensor ops and launches of its own); `cpu_fwd` and
+/// `cuda_fwd` only hand its result to the graph, and the backward reuses or recomputes the
+/// logits tile by tile.
 struct TokenLogps {
-    chunked: Chunked,
-    lse: Tensor,
+    pass: Pass,
     out: Tensor,
 }
 
@@ -377,12 +554,22 @@ impl TokenLogps {
         let (storage, layout) = self.out.storage_and_layout();
         match &*storage {
             Storage::Cpu(cpu) => Ok((cpu.clone(), layout.shape().clone())),
-            _ => bail!("fused output layer: CPU only; use OutputLayer::token_logps_unfused"),
+            _ => bail!("fused output layer: the forward ran on another device"),
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_result(&self) -> Result<(CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let (storage, layout) = self.out.storage_and_layout();
+        match &*storage {
+            Storage::Cuda(s) => Ok((s.try_clone(layout)?, layout.shape().clone())),
+            _ => bail!("fused output layer: the forward ran on another device"),
         }
     }
 
     fn grads(&self, grad: &Tensor) -> Result<(Option<Tensor>, Tensor, Option<Tensor>)> {
-        by_dtype!(self.chunked.h.dtype(), T => self.chunked.backward::<T>(grad, &self.lse, true))
+        self.pass.backward(grad, true, false)
     }
 }
 
@@ -399,6 +586,17 @@ impl CustomOp2 for TokenLogps {
         _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         self.result()
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &CudaStorage,
+        _: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        self.cuda_result()
     }
 
     fn bwd(
@@ -430,6 +628,19 @@ impl CustomOp3 for TokenLogps {
         self.result()
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &CudaStorage,
+        _: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        self.cuda_result()
+    }
+
     fn bwd(
         &self,
         _h: &Tensor,
@@ -440,5 +651,380 @@ impl CustomOp3 for TokenLogps {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (dh, dw, db) = self.grads(grad)?;
         Ok((dh, Some(dw), db))
+    }
+}
+
+/// The CUDA side: per tile a cuBLASLt GEMM into f32 logits and one row kernel; the backward's
+/// ∂L/∂H and ∂L/∂W accumulate over tiles in f32 (cuBLASLt's β = 1) and are rounded once.
+#[cfg(feature = "cuda")]
+mod gpu {
+    use super::{note_gemm, note_logits, tiles, Span, Tile, TileGemms};
+    use crate::kernels::cuda::{self, Arg, Held, DENSE, OUTPUT};
+    use candle_core::{bail, CudaDevice, DType, Result, Tensor};
+    use std::sync::Mutex;
+
+    /// One forward's operands (detached, contiguous, on one device) and its log-sum-exps.
+    pub struct Pass {
+        dev: CudaDevice,
+        h: Tensor,
+        /// The weight the logits are computed with: W, or W + e where e folds into it.
+        w: Tensor,
+        /// e where it is added apart (H eᵀ), in h's dtype: a bf16 e keeps e to bf16's relative
+        /// precision, where W + e in bf16 keeps none of it.
+        e: Option<Tensor>,
+        bias: Option<Tensor>,
+        targets: Tensor,
+        tile: Tile,
+        keep: bool,
+        /// The forward's f32 tiles of logits, bias not added, in [`tiles`] order, when `keep`.
+        kept: Mutex<Vec<Tensor>>,
+        lse: Tensor,
+    }
+
+    /// An uninitialised f32 tensor (the kernel or GEMM writing it fills all of it).
+    fn f32s(dev: &CudaDevice, shape: &[usize]) -> Result<Tensor> {
+        let n = shape.iter().product();
+        Ok(cuda::tensor(cuda::alloc(dev, DType::F32, n)?, shape))
+    }
+
+    /// The address of element `offset` of a `dtype` buffer at `base`.
+    fn at(base: u64, offset: usize, dtype: DType) -> u64 {
+        base + (offset * dtype.size_in_bytes()) as u64
+    }
+
+    impl Pass {
+        /// The forward: token log-probs `[n]` (f32) and the pass. See `super::token_logps` for
+        /// `perturbation` and `pre`.
+        pub fn forward(
+            h: &Tensor,
+            weight: &Tensor,
+            bias: Option<&Tensor>,
+            targets: &Tensor,
+            perturbation: Option<&Tensor>,
+            pre: Option<Pass>,
+            tile: Tile,
+        ) -> Result<(Tensor, Pass)> {
+            let dev = cuda::device_of(h)?;
+            let (n, hidden) = h.dims2()?;
+            let (vocab, w_hidden) = weight.dims2()?;
+            if w_hidden != hidden {
+                bail!("output layer: hidden states of {hidden} features, a weight of {w_hidden}");
+            }
+            let targets = targets.to_dtype(DType::U32)?.contiguous()?;
+            if targets.dims1()? != n {
+                bail!(
+                    "output layer: {} targets for {n} hidden states",
+                    targets.dims1()?
+                );
+            }
+            if n > 0 {
+                let t = targets.max(0)?.to_scalar::<u32>()?;
+                if t as usize >= vocab {
+                    bail!("output layer: target {t} outside the vocabulary of {vocab}");
+                }
+            }
+            // Folded where the GEMM reads W + e at e's precision: an f32 weight without TF32.
+            let folds =
+                weight.dtype() == DType::F32 && !candle_core::cuda::gemm_reduced_precision_f32();
+            let (w, e) = match perturbation {
+                Some(e) if folds => ((weight.detach() + e.to_dtype(DType::F32)?)?, None),
+                Some(e) => (weight.detach(), Some(e.to_dtype(h.dtype())?.contiguous()?)),
+                None => (weight.detach(), None),
+            };
+            let tile = Tile {
+                rows: tile.rows.max(1),
+                vocab: tile.vocab.max(1),
+                ..tile
+            };
+            // The pre-pass's logits H Wᵀ, which the perturbed logits start from when e is apart.
+            let base = match pre {
+                Some(pre)
+                    if e.is_some()
+                        && pre.keep
+                        && pre.e.is_none()
+                        && (pre.tile.rows, pre.tile.vocab) == (tile.rows, tile.vocab)
+                        && pre.h.dims() == h.dims()
+                        && pre.w.dims() == weight.dims() =>
+                {
+                    pre.kept.into_inner().expect("kept logits lock")
+                }
+                _ => Vec::new(),
+            };
+            let pass = Pass {
+                lse: f32s(&dev, &[n])?,
+                dev,
+                h: h.detach().contiguous()?,
+                w: w.contiguous()?,
+                e,
+                bias: bias.map(|b| b.detach().contiguous()).transpose()?,
+                targets,
+                tile,
+                keep: n * vocab * 4 <= tile.keep_bytes,
+                kept: Mutex::new(Vec::new()),
+            };
+            let out = pass.run_forward(base)?;
+            Ok((out, pass))
+        }
+
+        fn tiles(&self) -> Vec<Span> {
+            tiles(self.h.dims()[0], self.w.dims()[0], self.tile)
+        }
+
+        /// Tile `index`'s f32 logits `[rows, vocab]`, bias not added: kept, or by cuBLASLt
+        /// H W[vocab]ᵀ (+ H e[vocab]ᵀ), the first term `base` (the pre-pass's tile) if given.
+        fn logits(&self, index: usize, span: Span, base: Option<Tensor>) -> Result<Tensor> {
+            let ((_, rn), (_, vn)) = span;
+            let mut kept = self.kept.lock().expect("kept logits lock");
+            if let Some(t) = kept.get(index) {
+                return Ok(t.clone());
+            }
+            note_logits(kept.iter().map(Tensor::elem_count).sum(), rn * vn);
+            let hidden = self.h.dims()[1];
+            let dtype = self.h.dtype();
+            let from_base = base.is_some();
+            let z = match base {
+                Some(z) => z,
+                None => f32s(&self.dev, &[rn, vn])?,
+            };
+            let mut products: Vec<&Tensor> = Vec::new();
+            if !from_base {
+                products.push(&self.w);
+            }
+            products.extend(self.e.as_ref());
+            let (gemm, b_at, h_at) = TileGemms { hidden, span }.logits();
+            {
+                let stream = self.dev.cuda_stream();
+                let (hh, zh) = (Held::new(&self.h)?, Held::new(&z)?);
+                let ((hp, _h), (zp, _z)) = (hh.ptr(&stream)?, zh.ptr(&stream)?);
+                for (i, b) in products.into_iter().enumerate() {
+                    let bh = Held::new(b)?;
+                    let (bp, _b) = bh.ptr(&stream)?;
+                    note_gemm(rn, vn);
+                    cuda::gemm_into(
+                        &self.dev,
+                        (dtype, DType::F32),
+                        gemm,
+                        (at(bp, b_at, dtype), at(hp, h_at, dtype), zp),
+                        from_base || i > 0,
+                    )?;
+                }
+            }
+            if self.keep && kept.len() == index {
+                kept.push(z.clone());
+            }
+            Ok(z)
+        }
+
+        /// Token log-probs over the tiles, and the log-sum-exps into `lse` (the running max and
+        /// sum per row in f32 buffers, rescaled by the row kernel as the max grows), starting
+        /// each tile's logits from `base`'s tiles when given.
+        fn run_forward(&self, base: Vec<Tensor>) -> Result<Tensor> {
+            let n = self.h.dims()[0];
+            let vocab = self.w.dims()[0];
+            let dtype = self.h.dtype();
+            let [max, sum, target, out] = [(); 4].map(|()| f32s(&self.dev, &[n]));
+            let (max, sum, target, out, lse) = (max?, sum?, target?, out?, &self.lse);
+            let mut base = base.into_iter();
+            let name = cuda::typed("logps_fwd", dtype)?;
+            for (index, span) in self.tiles().into_iter().enumerate() {
+                let ((r0, rn), (v0, vn)) = span;
+                let z = self.logits(index, span, base.next())?;
+                let stream = self.dev.cuda_stream();
+                let held = [&z, &self.targets, &max, &sum, &target, &out, lse]
+                    .map(Held::new)
+                    .into_iter()
+                    .collect::<Result<Vec<_>>>()?;
+                let ptrs = held
+                    .iter()
+                    .map(|h| h.ptr(&stream))
+                    .collect::<Result<Vec<_>>>()?;
+                let bias = self.bias.as_ref().map(Held::new).transpose()?;
+                let bias_ptr = bias.as_ref().map(|b| b.ptr(&stream)).transpose()?;
+                let row = |i: usize| Arg::Ptr(at(ptrs[i].0, r0, DType::F32));
+                let args = [
+                    Arg::Ptr(ptrs[0].0),
+                    Arg::Ptr(bias_ptr.as_ref().map_or(0, |(p, _)| at(*p, v0, dtype))),
+                    Arg::Ptr(at(ptrs[1].0, r0, DType::U32)),
+                    row(2),
+                    row(3),
+                    row(4),
+                    row(5),
+                    row(6),
+                    Arg::I32(vn as i32),
+                    Arg::I32(v0 as i32),
+                    Arg::I32((v0 == 0) as i32),
+                    Arg::I32((v0 + vn == vocab) as i32),
+                ];
+                // SAFETY: z holds rn × vn f32; the bias vn values from v0; targets and the five
+                // row buffers rn values from r0.
+                unsafe { cuda::run(&self.dev, &OUTPUT, &name, cuda::rows_config(rn, vn), &args)? };
+            }
+            Ok(out)
+        }
+
+        /// (∂L/∂H if `want_dh`, ∂L/∂W, ∂L/∂b if there is a bias) from ∂L/∂(token log-probs)
+        /// `dlogp`, tile by tile: G = dlogp ⊙ (onehot − exp(z + b − lse)) in h's dtype, then
+        /// ∂L/∂H += G W[vocab] and ∂L/∂W[vocab] += Gᵀ H in f32. ∂L/∂W stays f32 if `f32_dw`.
+        pub fn backward(
+            &self,
+            dlogp: &Tensor,
+            want_dh: bool,
+            f32_dw: bool,
+        ) -> Result<(Option<Tensor>, Tensor, Option<Tensor>)> {
+            let (n, hidden) = self.h.dims2()?;
+            let vocab = self.w.dims()[0];
+            let dtype = self.h.dtype();
+            let dev = self.h.device();
+            let dlogp = dlogp.to_dtype(DType::F32)?.contiguous()?;
+            // Every element is written by the first tile of its rows (β = 0), if there is one.
+            let dw = match n {
+                0 => Tensor::zeros((vocab, hidden), DType::F32, dev)?,
+                _ => f32s(&self.dev, &[vocab, hidden])?,
+            };
+            let dh = match (want_dh, vocab) {
+                (false, _) => None,
+                (true, 0) => Some(Tensor::zeros((n, hidden), DType::F32, dev)?),
+                (true, _) => Some(f32s(&self.dev, &[n, hidden])?),
+            };
+            let db = match &self.bias {
+                Some(_) => Some(Tensor::zeros(vocab, DType::F32, dev)?),
+                None => None,
+            };
+            let bwd = cuda::typed("logps_bwd", dtype)?;
+            let col_sum = cuda::typed("col_sum_add", dtype)?;
+            for (index, span) in self.tiles().into_iter().enumerate() {
+                let ((r0, rn), (v0, vn)) = span;
+                let z = self.logits(index, span, None)?;
+                let g = cuda::tensor(cuda::alloc(&self.dev, dtype, rn * vn)?, (rn, vn));
+                let stream = self.dev.cuda_stream();
+                let held = [&z, &self.targets, &dlogp, &self.lse, &g, &self.h, &self.w]
+                    .map(Held::new)
+                    .into_iter()
+                    .collect::<Result<Vec<_>>>()?;
+                let p = held
+                    .iter()
+                    .map(|h| h.ptr(&stream))
+                    .collect::<Result<Vec<_>>>()?;
+                let (zp, tp, dlp, lsep, gp, hp, wp) =
+                    (p[0].0, p[1].0, p[2].0, p[3].0, p[4].0, p[5].0, p[6].0);
+                let bias = self.bias.as_ref().map(Held::new).transpose()?;
+                let bias_ptr = bias.as_ref().map(|b| b.ptr(&stream)).transpose()?;
+                let args = [
+                    Arg::Ptr(zp),
+                    Arg::Ptr(bias_ptr.as_ref().map_or(0, |(p, _)| at(*p, v0, dtype))),
+                    Arg::Ptr(at(tp, r0, DType::U32)),
+                    Arg::Ptr(at(dlp, r0, DType::F32)),
+                    Arg::Ptr(at(lsep, r0, DType::F32)),
+                    Arg::Ptr(gp),
+                    Arg::I32(vn as i32),
+                    Arg::I32(v0 as i32),
+                ];
+                // SAFETY: z and g hold rn × vn values; the bias vn from v0; targets, dlogp and
+                // lse rn from r0.
+                unsafe { cuda::run(&self.dev, &OUTPUT, &bwd, cuda::rows_config(rn, vn), &args)? };
+                if let Some(db) = &db {
+                    let dbh = Held::new(db)?;
+                    let (dbp, _db) = dbh.ptr(&stream)?;
+                    let args = [
+                        Arg::Ptr(gp),
+                        Arg::Ptr(at(dbp, v0, DType::F32)),
+                        Arg::I32(rn as i32),
+                        Arg::I32(vn as i32),
+                    ];
+                    // SAFETY: g holds rn × vn values, db vocab from 0.
+                    unsafe {
+                        cuda::run(&self.dev, &DENSE, &col_sum, cuda::columns_config(vn), &args)?
+                    };
+                }
+                let gemms = TileGemms { hidden, span };
+                if let Some(dh) = &dh {
+                    let dhh = Held::new(dh)?;
+                    let (dhp, _dh) = dhh.ptr(&stream)?;
+                    let (gemm, w_at, dh_at) = gemms.dh();
+                    note_gemm(rn, vn);
+                    let ops = (at(wp, w_at, dtype), gp, at(dhp, dh_at, DType::F32));
+                    cuda::gemm_into(&self.dev, (dtype, DType::F32), gemm, ops, v0 > 0)?;
+                }
+                let dwh = Held::new(&dw)?;
+                let (dwp, _dw) = dwh.ptr(&stream)?;
+                let (gemm, h_at, dw_at) = gemms.dw();
+                note_gemm(rn, vn);
+                let ops = (at(hp, h_at, dtype), gp, at(dwp, dw_at, DType::F32));
+                cuda::gemm_into(&self.dev, (dtype, DType::F32), gemm, ops, r0 > 0)?;
+            }
+            let dw = match f32_dw {
+                true => dw,
+                false => dw.to_dtype(self.w.dtype())?,
+            };
+            let dh = dh.map(|dh| dh.to_dtype(dtype)).transpose()?;
+            let db = match (&db, &self.bias) {
+                (Some(db), Some(b)) => Some(db.to_dtype(b.dtype())?),
+                _ => None,
+            };
+            Ok((dh, dw, db))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::gemm::reference;
+
+    /// The CUDA path's GEMM descriptors and offsets, run through what cuBLASLt computes for
+    /// them, give H Wᵀ, G W and Gᵀ H tile by tile, accumulated over tiles as the backward does:
+    /// the layouts the host cannot otherwise check without a GPU.
+    #[test]
+    fn tile_gemms_compute_the_row_major_products() {
+        let (n, vocab, hidden) = (7, 11, 5);
+        let value = |i: usize| ((i * 37 % 23) as f32 - 11.0) / 7.0;
+        let h: Vec<f32> = (0..n * hidden).map(value).collect();
+        let w: Vec<f32> = (0..vocab * hidden).map(|i| value(i + 5)).collect();
+        let g: Vec<f32> = (0..n * vocab).map(|i| value(i + 9)).collect();
+        let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
+        let (mut dh, mut dw) = (vec![f32::NAN; n * hidden], vec![f32::NAN; vocab * hidden]);
+        let tile = Tile {
+            rows: 3,
+            vocab: 4,
+            keep_bytes: 0,
+        };
+        for span in tiles(n, vocab, tile) {
+            let ((r0, rn), (v0, vn)) = span;
+            let gemms = TileGemms { hidden, span };
+            let mut z = vec![f32::NAN; rn * vn];
+            let (lg, w_at, h_at) = gemms.logits();
+            reference(&lg, &w[w_at..], &h[h_at..], &mut z, false);
+            // G of this tile, a buffer of its own as on the device.
+            let gt: Vec<f32> = (0..rn * vn)
+                .map(|i| g[(r0 + i / vn) * vocab + v0 + i % vn])
+                .collect();
+            for r in 0..rn {
+                for v in 0..vn {
+                    let want = dot(
+                        &h[(r0 + r) * hidden..][..hidden],
+                        &w[(v0 + v) * hidden..][..hidden],
+                    );
+                    assert!((z[r * vn + v] - want).abs() < 1e-5, "logits {r0} {v0}");
+                }
+            }
+            let (dg, w_at, dh_at) = gemms.dh();
+            reference(&dg, &w[w_at..], &gt, &mut dh[dh_at..], v0 > 0);
+            let (wg, h_at, dw_at) = gemms.dw();
+            reference(&wg, &h[h_at..], &gt, &mut dw[dw_at..], r0 > 0);
+        }
+        for r in 0..n {
+            for k in 0..hidden {
+                let want: f32 = (0..vocab)
+                    .map(|v| g[r * vocab + v] * w[v * hidden + k])
+                    .sum();
+                assert!((dh[r * hidden + k] - want).abs() < 1e-4, "∂L/∂H {r} {k}");
+            }
+        }
+        for v in 0..vocab {
+            for k in 0..hidden {
+                let want: f32 = (0..n).map(|r| g[r * vocab + v] * h[r * hidden + k]).sum();
+                assert!((dw[v * hidden + k] - want).abs() < 1e-4, "∂L/∂W {v} {k}");
+            }
+        }
     }
 }

@@ -2,14 +2,16 @@
 //! tokens, optionally with the logits-SAM perturbation e added to its weight.
 //!
 //! The losses only ever see per-token log-probs, so this is the one place that touches the N×V
-//! logits. On CPU in f32/f64 it runs the tiled kernel of [`crate::kernels::output`], which never
-//! holds more than one [`Tile`] of them; elsewhere, and as the reference the tests compare
-//! against, the unfused composition here.
+//! logits. On the CPU in f32/f64 and on CUDA in f32/bf16/f16 it runs the tiled kernel of
+//! [`crate::kernels::output`], which never holds more than one [`Tile`] of them beyond the kept
+//! logits; elsewhere, and as the reference the tests compare against, the unfused composition
+//! here.
 //!
 //! e stays in f32 on every path. Where the weight is f32 (or f64) the logits are H (W + e)ᵀ, the
 //! paper's line 5; where it is a low-precision copy (bf16 under mixed precision), W + e would
 //! round back to W at the paper's ρ (`docs/precision.md`), so the logits are H Wᵀ + H eᵀ with
-//! the second product in f32.
+//! the second product accumulated in f32 (on CUDA's tiled path H Wᵀ is the SAM pre-pass's, see
+//! [`OutputLayer::token_logps_perturbed`]).
 
 use super::ops::{accum_dtype, log_softmax_last_dim};
 use crate::kernels::{
@@ -61,11 +63,17 @@ impl OutputLayer {
         e.dtype() == self.weight.dtype() && !tf32
     }
 
-    /// Whether the fused, chunked path applies (CPU, f32 or f64 throughout).
+    /// Whether the tiled path applies (CPU in f32/f64, CUDA in f32/bf16/f16, one dtype).
     fn fuses(&self, h: &Tensor) -> bool {
         let mut tensors = vec![h, &self.weight];
         tensors.extend(self.bias.as_ref());
-        kernels::supports(&tensors)
+        kernels::supports_with_cuda(&tensors)
+    }
+
+    /// Whether the tiled path takes this perturbation: CUDA's adds e apart where it cannot fold
+    /// it, the CPU's only folds.
+    fn fuses_with(&self, h: &Tensor, perturbation: Option<&Tensor>) -> bool {
+        self.fuses(h) && (h.device().is_cuda() || perturbation.is_none_or(|e| self.folds(e)))
     }
 
     /// log π(target_i | h_i) for each row: `[n, hidden]`, `[n]` u32 → `[n]` f32 (f64 for f64),
@@ -77,11 +85,33 @@ impl OutputLayer {
         targets: &Tensor,
         perturbation: Option<&Tensor>,
     ) -> Result<Tensor> {
-        if self.fuses(h) && perturbation.is_none_or(|e| self.folds(e)) {
-            self.token_logps_tiled(h, targets, perturbation, Tile::DEFAULT)
+        if self.fuses_with(h, perturbation) {
+            self.token_logps_tiled(h, targets, perturbation, Tile::for_device(h.device()))
         } else {
             self.token_logps_unfused(h, targets, perturbation)
         }
+    }
+
+    /// [`OutputLayer::token_logps`] at W + e (Algorithm 1, line 5), given the SAM pre-pass at
+    /// the same h and targets: on CUDA, where e is added apart (bf16, TF32), the perturbed logits
+    /// start from the pre-pass's kept H Wᵀ and cost one lm_head GEMM, H eᵀ.
+    pub fn token_logps_perturbed(
+        &self,
+        h: &Tensor,
+        targets: &Tensor,
+        e: &Tensor,
+        pre: SamPrePass,
+    ) -> Result<Tensor> {
+        if !self.fuses_with(h, Some(e)) {
+            return self.token_logps_unfused(h, targets, Some(e));
+        }
+        let pre = match pre {
+            SamPrePass::Tiled(pre) => Some(pre),
+            SamPrePass::Unfused(_) => None,
+        };
+        let tile = Tile::for_device(h.device());
+        let bias = self.bias.as_ref();
+        kernels::output::token_logps(h, &self.weight, bias, targets, Some(e), pre, tile)
     }
 
     /// [`OutputLayer::token_logps`] through the full `[n, vocab]` log-softmax.
@@ -95,7 +125,7 @@ impl OutputLayer {
         logp.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)
     }
 
-    /// [`OutputLayer::token_logps`] one tile of logits at a time (CPU, f32/f64 only).
+    /// [`OutputLayer::token_logps`] one tile of logits at a time (CPU in f32/f64, CUDA).
     pub fn token_logps_tiled(
         &self,
         h: &Tensor,
@@ -104,7 +134,7 @@ impl OutputLayer {
         tile: Tile,
     ) -> Result<Tensor> {
         let bias = self.bias.as_ref();
-        kernels::output::token_logps(h, &self.weight, bias, targets, perturbation, tile)
+        kernels::output::token_logps(h, &self.weight, bias, targets, perturbation, None, tile)
     }
 
     /// Token log-probs at the unperturbed weight without a graph, for the SAM pre-pass, and
@@ -114,7 +144,7 @@ impl OutputLayer {
         h: &Tensor,
         targets: &Tensor,
     ) -> Result<(Tensor, SamPrePass)> {
-        self.token_logps_for_sam_tiled(h, targets, Tile::DEFAULT)
+        self.token_logps_for_sam_tiled(h, targets, Tile::for_device(h.device()))
     }
 
     /// [`OutputLayer::token_logps_for_sam`] with a given tile.

@@ -5,7 +5,7 @@
 //! |-----------------------------------------|------------------------------------------|
 //! | 2: forward → hidden states H            | `forward_hidden`, then `response_hidden` |
 //! | 1–4: W, loss_pre, g = Gᵀ H, e = ρ g/‖g‖ | `sam::logits_perturbation_with`          |
-//! | 5: logits_perturbed ← linear(H, W + e)  | `head.token_logps(&h, targets, Some(e))` |
+//! | 5: logits_perturbed ← linear(H, W + e)  | `p.token_logps_at_w_plus_e(&head, &h, …)` |
 //! | 6: loss_post                            | `batch_loss`                             |
 //! | 7: loss_post.backward()                 | `policy.backward`                        |
 //!
@@ -148,7 +148,8 @@ impl Trainer {
         let h = batch.response_hidden(self.policy.net.forward_hidden(&batch.input_ids)?)?;
 
         // logits-SAM, Algorithm 1 lines 1–4: e from loss_pre with H and W detached.
-        let perturbation = if self.cfg.sam.kind == SamKind::Logits && backward_weight.is_some() {
+        let mut perturbation = if self.cfg.sam.kind == SamKind::Logits && backward_weight.is_some()
+        {
             let objective = |token_logps: &Tensor| -> Result<Tensor> {
                 Ok(self.batch_loss(batch, token_logps, reference.as_ref())?.0)
             };
@@ -165,8 +166,10 @@ impl Trainer {
         };
 
         // Lines 5–6: logits from H (W + e)ᵀ, e constant, bias unperturbed; loss_post.
-        let token_logps =
-            head.token_logps(&h, &batch.targets, perturbation.as_ref().map(|p| &p.e))?;
+        let token_logps = match perturbation.as_mut() {
+            Some(p) => p.token_logps_at_w_plus_e(&head, &h, &batch.targets)?,
+            None => head.token_logps(&h, &batch.targets, None)?,
+        };
         let (loss, post, post_lp) = self.batch_loss(batch, &token_logps, reference.as_ref())?;
         // Rewards and log-probs describe the model itself (W), not the perturbed point W + e.
         let (out, lp) = match &perturbation {

@@ -1,15 +1,16 @@
 // Runs every kernel of src/kernels/cuda on the host (host.h) against a double-precision reference
 // written out here, with the launch shapes src/kernels/cuda.rs uses (`rows_config`,
-// `elementwise_config`, `columns_config`, and the optimiser's chunked grid). Prints one line per
-// check, `name relative-error bound`, then the first values of the device random stream (which
-// tests/cuda_emulated.rs compares with `kernels::init::randn_host`); exits non-zero if a check
-// fails. The relative error is ‖kernel − reference‖ / ‖reference‖.
+// `elementwise_config`, `columns_config`, the optimiser's chunked grid, and the output layer's
+// vocabulary tiles). Prints one line per check, `name relative-error bound`, then the first
+// values of the device random stream (which tests/cuda_emulated.rs compares with
+// `kernels::init::randn_host`); exits non-zero if a check fails. The relative error is ‖kernel − reference‖ / ‖reference‖.
 #include "host.h"
 
 #include "../../src/kernels/cuda/adamw.cu"
 #include "../../src/kernels/cuda/dense.cu"
 #include "../../src/kernels/cuda/init.cu"
 #include "../../src/kernels/cuda/norm.cu"
+#include "../../src/kernels/cuda/output.cu"
 #include "../../src/kernels/cuda/rotary.cu"
 #include "../../src/kernels/cuda/softmax.cu"
 
@@ -211,6 +212,78 @@ static void activations() {
   report("column sums 37x70", sums, sums_ref, 1e-6);
 }
 
+// The output layer's row kernels over vocabulary tiles of `tile` columns, as output.rs runs
+// them on cuBLASLt's f32 logits: the forward's running log-sum-exp and target log-probs, the
+// backward's G (f32 and bf16) and the bias gradient summed over two blocks of rows.
+static void output_layer(size_t rows, size_t vocab, size_t tile, bool with_bias) {
+  const std::string tag = "output " + std::to_string(rows) + "x" + std::to_string(vocab) + " tile " +
+                          std::to_string(tile) + (with_bias ? " + bias" : "");
+  V z = randn(rows * vocab, 0.f, 3.f, 12), b = randn(vocab, 0.f, 1.f, 13), dlogp = randn(rows, 0.f, 1.f, 14);
+  std::vector<uint32_t> targets(rows);
+  for (size_t r = 0; r < rows; ++r) targets[r] = (uint32_t)((r * 7919 + 3) % vocab);
+  std::vector<__nv_bfloat16> bb(vocab);
+  for (size_t i = 0; i < vocab; ++i) bb[i] = __float2bfloat16(b[i]);
+  auto bias_at = [&](size_t i) { return with_bias ? (double)b[i] : 0.0; };
+  D out_ref(rows), lse_ref(rows), g_ref(rows * vocab), db_ref(vocab, 0);
+  for (size_t r = 0; r < rows; ++r) {
+    double m = -INFINITY, s = 0;
+    for (size_t i = 0; i < vocab; ++i) m = std::max(m, z[r * vocab + i] + bias_at(i));
+    for (size_t i = 0; i < vocab; ++i) s += std::exp(z[r * vocab + i] + bias_at(i) - m);
+    lse_ref[r] = m + std::log(s);
+    out_ref[r] = z[r * vocab + targets[r]] + bias_at(targets[r]) - lse_ref[r];
+    for (size_t i = 0; i < vocab; ++i) {
+      const double p = std::exp(z[r * vocab + i] + bias_at(i) - lse_ref[r]);
+      g_ref[r * vocab + i] = dlogp[r] * ((i == targets[r] ? 1 : 0) - p);
+      db_ref[i] += g_ref[r * vocab + i];
+    }
+  }
+  V m(rows), s(rows), zt(rows), out(rows), lse(rows), g(rows * vocab), gb(rows * vocab), db(vocab, 0.f);
+  const size_t half = rows / 2;
+  for (size_t v0 = 0; v0 < vocab; v0 += tile) {
+    const size_t vn = std::min(tile, vocab - v0);
+    // The tile as cuBLASLt writes it: [rows, vn], row-major.
+    V zt_tile(rows * vn);
+    for (size_t r = 0; r < rows; ++r)
+      for (size_t i = 0; i < vn; ++i) zt_tile[r * vn + i] = z[r * vocab + v0 + i];
+    const float *bias = with_bias ? b.data() + v0 : nullptr;
+    const int first = v0 == 0, last = v0 + vn == vocab;
+    emu::launch(rows_grid(rows), rows_block(vn), [&] {
+      logps_fwd_f32(zt_tile.data(), bias, targets.data(), m.data(), s.data(), zt.data(), out.data(), lse.data(),
+                    (int)vn, (int)v0, first, last);
+    });
+  }
+  report(tag + " logps", out, out_ref, 1e-6);
+  report(tag + " lse", lse, lse_ref, 1e-6);
+  for (size_t v0 = 0; v0 < vocab; v0 += tile) {
+    const size_t vn = std::min(tile, vocab - v0);
+    V z_tile(rows * vn), g_tile(rows * vn);
+    std::vector<__nv_bfloat16> gb_tile(rows * vn);
+    for (size_t r = 0; r < rows; ++r)
+      for (size_t i = 0; i < vn; ++i) z_tile[r * vn + i] = z[r * vocab + v0 + i];
+    const float *bias = with_bias ? b.data() + v0 : nullptr;
+    const __nv_bfloat16 *bias_b = with_bias ? bb.data() + v0 : nullptr;
+    emu::launch(rows_grid(rows), rows_block(vn), [&] {
+      logps_bwd_f32(z_tile.data(), bias, targets.data(), dlogp.data(), lse.data(), g_tile.data(), (int)vn, (int)v0);
+    });
+    emu::launch(rows_grid(rows), rows_block(vn), [&] {
+      logps_bwd_bf16(z_tile.data(), bias_b, targets.data(), dlogp.data(), lse.data(), gb_tile.data(), (int)vn, (int)v0);
+    });
+    // The bias gradient over two blocks of rows, added into db.
+    for (auto [r0, rn] : {std::pair{(size_t)0, half}, std::pair{half, rows - half}})
+      emu::launch(cols_grid(vn), cols_block(), [&] {
+        col_sum_add_f32(g_tile.data() + r0 * vn, db.data() + v0, (int)rn, (int)vn);
+      });
+    for (size_t r = 0; r < rows; ++r)
+      for (size_t i = 0; i < vn; ++i) {
+        g[r * vocab + v0 + i] = g_tile[r * vn + i];
+        gb[r * vocab + v0 + i] = __bfloat162float(gb_tile[r * vn + i]);
+      }
+  }
+  report(tag + " G", g, g_ref, 1e-5);
+  report(tag + " G (bf16)", gb, g_ref, 1e-2);
+  if (with_bias) report(tag + " db", db, db_ref, 1e-5);
+}
+
 // The optimiser over three slots (one spanning two chunks) with clipping and weight decay, and
 // a bf16 copy of each updated weight.
 static void optimiser() {
@@ -275,6 +348,9 @@ int main() {
   norms(3, 2560, true);
   softmaxes(6, 7);
   softmaxes(3, 3000);
+  output_layer(5, 3000, 1024, true);
+  output_layer(37, 70, 32, false);
+  output_layer(3, 700, 700, true);
   rotaries(4);
   rotaries(8);
   activations();

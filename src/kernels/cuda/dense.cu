@@ -65,11 +65,13 @@ __device__ void glu_bwd(const T *gate, const T *up, const T *g, T *dgate, T *dup
   }
 }
 
-// out = Σ_rows g (a bias gradient), blocks of 32 × COL_ROWS threads.
-template <typename T> __device__ void col_sum(const T *g, T *out, int rows, int cols) {
+// out = Σ_rows g (a bias gradient), or out += Σ_rows g when `accumulate` (the output layer's,
+// over blocks of rows), blocks of 32 × COL_ROWS threads.
+template <typename T, typename O>
+__device__ void col_sum(const T *g, O *out, int rows, int cols, bool accumulate) {
   column_sums(
       rows, cols, [&](int r, int c) { return make_float2(to_f(g[(size_t)r * cols + c]), 0.f); },
-      [&](int c, float a, float) { out[c] = from_f<T>(a); });
+      [&](int c, float a, float) { out[c] = from_f<O>(accumulate ? to_f(out[c]) + a : a); });
 }
 
 #define DENSE_OPS(T, S)                                                                        \
@@ -88,7 +90,10 @@ template <typename T> __device__ void col_sum(const T *g, T *out, int rows, int 
     glu_bwd<T>(gate, up, g, dgate, dup, n, kind);                                              \
   }                                                                                            \
   extern "C" __global__ void col_sum_##S(const T *g, T *out, int rows, int cols) {              \
-    col_sum<T>(g, out, rows, cols);                                                            \
+    col_sum<T, T>(g, out, rows, cols, false);                                                  \
+  }                                                                                            \
+  extern "C" __global__ void col_sum_add_##S(const T *g, float *out, int rows, int cols) {      \
+    col_sum<T, float>(g, out, rows, cols, true);                                               \
   }
 
 DENSE_OPS(float, f32)

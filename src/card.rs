@@ -133,15 +133,22 @@ fn yaml_str(s: &str) -> String {
     Value::String(s.to_string()).to_string()
 }
 
-/// Four significant digits, scientific when small or large.
+/// A metric value as [`short_number`] writes it, with four significant digits.
 fn number(v: &Value) -> String {
     match v.as_f64() {
-        Some(x) if x == 0.0 || (1e-3..1e5).contains(&x.abs()) => {
-            let s = format!("{x:.4}");
-            s.trim_end_matches('0').trim_end_matches('.').to_string()
-        }
-        Some(x) => format!("{x:.3e}"),
+        Some(x) => short_number(x, 3),
         None => v.to_string(),
+    }
+}
+
+/// Plain with up to four decimals for moderate magnitudes, else scientific with `decimals`
+/// (the card's tables and the report's tick labels).
+pub fn short_number(x: f64, decimals: usize) -> String {
+    if x == 0.0 || (1e-3..1e5).contains(&x.abs()) {
+        let s = format!("{x:.4}");
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
+    } else {
+        format!("{x:.decimals$e}")
     }
 }
 

@@ -205,25 +205,57 @@ choice! {
     }
 }
 
-/// `report_to = "tensorboard"` or a list of [`Integration`]s.
+/// A key that takes one name or a list of them (`loss_type`, `report_to`); saved back in the
+/// same form.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 #[serde(untagged)]
-pub enum ReportTo {
-    One(Integration),
-    Many(Vec<Integration>),
+pub enum OneOrMany<T> {
+    One(T),
+    Many(Vec<T>),
 }
 
-impl ReportTo {
-    pub fn integrations(&self) -> Vec<Integration> {
+impl<T: Clone> OneOrMany<T> {
+    pub fn to_vec(&self) -> Vec<T> {
         match self {
-            ReportTo::One(i) => vec![*i],
-            ReportTo::Many(v) => v.clone(),
+            OneOrMany::One(x) => vec![x.clone()],
+            OneOrMany::Many(v) => v.clone(),
         }
     }
 
+    /// Reads a name or a list of names, each through `parse`; `expected` says what a value of
+    /// another shape should have been.
+    fn deserialize_names<'de, D: Deserializer<'de>>(
+        d: D,
+        expected: &str,
+        parse: impl Fn(&str) -> std::result::Result<T, String>,
+    ) -> std::result::Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Names {
+            One(String),
+            Many(Vec<String>),
+        }
+        let names = Names::deserialize(d).map_err(|_| serde::de::Error::custom(expected))?;
+        let parse = |name: &str| parse(name).map_err(serde::de::Error::custom);
+        match names {
+            Names::One(name) => Ok(OneOrMany::One(parse(&name)?)),
+            Names::Many(names) => Ok(OneOrMany::Many(
+                names
+                    .iter()
+                    .map(|n| parse(n))
+                    .collect::<std::result::Result<_, _>>()?,
+            )),
+        }
+    }
+}
+
+/// `report_to = "tensorboard"` or a list of [`Integration`]s.
+pub type ReportTo = OneOrMany<Integration>;
+
+impl ReportTo {
     /// Whether TensorBoard event files are written.
     pub fn tensorboard(&self) -> bool {
-        self.integrations()
+        self.to_vec()
             .iter()
             .any(|i| matches!(i, Integration::All | Integration::Tensorboard))
     }
@@ -231,34 +263,18 @@ impl ReportTo {
 
 impl<'de> Deserialize<'de> for ReportTo {
     fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Names {
-            One(String),
-            Many(Vec<String>),
-        }
-        let parse = |name: &str| {
+        let expected = format!(
+            "expected one of {} or a list of them",
+            Integration::NAMES.join(", ")
+        );
+        Self::deserialize_names(d, &expected, |name| {
             name.parse::<Integration>().map_err(|e| {
-                serde::de::Error::custom(format!(
+                format!(
                     "{e} (dpo-sam writes TensorBoard event files; W&B, MLflow and others read \
                      them: see docs/tracking.md)"
-                ))
+                )
             })
-        };
-        match Names::deserialize(d).map_err(|_| {
-            serde::de::Error::custom(format!(
-                "expected one of {} or a list of them",
-                Integration::NAMES.join(", ")
-            ))
-        })? {
-            Names::One(name) => Ok(ReportTo::One(parse(&name)?)),
-            Names::Many(names) => Ok(ReportTo::Many(
-                names
-                    .iter()
-                    .map(|n| parse(n))
-                    .collect::<std::result::Result<_, _>>()?,
-            )),
-        }
+        })
     }
 }
 
@@ -679,7 +695,7 @@ impl Default for SamConfig {
 }
 
 fn default_report_to() -> ReportTo {
-    ReportTo::One(Integration::All)
+    OneOrMany::One(Integration::All)
 }
 fn default_save_dtype() -> SaveDtype {
     SaveDtype::Auto
@@ -727,7 +743,7 @@ fn default_eval_split() -> String {
     "test".into()
 }
 fn default_loss_type() -> LossTypes {
-    LossTypes::One(LossType::Sigmoid)
+    OneOrMany::One(LossType::Sigmoid)
 }
 fn default_simpo_gamma() -> f64 {
     0.5
@@ -754,43 +770,14 @@ impl LossType {
     }
 }
 
-/// `loss_type = "sigmoid"` or `loss_type = ["sigmoid", "sft"]` (saved back in the same form).
-#[derive(Debug, Clone, Serialize, PartialEq)]
-#[serde(untagged)]
-pub enum LossTypes {
-    One(LossType),
-    Many(Vec<LossType>),
-}
-
-impl LossTypes {
-    pub fn kinds(&self) -> Vec<LossType> {
-        match self {
-            LossTypes::One(k) => vec![*k],
-            LossTypes::Many(v) => v.clone(),
-        }
-    }
-}
+/// `loss_type = "sigmoid"` or `loss_type = ["sigmoid", "sft"]`.
+pub type LossTypes = OneOrMany<LossType>;
 
 impl<'de> Deserialize<'de> for LossTypes {
     fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Names {
-            One(String),
-            Many(Vec<String>),
-        }
-        let parse = |name: &str| LossType::from_name(name).map_err(serde::de::Error::custom);
-        match Names::deserialize(d)
-            .map_err(|_| serde::de::Error::custom("expected a loss name or a list of loss names"))?
-        {
-            Names::One(name) => Ok(LossTypes::One(parse(&name)?)),
-            Names::Many(names) => Ok(LossTypes::Many(
-                names
-                    .iter()
-                    .map(|n| parse(n))
-                    .collect::<std::result::Result<_, _>>()?,
-            )),
-        }
+        Self::deserialize_names(d, "expected a loss name or a list of loss names", |name| {
+            LossType::from_name(name).map_err(|e| e.to_string())
+        })
     }
 }
 fn default_beta() -> f64 {
@@ -889,7 +876,7 @@ impl Config {
             "must be > 0",
             t.num_train_epochs,
         )?;
-        let kinds = t.loss_type.kinds();
+        let kinds = t.loss_type.to_vec();
         match &t.loss_weights {
             Some(w) if w.len() != kinds.len() => bail!(
                 "training.loss_weights: {} weights for {} loss types",
@@ -1106,7 +1093,7 @@ impl Config {
             "must be >= 0",
             self.sam.rho,
         )?;
-        let integrations = t.report_to.integrations();
+        let integrations = t.report_to.to_vec();
         if integrations.len() > 1 && integrations.contains(&Integration::None) {
             bail!("training.report_to: \"none\" cannot be combined with other integrations");
         }
@@ -1220,7 +1207,7 @@ impl Config {
     /// plus `rpo_alpha` × sft when set, as in TRL.
     pub fn loss_terms(&self) -> Vec<(LossType, f64)> {
         let t = &self.training;
-        let kinds = t.loss_type.kinds();
+        let kinds = t.loss_type.to_vec();
         let weights = t.loss_weights.clone().unwrap_or(vec![1.0; kinds.len()]);
         let mut terms: Vec<(LossType, f64)> = kinds.into_iter().zip(weights).collect();
         terms.extend(t.rpo_alpha.map(|alpha| (LossType::Sft, alpha)));
@@ -1444,7 +1431,7 @@ batch_size = 8
     fn minimal_config_gets_trl_defaults() {
         let cfg = Config::parse(MINIMAL, "cfg.toml", &[]).unwrap();
         assert_eq!(cfg.training.beta, 0.1);
-        assert_eq!(cfg.training.loss_type.kinds(), vec![LossType::Sigmoid]);
+        assert_eq!(cfg.training.loss_type.to_vec(), vec![LossType::Sigmoid]);
         assert_eq!(cfg.sam.kind, SamKind::None);
         assert_eq!(cfg.micro_batch_size(), 8);
         assert_eq!(cfg.ref_name_or_path(), "builtin:tiny-gpt2");
@@ -1512,7 +1499,7 @@ batch_size = 8
         .collect();
         let cfg = Config::parse(MINIMAL, "cfg.toml", &ov).unwrap();
         assert_eq!(
-            cfg.training.loss_type.kinds(),
+            cfg.training.loss_type.to_vec(),
             vec![LossType::Sigmoid, LossType::Sft]
         );
         assert_eq!(cfg.training.loss_weights, Some(vec![1.0, 0.5]));

@@ -52,31 +52,27 @@ impl Diagnostics {
     }
 }
 
-/// The softmax p of each response token's logits, summarised: p at the target, ‖p‖², and the
-/// largest p at any other token (y*'s probability).
+/// The softmax p of each response token's logits, summarised: p at the target and ‖p‖².
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct TokenProbs {
     pub target: Vec<f64>,
     pub sq_norm: Vec<f64>,
-    pub top_nontarget: Vec<f64>,
 }
 
 /// [`TokenProbs`] for hidden states `h` `[n, hidden]` with `targets` `[n]`, without a graph.
 pub fn token_probs(head: &OutputLayer, h: &Tensor, targets: &Tensor) -> Result<TokenProbs> {
     // In the logits' dtype: f32, or f64 where the exact traces of `sharpness` are checked.
     let probs = softmax_last_dim(&head.logits(&h.detach(), None)?)?;
-    let (target, others) = target_and_top_other(&probs, targets)?;
     let col = |t: Tensor| -> Result<Vec<f64>> { t.to_dtype(DType::F64)?.to_vec1::<f64>() };
     Ok(TokenProbs {
-        target: col(target)?,
+        target: col(probs.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?)?,
         sq_norm: col(probs.sqr()?.sum(D::Minus1)?)?,
-        top_nontarget: col(others)?,
     })
 }
 
-/// For probabilities `probs` `[n, vocab]`: each row's probability at its target, and the
-/// largest at any other token (y*'s), both `[n]`.
-fn target_and_top_other(probs: &Tensor, targets: &Tensor) -> Result<(Tensor, Tensor)> {
+/// For probabilities `probs` `[n, vocab]`: each row's largest probability at a token other than
+/// its target (y*'s), `[n]`.
+fn top_other(probs: &Tensor, targets: &Tensor) -> Result<Tensor> {
     let (n, vocab) = probs.dims2()?;
     let dt = probs.dtype();
     let target_mask = Tensor::zeros((n, vocab), dt, probs.device())?.scatter_add(
@@ -85,10 +81,7 @@ fn target_and_top_other(probs: &Tensor, targets: &Tensor) -> Result<(Tensor, Ten
         1,
     )?;
     // With the target's probability zeroed, the row max is y*'s probability.
-    Ok((
-        (probs * &target_mask)?.sum(D::Minus1)?,
-        (probs * (1.0 - target_mask)?)?.max(D::Minus1)?,
-    ))
+    (probs * (1.0 - target_mask)?)?.max(D::Minus1)
 }
 
 /// Diagnostics for response tokens `h` `[n, hidden]` with `targets` `[n]`, of which the first
@@ -104,7 +97,7 @@ pub fn diagnostics(
     let n = probs.dim(0)?;
     let chosen = chosen_tokens.min(n);
     let trace = (1.0 - probs.sqr()?.sum(D::Minus1)?)?;
-    let (_, others) = target_and_top_other(&probs, targets)?;
+    let others = top_other(&probs, targets)?;
     // H(p) = log Σ e^z − Σ p z, with the log-sum-exp taken from the row max.
     let max = logits.max_keepdim(D::Minus1)?;
     let lse = (logits

@@ -273,9 +273,14 @@ fn files_digest(files: &[PathBuf]) -> Result<String> {
     Ok(format!("{} ({} files)", short(&h.finalize()), files.len()))
 }
 
+/// The caches' file stems: `<stem>-<fingerprint>.safetensors`, kept out of Hub uploads
+/// (`upload::left_out`).
+const REF_LOGPS: &str = "ref_logps";
+const CHES: &str = "ches";
+
 /// `dir/ref_logps-<first 16 hex digits>.safetensors`.
 pub fn cache_path(dir: &Path, fingerprint: &str) -> PathBuf {
-    named_path(dir, "ref_logps", fingerprint)
+    named_path(dir, REF_LOGPS, fingerprint)
 }
 
 fn named_path(dir: &Path, stem: &str, fingerprint: &str) -> PathBuf {
@@ -306,7 +311,7 @@ pub fn ches_cached(
     compute: impl FnOnce() -> Result<Vec<Ches>>,
 ) -> Result<(Vec<Ches>, PathBuf, bool)> {
     let fingerprint = Fingerprint::new(CHES_FORMAT, inputs)?;
-    let path = named_path(dir, "ches", &fingerprint.hash);
+    let path = named_path(dir, CHES, &fingerprint.hash);
     let n = inputs.train.len();
     if path.is_file() {
         let names = [("train_ches", n), ("train_ln_ches", n)];
@@ -456,9 +461,9 @@ pub fn unfit_caches(dir: &Path, fingerprint: &Fingerprint) -> Vec<(PathBuf, Stri
         .flatten()
         .map(|e| e.path())
         .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("ref_logps-") && n.ends_with(".safetensors"))
+            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+                n.starts_with(&format!("{REF_LOGPS}-")) && n.ends_with(".safetensors")
+            })
         })
         .collect();
     paths.sort();
@@ -627,4 +632,16 @@ fn parse_vectors(
                 .collect())
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn cache_files_stay_out_of_hub_uploads() {
+        for stem in [super::REF_LOGPS, super::CHES] {
+            let path = super::named_path(std::path::Path::new("run"), stem, "0123456789abcdef01");
+            let name = path.file_name().unwrap().to_string_lossy();
+            assert!(crate::upload::left_out(&name), "{name} would be uploaded");
+        }
+    }
 }

@@ -13,8 +13,9 @@
 //! Also full SAM (`sam.kind = "full"`, [`perturb_params`]), the two-pass baseline the paper
 //! compares against, and the adaptive (ASAM) variant of both (`sam.adaptive`).
 
+use crate::kernels::output::PrePass;
 use crate::models::ops::accum_dtype;
-use crate::models::output::{OutputLayer, SamPrePass};
+use crate::models::output::OutputLayer;
 use crate::models::Param;
 use anyhow::Result;
 use candle_core::{backprop::GradStore, DType, Tensor, Var};
@@ -29,8 +30,8 @@ pub struct Perturbation {
     pub grad_norm: Tensor,
     /// Per-token log-probs at the unperturbed W (no graph), for metrics of the actual model.
     pub token_logps: Tensor,
-    /// The pre-pass, until line 5 reuses its logits.
-    pre: Option<SamPrePass>,
+    /// The tiled pre-pass, until line 5 reuses its logits.
+    pre: Option<PrePass>,
 }
 
 impl Perturbation {
@@ -94,7 +95,7 @@ pub fn logits_perturbation_with(
         loss_pre: loss_pre.detach().to_dtype(DType::F64)?,
         grad_norm,
         token_logps: token_logps.as_tensor().detach(),
-        pre: Some(pre),
+        pre: pre.for_perturbed_pass(),
     })
 }
 
@@ -136,11 +137,18 @@ fn ascent_step(g: &Tensor, w: &Tensor, rho: f64, norm: &Tensor, adaptive: bool) 
 /// W ← W + e. Holds copies of the original values so that [`FullPerturbation::restore`] puts
 /// back exactly the same bits rather than subtracting e (which rounds).
 pub struct FullPerturbation {
-    /// Each moved tensor (the parameter, and its f32 master under mixed precision) and its
-    /// original value.
-    originals: Vec<(Var, Tensor)>,
+    moved: Vec<Moved>,
     /// ‖T g‖ over all parameters (T as in `ascent_step`), an f64 scalar on the device.
     pub grad_norm: Tensor,
+}
+
+/// One moved parameter: the weights e was added to (the f32 master under mixed precision) and
+/// their original value, and the bf16 copy the forward reads, which is always its master
+/// rounded (set-up, every update, resume) and so is restored from it rather than kept.
+struct Moved {
+    weights: Var,
+    copy: Option<Var>,
+    original: Tensor,
 }
 
 /// Moves every parameter that has a gradient in `grads` to W + e, e = ρ T² g/‖T g‖ with one
@@ -176,31 +184,33 @@ pub fn perturb_params(
         Some(t) => t.sqrt()?,
         None => Tensor::new(0f64, &candle_core::Device::Cpu)?,
     };
-    let mut originals = Vec::with_capacity(with_grad.len());
+    let mut moved = Vec::with_capacity(with_grad.len());
     for (p, w, g) in with_grad {
         let e = ascent_step(&g, w.as_tensor(), rho, &grad_norm, adaptive)?;
         let original = w.as_tensor().detach().copy()?;
-        let moved = (&original + e.to_dtype(original.dtype())?)?;
-        if let Some(master) = &p.master {
-            originals.push((p.var.clone(), p.var.as_tensor().detach().copy()?));
-            p.var.set(&moved.to_dtype(p.var.dtype())?)?;
-            master.set(&moved)?;
-        } else {
-            p.var.set(&moved)?;
+        let sum = (&original + e.to_dtype(original.dtype())?)?;
+        w.set(&sum)?;
+        let copy = p.master.as_ref().map(|_| p.var.clone());
+        if let Some(copy) = &copy {
+            copy.set(&sum.to_dtype(copy.dtype())?)?;
         }
-        originals.push((w.clone(), original));
+        moved.push(Moved {
+            weights: w.clone(),
+            copy,
+            original,
+        });
     }
-    Ok(FullPerturbation {
-        originals,
-        grad_norm,
-    })
+    Ok(FullPerturbation { moved, grad_norm })
 }
 
 impl FullPerturbation {
     /// Puts the original weights (and masters) back, bit for bit.
     pub fn restore(self) -> Result<()> {
-        for (var, original) in self.originals {
-            var.set(&original)?;
+        for m in self.moved {
+            if let Some(copy) = &m.copy {
+                copy.set(&m.original.to_dtype(copy.dtype())?)?;
+            }
+            m.weights.set(&m.original)?;
         }
         Ok(())
     }

@@ -80,10 +80,20 @@ impl Content {
     }
 }
 
-/// The files of a model directory to push, sorted: everything but checkpoints
-/// (`checkpoint-*/`), leftovers of interrupted writes (`*.tmp`, `*.old`), the reference
-/// log-probs cache (`ref_logps-*`) and hidden files — what `Trainer.push_to_hub` leaves out
-/// too.
+/// Whether a model directory's entry stays local: checkpoints (`checkpoint-*/`), leftovers of
+/// interrupted writes (`*.tmp`, `*.old`), the reference log-prob and CHES caches
+/// (`ref_logps-*`, `ches-*`: `refcache` checks its names against this) and hidden files —
+/// what `Trainer.push_to_hub` leaves out too.
+pub fn left_out(name: &str) -> bool {
+    name.starts_with('.')
+        || ["checkpoint-", "ref_logps-", "ches-"]
+            .iter()
+            .any(|p| name.starts_with(p))
+        || name.ends_with(".tmp")
+        || name.ends_with(".old")
+}
+
+/// The files of a model directory to push, sorted: all but those [`left_out`].
 pub fn folder_files(dir: &Path) -> Result<Vec<Upload>> {
     fn walk(root: &Path, dir: &Path, out: &mut Vec<Upload>) -> Result<()> {
         let entries =
@@ -92,12 +102,7 @@ pub fn folder_files(dir: &Path) -> Result<Vec<Upload>> {
             let path = entry?.path();
             let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
             let name = name.unwrap_or_default();
-            let skipped = name.starts_with('.')
-                || name.starts_with("checkpoint-")
-                || name.starts_with("ref_logps-")
-                || name.ends_with(".tmp")
-                || name.ends_with(".old");
-            if skipped {
+            if left_out(&name) {
                 continue;
             }
             if path.is_dir() {
@@ -658,6 +663,7 @@ mod tests {
             "runs/Dec01_host/events.out.tfevents.1.host.2.0",
             "checkpoint-3/model.safetensors",
             "ref_logps-abc.safetensors",
+            "ches-abc.safetensors",
             "model.safetensors.tmp",
             ".hidden",
         ] {

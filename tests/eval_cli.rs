@@ -13,6 +13,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+mod common;
+use common::lines;
+
 const N: usize = 12;
 
 fn dpo_sam(args: &[&str], dir: &Path) -> Output {
@@ -198,14 +201,6 @@ fn flaky(s: &mut State, prompt: &str) -> (u16, String) {
     } else {
         (200, completion(&judge_reply(prompt)))
     }
-}
-
-fn lines(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
 }
 
 #[test]

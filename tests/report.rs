@@ -8,13 +8,8 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-fn dpo_sam(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_dpo-sam"))
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .args(args)
-        .output()
-        .unwrap()
-}
+mod common;
+use common::dpo_sam;
 
 fn ok(out: &Output) {
     assert!(

@@ -5,17 +5,10 @@
 
 mod common;
 
+use common::{dpo_sam, lines};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn dpo_sam(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_dpo-sam"))
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .args(args)
-        .output()
-        .unwrap()
-}
+use std::process::Output;
 
 fn train(out: &Path, sets: &[&str]) -> Output {
     let out = out.display().to_string();
@@ -60,14 +53,6 @@ fn run() -> &'static Path {
         ));
         dir
     })
-}
-
-fn lines(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
 }
 
 #[test]

@@ -17,7 +17,6 @@ use dpo_sam::logps::{pair_logps, sequence_logps};
 use dpo_sam::losses::PairLogps;
 use dpo_sam::models::ops::log_softmax_last_dim;
 use dpo_sam::train::{configured_loss, Trainer};
-use std::path::Path;
 
 mod common;
 
@@ -47,66 +46,16 @@ impl Model {
     fn pairs(self) -> usize {
         match self {
             Model::TinyGpt2 => 16,
-            Model::Stories260K => STORY_PAIRS.len(),
+            Model::Stories260K => common::STORY_PAIRS.len(),
         }
     }
 }
 
-const STORY_PAIRS: &[(&str, &str, &str)] = &[
-    (
-        "Once upon a time, there was a little",
-        " girl named Lily.",
-        " the the the the.",
-    ),
-    (
-        "One day, Tom went to the",
-        " park to play.",
-        " park park park park.",
-    ),
-    ("The cat was very", " happy and sleepy.", " a a a a."),
-    (
-        "Lily saw a big",
-        " red ball in the garden.",
-        " big big big big.",
-    ),
-    (
-        "The sun was shining and the birds",
-        " were singing in the trees.",
-        " was was was.",
-    ),
-    (
-        "Tim had a new toy car. He",
-        " liked to play with it every day.",
-        " car car car car.",
-    ),
-    (
-        "Mom said it was time for",
-        " bed, so Sue brushed her teeth.",
-        " time time time.",
-    ),
-    (
-        "The little dog found a",
-        " bone under the old tree.",
-        " dog dog dog dog.",
-    ),
-];
-
 fn stories(overrides: &[&str]) -> Option<Trainer> {
-    let model = Path::new(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../shared/models/stories260K"
-    ));
-    if !model.is_dir() {
-        eprintln!("skipping stories260K: {} not found", model.display());
-        return None;
-    }
+    let model = common::stories260k()?;
     let tmp = tempfile::tempdir().unwrap().keep();
     let data = tmp.join("pairs.jsonl");
-    let lines: Vec<String> = STORY_PAIRS
-        .iter()
-        .map(|(p, c, r)| serde_json::json!({"prompt": p, "chosen": c, "rejected": r}).to_string())
-        .collect();
-    std::fs::write(&data, lines.join("\n") + "\n").unwrap();
+    common::write_pairs(&data, common::STORY_PAIRS);
     let config = format!(
         r#"
 output_dir = {out:?}

@@ -13,19 +13,14 @@ use dpo_sam::tokenizer::Tok;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
-fn fixture(name: &str) -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/score")
-        .join(name)
-        .display()
-        .to_string()
-}
+mod common;
+use common::{lines, score_fixture};
 
 fn input(ref_model: Option<String>, loss_type: &str) -> PairArgs {
     PairArgs {
-        model: fixture("policy"),
+        model: score_fixture("policy"),
         ref_model,
-        data: fixture("data.jsonl"),
+        data: score_fixture("data.jsonl"),
         format: "explicit".into(),
         loss_type: loss_type.into(),
         beta: 0.1,
@@ -44,14 +39,6 @@ fn args(out: PathBuf, ref_model: Option<String>, loss_type: &str) -> ScoreArgs {
     }
 }
 
-fn lines(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
 fn f(v: &Value, key: &str) -> f64 {
     v[key].as_f64().unwrap_or_else(|| panic!("{key} in {v}"))
 }
@@ -59,11 +46,12 @@ fn f(v: &Value, key: &str) -> f64 {
 #[test]
 fn score_agrees_with_transformers() {
     let expected: Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture("expected.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(score_fixture("expected.json")).unwrap())
+            .unwrap();
     let expected = expected["pairs"].as_array().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("scores.jsonl");
-    let summary = score(&args(out.clone(), Some(fixture("ref")), "sigmoid")).unwrap();
+    let summary = score(&args(out.clone(), Some(score_fixture("ref")), "sigmoid")).unwrap();
     let got = lines(&out);
     assert_eq!(got.len(), expected.len());
     let (mut loss_sum, mut correct, mut margin_sum) = (0.0, 0.0, 0.0);
@@ -184,11 +172,12 @@ fn response_sum(model: &Model, seq: &Sequence) -> (Vec<f64>, usize) {
 fn ches_agrees_with_transformers_and_with_a_direct_computation() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("scores.jsonl");
-    score(&args(out.clone(), Some(fixture("ref")), "sigmoid")).unwrap();
+    score(&args(out.clone(), Some(score_fixture("ref")), "sigmoid")).unwrap();
     let got = lines(&out);
     // Razin et al.'s formula on transformers' hidden states (scripts/make_ches_fixture.py).
     let expected: Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture("ches.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(score_fixture("ches.json")).unwrap())
+            .unwrap();
     let expected = expected["pairs"].as_array().unwrap();
     assert_eq!(got.len(), expected.len());
     let close = |a: f64, b: f64| (a - b).abs() < 1e-4 * b.abs().max(1.0);
@@ -199,19 +188,19 @@ fn ches_agrees_with_transformers_and_with_a_direct_computation() {
     }
     // The same from each sequence run alone, summed by hand.
     let policy = Model::load(
-        &ModelSource::Dir(fixture("policy").into()),
+        &ModelSource::Dir(score_fixture("policy").into()),
         false,
         DType::F32,
         &Device::Cpu,
     )
     .unwrap();
-    let tok = Tok::from_dir(Path::new(&fixture("policy"))).unwrap();
+    let tok = Tok::from_dir(Path::new(&score_fixture("policy"))).unwrap();
     let trunc = Truncation {
         max_length: 64,
         max_prompt_length: None,
         mode: TruncationMode::KeepEnd,
     };
-    let data = std::fs::read_to_string(fixture("data.jsonl")).unwrap();
+    let data = std::fs::read_to_string(score_fixture("data.jsonl")).unwrap();
     for (line, g) in data.lines().zip(&got) {
         let pair: PreferencePair = serde_json::from_str(line).unwrap();
         let tp = tokenize_pair(&tok, &pair, &trunc).unwrap().unwrap();
@@ -233,12 +222,12 @@ fn ches_agrees_with_transformers_and_with_a_direct_computation() {
 fn data_inspect_summarises_ches_and_lists_the_top_pairs() {
     let run = |extra: &[&str]| {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_dpo-sam"))
-            .args(["data", "inspect", "--data", &fixture("data.jsonl")])
+            .args(["data", "inspect", "--data", &score_fixture("data.jsonl")])
             .args([
                 "--format",
                 "explicit",
                 "--model",
-                &fixture("policy"),
+                &score_fixture("policy"),
                 "--top",
                 "2",
             ])
@@ -256,7 +245,8 @@ fn data_inspect_summarises_ches_and_lists_the_top_pairs() {
     let c = &summary["ches"];
     assert_eq!(c["pairs"], 3);
     let expected: Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture("ches.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(score_fixture("ches.json")).unwrap())
+            .unwrap();
     let mut ln: Vec<f64> = expected["pairs"]
         .as_array()
         .unwrap()

@@ -15,6 +15,9 @@ use dpo_sam::sharpness::{reference_batches, sharpness, Objective, Probes, Sharpn
 use dpo_sam::tokenizer::Tok;
 use std::path::{Path, PathBuf};
 
+mod common;
+use common::score_fixture;
+
 const PAIRS: &[(&str, &str, &str)] = &[
     ("1+2=", "3", "12"),
     ("rev ab=", "ba", "ab"),
@@ -292,20 +295,12 @@ fn logit_hessian_trace_is_exact_for_each_loss() {
     );
 }
 
-fn fixture(name: &str) -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/score")
-        .join(name)
-        .display()
-        .to_string()
-}
-
 fn args(dtype: &str, probes: usize) -> SharpnessArgs {
     SharpnessArgs {
         input: PairArgs {
-            model: fixture("policy"),
-            ref_model: Some(fixture("ref")),
-            data: fixture("data.jsonl"),
+            model: score_fixture("policy"),
+            ref_model: Some(score_fixture("ref")),
+            data: score_fixture("data.jsonl"),
             format: "explicit".into(),
             loss_type: "sigmoid".into(),
             beta: 0.1,
@@ -356,7 +351,7 @@ fn the_command_reports_both_traces_and_its_step() {
     a.num_pairs = 0;
     assert!(err(a).contains("--pairs"));
     let mut a = args("f32", 1);
-    a.input.data = PathBuf::from(fixture("missing.jsonl"))
+    a.input.data = PathBuf::from(score_fixture("missing.jsonl"))
         .display()
         .to_string();
     assert!(err(a).contains("missing.jsonl"));

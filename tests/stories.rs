@@ -6,44 +6,20 @@
 use dpo_sam::config::Config;
 use dpo_sam::models::{Model, ModelSource};
 use dpo_sam::train::Trainer;
-use std::path::Path;
 
-const PAIRS: &[(&str, &str, &str)] = &[
-    (
-        "Once upon a time, there was a little",
-        " girl named Lily.",
-        " the the the the.",
-    ),
-    (
-        "One day, Tom went to the",
-        " park to play.",
-        " park park park park.",
-    ),
-    ("The cat was very", " happy and sleepy.", " a a a a."),
-    (
-        "Lily saw a big",
-        " red ball in the garden.",
-        " big big big big.",
-    ),
-];
+mod common;
+
+/// The first four of the shared story pairs: one micro-batch.
+const PAIRS: &[(&str, &str, &str)] = common::STORY_PAIRS.split_at(4).0;
 
 #[test]
 fn stories260k_dpo_with_logits_sam_lowers_the_loss() {
-    let model = Path::new(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../shared/models/stories260K"
-    ));
-    if !model.is_dir() {
-        eprintln!("skipping: {} not found", model.display());
+    let Some(model) = common::stories260k() else {
         return;
-    }
+    };
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("pairs.jsonl");
-    let lines: Vec<String> = PAIRS
-        .iter()
-        .map(|(p, c, r)| serde_json::json!({"prompt": p, "chosen": c, "rejected": r}).to_string())
-        .collect();
-    std::fs::write(&data, lines.join("\n") + "\n").unwrap();
+    common::write_pairs(&data, PAIRS);
     let out = tmp.path().join("run");
     let config = format!(
         r#"

@@ -55,7 +55,7 @@ fn zephyr_recipe_with_logits_sam_converts_field_by_field() {
         (10, 100, 100)
     );
     assert_eq!((t.save_total_limit, cfg.seed), (Some(1), 42));
-    assert_eq!(t.loss_type.kinds(), vec![LossType::Sigmoid]);
+    assert_eq!(t.loss_type.to_vec(), vec![LossType::Sigmoid]);
     assert_eq!((cfg.sam.kind, cfg.sam.rho), (SamKind::Logits, 1e-5));
     assert_eq!(cfg.output_dir, Path::new("data/zephyr-7b-dpo-full"));
     // A held-out count (2000 rows) has no dpo-sam form; the rest only steer logging or the Hub.
@@ -142,7 +142,7 @@ fn trl_defaults_fill_what_the_recipe_leaves_out() {
         t.learning_rate, 1e-6,
         "a YAML 1.1 string is read as HF reads it"
     );
-    assert_eq!(t.loss_type.kinds(), vec![LossType::Sigmoid, LossType::Sft]);
+    assert_eq!(t.loss_type.to_vec(), vec![LossType::Sigmoid, LossType::Sft]);
     assert_eq!(t.loss_weights, Some(vec![1.0, 0.05]));
     assert_eq!(
         cfg.data.train.paths(),
@@ -158,7 +158,7 @@ fn trl_defaults_fill_what_the_recipe_leaves_out() {
     let c = convert(cpo.as_object().unwrap(), 1, "recipe").unwrap();
     let cfg = Config::parse(&c.toml, "converted", &[]).unwrap();
     assert_eq!(
-        cfg.training.loss_type.kinds(),
+        cfg.training.loss_type.to_vec(),
         vec![LossType::Simpo, LossType::Sft]
     );
     assert_eq!(cfg.training.loss_weights, Some(vec![1.0, 0.5]));

@@ -63,6 +63,18 @@ impl Tile {
     }
 }
 
+/// Whether e can be added to the weight itself: where the matmul reads the weight at e's
+/// precision (f32, f64), W + e keeps e as exactly as e's own dtype does. A bf16 weight with an
+/// f32 e does not, nor do f32 matmuls on TF32 tensor cores (`training.tf32`), which round their
+/// inputs to a 10-bit mantissa: there H eᵀ keeps e to that relative precision, W + e not at all.
+pub fn folds(weight: &Tensor, e: &Tensor) -> bool {
+    // Asked only on CUDA: candle's CPU-only builds answer true.
+    let tf32 = e.dtype() == DType::F32
+        && weight.device().is_cuda()
+        && candle_core::cuda::gemm_reduced_precision_f32();
+    e.dtype() == weight.dtype() && !tf32
+}
+
 /// The log-probs of `targets` `[n]` (u32) under softmax(h wᵀ + bias), `h` `[n, hidden]`,
 /// as one graph node over (h, weight[, bias]); `[n]`, f32 (f64 for f64). Under logits-SAM the
 /// logits use W + e, `perturbation` e a constant. On the CPU e is in the weight's dtype and
@@ -95,7 +107,7 @@ pub fn token_logps(
         _ => {
             drop(pre);
             let perturbed = match perturbation {
-                Some(e) if e.dtype() != weight.dtype() => bail!(
+                Some(e) if !folds(weight, e) => bail!(
                     "fused output layer: the perturbation is {:?} but the weight {:?}",
                     e.dtype(),
                     weight.dtype()
@@ -723,11 +735,8 @@ mod gpu {
                     bail!("output layer: target {t} outside the vocabulary of {vocab}");
                 }
             }
-            // Folded where the GEMM reads W + e at e's precision: an f32 weight without TF32.
-            let folds =
-                weight.dtype() == DType::F32 && !candle_core::cuda::gemm_reduced_precision_f32();
             let (w, e) = match perturbation {
-                Some(e) if folds => ((weight.detach() + e.to_dtype(DType::F32)?)?, None),
+                Some(e) if super::folds(weight, e) => ((weight.detach() + e)?, None),
                 Some(e) => (weight.detach(), Some(e.to_dtype(h.dtype())?.contiguous()?)),
                 None => (weight.detach(), None),
             };
@@ -737,18 +746,17 @@ mod gpu {
                 ..tile
             };
             // The pre-pass's logits H Wᵀ, which the perturbed logits start from when e is apart.
-            let base = match pre {
-                Some(pre)
-                    if e.is_some()
-                        && pre.keep
-                        && pre.e.is_none()
-                        && (pre.tile.rows, pre.tile.vocab) == (tile.rows, tile.vocab)
-                        && pre.h.dims() == h.dims()
-                        && pre.w.dims() == weight.dims() =>
-                {
-                    pre.kept.into_inner().expect("kept logits lock")
-                }
-                _ => Vec::new(),
+            // (dropped here, kept logits and all, where it is of no use)
+            let base = match pre.filter(|pre| {
+                e.is_some()
+                    && pre.keep
+                    && pre.e.is_none()
+                    && (pre.tile.rows, pre.tile.vocab) == (tile.rows, tile.vocab)
+                    && pre.h.dims() == h.dims()
+                    && pre.w.dims() == weight.dims()
+            }) {
+                Some(pre) => pre.kept.into_inner().expect("kept logits lock"),
+                None => Vec::new(),
             };
             let pass = Pass {
                 lse: f32s(&dev, &[n])?,

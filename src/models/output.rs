@@ -18,7 +18,7 @@ use crate::kernels::{
     self,
     output::{PrePass, Tile},
 };
-use candle_core::{DType, Result, Tensor, D};
+use candle_core::{Result, Tensor, D};
 
 /// `lm_head`: logits = H Wᵀ (+ b). `weight` is `[vocab, hidden]` (HF's layout).
 #[derive(Clone)]
@@ -33,7 +33,7 @@ impl OutputLayer {
     /// gradient flows to H and W as through H (W + e)ᵀ: ∂L/∂W = Gᵀ H, ∂L/∂H = G (W + e).
     pub fn logits(&self, h: &Tensor, perturbation: Option<&Tensor>) -> Result<Tensor> {
         let (folded, apart) = match perturbation {
-            Some(e) if self.folds(e) => (Some(e), None),
+            Some(e) if kernels::output::folds(&self.weight, e) => (Some(e), None),
             e => (None, e),
         };
         let weight = match folded {
@@ -51,18 +51,6 @@ impl OutputLayer {
         }
     }
 
-    /// Whether e can be added to the weight itself: when the matmul reads the weight at e's
-    /// precision (f32, f64), where W + e keeps e as exactly as e's own dtype does. A bf16 weight
-    /// does not, nor do f32 matmuls on TF32 tensor cores (`training.tf32`), which round their
-    /// inputs to a 10-bit mantissa: there H eᵀ keeps e to that relative precision, W + e not at all.
-    fn folds(&self, e: &Tensor) -> bool {
-        // Asked only on CUDA: candle's CPU-only builds answer true.
-        let tf32 = e.dtype() == DType::F32
-            && self.weight.device().is_cuda()
-            && candle_core::cuda::gemm_reduced_precision_f32();
-        e.dtype() == self.weight.dtype() && !tf32
-    }
-
     /// Whether the tiled path applies (CPU in f32/f64, CUDA in f32/bf16/f16, one dtype).
     fn fuses(&self, h: &Tensor) -> bool {
         let mut tensors = vec![h, &self.weight];
@@ -73,7 +61,9 @@ impl OutputLayer {
     /// Whether the tiled path takes this perturbation: CUDA's adds e apart where it cannot fold
     /// it, the CPU's only folds.
     fn fuses_with(&self, h: &Tensor, perturbation: Option<&Tensor>) -> bool {
-        self.fuses(h) && (h.device().is_cuda() || perturbation.is_none_or(|e| self.folds(e)))
+        self.fuses(h)
+            && (h.device().is_cuda()
+                || perturbation.is_none_or(|e| kernels::output::folds(&self.weight, e)))
     }
 
     /// log π(target_i | h_i) for each row: `[n, hidden]`, `[n]` u32 → `[n]` f32 (f64 for f64),
@@ -100,18 +90,15 @@ impl OutputLayer {
         h: &Tensor,
         targets: &Tensor,
         e: &Tensor,
-        pre: SamPrePass,
+        pre: PrePass,
     ) -> Result<Tensor> {
         if !self.fuses_with(h, Some(e)) {
+            drop(pre);
             return self.token_logps_unfused(h, targets, Some(e));
         }
-        let pre = match pre {
-            SamPrePass::Tiled(pre) => Some(pre),
-            SamPrePass::Unfused(_) => None,
-        };
         let tile = Tile::for_device(h.device());
         let bias = self.bias.as_ref();
-        kernels::output::token_logps(h, &self.weight, bias, targets, Some(e), pre, tile)
+        kernels::output::token_logps(h, &self.weight, bias, targets, Some(e), Some(pre), tile)
     }
 
     /// [`OutputLayer::token_logps`] through the full `[n, vocab]` log-softmax.
@@ -214,6 +201,17 @@ pub enum SamPrePass {
     Unfused(Tensor),
 }
 
+impl SamPrePass {
+    /// What line 5 can start from ([`OutputLayer::token_logps_perturbed`]): the tiled pass; the
+    /// unfused log-softmax is of no use there and is dropped here rather than held through it.
+    pub fn for_perturbed_pass(self) -> Option<PrePass> {
+        match self {
+            SamPrePass::Tiled(pre) => Some(pre),
+            SamPrePass::Unfused(_) => None,
+        }
+    }
+}
+
 /// g = Gᵀ H from the log-softmax `logp` of the unperturbed logits.
 fn sam_gradient_from(
     logp: &Tensor,
@@ -236,7 +234,7 @@ fn sam_gradient_from(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Var};
+    use candle_core::{DType, Device, Var};
 
     const TINY: Tile = Tile {
         rows: 2,

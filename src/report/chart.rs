@@ -57,18 +57,9 @@ fn tick_step(span: f64, n: f64) -> f64 {
     }
 }
 
-/// Short tick labels: plain for moderate magnitudes, scientific otherwise.
+/// Short tick labels: plain for moderate magnitudes, scientific with three digits otherwise.
 pub fn number(x: f64) -> String {
-    if x == 0.0 {
-        return "0".into();
-    }
-    let a = x.abs();
-    if (1e-3..1e5).contains(&a) {
-        let s = format!("{x:.4}");
-        s.trim_end_matches('0').trim_end_matches('.').to_string()
-    } else {
-        format!("{x:.2e}")
-    }
+    crate::card::short_number(x, 2)
 }
 
 /// Ticks covering [lo, hi], and the (possibly widened) range they span.

@@ -131,6 +131,7 @@ fn load(input: &Path, label: Option<&String>, i: usize) -> Result<Run> {
                 .collect())
         })
         .transpose()?;
+    let samples = latest_samples(&dir.join("samples.jsonl"))?;
     Ok(Run {
         label: label
             .cloned()
@@ -141,16 +142,8 @@ fn load(input: &Path, label: Option<&String>, i: usize) -> Result<Run> {
         train,
         eval,
         config,
-        samples: latest_samples(&input_dir_file(input, "samples.jsonl"))?,
+        samples,
     })
-}
-
-/// `name` beside the run's metrics.
-fn input_dir_file(input: &Path, name: &str) -> PathBuf {
-    match input.is_dir() {
-        true => input.join(name),
-        false => input.with_file_name(name),
-    }
 }
 
 /// The run's config: `training_config.toml`, else the newest checkpoint's.

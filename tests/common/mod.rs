@@ -1,9 +1,13 @@
-//! Helpers shared by integration tests: the built-in tiny GPT-2 config and trainer, tensor diffs.
+//! Helpers shared by integration tests: the built-in tiny GPT-2 config and trainer, the real
+//! stories260K and pairs for it, the `dpo-sam` binary, JSON-lines files, tensor diffs.
 #![allow(dead_code)] // each test binary uses its own subset
 
 use candle_core::{DType, Tensor};
 use dpo_sam::config::Config;
 use dpo_sam::train::Trainer;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
 
 /// configs/tiny_gpt2.toml with 64 built-in pairs, a fresh output directory and `overrides`.
 pub fn tiny_config(overrides: &[&str]) -> anyhow::Result<Config> {
@@ -84,4 +88,90 @@ pub fn events_file(out: &std::path::Path) -> std::path::PathBuf {
             .expect("the checkpoint records the events file")
             .file,
     )
+}
+
+/// The `dpo-sam` binary, run in the crate root.
+pub fn dpo_sam(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_dpo-sam"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// A JSON-lines file, one value per line.
+pub fn lines(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// A file of tests/fixtures/score.
+pub fn score_fixture(name: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/score")
+        .join(name)
+        .display()
+        .to_string()
+}
+
+/// The real stories260K (../shared/models), or `None` with the reason printed.
+pub fn stories260k() -> Option<PathBuf> {
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/models/stories260K");
+    if !model.is_dir() {
+        eprintln!("skipping stories260K: {} not found", model.display());
+        return None;
+    }
+    Some(model)
+}
+
+/// Story openings, each with a fluent chosen and a degenerate rejected continuation.
+pub const STORY_PAIRS: &[(&str, &str, &str)] = &[
+    (
+        "Once upon a time, there was a little",
+        " girl named Lily.",
+        " the the the the.",
+    ),
+    (
+        "One day, Tom went to the",
+        " park to play.",
+        " park park park park.",
+    ),
+    ("The cat was very", " happy and sleepy.", " a a a a."),
+    (
+        "Lily saw a big",
+        " red ball in the garden.",
+        " big big big big.",
+    ),
+    (
+        "The sun was shining and the birds",
+        " were singing in the trees.",
+        " was was was.",
+    ),
+    (
+        "Tim had a new toy car. He",
+        " liked to play with it every day.",
+        " car car car car.",
+    ),
+    (
+        "Mom said it was time for",
+        " bed, so Sue brushed her teeth.",
+        " time time time.",
+    ),
+    (
+        "The little dog found a",
+        " bone under the old tree.",
+        " dog dog dog dog.",
+    ),
+];
+
+/// `pairs` as a prompt/chosen/rejected JSON-lines file at `path`.
+pub fn write_pairs(path: &Path, pairs: &[(&str, &str, &str)]) {
+    let lines: Vec<String> = pairs
+        .iter()
+        .map(|(p, c, r)| serde_json::json!({"prompt": p, "chosen": c, "rejected": r}).to_string())
+        .collect();
+    std::fs::write(path, lines.join("\n") + "\n").unwrap();
 }

@@ -42,11 +42,21 @@ pub fn token() -> Option<String> {
 }
 
 /// The Hub cache: `HF_HUB_CACHE`, else `$HF_HOME/hub`, else `~/.cache/huggingface/hub`.
-fn cache() -> hf_hub::Cache {
+pub fn cache() -> hf_hub::Cache {
     match std::env::var_os("HF_HUB_CACHE") {
         Some(dir) => hf_hub::Cache::new(PathBuf::from(dir)),
         None => hf_hub::Cache::from_env(),
     }
+}
+
+/// A client for the Hub at [`endpoint`] with [`token`], downloading into [`cache`].
+pub fn api() -> Result<hf_hub::api::sync::Api> {
+    hf_hub::api::sync::ApiBuilder::from_cache(cache())
+        .with_progress(true)
+        .with_endpoint(endpoint())
+        .with_token(token())
+        .build()
+        .context("cannot set up the Hugging Face Hub client")
 }
 
 /// A Hub repository, addressed as `org/name` or `org/name@revision`.
@@ -86,13 +96,8 @@ impl HubRepo {
                 cache.path().display()
             );
         }
-        let api = hf_hub::api::sync::ApiBuilder::from_cache(cache)
-            .with_progress(true)
-            .with_endpoint(endpoint())
-            .with_token(token())
-            .build()
-            .context("cannot set up the Hugging Face Hub client")?;
-        api.repo(self.repo.clone())
+        api()?
+            .repo(self.repo.clone())
             .get(filename)
             .with_context(|| format!("cannot fetch `{filename}` from the Hub repo `{}`", self.id))
     }

@@ -40,6 +40,7 @@ pub mod progress;
 pub mod push;
 pub mod refcache;
 pub mod report;
+pub mod retry;
 pub mod sam;
 pub mod score;
 pub mod sharpness;

@@ -253,8 +253,29 @@ fn read(path: &Path) -> Result<Vec<u8>> {
     std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
 }
 
-/// The weight files' bytes, streamed (they may be many GB).
+/// The weight files' bytes, streamed (they may be many GB). Remembered for files unchanged
+/// since (same size and modification time): a run fingerprints its model for the CHES scores
+/// and again for the reference log-probs, and would otherwise read every weight twice.
 fn files_digest(files: &[PathBuf]) -> Result<String> {
+    type Stamp = Vec<(PathBuf, u64, std::time::SystemTime)>;
+    static SEEN: std::sync::Mutex<Vec<(Stamp, String)>> = std::sync::Mutex::new(Vec::new());
+    let stamp = files
+        .iter()
+        .map(|path| {
+            let meta = std::fs::metadata(path)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            Ok((path.clone(), meta.len(), meta.modified()?))
+        })
+        .collect::<Result<Stamp>>()?;
+    let seen = |stamp: &Stamp| {
+        let list = SEEN.lock().expect("digest memo lock");
+        list.iter()
+            .find(|(s, _)| s == stamp)
+            .map(|(_, d)| d.clone())
+    };
+    if let Some(digest) = seen(&stamp) {
+        return Ok(digest);
+    }
     let mut h = Sha256::new();
     for path in files {
         let mut file =
@@ -270,7 +291,11 @@ fn files_digest(files: &[PathBuf]) -> Result<String> {
             h.update(&buf[..n]);
         }
     }
-    Ok(format!("{} ({} files)", short(&h.finalize()), files.len()))
+    let digest = format!("{} ({} files)", short(&h.finalize()), files.len());
+    SEEN.lock()
+        .expect("digest memo lock")
+        .push((stamp, digest.clone()));
+    Ok(digest)
 }
 
 /// The caches' file stems: `<stem>-<fingerprint>.safetensors`, kept out of Hub uploads

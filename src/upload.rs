@@ -179,7 +179,8 @@ impl Client {
     }
 
     /// Sends a request made by `request` (again for each attempt). Connection failures, 429
-    /// and 5xx answers are retried twice, after 1 and 2 seconds, when `retry`; statuses in
+    /// and 5xx answers are retried twice when `retry`, after about 1 and 2 seconds (jittered) or
+    /// the `Retry-After` the Hub asks for, at most a minute; statuses in
     /// `fine` count as success; other answers of 400 and above are errors quoting the Hub's
     /// message.
     fn send(
@@ -189,13 +190,14 @@ impl Client {
         fine: &[u16],
         request: impl Fn() -> Result<std::result::Result<ureq::Response, ureq::Error>>,
     ) -> Result<ureq::Response> {
-        let attempts = if retry { 3 } else { 1 };
+        let attempts: u32 = if retry { 3 } else { 1 };
         for attempt in 1..=attempts {
-            let transient = match request()? {
+            let (transient, wait) = match request()? {
                 Ok(resp) => return Ok(resp),
                 Err(ureq::Error::Status(code, resp)) if fine.contains(&code) => return Ok(resp),
                 Err(ureq::Error::Status(code, resp)) if code == 429 || code >= 500 => {
-                    format!("HTTP {code}: {}", hub_message(resp))
+                    let wait = crate::retry::retry_after(&resp);
+                    (format!("HTTP {code}: {}", hub_message(resp)), wait)
                 }
                 Err(ureq::Error::Status(code, resp)) => {
                     let hint = match code {
@@ -207,12 +209,13 @@ impl Client {
                         hub_message(resp)
                     );
                 }
-                Err(e) => format!("{e}"),
+                Err(e) => (format!("{e}"), None),
             };
             if attempt == attempts {
                 bail!("{what} failed at {}: {transient}", self.endpoint);
             }
-            std::thread::sleep(Duration::from_secs(attempt as u64));
+            let base = Duration::from_millis(500);
+            std::thread::sleep(crate::retry::backoff(base, attempt, wait));
         }
         unreachable!("the last attempt returns")
     }

@@ -44,6 +44,7 @@ const ORDER: &[&str] = &[
     "config",
     "tokenizer",
     "upload",
+    "retry",
     "hub",
     "tensorboard",
     "progress",

@@ -392,16 +392,26 @@ fn ches_summary(
 
 /// Nearest-rank percentiles of real numbers (NaN sorts last).
 fn float_percentiles(mut v: Vec<f64>) -> Value {
-    if v.is_empty() {
+    v.sort_by(f64::total_cmp);
+    let mean = v.iter().sum::<f64>() / v.len() as f64;
+    summary(&v, &[10, 25, 50, 75, 90], mean)
+}
+
+/// min, the nearest-rank percentiles `ps` and max of `sorted`, and `mean`; `{}` when empty.
+fn summary<T: Copy + serde::Serialize>(sorted: &[T], ps: &[usize], mean: f64) -> Value {
+    let n = sorted.len();
+    if n == 0 {
         return json!({});
     }
-    v.sort_by(f64::total_cmp);
-    let at = |p: f64| v[((p / 100.0 * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1];
-    json!({
-        "min": v[0], "p10": at(10.0), "p25": at(25.0), "p50": at(50.0), "p75": at(75.0),
-        "p90": at(90.0), "max": v[v.len() - 1],
-        "mean": v.iter().sum::<f64>() / v.len() as f64,
-    })
+    let mut out = serde_json::Map::new();
+    out.insert("min".into(), json!(sorted[0]));
+    for p in ps {
+        let rank = (*p as f64 / 100.0 * n as f64).ceil() as usize;
+        out.insert(format!("p{p}"), json!(sorted[rank.clamp(1, n) - 1]));
+    }
+    out.insert("max".into(), json!(sorted[n - 1]));
+    out.insert("mean".into(), json!(mean));
+    Value::Object(out)
 }
 
 /// Times each stage separately over the same split.
@@ -477,15 +487,9 @@ fn padding_fraction(lens: &[(usize, usize)], order: &[usize], micro: usize) -> f
 
 /// Nearest-rank percentiles.
 fn percentiles(mut v: Vec<usize>) -> Value {
-    if v.is_empty() {
-        return json!({});
-    }
     v.sort_unstable();
-    let at = |p: f64| v[((p / 100.0 * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1];
-    json!({
-        "min": v[0], "p50": at(50.0), "p90": at(90.0), "p95": at(95.0), "p99": at(99.0), "max": v[v.len() - 1],
-        "mean": v.iter().sum::<usize>() as f64 / v.len() as f64,
-    })
+    let mean = v.iter().sum::<usize>() as f64 / v.len() as f64;
+    summary(&v, &[50, 90, 95, 99], mean)
 }
 
 /// One pair as tokens: the masked prompt, and each scored token of both responses.

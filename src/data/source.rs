@@ -153,10 +153,7 @@ fn in_split(path: &str, split: &str) -> bool {
 /// Every file name in a Hub dataset repo.
 fn hub_listing(repo_id: &str) -> Result<Vec<String>> {
     let (id, revision) = repo_id.split_once('@').unwrap_or((repo_id, "main"));
-    let cache = match std::env::var_os("HF_HUB_CACHE") {
-        Some(dir) => hf_hub::Cache::new(PathBuf::from(dir)),
-        None => hf_hub::Cache::from_env(),
-    };
+    let cache = crate::hub::cache();
     // The cache layout of huggingface_hub: refs/REV holds the commit, snapshots/COMMIT the files.
     let repo_dir = cache
         .path()
@@ -176,13 +173,7 @@ fn hub_listing(repo_id: &str) -> Result<Vec<String>> {
         list_dir(&dir, &dir, &mut out)?;
         return Ok(out);
     }
-    let mut builder = hf_hub::api::sync::ApiBuilder::from_cache(cache);
-    if let Ok(token) = std::env::var("HF_TOKEN") {
-        builder = builder.with_token(Some(token));
-    }
-    let api = builder
-        .build()
-        .context("cannot set up the Hugging Face Hub client")?;
+    let api = crate::hub::api()?;
     let repo = hf_hub::Repo::with_revision(
         id.to_string(),
         hf_hub::RepoType::Dataset,

@@ -11,7 +11,6 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use rand::Rng;
 use serde_json::{json, Value};
 
 use super::judge::{id_text, prompt_hash, Comparison};
@@ -161,10 +160,7 @@ fn post(agent: &ureq::Agent, url: &str, key: Option<&str>, body: &Value) -> Resu
             })
         }
         Err(ureq::Error::Status(code, response)) => {
-            let retry_after = response
-                .header("retry-after")
-                .and_then(|s| s.trim().parse::<u64>().ok())
-                .map(Duration::from_secs);
+            let retry_after = crate::retry::retry_after(&response);
             let msg = format!(
                 "HTTP {code}: {}",
                 excerpt(&response.into_string().unwrap_or_default())
@@ -177,16 +173,6 @@ fn post(agent: &ureq::Agent, url: &str, key: Option<&str>, body: &Value) -> Resu
         }
         Err(ureq::Error::Transport(t)) => Err(Failure::Retry(t.to_string(), None)),
     }
-}
-
-/// Exponential backoff with jitter (so parallel workers do not retry in lockstep), capped at a
-/// minute; a server's Retry-After wins when longer.
-fn backoff(base: Duration, attempt: u32, retry_after: Option<Duration>) -> Duration {
-    let exp = base.saturating_mul(1u32 << attempt.min(16));
-    let jittered = exp.mul_f64(rand::rng().random_range(0.5..1.0));
-    jittered
-        .max(retry_after.unwrap_or_default())
-        .min(Duration::from_secs(60))
 }
 
 /// The reply line for a successful response: the answer text (null when the model refused or
@@ -261,7 +247,7 @@ pub fn send(
                     .and_then(|response| reply_line(c, &response, attempt + 1));
                 match outcome {
                     Err(Failure::Retry(_, after)) if attempt < opts.retries => {
-                        std::thread::sleep(backoff(opts.retry_base, attempt, after));
+                        std::thread::sleep(crate::retry::backoff(opts.retry_base, attempt, after));
                         attempt += 1;
                     }
                     other => break other,
@@ -348,15 +334,6 @@ mod tests {
             api_key("http://127.0.0.1:9/v1", "DPO_SAM_TEST_SURELY_UNSET").unwrap(),
             None
         );
-    }
-
-    #[test]
-    fn backoff_grows_and_is_capped() {
-        let base = Duration::from_millis(100);
-        assert!(backoff(base, 0, None) <= base);
-        assert!(backoff(base, 3, None) >= Duration::from_millis(400));
-        assert_eq!(backoff(base, 30, None), Duration::from_secs(60));
-        assert!(backoff(base, 0, Some(Duration::from_secs(2))) >= Duration::from_secs(2));
     }
 
     #[test]

@@ -325,13 +325,13 @@ fn step_memory(
     const MIB: f64 = 1024.0 * 1024.0;
     let half = mixed_precision == MixedPrecision::Bf16;
     let compute_bytes = if half { 2.0 } else { 4.0 };
+    let kernels = crate::plan::Kernels::new(trainer.device().is_cuda(), compute_bytes);
     let acts = crate::plan::activations(
         &trainer.policy().config_json,
         2 * args.pairs,
         args.seq_len,
         compute_bytes,
-        trainer.device().is_cpu() && !half,
-        trainer.device().is_cuda(),
+        kernels,
     )?;
     let params: usize = trainer
         .policy()
@@ -340,7 +340,7 @@ fn step_memory(
         .map(|p| p.var.elem_count())
         .sum();
     let vocab = trainer.policy().net.output_layer().vocab_size()?;
-    let tile = crate::plan::output_tile(trainer.device().is_cuda(), compute_bytes);
+    let tile = crate::plan::output_tile(kernels);
     let logits = crate::plan::logits_bytes(2 * args.pairs * args.seq_len, vocab, tile);
     let activations = acts.total(args.gradient_checkpointing);
     crate::device::release_free_memory();

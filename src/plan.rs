@@ -148,23 +148,19 @@ pub fn plan(cfg: &Config, ranks: usize) -> Result<serde_json::Value> {
     let (weights, grads, optimizer, reference) =
         (mem.weights, mem.gradients, mem.optimizer, mem.reference);
     let vocab = config_json["vocab_size"].as_u64().unwrap_or(0) as f64;
+    let kernels = Kernels::new(cfg.device.starts_with("cuda"), compute_bytes);
     let logits = logits_bytes(
         2 * cfg.micro_batch_size() * cfg.data.max_length,
         vocab as usize,
-        output_tile(cfg.device.starts_with("cuda"), compute_bytes),
+        output_tile(kernels),
     );
-
-    // The fused CPU kernels keep less than the compositions used elsewhere (see models::ops);
-    // on CUDA, the fused attention keeps no [t, t] scores.
-    let fused = cfg.device == "cpu" && compute_bytes >= 4.0;
     let rows = 2 * cfg.micro_batch_size();
     let mut acts = activations(
         &config_json,
         rows,
         cfg.data.max_length,
         compute_bytes,
-        fused,
-        cfg.device.starts_with("cuda"),
+        kernels,
     )?;
     if let Some(l) = &lora {
         acts.block +=
@@ -323,12 +319,36 @@ pub fn logits_bytes(tokens: usize, vocab: usize, tile: Option<Tile>) -> f64 {
     }
 }
 
+/// Which kernels a run's ops use, which decides what they keep for the backward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernels {
+    /// candle's compositions (see models::ops): the CPU in half precision.
+    Composed,
+    /// The fused CPU kernels of [`crate::kernels`] (f32, f64), which keep only their outputs.
+    CpuFused,
+    /// The CUDA kernels: among them the tiled output layer, and the fused attention at the head
+    /// dims it takes ([`crate::kernels::attention::cuda_head_dim_fits`]), which keeps no
+    /// `[t, t]` scores.
+    Cuda,
+}
+
+impl Kernels {
+    /// On CUDA, or on the CPU computing in `compute_bytes`-byte floats.
+    pub fn new(cuda: bool, compute_bytes: f64) -> Kernels {
+        match (cuda, compute_bytes >= 4.0) {
+            (true, _) => Kernels::Cuda,
+            (false, true) => Kernels::CpuFused,
+            (false, false) => Kernels::Composed,
+        }
+    }
+}
+
 /// The output layer's tile where its tiled path runs: on CUDA, and on the CPU in f32/f64.
-pub fn output_tile(cuda: bool, compute_bytes: f64) -> Option<Tile> {
-    match (cuda, compute_bytes >= 4.0) {
-        (true, _) => Some(Tile::CUDA),
-        (false, true) => Some(Tile::DEFAULT),
-        (false, false) => None,
+pub fn output_tile(kernels: Kernels) -> Option<Tile> {
+    match kernels {
+        Kernels::Cuda => Some(Tile::CUDA),
+        Kernels::CpuFused => Some(Tile::DEFAULT),
+        Kernels::Composed => None,
     }
 }
 
@@ -372,17 +392,15 @@ enum AttentionOp {
 }
 
 /// [`Activations`] of the model `config_json` describes for `rows` sequences of `t` tokens,
-/// computing in `e`-byte floats; `fused`: with the CPU kernels of [`crate::kernels`] (CPU, f32
-/// or f64), which keep only their outputs; `cuda`: on a GPU, where attention is the fused
-/// CUDA op at head dims it takes ([`crate::kernels::attention::cuda_head_dim_fits`]).
+/// computing in `e`-byte floats with `kernels`.
 pub fn activations(
     config_json: &serde_json::Value,
     rows: usize,
     t: usize,
     e: f64,
-    fused: bool,
-    cuda: bool,
+    kernels: Kernels,
 ) -> Result<Activations> {
+    let (fused, cuda) = (kernels == Kernels::CpuFused, kernels == Kernels::Cuda);
     let attention_op = |head_dim: usize| {
         if fused {
             AttentionOp::FusedCpu
@@ -754,7 +772,9 @@ mod tests {
         let wide = serde_json::json!({"model_type": "gpt2", "vocab_size": 100, "n_embd": 640,
             "n_layer": 2, "n_head": 4, "n_positions": 2048});
         let block = |json: &serde_json::Value, t: usize, cuda: bool| {
-            activations(json, 8, t, 2.0, false, cuda).unwrap().block
+            activations(json, 8, t, 2.0, Kernels::new(cuda, 2.0))
+                .unwrap()
+                .block
         };
         for json in [&pythia, &mistral] {
             assert_eq!(block(json, 1024, true), 2.0 * block(json, 512, true));

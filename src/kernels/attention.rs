@@ -639,6 +639,12 @@ pub fn cuda_head_dim_fits(head_dim: usize) -> bool {
     head_dim > 0 && head_dim.is_multiple_of(8) && head_dim <= 128
 }
 
+/// Whether the CUDA kernels take `tensors` (on a GPU, in a dtype they support) with heads
+/// `head_dim` wide.
+pub fn cuda_takes(tensors: &[&Tensor], head_dim: usize) -> bool {
+    super::supports_cuda(tensors) && cuda_head_dim_fits(head_dim)
+}
+
 /// The CUDA side (kernels in `cuda/attention.cu`, FlashAttention-2's scheme): the forward
 /// keeps the log-sum-exp per row and nothing `[t, s]`-sized; the backward recomputes the
 /// probabilities tile by tile, dq in one launch and dk, dv in another.

@@ -163,8 +163,7 @@ fn cached<const N: usize>(
 /// an additive mask that broadcasts to `[b, heads, t, s]`. On CUDA the fused kernel takes the
 /// kv heads as they are; elsewhere they are repeated first.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Tensor> {
-    let fits = kernels::attention::cuda_head_dim_fits(q.dim(D::Minus1)?);
-    if kernels::supports_cuda(&[q, k, v, mask]) && fits {
+    if kernels::attention::cuda_takes(&[q, k, v, mask], q.dim(D::Minus1)?) {
         return kernels::attention::attention(q, k, v, mask);
     }
     let rep = q.dim(1)? / k.dim(1)?.max(1);
@@ -221,8 +220,7 @@ pub fn packed_attention(
     let mut tensors = vec![qkv, mask];
     tensors.extend(rope.iter().flat_map(|(c, s)| [*c, *s]));
     let tables_fit = rope.is_none_or(|(c, _)| c.rank() == 2 && c.dim(0).ok() == qkv.dim(1).ok());
-    let cuda_fits = kernels::supports_cuda(&tensors)
-        && kernels::attention::cuda_head_dim_fits(qkv.dim(2)? / (3 * heads).max(1));
+    let cuda_fits = kernels::attention::cuda_takes(&tensors, qkv.dim(2)? / (3 * heads).max(1));
     if (kernels::supports(&tensors) || cuda_fits) && tables_fit {
         return kernels::attention::packed_attention(qkv, packing, heads, rope, mask);
     }

@@ -18,15 +18,19 @@ fn trainer(out: &Path, extra: &[&str]) -> Trainer {
     Trainer::new(tiny_config(&ov).unwrap()).unwrap()
 }
 
-fn ches_file(dir: &Path) -> PathBuf {
-    let files: Vec<PathBuf> = std::fs::read_dir(dir)
+fn ches_files(dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().path())
         .filter(|p| {
             let name = p.file_name().unwrap().to_string_lossy();
             name.starts_with("ches-") && name.ends_with(".safetensors")
         })
-        .collect();
+        .collect()
+}
+
+fn ches_file(dir: &Path) -> PathBuf {
+    let files = ches_files(dir);
     assert_eq!(files.len(), 1, "{files:?}");
     files[0].clone()
 }
@@ -101,4 +105,38 @@ fn a_filtered_run_resumes_on_the_same_pairs_to_the_same_weights() {
         let diff = common::max_abs_diff(t, &b[name]);
         assert_eq!(diff, 0.0, "{name} differs after resuming");
     }
+}
+
+/// The scores are the policy's as loaded: with `model.adapter`, base + adapter, so a cache made
+/// for the base alone is not theirs.
+#[test]
+fn the_cache_is_keyed_by_the_starting_adapter() {
+    let fixture = |name: &str| format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
+    let base = format!("model.name_or_path=\"{}\"", fixture("gpt2-random"));
+    let adapter = format!("model.adapter=\"{}\"", fixture("peft-gpt2-random"));
+    let q = "data.filter_ches_quantile=0.25";
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    trainer(&out, &[&base, q]);
+    let for_base = ches_file(&out);
+    let started = trainer(&out, &[&base, &adapter, q]);
+    let files = ches_files(&out);
+    assert_eq!(
+        files.len(),
+        2,
+        "a second cache, for base + adapter: {files:?}"
+    );
+    assert!(files.contains(&for_base));
+    // And its pairs are those base + adapter's scores keep.
+    let all = trainer(&dir.path().join("all"), &[&base, &adapter]);
+    let pairs = all.train_pairs().to_vec();
+    let scores = ches_scores(all.policy(), &pairs, 3, all.tok().pad_id, all.device()).unwrap();
+    let ln: Vec<f64> = scores.iter().map(|c| c.ln_ches).collect();
+    let (keep, _) = dpo_sam::data::ches::filter_mask(&ln, 0.25);
+    let expected: Vec<_> = pairs
+        .into_iter()
+        .zip(keep)
+        .filter_map(|(p, k)| k.then_some(p))
+        .collect();
+    assert_eq!(started.train_pairs(), expected.as_slice());
 }

@@ -101,6 +101,15 @@ impl Trainer {
         let loss = configured_loss(&cfg);
 
         let policy_src = resolve_source(&cfg, &cfg.model.name_or_path)?;
+        // What the policy's starting weights are: the model, and the adapter LoRA training
+        // starts from (`model.adapter`); the caches of scores it computes are keyed by this.
+        let policy_as_loaded = match &cfg.model.adapter {
+            Some(adapter) => ModelSource::Adapted {
+                base: Box::new(policy_src.clone()),
+                adapter: adapter.clone(),
+            },
+            None => policy_src.clone(),
+        };
         let tok = policy_src.tokenizer()?;
         let compute_dtype = cfg.compute_dtype();
         let start = cfg
@@ -143,7 +152,7 @@ impl Trainer {
             // so every rank drops the same pairs.
             let encoded = super::parallel::from_rank_0(&*world, || {
                 let inputs = crate::refcache::FingerprintInputs {
-                    model: &policy_src,
+                    model: &policy_as_loaded,
                     dtype: compute_dtype,
                     mixed_precision: cfg.training.mixed_precision,
                     device: &device,
@@ -214,12 +223,9 @@ impl Trainer {
             };
             if cfg.training.precompute_ref_log_probs {
                 // The model is dropped once its log-probs are cached.
-                let ref_src = match (&cfg.model.ref_name_or_path, &cfg.model.adapter) {
-                    (None, Some(adapter)) if policy_base => ModelSource::Adapted {
-                        base: Box::new(policy_src.clone()),
-                        adapter: adapter.clone(),
-                    },
-                    _ => resolve_source(&cfg, cfg.ref_name_or_path())?,
+                let ref_src = match policy_base {
+                    true => policy_as_loaded.clone(),
+                    false => resolve_source(&cfg, cfg.ref_name_or_path())?,
                 };
                 let inputs = crate::refcache::FingerprintInputs {
                     model: &ref_src,

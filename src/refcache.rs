@@ -31,7 +31,27 @@ use std::path::{Path, PathBuf};
 /// a cache.
 pub const FORMAT: &str = "dpo-sam ref_logps v2";
 /// The same for CHES scores.
-const CHES_FORMAT: &str = "dpo-sam ches v2";
+pub const CHES_FORMAT: &str = "dpo-sam ches v2";
+
+/// One kind of cache: its file stem (`<stem>-<fingerprint>.safetensors`, kept out of Hub
+/// uploads by `upload::left_out`), header format, and what it holds, for messages.
+#[derive(Clone, Copy)]
+struct Kind {
+    stem: &'static str,
+    format: &'static str,
+    what: &'static str,
+}
+
+const REFERENCE: Kind = Kind {
+    stem: "ref_logps",
+    format: FORMAT,
+    what: "reference log-probs",
+};
+const CHES: Kind = Kind {
+    stem: "ches",
+    format: CHES_FORMAT,
+    what: "CHES scores",
+};
 
 /// Per-pair reference log-probs, indexed like the trainer's training and eval pairs.
 #[derive(Debug, Clone, PartialEq)]
@@ -298,14 +318,9 @@ fn files_digest(files: &[PathBuf]) -> Result<String> {
     Ok(digest)
 }
 
-/// The caches' file stems: `<stem>-<fingerprint>.safetensors`, kept out of Hub uploads
-/// (`upload::left_out`).
-const REF_LOGPS: &str = "ref_logps";
-const CHES: &str = "ches";
-
 /// `dir/ref_logps-<first 16 hex digits>.safetensors`.
 pub fn cache_path(dir: &Path, fingerprint: &str) -> PathBuf {
-    named_path(dir, REF_LOGPS, fingerprint)
+    named_path(dir, REFERENCE.stem, fingerprint)
 }
 
 fn named_path(dir: &Path, stem: &str, fingerprint: &str) -> PathBuf {
@@ -326,57 +341,46 @@ fn my_batches<'a>(
     chunks[mine].to_vec()
 }
 
-/// CHES scores (both forms) of the training pairs under `inputs.model`
-/// ([`crate::data::ches`]): read from `dir/ches-<fingerprint>.safetensors` when a valid file is
-/// there, else `compute`d and written. Returns the scores, the file, and whether they came from
-/// disk.
+/// CHES scores (both forms) of the training `pairs` under `model` ([`crate::data::ches`]),
+/// cached as `dir/ches-<fingerprint>.safetensors` as [`cached_columns`] does. Returns the scores,
+/// the file, and whether they came from disk.
+#[allow(clippy::too_many_arguments)]
 pub fn ches_cached(
     dir: &Path,
-    inputs: &FingerprintInputs,
-    compute: impl FnOnce() -> Result<Vec<Ches>>,
+    fingerprint: &Fingerprint,
+    model: &Model,
+    pairs: &[TokenizedPair],
+    batch_size: usize,
+    pad_id: u32,
+    device: &Device,
+    world: &dyn Collective,
 ) -> Result<(Vec<Ches>, PathBuf, bool)> {
-    let fingerprint = Fingerprint::new(CHES_FORMAT, inputs)?;
-    let path = named_path(dir, CHES, &fingerprint.hash);
-    let n = inputs.train.len();
-    if path.is_file() {
-        let names = [("train_ches", n), ("train_ln_ches", n)];
-        match read(&path).and_then(|bytes| parse_vectors(&bytes, CHES_FORMAT, &fingerprint, &names))
-        {
-            Ok(v) => {
-                let scores = v[0]
-                    .iter()
-                    .zip(&v[1])
-                    .map(|(&ches, &ln_ches)| Ches { ches, ln_ches })
-                    .collect();
-                return Ok((scores, path, true));
-            }
-            Err(e) => eprintln!(
-                "warning: not using CHES cache {}: {e:#}; recomputing",
-                path.display()
-            ),
-        }
-    }
-    let scores = compute()?;
-    let ches: Vec<f64> = scores.iter().map(|c| c.ches).collect();
-    let ln: Vec<f64> = scores.iter().map(|c| c.ln_ches).collect();
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    save_vectors(
-        &path,
-        CHES_FORMAT,
-        &fingerprint,
-        &[("train_ches", &ches), ("train_ln_ches", &ln)],
-    )?;
-    Ok((scores, path, false))
+    let score = |chunk: &[TokenizedPair]| -> Result<Vec<Vec<f64>>> {
+        let scores = crate::data::ches::ches_scores(model, chunk, chunk.len(), pad_id, device)?;
+        Ok(vec![
+            scores.iter().map(|c| c.ches).collect(),
+            scores.iter().map(|c| c.ln_ches).collect(),
+        ])
+    };
+    let splits: [(&[TokenizedPair], &[&str]); 1] = [(pairs, &["train_ches", "train_ln_ches"])];
+    let (columns, cached) =
+        cached_columns(dir, CHES, fingerprint, &splits, batch_size, world, &score)?;
+    let scores = columns[0]
+        .iter()
+        .zip(&columns[1])
+        .map(|(&ches, &ln_ches)| Ches { ches, ln_ches })
+        .collect();
+    Ok((
+        scores,
+        named_path(dir, CHES.stem, &fingerprint.hash),
+        cached,
+    ))
 }
 
-/// Loads the cache for `fingerprint` from `dir` if a valid one is there; otherwise runs
-/// `reference` over the pairs in batches of `batch_size` and writes the cache, saying why each
-/// other cache in `dir` does not fit. Returns the values and whether they came from disk.
-///
-/// In a data-parallel run, rank 0 alone reads and writes the file: it sends a valid cache to the
-/// other ranks, or else each rank runs its contiguous share of the batches and the shares are
-/// gathered, in batch order, on every rank. Batches are the same as in one process, so are the
-/// values.
+/// Loads the reference cache for `fingerprint` from `dir` if a valid one is there; otherwise
+/// runs `reference` over the pairs in batches of `batch_size` and writes the cache, saying why
+/// each other cache in `dir` does not fit ([`cached_columns`]). Returns the values and whether
+/// they came from disk.
 #[allow(clippy::too_many_arguments)]
 pub fn load_or_compute(
     dir: &Path,
@@ -388,90 +392,146 @@ pub fn load_or_compute(
     device: &Device,
     world: &dyn Collective,
 ) -> Result<(RefLogps, bool)> {
-    let path = cache_path(dir, &fingerprint.hash);
-    let (n_train, n_eval) = (pairs.0.len(), pairs.1.len());
+    let score = |chunk: &[TokenizedPair]| -> Result<Vec<Vec<f64>>> {
+        let batch = PreferenceBatch::new(chunk, pad_id, device)?;
+        let (c, r) = pair_logps(reference, &batch)?;
+        Ok(vec![
+            c.to_dtype(DType::F64)?.to_vec1::<f64>()?,
+            r.to_dtype(DType::F64)?.to_vec1::<f64>()?,
+        ])
+    };
+    let splits = [(pairs.0, &NAMES[..2]), (pairs.1, &NAMES[2..])];
+    let (columns, cached) = cached_columns(
+        dir,
+        REFERENCE,
+        fingerprint,
+        &splits,
+        batch_size,
+        world,
+        &score,
+    )?;
+    Ok((ref_logps(fingerprint, columns), cached))
+}
+
+/// Scores a batch of pairs: one vector per column, a value per pair.
+type Scorer<'a> = dyn Fn(&[TokenizedPair]) -> Result<Vec<Vec<f64>>> + 'a;
+
+/// Per-pair f64 columns: for each split, its pairs and its columns' names. Read from `dir`'s
+/// cache of `kind` for `fingerprint` when a valid one is there, else computed by `score` (a
+/// batch of pairs → one vector per column, a value per pair) in batches of `batch_size`, and
+/// written. Returns the columns in order and whether they came from disk.
+///
+/// In a data-parallel run, rank 0 alone reads and writes the file: it sends a valid cache to the
+/// other ranks, or else each rank scores its contiguous share of each split's batches and the
+/// shares are gathered, in batch order, on every rank. Batches are the same as in one process,
+/// so are the values.
+fn cached_columns(
+    dir: &Path,
+    kind: Kind,
+    fingerprint: &Fingerprint,
+    splits: &[(&[TokenizedPair], &[&str])],
+    batch_size: usize,
+    world: &dyn Collective,
+    score: &Scorer,
+) -> Result<(Vec<Vec<f64>>, bool)> {
+    let path = named_path(dir, kind.stem, &fingerprint.hash);
+    let names: Vec<(&str, usize)> = splits
+        .iter()
+        .flat_map(|(pairs, cols)| cols.iter().map(|c| (*c, pairs.len())))
+        .collect();
+    let parse = |bytes: &[u8]| parse_vectors(bytes, kind.format, fingerprint, &names);
     let mut cached = Vec::new();
     if world.rank() == 0 && path.is_file() {
         let bytes = read(&path)?;
-        match parse(&bytes, fingerprint, n_train, n_eval) {
+        match parse(&bytes) {
             Ok(_) => cached = bytes,
             Err(e) => eprintln!(
-                "warning: not using reference cache {}: {e:#}; recomputing",
+                "warning: not using the {} cache {}: {e:#}; recomputing",
+                kind.what,
                 path.display()
             ),
         }
     } else if world.rank() == 0 {
-        for (other, why) in unfit_caches(dir, fingerprint) {
-            eprintln!("note: not using reference cache {}: {why}", other.display());
+        for (other, why) in unfit(dir, kind, fingerprint) {
+            let (what, other) = (kind.what, other.display());
+            eprintln!("note: not using the {what} cache {other}: {why}");
         }
     }
     let cached = world.broadcast(&cached)?;
     if !cached.is_empty() {
-        return Ok((parse(&cached, fingerprint, n_train, n_eval)?, true));
+        return Ok((parse(&cached)?, true));
     }
     // Rank 0 shows its own share's progress.
     let bar = match world.rank() {
         0 => crate::progress::bar(
-            "reference log-probs",
-            [pairs.0, pairs.1]
+            kind.what,
+            splits
                 .iter()
-                .flat_map(|split| my_batches(split, batch_size, world))
+                .flat_map(|(pairs, _)| my_batches(pairs, batch_size, world))
                 .map(|c| c.len() as u64)
                 .sum(),
             crate::progress::Unit::Items("pairs"),
         ),
         _ => indicatif::ProgressBar::hidden(),
     };
-    let run = |split: &[TokenizedPair]| -> Result<(Vec<f64>, Vec<f64>)> {
-        let (mut chosen, mut rejected) = (Vec::new(), Vec::new());
-        for chunk in my_batches(split, batch_size, world) {
+    let mut out = Vec::with_capacity(names.len());
+    for (pairs, cols) in splits {
+        let mut mine = vec![Vec::new(); cols.len()];
+        for chunk in my_batches(pairs, batch_size, world) {
             bar.inc(chunk.len() as u64);
-            let batch = PreferenceBatch::new(chunk, pad_id, device)?;
-            let (c, r) = pair_logps(reference, &batch)?;
-            chosen.extend(c.to_dtype(DType::F64)?.to_vec1::<f64>()?);
-            rejected.extend(r.to_dtype(DType::F64)?.to_vec1::<f64>()?);
+            let values = score(chunk)?;
+            if values.len() != cols.len() || values.iter().any(|v| v.len() != chunk.len()) {
+                bail!(
+                    "{}: a batch of {} pairs gave the wrong number of values",
+                    kind.what,
+                    chunk.len()
+                );
+            }
+            for (col, v) in mine.iter_mut().zip(values) {
+                col.extend(v);
+            }
         }
-        // Each rank's share as its chosen values, then its rejected ones.
-        let share: Vec<u8> = chosen
+        // Each rank's share as its first column's values, then its second's, ….
+        let share: Vec<u8> = mine
             .iter()
-            .chain(&rejected)
+            .flatten()
             .flat_map(|x| x.to_le_bytes())
             .collect();
-        let (mut chosen, mut rejected) = (
-            Vec::with_capacity(split.len()),
-            Vec::with_capacity(split.len()),
-        );
+        let mut whole = vec![Vec::with_capacity(pairs.len()); cols.len()];
         for part in world.all_gather(&share)? {
             let values: Vec<f64> = part
                 .chunks_exact(8)
                 .map(|c| f64::from_le_bytes(c.try_into().expect("8-byte chunk")))
                 .collect();
-            let (c, r) = values.split_at(values.len() / 2);
-            chosen.extend_from_slice(c);
-            rejected.extend_from_slice(r);
+            if values.is_empty() {
+                continue; // a rank with no batches of this split
+            }
+            for (col, v) in whole
+                .iter_mut()
+                .zip(values.chunks(values.len() / cols.len()))
+            {
+                col.extend_from_slice(v);
+            }
         }
-        if chosen.len() != split.len() {
+        if whole.iter().any(|col| col.len() != pairs.len()) {
             bail!(
-                "reference log-probs: the ranks returned {} pairs of {}",
-                chosen.len(),
-                split.len()
+                "{}: the ranks returned {} pairs of {}",
+                kind.what,
+                whole[0].len(),
+                pairs.len()
             );
         }
-        Ok((chosen, rejected))
-    };
-    let (train_chosen, train_rejected) = run(pairs.0)?;
-    let (eval_chosen, eval_rejected) = run(pairs.1)?;
+        out.extend(whole);
+    }
     bar.finish_and_clear();
-    let out = RefLogps {
-        fingerprint: fingerprint.clone(),
-        train_chosen,
-        train_rejected,
-        eval_chosen,
-        eval_rejected,
-    };
     if world.rank() == 0 {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        save(&out, &path)?;
+        let named: Vec<(&str, &[f64])> = names
+            .iter()
+            .zip(&out)
+            .map(|((n, _), v)| (*n, v.as_slice()))
+            .collect();
+        save_vectors(&path, kind.format, fingerprint, &named)?;
     }
     Ok((out, false))
 }
@@ -479,16 +539,22 @@ pub fn load_or_compute(
 /// The reference caches in `dir` made for other inputs than `fingerprint`'s, each with what
 /// differs (`mixed_precision: no -> bf16`, …).
 pub fn unfit_caches(dir: &Path, fingerprint: &Fingerprint) -> Vec<(PathBuf, String)> {
+    unfit(dir, REFERENCE, fingerprint)
+}
+
+/// [`unfit_caches`] for caches of `kind`.
+fn unfit(dir: &Path, kind: Kind, fingerprint: &Fingerprint) -> Vec<(PathBuf, String)> {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return Vec::new();
     };
+    let prefix = format!("{}-", kind.stem);
     let mut paths: Vec<PathBuf> = entries
         .flatten()
         .map(|e| e.path())
         .filter(|p| {
-            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
-                n.starts_with(&format!("{REF_LOGPS}-")) && n.ends_with(".safetensors")
-            })
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(&prefix) && n.ends_with(".safetensors"))
         })
         .collect();
     paths.sort();
@@ -497,13 +563,14 @@ pub fn unfit_caches(dir: &Path, fingerprint: &Fingerprint) -> Vec<(PathBuf, Stri
         .filter_map(|p| {
             let why = read(&p)
                 .and_then(|bytes| metadata(&bytes))
-                .and_then(|meta| check(&meta, FORMAT, fingerprint))
+                .and_then(|meta| check(&meta, kind.format, fingerprint))
                 .err()?;
             Some((p, format!("{why:#}")))
         })
         .collect()
 }
 
+/// The reference cache's columns, in this order.
 const NAMES: [&str; 4] = [
     "train_chosen",
     "train_rejected",
@@ -511,19 +578,17 @@ const NAMES: [&str; 4] = [
     "eval_rejected",
 ];
 
-fn save(r: &RefLogps, path: &Path) -> Result<()> {
-    let vectors = [
-        &r.train_chosen,
-        &r.train_rejected,
-        &r.eval_chosen,
-        &r.eval_rejected,
-    ];
-    let named: Vec<(&str, &[f64])> = NAMES
-        .iter()
-        .zip(vectors)
-        .map(|(n, v)| (*n, v.as_slice()))
-        .collect();
-    save_vectors(path, FORMAT, &r.fingerprint, &named)
+/// [`RefLogps`] from its four columns in [`NAMES`]' order.
+fn ref_logps(fingerprint: &Fingerprint, columns: Vec<Vec<f64>>) -> RefLogps {
+    let mut it = columns.into_iter();
+    let mut next = || it.next().expect("four columns");
+    RefLogps {
+        fingerprint: fingerprint.clone(),
+        train_chosen: next(),
+        train_rejected: next(),
+        eval_chosen: next(),
+        eval_rejected: next(),
+    }
 }
 
 /// Writes named f64 vectors with the format and fingerprint in the header.
@@ -616,15 +681,8 @@ fn parse(
 ) -> Result<RefLogps> {
     let lens = [n_train, n_train, n_eval, n_eval];
     let named: Vec<(&str, usize)> = NAMES.iter().copied().zip(lens).collect();
-    let mut it = parse_vectors(bytes, FORMAT, fingerprint, &named)?.into_iter();
-    let mut next = || it.next().expect("four tensors were read");
-    Ok(RefLogps {
-        fingerprint: fingerprint.clone(),
-        train_chosen: next(),
-        train_rejected: next(),
-        eval_chosen: next(),
-        eval_rejected: next(),
-    })
+    let columns = parse_vectors(bytes, FORMAT, fingerprint, &named)?;
+    Ok(ref_logps(fingerprint, columns))
 }
 
 /// Named f64 vectors of the given lengths from a cache file's bytes, checking the header's
@@ -663,8 +721,9 @@ fn parse_vectors(
 mod tests {
     #[test]
     fn cache_files_stay_out_of_hub_uploads() {
-        for stem in [super::REF_LOGPS, super::CHES] {
-            let path = super::named_path(std::path::Path::new("run"), stem, "0123456789abcdef01");
+        for kind in [super::REFERENCE, super::CHES] {
+            let path =
+                super::named_path(std::path::Path::new("run"), kind.stem, "0123456789abcdef01");
             let name = path.file_name().unwrap().to_string_lossy();
             assert!(crate::upload::left_out(&name), "{name} would be uploaded");
         }

@@ -380,7 +380,7 @@ fn the_ches_filter_drops_the_same_pairs_on_every_rank() {
         solo.len() == 1 && solo[0].0 == solo[0].1 / 4 && solo[0].0 > 0,
         "{solo:?}"
     );
-    // Rank 0 scores the pairs, reports and writes the cache; both ranks drop the same pairs,
+    // Each rank scores its share; rank 0 reports and writes the cache; both ranks drop the same pairs,
     // so the weights are those of one process.
     assert_eq!(dropped(&train(&cfg, &two, 2, &q)), solo);
     let caches = std::fs::read_dir(&two)

@@ -148,48 +148,38 @@ impl Trainer {
         if quantile > 0.0 {
             // Scored by the policy as loaded (the SFT model), before any checkpoint is restored,
             // so a resumed run keeps the same pairs; cached beside the run. In a data-parallel
-            // run rank 0 alone scores (or reads) them and sends them, bit for bit, to the others,
+            // run each rank scores its share and every rank gets all the scores, bit for bit,
             // so every rank drops the same pairs.
-            let encoded = super::parallel::from_rank_0(&*world, || {
-                let inputs = crate::refcache::FingerprintInputs {
-                    model: &policy_as_loaded,
-                    dtype: compute_dtype,
-                    mixed_precision: cfg.training.mixed_precision,
-                    device: &device,
-                    tok: &tok,
-                    truncation: &Truncation::from_config(&cfg.data),
-                    train: &train_pairs,
-                    eval: &[],
-                };
-                let (scores, path, cached) =
-                    crate::refcache::ches_cached(&cfg.output_dir, &inputs, || {
-                        crate::data::ches::ches_scores(
-                            &policy,
-                            &train_pairs,
-                            cfg.micro_batch_size(),
-                            tok.pad_id,
-                            &device,
-                        )
-                    })?;
+            let inputs = crate::refcache::FingerprintInputs {
+                model: &policy_as_loaded,
+                dtype: compute_dtype,
+                mixed_precision: cfg.training.mixed_precision,
+                device: &device,
+                tok: &tok,
+                truncation: &Truncation::from_config(&cfg.data),
+                train: &train_pairs,
+                eval: &[],
+            };
+            let fingerprint = shared_fingerprint(&*world, crate::refcache::CHES_FORMAT, &inputs)?;
+            let (scores, path, cached) = crate::refcache::ches_cached(
+                &cfg.output_dir,
+                &fingerprint,
+                &policy,
+                &train_pairs,
+                cfg.micro_batch_size(),
+                tok.pad_id,
+                &device,
+                &*world,
+            )?;
+            if world.rank() == 0 {
                 eprintln!(
                     "data.filter_ches_quantile = {quantile}: CHES of {} training pairs {} {}",
                     scores.len(),
                     if cached { "read from" } else { "written to" },
                     path.display()
                 );
-                Ok(scores
-                    .iter()
-                    .map(|c| format!("{:016x}", c.ln_ches.to_bits()))
-                    .collect())
-            })?;
-            let ln_ches = (0..encoded.len() / 16)
-                .map(|i| {
-                    Ok(f64::from_bits(u64::from_str_radix(
-                        &encoded[16 * i..16 * (i + 1)],
-                        16,
-                    )?))
-                })
-                .collect::<Result<Vec<_>>>()?;
+            }
+            let ln_ches: Vec<f64> = scores.iter().map(|c| c.ln_ches).collect();
             let (keep, threshold) = crate::data::ches::filter_mask(&ln_ches, quantile);
             let before = train_pairs.len();
             train_pairs = train_pairs
@@ -237,15 +227,7 @@ impl Trainer {
                     train: &train_pairs,
                     eval: &eval_pairs,
                 };
-                // Rank 0 alone hashes the model files; every rank hashes the list it sends.
-                let list = super::parallel::from_rank_0(&*world, || {
-                    let inputs =
-                        crate::refcache::Fingerprint::new(crate::refcache::FORMAT, &inputs)?.inputs;
-                    Ok(serde_json::to_string(&inputs)?)
-                })?;
-                let fingerprint = crate::refcache::Fingerprint::from_inputs(
-                    serde_json::from_str(&list).context("the reference fingerprint from rank 0")?,
-                );
+                let fingerprint = shared_fingerprint(&*world, crate::refcache::FORMAT, &inputs)?;
                 let compute = |model: &Model| {
                     crate::refcache::load_or_compute(
                         &cfg.output_dir,
@@ -439,6 +421,22 @@ impl Trainer {
         };
         Ok(())
     }
+}
+
+/// The fingerprint of `inputs` for a cache in `format`: rank 0 alone hashes the model files
+/// and sends the list; every rank hashes the list.
+fn shared_fingerprint(
+    world: &dyn Collective,
+    format: &str,
+    inputs: &crate::refcache::FingerprintInputs,
+) -> Result<crate::refcache::Fingerprint> {
+    let list = super::parallel::from_rank_0(world, || {
+        let inputs = crate::refcache::Fingerprint::new(format, inputs)?.inputs;
+        Ok(serde_json::to_string(&inputs)?)
+    })?;
+    Ok(crate::refcache::Fingerprint::from_inputs(
+        serde_json::from_str(&list).context("a cache fingerprint from rank 0")?,
+    ))
 }
 
 /// The loss `[training]` configures: `loss_type` × `loss_weights` (+ `rpo_alpha` × sft) with

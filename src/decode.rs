@@ -7,7 +7,7 @@
 //! does not depend on the batch size or on which prompts share its batch.
 
 use crate::models::cache::KvCache;
-use crate::models::CausalLm;
+use crate::models::Model;
 use crate::tokenizer::Tok;
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{Device, Tensor};
@@ -74,9 +74,10 @@ pub struct Completion {
 /// Decodes continuations of `prompts` (token ids, none empty) as one left-padded batch with a KV
 /// cache. Row `i` samples from stream `streams[i]` of `sampling.seed` (its prompt's index, so
 /// that batching does not change the draws); `eos` ends a row; `pad` fills the left padding and
-/// the steps of rows that have ended.
+/// the steps of rows that have ended. New tokens stop where the batch reaches the model's
+/// [`context_limit`] (finish `length`; no tokens where the prompts fill it).
 pub fn generate_batch(
-    model: &dyn CausalLm,
+    model: &Model,
     prompts: &[Vec<u32>],
     streams: &[u64],
     eos: Option<u32>,
@@ -100,6 +101,10 @@ pub fn generate_batch(
         return Ok(Vec::new());
     }
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let max_new_tokens = match context_limit(&model.config_json) {
+        Some(limit) => sampling.max_new_tokens.min(limit.saturating_sub(longest)),
+        None => sampling.max_new_tokens,
+    };
     let mut ids = Vec::with_capacity(b * longest);
     let mut mask: Vec<Vec<u32>> = Vec::with_capacity(b);
     for p in prompts {
@@ -111,7 +116,8 @@ pub fn generate_batch(
                 .collect(),
         );
     }
-    let head = model.output_layer();
+    let net = model.net.as_ref();
+    let head = net.output_layer();
     let mut rngs: Vec<ChaCha8Rng> = (0..b)
         .map(|i| {
             let mut rng = ChaCha8Rng::seed_from_u64(sampling.seed);
@@ -123,9 +129,9 @@ pub fn generate_batch(
     let mut tokens: Vec<Vec<u32>> = vec![Vec::new(); b];
     let mut cache = KvCache::new();
     let mut input = Tensor::from_vec(ids, (b, longest), device)?;
-    for step in 0..sampling.max_new_tokens {
+    for step in 0..max_new_tokens {
         let mask_tensor = Tensor::new(mask.clone(), device)?;
-        let hidden = model.forward_cached(&input, &mask_tensor, &mut cache)?;
+        let hidden = net.forward_cached(&input, &mask_tensor, &mut cache)?;
         let last = hidden.narrow(1, hidden.dim(1)? - 1, 1)?.squeeze(1)?;
         let logits = head.logits(&last, None)?.to_vec2::<f32>()?;
         let mut next = Vec::with_capacity(b);

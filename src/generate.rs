@@ -353,7 +353,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             let rows: Vec<Vec<u32>> = batch.iter().map(|&i| ids[i].clone()).collect();
             let streams: Vec<u64> = batch.iter().map(|&i| (done + i) as u64).collect();
             let out = generate_batch(
-                model.net.as_ref(),
+                &model,
                 &rows,
                 &streams,
                 Some(tok.eos_id),

@@ -165,11 +165,19 @@ fn batched_greedy_generation_equals_one_prompt_at_a_time() {
         ];
         let greedy = Sampling::greedy(12);
         // No EOS, so every row runs the full length and the batch keeps decoding finished rows.
-        let batched =
-            generate_batch(net, &prompts, &[0, 1, 2, 3], None, 0, &greedy, &Device::Cpu).unwrap();
+        let batched = generate_batch(
+            &model,
+            &prompts,
+            &[0, 1, 2, 3],
+            None,
+            0,
+            &greedy,
+            &Device::Cpu,
+        )
+        .unwrap();
         for (i, p) in prompts.iter().enumerate() {
             let alone = generate_batch(
-                net,
+                &model,
                 std::slice::from_ref(p),
                 &[i as u64],
                 None,
@@ -188,10 +196,9 @@ fn batched_greedy_generation_equals_one_prompt_at_a_time() {
 #[test]
 fn generation_stops_each_row_at_eos() {
     let model = load("builtin:tiny-gpt2");
-    let net = model.net.as_ref();
     let prompts = vec![vec![5u32, 9, 2], vec![3u32]];
     let free = generate_batch(
-        net,
+        &model,
         &prompts,
         &[0, 1],
         None,
@@ -204,7 +211,7 @@ fn generation_stops_each_row_at_eos() {
     // must not (unless it produces the same token).
     let eos = free[0].tokens[1];
     let stopped = generate_batch(
-        net,
+        &model,
         &prompts,
         &[0, 1],
         Some(eos),
@@ -225,7 +232,6 @@ fn generation_stops_each_row_at_eos() {
 #[test]
 fn sampling_is_reproducible_from_its_seed() {
     let model = load("builtin:tiny-gpt2");
-    let net = model.net.as_ref();
     let prompts = vec![vec![5u32, 9, 2], vec![3u32, 1]];
     let run = |seed: u64, top_k: Option<usize>, top_p: Option<f64>| {
         let s = Sampling {
@@ -235,7 +241,7 @@ fn sampling_is_reproducible_from_its_seed() {
             seed,
             max_new_tokens: 24,
         };
-        generate_batch(net, &prompts, &[0, 1], None, 0, &s, &Device::Cpu).unwrap()
+        generate_batch(&model, &prompts, &[0, 1], None, 0, &s, &Device::Cpu).unwrap()
     };
     assert_eq!(run(1, None, None), run(1, None, None));
     assert_ne!(run(1, None, None), run(2, None, None));
@@ -248,11 +254,11 @@ fn sampling_is_reproducible_from_its_seed() {
         seed: 1,
         max_new_tokens: 24,
     };
-    let alone = generate_batch(net, &prompts[1..], &[1], None, 0, &s, &Device::Cpu).unwrap();
+    let alone = generate_batch(&model, &prompts[1..], &[1], None, 0, &s, &Device::Cpu).unwrap();
     assert_eq!(alone[0], run(1, None, None)[1]);
     // top-k 1 is greedy whatever the seed.
     let greedy = generate_batch(
-        net,
+        &model,
         &prompts,
         &[0, 1],
         None,
@@ -316,7 +322,7 @@ fn stories260k_greedy_decoding_reproduces_the_published_text() {
     let prompt = tok.encode("Once upon a time").unwrap();
     assert_eq!(prompt[0], 1, "the tokenizer adds BOS <s>");
     let out = generate_batch(
-        model.net.as_ref(),
+        &model,
         std::slice::from_ref(&prompt),
         &[0],
         Some(tok.eos_id),
@@ -477,4 +483,40 @@ fn cli_rejects_bad_settings_without_panicking() {
             "{extra:?}: {stderr}"
         );
     }
+}
+
+/// New tokens stop where the batch reaches the model's context (GPT-2's `n_positions`): finish
+/// `length`, and no tokens where the prompts fill it, rather than an error mid-way.
+#[test]
+fn generation_stops_at_the_context_limit() {
+    let model = load("builtin:tiny-gpt2");
+    let limit = dpo_sam::decode::context_limit(&model.config_json).expect("n_positions");
+    let long = |n: usize| (0..n).map(|i| (i % 40) as u32 + 1).collect::<Vec<u32>>();
+    let prompts = [long(limit - 3), long(limit), vec![7]];
+    let out = generate_batch(
+        &model,
+        &prompts[..1],
+        &[0],
+        None,
+        0,
+        &Sampling::greedy(12),
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert_eq!(out[0].tokens.len(), 3);
+    assert_eq!(out[0].finish, Finish::Length);
+    // The longest prompt of a batch sets the budget of every row.
+    let out = generate_batch(
+        &model,
+        &prompts[1..],
+        &[1, 2],
+        None,
+        0,
+        &Sampling::greedy(12),
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert!(out
+        .iter()
+        .all(|c| c.tokens.is_empty() && c.finish == Finish::Length));
 }

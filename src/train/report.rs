@@ -14,7 +14,7 @@
 use super::metrics::{DataLine, EvalLine, MetricsFile};
 use super::Trainer;
 use crate::checkpoint::TrainerState;
-use crate::decode::{completion_text, context_limit, generate_batch, Completion};
+use crate::decode::{completion_text, generate_batch};
 use crate::tensorboard::{EventWriter, Position};
 use anyhow::{Context, Result};
 use serde::Serialize;
@@ -266,38 +266,21 @@ impl Trainer {
                 len => p.chosen.ids[..len].to_vec(),
             })
             .collect();
-        let limit = context_limit(&self.policy.config_json);
         let micro = self.cfg.micro_batch_size();
         let mut out = Vec::with_capacity(n);
         for (c, chunk) in prompts.chunks(micro).enumerate() {
-            let longest = chunk.iter().map(Vec::len).max().unwrap_or(0);
-            let mut sampling = self.cfg.generate.clone();
-            if let Some(limit) = limit {
-                sampling.max_new_tokens =
-                    sampling.max_new_tokens.min(limit.saturating_sub(longest));
-            }
             let first = c * micro;
             let streams: Vec<u64> = (first..first + chunk.len()).map(|i| i as u64).collect();
-            let completions = match sampling.max_new_tokens {
-                // The prompts fill the model's context: nothing can follow them.
-                0 => vec![
-                    Completion {
-                        tokens: Vec::new(),
-                        finish: crate::decode::Finish::Length
-                    };
-                    chunk.len()
-                ],
-                _ => generate_batch(
-                    self.policy.net.as_ref(),
-                    chunk,
-                    &streams,
-                    Some(self.tok.eos_id),
-                    self.tok.pad_id,
-                    &sampling,
-                    &self.device,
-                )
-                .with_context(|| format!("generating eval samples at step {step}"))?,
-            };
+            let completions = generate_batch(
+                &self.policy,
+                chunk,
+                &streams,
+                Some(self.tok.eos_id),
+                self.tok.pad_id,
+                &self.cfg.generate,
+                &self.device,
+            )
+            .with_context(|| format!("generating eval samples at step {step}"))?;
             for (i, (prompt, done)) in chunk.iter().zip(completions).enumerate() {
                 out.push(Sample {
                     step,

@@ -230,10 +230,43 @@ struct Chunked {
     bias: Option<Tensor>,
     targets: Vec<u32>,
     tile: Tile,
-    /// Whether the forward keeps its tiles of logits (they fit `tile.keep_bytes`).
+    kept: KeptTiles,
+}
+
+/// The forward's tiles of logits in [`tiles`] order, kept for the backward (and the SAM pass
+/// that follows) when `keep`: when they fit `tile.keep_bytes`.
+struct KeptTiles {
     keep: bool,
-    /// The forward's tiles in [`Chunked::tiles`] order, when `keep`.
-    kept: Mutex<Vec<Tensor>>,
+    tiles: Mutex<Vec<Tensor>>,
+}
+
+impl KeptTiles {
+    fn new(keep: bool) -> KeptTiles {
+        KeptTiles {
+            keep,
+            tiles: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Tile `index`, `elems` logits: kept, or `compute`d (and kept when `keep`, as the forward
+    /// computes them in order).
+    fn get_or(
+        &self,
+        index: usize,
+        elems: usize,
+        compute: impl FnOnce() -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        let mut kept = self.tiles.lock().expect("kept logits lock");
+        if let Some(t) = kept.get(index) {
+            return Ok(t.clone());
+        }
+        note_logits(kept.iter().map(Tensor::elem_count).sum(), elems);
+        let logits = compute()?;
+        if self.keep && kept.len() == index {
+            kept.push(logits.clone());
+        }
+        Ok(logits)
+    }
 }
 
 /// Row and vocabulary ranges `(start, len)` of one tile of logits.
@@ -285,8 +318,7 @@ impl Chunked {
                 vocab: tile.vocab.max(1),
                 ..tile
             },
-            keep,
-            kept: Mutex::new(Vec::new()),
+            kept: KeptTiles::new(keep),
         })
     }
 
@@ -298,21 +330,13 @@ impl Chunked {
     /// add it as they read): kept from the forward, or computed (and kept, in the forward,
     /// when `keep`).
     fn logits(&self, index: usize, ((r0, rn), (v0, vn)): Span) -> Result<Tensor> {
-        let mut kept = self.kept.lock().expect("kept logits lock");
-        if let Some(t) = kept.get(index) {
-            return Ok(t.clone());
-        }
-        note_logits(kept.iter().map(Tensor::elem_count).sum(), rn * vn);
-        note_gemm(rn, vn);
-        let logits = self
-            .h
-            .narrow(0, r0, rn)?
-            .matmul(&self.w.narrow(0, v0, vn)?.t()?)?
-            .contiguous()?;
-        if self.keep && kept.len() == index {
-            kept.push(logits.clone());
-        }
-        Ok(logits)
+        self.kept.get_or(index, rn * vn, || {
+            note_gemm(rn, vn);
+            self.h
+                .narrow(0, r0, rn)?
+                .matmul(&self.w.narrow(0, v0, vn)?.t()?)?
+                .contiguous()
+        })
     }
 
     /// Token log-probs and each token's log-sum-exp, both `[n]`: a streaming log-sum-exp over
@@ -670,10 +694,9 @@ impl CustomOp3 for TokenLogps {
 /// ∂L/∂H and ∂L/∂W accumulate over tiles in f32 (cuBLASLt's β = 1) and are rounded once.
 #[cfg(feature = "cuda")]
 mod gpu {
-    use super::{note_gemm, note_logits, tiles, Span, Tile, TileGemms};
+    use super::{note_gemm, tiles, KeptTiles, Span, Tile, TileGemms};
     use crate::kernels::cuda::{self, Arg, Held, DENSE, OUTPUT};
     use candle_core::{bail, CudaDevice, DType, Result, Tensor};
-    use std::sync::Mutex;
 
     /// One forward's operands (detached, contiguous, on one device) and its log-sum-exps.
     pub struct Pass {
@@ -687,9 +710,8 @@ mod gpu {
         bias: Option<Tensor>,
         targets: Tensor,
         tile: Tile,
-        keep: bool,
-        /// The forward's f32 tiles of logits, bias not added, in [`tiles`] order, when `keep`.
-        kept: Mutex<Vec<Tensor>>,
+        /// The forward's f32 tiles of logits, bias not added.
+        kept: KeptTiles,
         lse: Tensor,
     }
 
@@ -749,13 +771,13 @@ mod gpu {
             // (dropped here, kept logits and all, where it is of no use)
             let base = match pre.filter(|pre| {
                 e.is_some()
-                    && pre.keep
+                    && pre.kept.keep
                     && pre.e.is_none()
                     && (pre.tile.rows, pre.tile.vocab) == (tile.rows, tile.vocab)
                     && pre.h.dims() == h.dims()
                     && pre.w.dims() == weight.dims()
             }) {
-                Some(pre) => pre.kept.into_inner().expect("kept logits lock"),
+                Some(pre) => pre.kept.tiles.into_inner().expect("kept logits lock"),
                 None => Vec::new(),
             };
             let pass = Pass {
@@ -767,8 +789,7 @@ mod gpu {
                 bias: bias.map(|b| b.detach().contiguous()).transpose()?,
                 targets,
                 tile,
-                keep: n * vocab * 4 <= tile.keep_bytes,
-                kept: Mutex::new(Vec::new()),
+                kept: KeptTiles::new(n * vocab * 4 <= tile.keep_bytes),
             };
             let out = pass.run_forward(base)?;
             Ok((out, pass))
@@ -782,45 +803,39 @@ mod gpu {
         /// H W[vocab]ᵀ (+ H e[vocab]ᵀ), the first term `base` (the pre-pass's tile) if given.
         fn logits(&self, index: usize, span: Span, base: Option<Tensor>) -> Result<Tensor> {
             let ((_, rn), (_, vn)) = span;
-            let mut kept = self.kept.lock().expect("kept logits lock");
-            if let Some(t) = kept.get(index) {
-                return Ok(t.clone());
-            }
-            note_logits(kept.iter().map(Tensor::elem_count).sum(), rn * vn);
-            let hidden = self.h.dims()[1];
-            let dtype = self.h.dtype();
-            let from_base = base.is_some();
-            let z = match base {
-                Some(z) => z,
-                None => f32s(&self.dev, &[rn, vn])?,
-            };
-            let mut products: Vec<&Tensor> = Vec::new();
-            if !from_base {
-                products.push(&self.w);
-            }
-            products.extend(self.e.as_ref());
-            let (gemm, b_at, h_at) = TileGemms { hidden, span }.logits();
-            {
-                let stream = self.dev.cuda_stream();
-                let (hh, zh) = (Held::new(&self.h)?, Held::new(&z)?);
-                let ((hp, _h), (zp, _z)) = (hh.ptr(&stream)?, zh.ptr(&stream)?);
-                for (i, b) in products.into_iter().enumerate() {
-                    let bh = Held::new(b)?;
-                    let (bp, _b) = bh.ptr(&stream)?;
-                    note_gemm(rn, vn);
-                    cuda::gemm_into(
-                        &self.dev,
-                        (dtype, DType::F32),
-                        gemm,
-                        (at(bp, b_at, dtype), at(hp, h_at, dtype), zp),
-                        from_base || i > 0,
-                    )?;
+            self.kept.get_or(index, rn * vn, || {
+                let hidden = self.h.dims()[1];
+                let dtype = self.h.dtype();
+                let from_base = base.is_some();
+                let z = match base {
+                    Some(z) => z,
+                    None => f32s(&self.dev, &[rn, vn])?,
+                };
+                let mut products: Vec<&Tensor> = Vec::new();
+                if !from_base {
+                    products.push(&self.w);
                 }
-            }
-            if self.keep && kept.len() == index {
-                kept.push(z.clone());
-            }
-            Ok(z)
+                products.extend(self.e.as_ref());
+                let (gemm, b_at, h_at) = TileGemms { hidden, span }.logits();
+                {
+                    let stream = self.dev.cuda_stream();
+                    let (hh, zh) = (Held::new(&self.h)?, Held::new(&z)?);
+                    let ((hp, _h), (zp, _z)) = (hh.ptr(&stream)?, zh.ptr(&stream)?);
+                    for (i, b) in products.into_iter().enumerate() {
+                        let bh = Held::new(b)?;
+                        let (bp, _b) = bh.ptr(&stream)?;
+                        note_gemm(rn, vn);
+                        cuda::gemm_into(
+                            &self.dev,
+                            (dtype, DType::F32),
+                            gemm,
+                            (at(bp, b_at, dtype), at(hp, h_at, dtype), zp),
+                            from_base || i > 0,
+                        )?;
+                    }
+                }
+                Ok(z)
+            })
         }
 
         /// Token log-probs over the tiles, and the log-sum-exps into `lse` (the running max and

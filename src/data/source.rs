@@ -59,28 +59,23 @@ pub fn expand(specs: &[&str], default_split: &str) -> Result<Vec<PathBuf>> {
         if spec.starts_with("builtin:") {
             bail!("data source `{spec}`: built-in data cannot be mixed with files");
         }
-        if let Some(repo) = spec.strip_prefix("hub:") {
-            files.extend(hub_files(repo, default_split)?);
-        } else if spec.contains(['*', '?', '[']) {
-            let mut matched: Vec<PathBuf> = glob::glob(spec)
-                .with_context(|| format!("data source `{spec}`: invalid glob pattern"))?
-                .collect::<Result<_, _>>()
-                .with_context(|| format!("data source `{spec}`: cannot read a matched path"))?;
-            if matched.is_empty() {
-                bail!("data source `{spec}`: the glob matches no file");
+        match classify(spec) {
+            Spec::Hub(repo) => files.extend(hub_files(repo, default_split)?),
+            Spec::Glob => {
+                let mut matched: Vec<PathBuf> = glob::glob(spec)
+                    .with_context(|| format!("data source `{spec}`: invalid glob pattern"))?
+                    .collect::<Result<_, _>>()
+                    .with_context(|| format!("data source `{spec}`: cannot read a matched path"))?;
+                if matched.is_empty() {
+                    bail!("data source `{spec}`: the glob matches no file");
+                }
+                matched.sort();
+                files.extend(matched);
             }
-            matched.sort();
-            files.extend(matched);
-        } else if Path::new(spec).exists() {
-            files.push(PathBuf::from(spec));
-        } else if !is_data_file(spec)
-            && crate::hub::looks_like_repo_id(spec.split(':').next().unwrap_or(spec))
-        {
-            files.extend(hub_files(spec, default_split)?);
-        } else {
-            bail!(
+            Spec::File => files.push(PathBuf::from(spec)),
+            Spec::Unknown => bail!(
                 "data source `{spec}`: no such file (nor a glob, nor a Hub dataset `hub:ORG/NAME`)"
-            );
+            ),
         }
     }
     for f in &files {
@@ -95,18 +90,33 @@ pub fn expand(specs: &[&str], default_split: &str) -> Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-/// The Hub dataset repo id a source spec names, if any, by [`expand`]'s rules (`hub:ORG/NAME`,
-/// or a plain `ORG/NAME` that is no local path or data file), without revision and split.
+/// What a source spec (not `builtin:`) names.
+enum Spec<'a> {
+    /// A Hub dataset repo, `ORG/NAME[@REV][:SPLIT]` (`hub:` stripped).
+    Hub(&'a str),
+    Glob,
+    File,
+    Unknown,
+}
+
+/// [`expand`]'s rules: `hub:ORG/NAME`; a glob; a local path; a plain `ORG/NAME` that is no
+/// local path and has no data-file extension.
+fn classify(spec: &str) -> Spec<'_> {
+    let repo_id = |s: &str| crate::hub::looks_like_repo_id(s.split(':').next().unwrap_or(s));
+    match spec.strip_prefix("hub:") {
+        Some(repo) => Spec::Hub(repo),
+        None if spec.contains(['*', '?', '[']) => Spec::Glob,
+        None if Path::new(spec).exists() => Spec::File,
+        None if !is_data_file(spec) && repo_id(spec) => Spec::Hub(spec),
+        None => Spec::Unknown,
+    }
+}
+
+/// The Hub dataset repo id a source spec names, if any, by [`expand`]'s rules, without
+/// revision and split.
 pub fn hub_dataset_id(spec: &str) -> Option<String> {
-    let repo = match spec.strip_prefix("hub:") {
-        Some(repo) => repo,
-        None if spec.contains(['*', '?', '['])
-            || Path::new(spec).exists()
-            || is_data_file(spec) =>
-        {
-            return None
-        }
-        None => spec,
+    let Spec::Hub(repo) = classify(spec) else {
+        return None;
     };
     let id = repo.split([':', '@']).next().unwrap_or(repo);
     crate::hub::looks_like_repo_id(id).then(|| id.to_string())

@@ -194,12 +194,8 @@ fn setup(args: &InspectArgs) -> Result<Setup> {
         .map(|spec| ModelSource::resolve(spec, &builtin, seed).context("--model"))
         .transpose()?;
     // The tokenizer: --tokenizer, else --model's, else the config's model's.
-    let model = match &args.model {
-        Some(spec) => Some((spec.clone(), builtin)),
-        None => model,
-    };
-    let (tok, dir) = match (&args.tokenizer, model) {
-        (Some(p), _) => {
+    let (tok, dir) = match (&args.tokenizer, &scorer, model) {
+        (Some(p), _, _) => {
             let dir = if p.is_file() {
                 p.parent().map(PathBuf::from).unwrap_or_default()
             } else {
@@ -210,11 +206,12 @@ fn setup(args: &InspectArgs) -> Result<Setup> {
                 Some(dir),
             )
         }
-        (None, Some((name, builtin))) => {
+        (None, Some(source), _) => (source.tokenizer()?, source.dir().map(PathBuf::from)),
+        (None, None, Some((name, builtin))) => {
             let source = ModelSource::resolve(&name, &builtin, seed)?;
             (source.tokenizer()?, source.dir().map(PathBuf::from))
         }
-        (None, None) => bail!("--tokenizer is required without --config or --model"),
+        (None, None, None) => bail!("--tokenizer is required without --config or --model"),
     };
     Ok(Setup {
         data,

@@ -15,6 +15,8 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::sync::{Arc, Mutex};
 
+mod common;
+
 const TOKEN: &str = "hf_test_token";
 
 /// One HTTP request as the stand-in received it.
@@ -390,25 +392,7 @@ fn trained() -> &'static Path {
     static DIR: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
     DIR.get_or_init(|| {
         let dir = tempfile::tempdir().unwrap().keep().join("tiny-dpo");
-        let out = dir.display().to_string();
-        let res = dpo_sam(
-            &[
-                "train",
-                "--config",
-                "configs/tiny_gpt2.toml",
-                "--quiet",
-                "--output-dir",
-                &out,
-                "--set",
-                "data.builtin_pairs=64",
-                "--set",
-                "training.max_steps=6",
-                "--set",
-                "training.save_steps=3",
-            ],
-            &[],
-            &[],
-        );
+        let res = common::train_tiny(&dir, &["training.max_steps=6", "training.save_steps=3"]);
         assert!(
             res.status.success(),
             "{}",

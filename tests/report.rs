@@ -28,27 +28,17 @@ fn report() -> &'static (Vec<PathBuf>, PathBuf) {
         let mut runs = Vec::new();
         for kind in ["logits", "none"] {
             let out = dir.join(format!("sam-{kind}"));
-            let out_s = out.display().to_string();
             let sam = format!("sam.kind=\"{kind}\"");
-            let mut args = vec![
-                "train",
-                "--config",
-                "configs/tiny_gpt2.toml",
-                "--quiet",
-                "--output-dir",
-                &out_s,
-            ];
-            for set in [
-                "data.builtin_pairs=64",
-                "training.max_steps=8",
-                "training.eval_steps=4",
-                "training.eval_generate=2",
-                "generate.max_new_tokens=5",
-                sam.as_str(),
-            ] {
-                args.extend(["--set", set]);
-            }
-            ok(&dpo_sam(&args));
+            ok(&common::train_tiny(
+                &out,
+                &[
+                    "training.max_steps=8",
+                    "training.eval_steps=4",
+                    "training.eval_generate=2",
+                    "generate.max_new_tokens=5",
+                    sam.as_str(),
+                ],
+            ));
             runs.push(out);
         }
         let html = dir.join("out/report.html");

@@ -5,28 +5,10 @@
 
 mod common;
 
-use common::{dpo_sam, lines};
+use common::{lines, train_tiny as train};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::Output;
-
-fn train(out: &Path, sets: &[&str]) -> Output {
-    let out = out.display().to_string();
-    let mut args = vec![
-        "train",
-        "--config",
-        "configs/tiny_gpt2.toml",
-        "--quiet",
-        "--output-dir",
-        &out,
-        "--set",
-        "data.builtin_pairs=64",
-    ];
-    for s in sets {
-        args.extend(["--set", s]);
-    }
-    dpo_sam(&args)
-}
 
 fn ok(out: &Output) {
     assert!(

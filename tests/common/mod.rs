@@ -99,6 +99,26 @@ pub fn dpo_sam(args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// `dpo-sam train` of configs/tiny_gpt2.toml on 64 built-in pairs into `out`, with `sets` as
+/// `--set` overrides.
+pub fn train_tiny(out: &Path, sets: &[&str]) -> Output {
+    let out = out.display().to_string();
+    let mut args = vec![
+        "train",
+        "--config",
+        "configs/tiny_gpt2.toml",
+        "--quiet",
+        "--output-dir",
+        &out,
+        "--set",
+        "data.builtin_pairs=64",
+    ];
+    for s in sets {
+        args.extend(["--set", s]);
+    }
+    dpo_sam(&args)
+}
+
 /// A JSON-lines file, one value per line.
 pub fn lines(path: &Path) -> Vec<Value> {
     std::fs::read_to_string(path)
